@@ -1,0 +1,63 @@
+"""Audio in: decode any file or bytes soundfile reads, mix to mono, resample to 16 kHz."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from kws.features import CLIP_SAMPLES, SAMPLE_RATE
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message names the source and the reason."""
+
+
+def to_model_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+    """(frames,) or (frames, channels) at ``rate`` -> mono float32 at SAMPLE_RATE."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1, dtype=np.float32)
+    if rate != SAMPLE_RATE and len(samples):
+        samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32, copy=False)
+    return samples
+
+
+def _decode(source, name: str) -> np.ndarray:
+    try:
+        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for undecodable input
+        raise AudioError(f"{name}: cannot decode audio ({error})") from None
+    if samples.size == 0:
+        raise AudioError(f"{name}: holds no audio samples")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{name}: holds NaN or infinite samples")
+    return to_model_rate(samples, rate)
+
+
+def load(path: str | Path) -> np.ndarray:
+    """Read an audio file as mono float32 samples at SAMPLE_RATE; AudioError if unusable."""
+    return _decode(str(path), str(path))
+
+
+def decode(data: bytes, name: str = "audio") -> np.ndarray:
+    """Decode audio file bytes (WAV, FLAC, OGG, ...) like ``load``."""
+    if not data:
+        raise AudioError(f"{name}: is empty")
+    return _decode(io.BytesIO(data), name)
+
+
+def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
+    """Pad with zeros at the end or trim the end to ``length`` samples (the reference recipe)."""
+    if len(samples) >= length:
+        return samples[:length]
+    return np.pad(samples, (0, length - len(samples)))
+
+
+def is_audio_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")

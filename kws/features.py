@@ -1,0 +1,171 @@
+"""The MFCC frontend: the one definition of features that training, streaming and devices share.
+
+Every frame of features is computed from that frame's 640 samples alone, in this order
+(a device port must copy it exactly; ``kws export`` generates the C tables from here):
+
+1. ``x``: ``WINDOW_SAMPLES`` samples as float in [-1, 1) (int16 / 32768).
+2. Multiply by a periodic Hann window ``w[n] = 0.5 - 0.5 cos(2 pi n / WINDOW_SAMPLES)``.
+3. Zero-pad to ``FFT_SIZE`` and take the real FFT; power ``P[k] = re^2 + im^2`` for the
+   bins ``k < NUM_BINS`` (the mel filters are zero above them).
+4. Mel energies ``E = P @ MEL_MATRIX``: ``NUM_MEL_BANDS`` triangular filters between
+   ``MEL_FMIN_HZ`` and ``MEL_FMAX_HZ`` on the Slaney mel scale with Slaney area
+   normalisation (``librosa.filters.mel(htk=False, norm="slaney")``).
+5. ``L = ln(E + LOG_FLOOR)``: a fixed floor, never relative to the clip's maximum, so
+   a stream or a device gets the same values as a whole clip.
+6. ``MFCC = L @ DCT_MATRIX``: orthonormal DCT-II, first ``NUM_MFCC`` coefficients.
+
+A 1 s clip gives ``NUM_FRAMES`` x ``NUM_MFCC`` features (49 x 10), ARM's DS-CNN setting.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+
+SAMPLE_RATE = 16_000
+CLIP_SAMPLES = SAMPLE_RATE  # one second: what the model sees
+WINDOW_SAMPLES = 640  # 40 ms
+HOP_SAMPLES = 320  # 20 ms
+FFT_SIZE = 1024
+NUM_MEL_BANDS = 40
+MEL_FMIN_HZ = 20.0
+MEL_FMAX_HZ = 4000.0
+NUM_MFCC = 10
+LOG_FLOOR = 1e-6
+NUM_FRAMES = 1 + (CLIP_SAMPLES - WINDOW_SAMPLES) // HOP_SAMPLES  # 49
+
+
+# Slaney's mel scale (librosa's htk=False): linear below 1 kHz, logarithmic above.
+_HZ_PER_MEL = 200.0 / 3
+_LOG_START_HZ = 1000.0
+_LOG_START_MEL = _LOG_START_HZ / _HZ_PER_MEL
+_LOG_STEP = np.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz):
+    hz = np.asarray(hz, dtype=np.float64)
+    log_part = _LOG_START_MEL + np.log(np.maximum(hz, _LOG_START_HZ) / _LOG_START_HZ) / _LOG_STEP
+    return np.where(hz >= _LOG_START_HZ, log_part, hz / _HZ_PER_MEL)
+
+
+def _mel_to_hz(mel):
+    mel = np.asarray(mel, dtype=np.float64)
+    log_part = _LOG_START_HZ * np.exp(_LOG_STEP * (mel - _LOG_START_MEL))
+    return np.where(mel >= _LOG_START_MEL, log_part, _HZ_PER_MEL * mel)
+
+
+def _mel_matrix() -> np.ndarray:
+    """(FFT_SIZE // 2 + 1, NUM_MEL_BANDS) Slaney-normalised triangular filters.
+
+    Written out with numpy instead of calling librosa so that serving never imports
+    numba; tests check it equals ``librosa.filters.mel`` to float32 precision.
+    """
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, FFT_SIZE // 2 + 1)
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(MEL_FMIN_HZ), _hz_to_mel(MEL_FMAX_HZ), NUM_MEL_BANDS + 2))
+    widths = np.diff(edges_hz)
+    ramps = edges_hz[:, None] - fft_hz[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return weights.T
+
+
+WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WINDOW_SAMPLES) / WINDOW_SAMPLES)).astype(np.float32)
+_FULL_MEL = _mel_matrix()
+NUM_BINS = int(np.nonzero(_FULL_MEL.any(axis=1))[0][-1]) + 1
+MEL_MATRIX = _FULL_MEL[:NUM_BINS].astype(np.float32)
+DCT_MATRIX = scipy.fft.dct(np.eye(NUM_MEL_BANDS), type=2, norm="ortho", axis=-1)[:, :NUM_MFCC].astype(
+    np.float32
+)
+
+
+def frame_features(frames: np.ndarray) -> np.ndarray:
+    """MFCCs of frames: (..., WINDOW_SAMPLES) float samples -> (..., NUM_MFCC) float32."""
+    frames = np.asarray(frames, dtype=np.float32)
+    lead = frames.shape[:-1]
+    padded = np.zeros((int(np.prod(lead)), FFT_SIZE), np.float32)
+    np.multiply(frames.reshape(padded.shape[0], WINDOW_SAMPLES), WINDOW, out=padded[:, :WINDOW_SAMPLES])
+    spectrum = scipy.fft.rfft(padded, axis=-1)[:, :NUM_BINS]
+    power = np.abs(spectrum) ** 2  # three times faster than re**2 + im**2 on a strided view
+    log_mel = np.log(power @ MEL_MATRIX + np.float32(LOG_FLOOR))
+    return (log_mel @ DCT_MATRIX).reshape(*lead, NUM_MFCC)
+
+
+def num_frames(num_samples: int) -> int:
+    """How many whole frames ``num_samples`` samples hold."""
+    if num_samples < WINDOW_SAMPLES:
+        return 0
+    return 1 + (num_samples - WINDOW_SAMPLES) // HOP_SAMPLES
+
+
+def mfcc(audio: np.ndarray) -> np.ndarray:
+    """Features of clips: (..., samples) at SAMPLE_RATE -> (..., frames, NUM_MFCC) float32.
+
+    A 1 s clip (CLIP_SAMPLES) gives (NUM_FRAMES, NUM_MFCC); batches keep their leading axes.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    count = num_frames(audio.shape[-1])
+    if count == 0:
+        raise ValueError(f"need at least {WINDOW_SAMPLES} samples for one frame, got {audio.shape[-1]}")
+    frames = np.lib.stride_tricks.sliding_window_view(audio, WINDOW_SAMPLES, axis=-1)
+    return frame_features(frames[..., ::HOP_SAMPLES, :][..., :count, :])
+
+
+class FrameStream:
+    """Incremental frontend: push audio of any chunk size, get each new frame once.
+
+    Keeps only the samples the next frame still needs, so each 20 ms hop costs one
+    frame of work; the frames equal ``mfcc`` of the whole signal.
+    """
+
+    def __init__(self) -> None:
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Append samples; return the (k, NUM_MFCC) frames they complete (k may be 0)."""
+        pending = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        count = num_frames(len(pending))
+        if count == 0:
+            self._pending = pending
+            return np.zeros((0, NUM_MFCC), dtype=np.float32)
+        self._pending = pending[count * HOP_SAMPLES :]
+        return mfcc(pending[: (count - 1) * HOP_SAMPLES + WINDOW_SAMPLES])
+
+    def reset(self) -> None:
+        self._pending = np.zeros(0, dtype=np.float32)
+
+
+def describe() -> dict:
+    """The frontend's constants, recorded beside every model so a device can reproduce them."""
+    return {
+        "sample_rate": SAMPLE_RATE,
+        "clip_samples": CLIP_SAMPLES,
+        "window_samples": WINDOW_SAMPLES,
+        "hop_samples": HOP_SAMPLES,
+        "fft_size": FFT_SIZE,
+        "window": "hann (periodic)",
+        "spectrum": "power",
+        "mel_bands": NUM_MEL_BANDS,
+        "mel_fmin_hz": MEL_FMIN_HZ,
+        "mel_fmax_hz": MEL_FMAX_HZ,
+        "mel_scale": "slaney, slaney-normalised filters",
+        "log": f"ln(mel + {LOG_FLOOR})",
+        "dct": "type II, orthonormal",
+        "num_mfcc": NUM_MFCC,
+        "num_frames": NUM_FRAMES,
+    }
+
+
+def check_compatible(recorded: dict, source: str) -> None:
+    """Refuse a model whose recorded frontend differs from this one: its scores would be wrong."""
+    current = describe()
+    differences = [
+        f"{k}: {recorded.get(k)!r} (this kws: {v!r})" for k, v in current.items() if recorded.get(k) != v
+    ]
+    if differences:
+        raise ValueError(
+            f"{source} was trained with a different frontend than this version of kws computes: "
+            + "; ".join(differences)
+            + ". Retrain it, or use the kws version it was trained with."
+        )

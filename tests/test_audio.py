@@ -1,0 +1,80 @@
+"""Decoding: formats, rates, channels, length fixing and unusable files."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kws import audio
+
+
+def sine(freq, rate, seconds=1.0, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    mono = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([mono] * channels, axis=1) if channels > 1 else mono
+
+
+def peak_hz(samples, rate=16000):
+    spectrum = np.abs(np.fft.rfft(samples))
+    return np.argmax(spectrum) * rate / len(samples)
+
+
+@pytest.mark.parametrize(
+    "suffix,subtype",
+    [(".wav", "PCM_16"), (".wav", "PCM_24"), (".wav", "FLOAT"), (".flac", "PCM_16"), (".ogg", "VORBIS")],
+)
+def test_formats_decode_to_the_same_tone(tmp_path, suffix, subtype):
+    path = tmp_path / f"tone{suffix}"
+    sf.write(path, sine(1000, 16000), 16000, subtype=subtype)
+    samples = audio.load(path)
+    assert samples.dtype == np.float32
+    assert abs(len(samples) - 16000) <= 64
+    assert peak_hz(samples) == pytest.approx(1000, abs=2)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_any_rate_is_resampled_to_16k_keeping_pitch(tmp_path, rate):
+    path = tmp_path / "tone.wav"
+    sf.write(path, sine(1000, rate), rate)
+    samples = audio.load(path)
+    assert len(samples) == pytest.approx(16000, abs=2)
+    assert peak_hz(samples) == pytest.approx(1000, abs=2)
+
+
+def test_stereo_and_six_channels_are_mixed_down(tmp_path):
+    left = sine(500, 16000)
+    stereo = np.stack([left, -left], axis=1)  # opposite phases cancel in the mix
+    sf.write(tmp_path / "stereo.wav", stereo, 16000)
+    assert np.abs(audio.load(tmp_path / "stereo.wav")).max() < 1e-4
+    sf.write(tmp_path / "six.wav", sine(500, 16000, channels=6), 16000)
+    six = audio.load(tmp_path / "six.wav")
+    assert six.ndim == 1 and np.abs(six).max() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_fix_length_pads_at_the_end_and_trims_the_end():
+    short = np.ones(10000, np.float32)
+    padded = audio.fix_length(short)
+    assert len(padded) == 16000 and padded[:10000].all() and not padded[10000:].any()
+    trimmed = audio.fix_length(np.arange(20000, dtype=np.float32))
+    np.testing.assert_array_equal(trimmed, np.arange(16000))
+
+
+def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunk")
+    with pytest.raises(audio.AudioError, match="broken.wav: cannot decode"):
+        audio.load(broken)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0), 16000)
+    with pytest.raises(audio.AudioError, match="empty.wav: holds no audio"):
+        audio.load(empty)
+    with pytest.raises(audio.AudioError, match="is empty"):
+        audio.decode(b"")
+
+
+def test_non_finite_samples_are_refused(tmp_path):
+    path = tmp_path / "nan.wav"
+    data = sine(440, 16000)
+    data[100] = np.nan
+    sf.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(audio.AudioError, match="NaN"):
+        audio.decode(path.read_bytes(), "upload")
