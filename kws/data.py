@@ -1,0 +1,506 @@
+"""Training and evaluation examples: Speech Commands folders, negative speech, noise, augmentation.
+
+Two folder layouts are read:
+
+* the dataset (``speech_commands_v0.02``): one folder per word, ``_background_noise_/``,
+  ``validation_list.txt`` and ``testing_list.txt``. A clip named in a list belongs to
+  that split; any other clip is placed by the dataset's own speaker hash
+  (``which_set``), so one speaker never sits on both sides.
+* the test set package (``speech_commands_test_set_v0.02``): one folder per class,
+  ``_silence_`` and ``_unknown_`` included; every clip is a test clip.
+
+Labels are ``_silence_``, ``_unknown_``, then the keywords. Every other word is
+``_unknown_``. ``_silence_`` and ``_unknown_`` examples are drawn fresh for each
+training epoch: silence is background noise at any level from near silence up to the
+noise file's own level; unknown is other words and random 1 s windows of ``--negatives``
+speech. Validation and test sets are drawn the same way from held-out clips, held-out
+negative speakers and the held-out tail of each noise file, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kws import audio
+from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC, SAMPLE_RATE, mfcc
+
+SILENCE = "_silence_"
+UNKNOWN = "_unknown_"
+NOISE_FOLDER = "_background_noise_"
+DEFAULT_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+SPLITS = ("training", "validation", "testing")
+_MAX_FILES_PER_CLASS = 2**27 - 1  # the constant of the dataset's which_set
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used as given; the message says what to do."""
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and in which shares."""
+
+    data_dir: str
+    words: list[str] = field(default_factory=lambda: list(DEFAULT_WORDS))
+    negatives: list[str] = field(default_factory=list)
+    silence_share: float = 0.1  # of all training examples
+    unknown_share: float = 0.1  # of all training examples
+    negatives_fraction: float = 0.5  # of _unknown_ examples taken from --negatives speech
+    validation_percent: float = 10.0  # speaker hash, for clips no list names
+    testing_percent: float = 10.0
+    negatives_validation_share: float = 0.2  # of negative speakers held out
+    noise_validation_share: float = 0.2  # tail of each noise file held out
+
+    def __post_init__(self):
+        for name in ("silence_share", "unknown_share"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DataError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.silence_share + self.unknown_share >= 1:
+            raise DataError("silence_share + unknown_share must stay below 1")
+        if not 0 <= self.negatives_fraction <= 1:
+            raise DataError(f"negatives_fraction must be in [0, 1], got {self.negatives_fraction}")
+        if len(set(self.words)) != len(self.words) or not self.words:
+            raise DataError(f"words must be a non-empty list without repeats, got {self.words}")
+        for word in self.words:
+            if word.startswith("_"):
+                raise DataError(f"keyword {word!r} may not start with '_' (reserved for classes)")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only changes to each example, drawn anew every epoch."""
+
+    time_shift_ms: float = 100.0
+    noise_probability: float = 0.8
+    noise_volume: float = 0.1
+    spec_augment: bool = False
+    time_masks: int = 2
+    time_mask_frames: int = 5  # widest mask
+    freq_masks: int = 2
+    freq_mask_coefficients: int = 2
+
+
+def labels_for(words) -> list[str]:
+    return [SILENCE, UNKNOWN, *words]
+
+
+def speaker_id(path: Path) -> str:
+    """Speaker of a clip: Speech Commands' part before ``_nohash_``, LibriSpeech's first field,
+    else the file itself."""
+    name = path.name
+    if "_nohash_" in name:
+        return re.sub(r"_nohash_.*$", "", name)
+    librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
+    return librispeech.group(1) if librispeech else path.stem
+
+
+def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
+    """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
+    digest = hashlib.sha1(speaker_id(path).encode()).hexdigest()
+    percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
+    if percent < validation_percent:
+        return "validation"
+    if percent < validation_percent + testing_percent:
+        return "testing"
+    return "training"
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    word: str  # folder name: a word, or _silence_ / _unknown_ in the test package
+    split: str
+
+
+def _clip_key(word: str, path: str | Path) -> str:
+    # Lists name .wav files; a re-encoded copy of the dataset (FLAC) must still match.
+    return f"{word}/{Path(path).stem}"
+
+
+def _read_list(root: Path, name: str) -> set[str]:
+    path = root / name
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            word, _, file = line.partition("/")
+            keys.add(_clip_key(word, file))
+    return keys
+
+
+def is_test_package(root: Path) -> bool:
+    return (root / SILENCE).is_dir() or (root / UNKNOWN).is_dir()
+
+
+def scan(root: Path, validation_percent: float = 10.0, testing_percent: float = 10.0) -> list[Clip]:
+    """Every labelled clip under ``root`` (either layout) with its split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass --data DIR or run `kws download`")
+    package = is_test_package(root)
+    validation = _read_list(root, "validation_list.txt")
+    testing = _read_list(root, "testing_list.txt")
+    clips = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        word = folder.name
+        if word.startswith("_") and word not in (SILENCE, UNKNOWN):
+            continue
+        for path in sorted(p for p in folder.iterdir() if audio.is_audio_file(p)):
+            key = _clip_key(word, path.name)
+            if package:
+                split = "testing"
+            elif key in validation:
+                split = "validation"
+            elif key in testing:
+                split = "testing"
+            else:
+                split = which_set(path, validation_percent, testing_percent)
+            clips.append(Clip(path, word, split))
+    if not clips:
+        raise DataError(
+            f"no audio clips found in {root}: expected one folder per word "
+            "(Speech Commands layout) with .wav/.flac/.ogg files"
+        )
+    return clips
+
+
+def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
+    """Read 1 s clips as int16 (n, CLIP_SAMPLES); skip (and report) files that cannot be read.
+
+    Returns the audio and the indices of ``paths`` that were kept.
+    """
+    rows, kept = [], []
+    for index, path in enumerate(tqdm(paths, desc=description, unit="clip", leave=False)):
+        try:
+            samples = audio.fix_length(audio.load(path))
+        except audio.AudioError as error:
+            tqdm.write(f"skipping {error}", file=sys.stderr)
+            continue
+        rows.append(_to_int16(samples))
+        kept.append(index)
+    if not rows:
+        return np.zeros((0, CLIP_SAMPLES), np.int16), kept
+    return np.stack(rows), kept
+
+
+def _to_int16(samples: np.ndarray) -> np.ndarray:
+    # int16 halves memory against float32; the sources are 16-bit recordings anyway.
+    return np.round(np.clip(samples, -1.0, 32767 / 32768) * 32768).astype(np.int16)
+
+
+def to_float(samples: np.ndarray) -> np.ndarray:
+    return samples.astype(np.float32) / 32768.0
+
+
+def _random_windows(tracks: list[np.ndarray], rng: np.random.Generator, count: int) -> np.ndarray:
+    """``count`` random CLIP_SAMPLES windows of int16 tracks, tracks chosen by length."""
+    out = np.zeros((count, CLIP_SAMPLES), np.int16)
+    if count == 0 or not tracks:
+        return out
+    lengths = np.array([len(t) for t in tracks], dtype=np.float64)
+    choice = rng.choice(len(tracks), size=count, p=lengths / lengths.sum())
+    for row, index in enumerate(choice):
+        track = tracks[index]
+        if len(track) <= CLIP_SAMPLES:
+            out[row, : len(track)] = track
+        else:
+            start = rng.integers(0, len(track) - CLIP_SAMPLES + 1)
+            out[row] = track[start : start + CLIP_SAMPLES]
+    return out
+
+
+def _load_tracks(paths, description: str) -> list[np.ndarray]:
+    tracks = []
+    for path in tqdm(paths, desc=description, unit="file", leave=False):
+        try:
+            tracks.append(_to_int16(audio.load(path)))
+        except audio.AudioError as error:
+            tqdm.write(f"skipping {error}", file=sys.stderr)
+    return tracks
+
+
+class NoiseBank:
+    """Background noise recordings, each split in time: the head for training, the tail held out."""
+
+    def __init__(self, folder: Path, held_out_share: float):
+        paths = sorted(p for p in folder.glob("*") if audio.is_audio_file(p)) if folder.is_dir() else []
+        self.names = [p.name for p in paths]
+        self.parts: dict[str, list[np.ndarray]] = {"training": [], "held_out": []}
+        for track in _load_tracks(paths, "noise"):
+            cut = int(len(track) * (1 - held_out_share))
+            self.parts["training"].append(track[:cut])
+            self.parts["held_out"].append(track[cut:])
+
+    def __bool__(self) -> bool:
+        return bool(self.parts["training"])
+
+    def windows(self, rng: np.random.Generator, count: int, split: str) -> np.ndarray:
+        part = "training" if split == "training" else "held_out"
+        return to_float(_random_windows(self.parts[part], rng, count))
+
+    def silence(self, rng: np.random.Generator, count: int, split: str) -> np.ndarray:
+        """Noise at every level from near silence (-80 dB) up to the recording's own level."""
+        gains = 10.0 ** rng.uniform(-4.0, 0.0, size=(count, 1))
+        return (self.windows(rng, count, split) * gains).astype(np.float32)
+
+
+class NegativeBank:
+    """Continuous speech without keywords (``--negatives``), split by speaker."""
+
+    def __init__(self, folders: list[str], validation_share: float):
+        paths = []
+        for folder in folders:
+            folder = Path(folder)
+            if not folder.is_dir():
+                raise DataError(f"--negatives folder {folder} does not exist")
+            found = sorted(p for p in folder.rglob("*") if audio.is_audio_file(p))
+            if not found:
+                raise DataError(f"--negatives folder {folder} holds no audio files")
+            paths += found
+        speakers = sorted({speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+        held_out = set()
+        if len(speakers) > 1 and validation_share > 0:
+            held_out = set(speakers[: max(1, round(validation_share * len(speakers)))])
+        self.speakers = {
+            "training": sorted(set(speakers) - held_out),
+            "held_out": sorted(held_out),
+        }
+        self.tracks = {
+            part: _load_tracks(
+                [p for p in paths if (speaker_id(p) in held_out) == (part == "held_out")],
+                f"negatives ({part})",
+            )
+            for part in ("training", "held_out")
+        }
+
+    def seconds(self, part: str) -> float:
+        return sum(len(t) for t in self.tracks[part]) / SAMPLE_RATE
+
+    def windows(self, rng: np.random.Generator, count: int, split: str) -> np.ndarray:
+        part = "training" if split == "training" else "held_out"
+        return to_float(_random_windows(self.tracks[part], rng, count))
+
+
+def time_shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Shift each row by up to +-max_shift samples, filling with zeros."""
+    out = np.zeros_like(batch)
+    for row, shift in enumerate(rng.integers(-max_shift, max_shift + 1, size=len(batch))):
+        if shift >= 0:
+            out[row, shift:] = batch[row, : batch.shape[1] - shift]
+        else:
+            out[row, :shift] = batch[row, -shift:]
+    return out
+
+
+def spec_augment(features: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """Zero random bands of frames and of coefficients (SpecAugment's masking)."""
+    out = features.copy()
+    frames, coefficients = features.shape[1:]
+    for row in range(len(out)):
+        for _ in range(config.time_masks):
+            width = rng.integers(0, config.time_mask_frames + 1)
+            start = rng.integers(0, frames - width + 1)
+            out[row, start : start + width, :] = 0
+        for _ in range(config.freq_masks):
+            width = rng.integers(0, config.freq_mask_coefficients + 1)
+            start = rng.integers(0, coefficients - width + 1)
+            out[row, :, start : start + width] = 0
+    return out
+
+
+def _filler_counts(keyword_count: int, silence_share: float, unknown_share: float) -> tuple[int, int]:
+    """How many silence and unknown examples give those shares of the whole set."""
+    scale = keyword_count / (1 - silence_share - unknown_share)
+    return math.ceil(scale * silence_share), math.ceil(scale * unknown_share)
+
+
+@dataclass
+class EvaluationSet:
+    audio: np.ndarray  # (n, CLIP_SAMPLES) float32
+    labels: np.ndarray  # (n,) label indices
+    sources: np.ndarray  # (n,) "keyword", "other word", "negative speech" or "noise"
+
+
+# Sources of examples in an epoch's plan besides clip rows (which are >= 0).
+_NEGATIVE = -1
+_SILENCE = -2
+_CHUNK = 2048  # examples augmented at once: bounds memory on the full data set
+
+
+class SpeechData:
+    """The examples of one data folder for one word list; audio is read on first use."""
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.root = Path(config.data_dir)
+        self.labels = labels_for(config.words)
+        self.clips = scan(self.root, config.validation_percent, config.testing_percent)
+        self.package = is_test_package(self.root)
+        self._loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._noise: NoiseBank | None = None
+        self._negatives: NegativeBank | None = None
+
+    def label_of(self, word: str) -> int:
+        return self.labels.index(word if word in self.labels else UNKNOWN)
+
+    @property
+    def noise(self) -> NoiseBank:
+        if self._noise is None:
+            self._noise = NoiseBank(self.root / NOISE_FOLDER, self.config.noise_validation_share)
+        return self._noise
+
+    @property
+    def negatives(self) -> NegativeBank | None:
+        if self._negatives is None and self.config.negatives:
+            self._negatives = NegativeBank(self.config.negatives, self.config.negatives_validation_share)
+        return self._negatives
+
+    def split_audio(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clips of a split: int16 audio, label indices, and whether each is a keyword clip."""
+        if split not in self._loaded:
+            clips = [c for c in self.clips if c.split == split]
+            samples, kept = load_clips([c.path for c in clips], f"{split} clips")
+            labels = np.array([self.label_of(clips[i].word) for i in kept], dtype=np.int64)
+            keyword = np.array([clips[i].word in self.config.words for i in kept], dtype=bool)
+            self._loaded[split] = (samples, labels, keyword)
+        return self._loaded[split]
+
+    def _plan(self, split: str, rng: np.random.Generator, evaluation: bool) -> np.ndarray:
+        """The examples of one pass: clip rows (keywords, other words), _NEGATIVE, _SILENCE.
+
+        Training draws other-word clips with repeats, a fresh draw each epoch; evaluation
+        takes each held-out word clip at most once and fills up with negative speech.
+        """
+        _, labels, keyword = self.split_audio(split)
+        keyword_rows = np.flatnonzero(keyword)
+        word_rows = np.flatnonzero(~keyword & (labels == self.label_of(UNKNOWN)))
+        n_silence, n_unknown = _filler_counts(
+            len(keyword_rows), self.config.silence_share, self.config.unknown_share
+        )
+        if not self.noise:
+            n_silence = 0
+        n_words = n_unknown
+        if self.negatives:
+            n_words = n_unknown - round(n_unknown * self.config.negatives_fraction)
+        if evaluation:
+            n_words = min(n_words, len(word_rows))
+            words = rng.permutation(word_rows)[:n_words]
+        else:
+            n_words = n_words if len(word_rows) else 0
+            words = rng.choice(word_rows, size=n_words) if n_words else word_rows[:0]
+        n_negative = n_unknown - n_words if self.negatives else 0
+        return np.concatenate(
+            [keyword_rows, words, np.full(n_negative, _NEGATIVE), np.full(n_silence, _SILENCE)]
+        )
+
+    def _targets(self, split: str, plan: np.ndarray) -> np.ndarray:
+        _, labels, _ = self.split_audio(split)
+        targets = np.full(len(plan), self.label_of(UNKNOWN))
+        targets[plan == _SILENCE] = self.label_of(SILENCE)
+        rows = plan >= 0
+        targets[rows] = labels[plan[rows]]
+        return targets
+
+    def _render(self, split: str, plan: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Audio (n, CLIP_SAMPLES) float32 of planned examples, without augmentation."""
+        samples, _, _ = self.split_audio(split)
+        out = np.zeros((len(plan), CLIP_SAMPLES), np.float32)
+        rows = plan >= 0
+        out[rows] = to_float(samples[plan[rows]])
+        negative = plan == _NEGATIVE
+        if negative.any():
+            out[negative] = self.negatives.windows(rng, int(negative.sum()), split)
+        silence = plan == _SILENCE
+        if silence.any():
+            out[silence] = self.noise.silence(rng, int(silence.sum()), split)
+        return out
+
+    def _augment(
+        self, batch: np.ndarray, plan: np.ndarray, rng: np.random.Generator, augment: AugmentConfig
+    ) -> np.ndarray:
+        speech = plan != _SILENCE
+        shifted = time_shift(batch[speech], rng, int(augment.time_shift_ms * SAMPLE_RATE / 1000))
+        if self.noise and augment.noise_probability > 0:
+            mixed = rng.random(len(shifted)) < augment.noise_probability
+            volume = rng.uniform(0, augment.noise_volume, size=(int(mixed.sum()), 1))
+            shifted[mixed] += self.noise.windows(rng, int(mixed.sum()), "training") * volume
+        batch[speech] = shifted
+        return np.clip(batch, -1.0, 1.0)
+
+    def training_epoch(
+        self, rng: np.random.Generator, augment: AugmentConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One shuffled epoch of freshly augmented training features (n, frames, mfcc) and labels."""
+        _, _, keyword = self.split_audio("training")
+        if not keyword.any():
+            raise DataError(f"no training clips of the keywords {self.config.words} in {self.root}")
+        plan = rng.permutation(self._plan("training", rng, evaluation=False))
+        features = np.empty((len(plan), NUM_FRAMES, NUM_MFCC), np.float32)
+        for start in range(0, len(plan), _CHUNK):
+            part = plan[start : start + _CHUNK]
+            batch = self._augment(self._render("training", part, rng), part, rng, augment)
+            chunk = mfcc(batch)
+            features[start : start + len(part)] = (
+                spec_augment(chunk, rng, augment) if augment.spec_augment else chunk
+            )
+        return features, self._targets("training", plan)
+
+    def evaluation_set(self, split: str, seed: int = 0) -> EvaluationSet:
+        """The fixed examples of a split: its keyword clips plus silence and unknown in the
+        training shares (in the test package: its clips as they are)."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        if self.package and split != "testing":
+            raise DataError(f"{self.root} is a test set package: every clip is in split 'testing'")
+        samples, labels, keyword = self.split_audio(split)
+        if not len(samples):
+            raise DataError(f"no {split} clips in {self.root}")
+        if self.package:
+            plan = np.arange(len(samples))
+            audio_out = to_float(samples)
+        else:
+            rng = np.random.default_rng(seed)
+            plan = self._plan(split, rng, evaluation=True)
+            audio_out = self._render(split, plan, rng)
+        targets = self._targets(split, plan)
+        sources = np.full(len(plan), "noise", dtype=object)
+        sources[plan == _NEGATIVE] = "negative speech"
+        rows = plan >= 0
+        sources[rows] = np.where(keyword[plan[rows]], "keyword", "other word")
+        sources[rows & (targets == self.label_of(SILENCE))] = "noise"
+        return EvaluationSet(audio_out, targets, sources)
+
+    def summary(self) -> dict:
+        """What the data is made of, for config.json."""
+        counts = {}
+        for split in SPLITS:
+            clips = [c for c in self.clips if c.split == split]
+            counts[split] = {
+                label: sum(1 for c in clips if self.labels[self.label_of(c.word)] == label)
+                for label in self.labels
+            }
+        summary = {
+            "data_dir": str(self.root.resolve()),
+            "layout": "test_package" if self.package else "speech_commands",
+            "clips_per_split": counts,
+            "noise_files": self.noise.names,
+        }
+        if self.negatives:
+            summary["negatives"] = {
+                part: {
+                    "speakers": self.negatives.speakers[part],
+                    "seconds": round(self.negatives.seconds(part), 1),
+                }
+                for part in ("training", "held_out")
+            }
+        return summary

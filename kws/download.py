@@ -1,0 +1,161 @@
+"""Fetching Speech Commands: resumable download, SHA-256 check, safe unpacking."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+DATASET_URL = "https://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
+DATASET_SHA256 = "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
+DEFAULT_DATA_DIR = Path(os.environ.get("KWS_DATA_DIR", "data"))
+COMPLETE_MARKER = ".kws-complete"
+_CHUNK = 1 << 20
+# tarfile's own guard where this Python has it (3.10.12+, 3.11.4+); _check_member runs anyway.
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+class DownloadError(RuntimeError):
+    """A download or unpacking that failed; the message says what to do."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _transfer(url: str, part: Path, timeout: float) -> bool:
+    """Append the rest of ``url`` to ``part``; True when the server had nothing left to send."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # nothing after our last byte: the file is whole
+            return True
+        raise
+    with response:
+        if response.status != 206:
+            have = 0  # the server ignored the range: start over
+        remaining = int(response.headers.get("Content-Length", 0)) or None
+        total = have + remaining if remaining else None
+        with (
+            open(part, "ab" if have else "wb") as out,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part")
+            ) as bar,
+        ):
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                out.write(block)
+                bar.update(len(block))
+        if remaining is not None and part.stat().st_size < total:
+            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+    return True
+
+
+def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``destination``, resuming after broken connections, and verify it.
+
+    Bytes arrive in ``destination.part``, which survives a killed process: the next call
+    continues where it stopped.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        return destination
+    part = destination.with_name(destination.name + ".part")
+    for attempt in range(1, attempts + 1):
+        try:
+            _transfer(url, part, timeout)
+            break
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
+            if isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500:
+                raise DownloadError(f"{url}: the server answered {error.code} {error.reason}") from None
+            if attempt == attempts:
+                raise DownloadError(
+                    f"{url}: download failed {attempts} times ({error}); run the command again to "
+                    f"resume from the {part.stat().st_size if part.exists() else 0:,} bytes in {part}"
+                ) from None
+            tqdm.write(f"connection lost ({error}); resuming in {attempt} s", file=sys.stderr)
+            time.sleep(attempt)
+    if sha256:
+        actual = _sha256(part)
+        if actual != sha256.lower():
+            part.unlink()
+            raise DownloadError(
+                f"{url}: checksum mismatch (expected SHA-256 {sha256}, got {actual}); "
+                "the partial file was deleted, run the command again"
+            )
+    os.replace(part, destination)
+    return destination
+
+
+def _check_member(member: tarfile.TarInfo, target: Path) -> None:
+    """Refuse members that would land outside ``target`` or are not plain files or folders."""
+    where = (target / member.name).resolve()
+    if not where.is_relative_to(target):
+        raise DownloadError(f"archive member {member.name!r} would land outside {target}; refusing to unpack")
+    if member.issym() or member.islnk():
+        link = (
+            (where.parent / member.linkname).resolve()
+            if member.issym()
+            else (target / member.linkname).resolve()
+        )
+        if not link.is_relative_to(target):
+            raise DownloadError(f"archive member {member.name!r} links outside {target}; refusing to unpack")
+    elif not (member.isfile() or member.isdir()):
+        raise DownloadError(f"archive member {member.name!r} is a device or pipe; refusing to unpack")
+
+
+def unpack(archive: Path, target: Path) -> Path:
+    """Unpack a .tar(.gz) into ``target``; the folder appears only once everything is out."""
+    target = Path(target).resolve()
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(member, staging)
+            for member in tqdm(members, desc=f"unpacking {Path(archive).name}", unit="file"):
+                tar.extract(member, staging, **_DATA_FILTER)
+    except tarfile.TarError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DownloadError(
+            f"{archive} is not a readable tar archive ({error}); delete it and download again"
+        ) from None
+    except DownloadError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / COMPLETE_MARKER).touch()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def download_dataset(
+    data_dir: Path = DEFAULT_DATA_DIR, url: str = DATASET_URL, sha256: str | None = DATASET_SHA256
+) -> Path:
+    """Fetch and unpack Speech Commands into ``data_dir``; return the dataset folder."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    folder = next((name[: -len(s)] for s in (".tar.gz", ".tgz", ".tar") if name.endswith(s)), name + ".d")
+    target = Path(data_dir) / folder
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    archive = fetch(url, Path(data_dir) / name, sha256)
+    return unpack(archive, target)

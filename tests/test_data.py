@@ -1,0 +1,164 @@
+"""Data: layouts, splits, shares, negatives, noise levels, augmentation, bad files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import make_dataset, tone
+
+from kws import data as D
+from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC
+
+
+def config(root, **kw):
+    return D.DataConfig(data_dir=str(root), words=kw.pop("words", ["yes", "no", "up", "down"]), **kw)
+
+
+@pytest.mark.parametrize(
+    "name,split",
+    [
+        ("6d818f6c_nohash_2.wav", "validation"),  # named in the official validation_list.txt
+        ("099d52ad_nohash_2.wav", "validation"),
+        ("004ae714_nohash_1.wav", "training"),  # an official training clip
+    ],
+)
+def test_speaker_hash_reproduces_official_assignments(name, split):
+    assert D.which_set(Path("yes") / name, 10, 10) == split
+
+
+def test_speaker_hash_keeps_a_speaker_in_one_split_with_the_10_10_80_shares():
+    names = [Path(f"w/{i:08x}_nohash_{k}.wav") for i in range(3000) for k in range(2)]
+    splits = [D.which_set(n, 10, 10) for n in names]
+    assert all(splits[2 * i] == splits[2 * i + 1] for i in range(3000))
+    shares = {s: splits.count(s) / len(splits) for s in D.SPLITS}
+    assert shares["validation"] == pytest.approx(0.1, abs=0.02)
+    assert shares["testing"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_speaker_ids_of_both_corpora_and_plain_files():
+    assert D.speaker_id(Path("yes/0a7c2a8d_nohash_3.wav")) == "0a7c2a8d"
+    assert D.speaker_id(Path("19/198/19-198-0001.flac")) == "19"
+    assert D.speaker_id(Path("kitchen.wav")) == "kitchen"
+
+
+def test_scan_uses_lists_then_hash_and_matches_flac_copies_of_wav_lists(tmp_path):
+    root = make_dataset(tmp_path / "sc", suffix=".flac")  # lists still name .wav files
+    clips = D.scan(root)
+    by_name = {c.path.name: c for c in clips}
+    assert by_name["00yesab_nohash_0.flac"].split == "validation"
+    assert by_name["02noab_nohash_0.flac"].split == "testing"
+    for clip in clips:
+        if int(clip.path.name[:2]) >= 3:
+            assert clip.split == D.which_set(clip.path, 10, 10)
+    assert {c.word for c in clips} == {"yes", "no", "up", "down", "bed", "cat"}
+
+
+def test_test_package_layout_maps_folders_to_labels(tmp_path):
+    root = tmp_path / "package"
+    for folder, freq in [("yes", 400), ("_silence_", 0), ("_unknown_", 1900), ("on", 700)]:
+        (root / folder).mkdir(parents=True)
+        for i in range(3):
+            sf.write(
+                root / folder / f"{i:08x}_nohash_0.wav", tone(freq or 1, level=0.3 if freq else 0), 16000
+            )
+    data = D.SpeechData(config(root, words=["yes", "no"]))
+    assert data.package and all(c.split == "testing" for c in data.clips)
+    examples = data.evaluation_set("testing")
+    counts = {label: int((examples.labels == i).sum()) for i, label in enumerate(data.labels)}
+    assert counts == {"_silence_": 3, "_unknown_": 6, "yes": 3, "no": 0}  # "on" is unknown to this model
+    with pytest.raises(D.DataError, match="test set package"):
+        data.evaluation_set("validation")
+
+
+def test_training_epoch_has_the_silence_and_unknown_shares_and_changes_each_epoch(tiny_dataset):
+    data = D.SpeechData(config(tiny_dataset, silence_share=0.1, unknown_share=0.2))
+    x1, y1 = data.training_epoch(np.random.default_rng(0), D.AugmentConfig())
+    x2, _ = data.training_epoch(np.random.default_rng(1), D.AugmentConfig())
+    assert x1.shape[1:] == (NUM_FRAMES, NUM_MFCC) and x1.dtype == np.float32
+    shares = np.bincount(y1, minlength=len(data.labels)) / len(y1)
+    assert shares[0] == pytest.approx(0.1, abs=0.02)
+    assert shares[1] == pytest.approx(0.2, abs=0.02)
+    assert not np.allclose(x1[np.argsort(y1, kind="stable")], x2[np.argsort(y1, kind="stable")])
+
+
+def test_silence_spans_near_silence_to_the_noise_files_own_level(tiny_dataset):
+    bank = D.NoiseBank(tiny_dataset / "_background_noise_", held_out_share=0.2)
+    peaks = np.abs(bank.silence(np.random.default_rng(0), 500, "training")).max(axis=1)
+    assert peaks.min() < 1e-3
+    assert peaks.max() > 0.5  # white noise at full scale stays loud
+    assert np.mean(peaks > 0.1) > 0.1
+
+
+def test_noise_and_negatives_hold_out_their_own_parts(tiny_dataset, negatives_dir):
+    bank = D.NoiseBank(tiny_dataset / "_background_noise_", held_out_share=0.25)
+    for train, held in zip(bank.parts["training"], bank.parts["held_out"], strict=True):
+        assert len(held) == pytest.approx(len(train) / 3, rel=0.01)
+    negatives = D.NegativeBank([str(negatives_dir)], validation_share=0.2)
+    assert len(negatives.speakers["held_out"]) == 1 and len(negatives.speakers["training"]) == 4
+    assert not set(negatives.speakers["held_out"]) & set(negatives.speakers["training"])
+    assert negatives.seconds("held_out") == pytest.approx(8.0)
+
+
+def test_evaluation_set_is_fixed_and_fills_unknown_with_held_out_negatives(tiny_dataset, negatives_dir):
+    cfg = config(tiny_dataset, negatives=[str(negatives_dir)])
+    a = D.SpeechData(cfg).evaluation_set("validation")
+    b = D.SpeechData(cfg).evaluation_set("validation")
+    np.testing.assert_array_equal(a.audio, b.audio)
+    assert a.audio.shape[1] == CLIP_SAMPLES
+    keywords = int((a.sources == "keyword").sum())
+    held_out = [c for c in D.scan(tiny_dataset) if c.split == "validation"]
+    assert keywords == sum(c.word in cfg.words for c in held_out) >= 8  # 2 listed speakers x 4 words
+    unknown = a.labels == 1
+    assert set(a.sources[unknown]) == {"other word", "negative speech"}
+    # the 10 % share; at most half (negatives_fraction) from the held-out other-word clips, each once
+    n_unknown = int(np.ceil(keywords / 0.8 * 0.1))
+    assert unknown.sum() == (a.labels == 0).sum() == n_unknown
+    other_words = sum(c.word in ("bed", "cat") for c in held_out)
+    assert (a.sources == "other word").sum() == min(other_words, n_unknown - round(n_unknown * 0.5))
+
+
+def test_a_corrupt_clip_is_reported_and_skipped(tiny_dataset, capsys):
+    bad = tiny_dataset / "yes" / "99yesab_nohash_0.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    samples, kept = D.load_clips([bad, tiny_dataset / "no" / "05noab_nohash_0.wav"], "test")
+    assert kept == [1] and samples.shape == (1, CLIP_SAMPLES)
+    assert "99yesab_nohash_0.wav: cannot decode" in capsys.readouterr().err
+
+
+def test_time_shift_moves_audio_by_at_most_the_limit():
+    batch = np.zeros((200, 1000), np.float32)
+    batch[:, 500] = 1.0
+    shifted = D.time_shift(batch, np.random.default_rng(0), 100)
+    positions = shifted.argmax(axis=1)
+    assert positions.min() >= 400 and positions.max() <= 600
+    assert len(set(positions)) > 50
+    assert (shifted.sum(axis=1) == 1).all()
+
+
+def test_spec_augment_zeroes_bands_and_keeps_shape():
+    feats = np.ones((50, NUM_FRAMES, NUM_MFCC), np.float32)
+    masked = D.spec_augment(feats, np.random.default_rng(0), D.AugmentConfig(spec_augment=True))
+    assert masked.shape == feats.shape and feats.all()
+    zero_frames = (masked == 0).all(axis=2).sum(axis=1)
+    zero_coefficients = (masked == 0).all(axis=1).sum(axis=1)
+    assert zero_frames.max() <= 10 and zero_coefficients.max() <= 4
+    assert zero_frames.mean() > 1 and zero_coefficients.mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"silence_share": 0.6, "unknown_share": 0.5}, "below 1"),
+        ({"words": ["yes", "yes"]}, "without repeats"),
+        ({"words": ["_silence_"]}, "reserved"),
+    ],
+)
+def test_bad_data_settings_are_refused(tiny_dataset, kw, message):
+    with pytest.raises(D.DataError, match=message):
+        config(tiny_dataset, **kw)
+
+
+def test_missing_folder_says_what_to_do(tmp_path):
+    with pytest.raises(D.DataError, match="kws download"):
+        D.scan(tmp_path / "nowhere")

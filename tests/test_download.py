@@ -1,0 +1,137 @@
+"""The downloader against a server on 127.0.0.1: progress, resume, checksum, safe unpacking."""
+
+import hashlib
+import io
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kws import download
+
+
+def make_archive(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+class Server:
+    """Serves one file with Range support; can cut the first response short."""
+
+    def __init__(self, payload: bytes, cut_first_at: int | None = None):
+        self.payload, self.cut_first_at, self.requests = payload, cut_first_at, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if not self.path.endswith(".tar.gz"):
+                    self.send_error(404)
+                    return
+                range_header = self.headers.get("Range")
+                outer.requests.append(range_header)
+                start = int(range_header.split("=")[1].rstrip("-")) if range_header else 0
+                if start >= len(outer.payload):
+                    self.send_response(416)
+                    self.end_headers()
+                    return
+                body = outer.payload[start:]
+                self.send_response(206 if range_header else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut_first_at is not None and len(outer.requests) == 1:
+                    self.wfile.write(body[: outer.cut_first_at])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)  # the connection breaks mid-download
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/speech_commands_v0.02.tar.gz"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def archive():
+    payload = make_archive(
+        {f"yes/{i:08x}_nohash_0.wav": bytes(range(256)) * 40 for i in range(30)}
+        | {"validation_list.txt": b"yes/00000000_nohash_0.wav\n"}
+    )
+    return payload, hashlib.sha256(payload).hexdigest()
+
+
+def test_download_resumes_a_broken_transfer_verifies_and_unpacks(tmp_path, archive):
+    payload, digest = archive
+    server = Server(payload, cut_first_at=len(payload) // 3)
+    try:
+        folder = download.download_dataset(tmp_path, server.url, digest)
+    finally:
+        server.close()
+    assert server.requests[0] is None and server.requests[1] == f"bytes={len(payload) // 3}-"
+    assert folder == tmp_path / "speech_commands_v0.02"
+    assert len(list((folder / "yes").iterdir())) == 30
+    assert (folder / "validation_list.txt").read_bytes() == b"yes/00000000_nohash_0.wav\n"
+    assert (tmp_path / "speech_commands_v0.02.tar.gz").read_bytes() == payload
+
+
+def test_a_partial_file_from_a_killed_process_is_continued(tmp_path, archive):
+    payload, digest = archive
+    (tmp_path / "speech_commands_v0.02.tar.gz.part").write_bytes(payload[:1000])
+    server = Server(payload)
+    try:
+        download.fetch(server.url, tmp_path / "speech_commands_v0.02.tar.gz", digest)
+    finally:
+        server.close()
+    assert server.requests == ["bytes=1000-"]
+    assert (tmp_path / "speech_commands_v0.02.tar.gz").read_bytes() == payload
+
+
+def test_checksum_mismatch_deletes_the_download_and_says_so(tmp_path, archive):
+    payload, _ = archive
+    server = Server(payload)
+    try:
+        with pytest.raises(download.DownloadError, match="checksum mismatch"):
+            download.fetch(server.url, tmp_path / "a.tar.gz", "0" * 64)
+    finally:
+        server.close()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("evil", ["../escape.txt", "/tmp/absolute-kws-test.txt", "ok/../../escape.txt"])
+def test_members_outside_the_target_are_refused(tmp_path, evil):
+    archive_path = tmp_path / "evil.tar.gz"
+    archive_path.write_bytes(make_archive({"fine.txt": b"x", evil: b"owned"}))
+    with pytest.raises(download.DownloadError, match="outside"):
+        download.unpack(archive_path, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_links_pointing_outside_are_refused(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        link = tarfile.TarInfo("data/passwd")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+        tar.addfile(link)
+    (tmp_path / "link.tar.gz").write_bytes(buffer.getvalue())
+    with pytest.raises(download.DownloadError, match="links outside"):
+        download.unpack(tmp_path / "link.tar.gz", tmp_path / "out")
+
+
+def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, archive):
+    server = Server(archive[0])
+    try:
+        with pytest.raises(download.DownloadError, match="404"):
+            download.fetch(server.url.replace(".tar.gz", ".zip"), tmp_path / "x.zip", None)
+    finally:
+        server.close()
