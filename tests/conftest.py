@@ -80,3 +80,34 @@ def negatives_dir(tmp_path) -> Path:
             signal = 0.2 * np.sin(2 * np.pi * (3100 + 100 * speaker) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
             sf.write(folder / f"{100 + speaker}-1-{utt:04d}.flac", signal.astype(np.float32), 16000)
     return root
+
+
+TONE_WORDS = ["yes", "no", "up", "down"]
+
+
+@pytest.fixture(scope="session")
+def tone_dataset(tmp_path_factory) -> Path:
+    """A synthetic data set big enough for a model to learn its tone 'words'."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "speech_commands", speakers_per_word=40)
+
+
+def tone_run_config(dataset: Path, epochs: int):
+    from kws.data import DataConfig
+    from kws.model import ModelConfig
+    from kws.train import RunConfig, TrainConfig
+
+    # A few hundred steps only: fast BatchNorm averages and a higher learning rate.
+    return RunConfig(
+        data=DataConfig(str(dataset), words=TONE_WORDS),
+        model=ModelConfig(batchnorm_momentum=0.8),
+        train=TrainConfig(epochs=epochs, batch_size=16, learning_rates=(3e-3, 1e-3, 3e-4)),
+    )
+
+
+@pytest.fixture(scope="session")
+def tone_run(tone_dataset, tmp_path_factory):
+    """A run trained for 6 epochs on the tone data set: (run folder, metrics)."""
+    from kws.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "tones"
+    return run, train(tone_run_config(tone_dataset, epochs=6), run)

@@ -1,0 +1,309 @@
+"""The `kws` command line; each command imports only what it needs (TensorFlow only to train/export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kws import __version__
+
+SPLIT_NAMES = {
+    "train": "training",
+    "training": "training",
+    "val": "validation",
+    "validation": "validation",
+    "test": "testing",
+    "testing": "testing",
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def _words(text: str) -> list[str]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
+    return words
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def cmd_train(args) -> int:
+    from kws.data import DEFAULT_WORDS, DataConfig
+    from kws.model import ModelConfig
+    from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = RunConfig.load(run_dir)
+        if args.epochs:
+            config.train.epochs = args.epochs
+        metrics = train(config, run_dir, resume=True)
+    else:
+        if not args.out:
+            raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
+        run_dir = Path(args.out)
+        if (run_dir / CONFIG_FILE).exists():
+            raise UserError(
+                f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
+            )
+        data_dir = args.data
+        if data_dir is None:
+            from kws.download import DEFAULT_DATA_DIR, download_dataset
+
+            print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
+            data_dir = download_dataset(DEFAULT_DATA_DIR)
+        data = DataConfig(
+            data_dir=str(data_dir),
+            words=args.words or list(DEFAULT_WORDS),
+            negatives=[str(p) for p in args.negatives],
+            silence_share=args.silence_share,
+            unknown_share=args.unknown_share,
+        )
+        config = RunConfig(
+            data=data,
+            model=ModelConfig.preset(args.size),
+            train=TrainConfig(epochs=args.epochs or 40, seed=args.seed),
+        )
+        config.augment.spec_augment = args.spec_augment
+        metrics = train(config, run_dir)
+    validation = metrics["validation"]
+    recall = {label: validation["per_class"][label]["recall"] for label in ("_unknown_", "_silence_")}
+    print(
+        f"run {run_dir}: best epoch {metrics['best_epoch']}, "
+        f"validation accuracy {validation['accuracy']:.2%} "
+        f"(_unknown_ recall {recall['_unknown_']:.2%}, _silence_ recall {recall['_silence_']:.2%}); "
+        f"{metrics['parameters']:,} parameters, {metrics['macs']:,} MACs, "
+        f"{metrics['training_seconds'] / 60:.1f} min"
+    )
+    return 0
+
+
+def _load_classifier(path: Path):
+    """A classifier with ``labels`` and ``scores(features)``, and the data settings it was trained with.
+
+    A run folder is scored with its Keras model (TensorFlow); an export folder or .tflite with LiteRT.
+    """
+    from kws.train import CONFIG_FILE
+
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        from kws.train import KerasClassifier
+
+        classifier = KerasClassifier(path)
+        return classifier, asdict(classifier.config.data)
+    from kws.runtime import Model
+
+    model = Model.load(path)
+    return model, model.manifest["training"]["data"]
+
+
+def cmd_eval(args) -> int:
+    from kws import features
+    from kws.data import DataConfig, SpeechData
+    from kws.evaluate import format_report, report
+
+    classifier, recorded = _load_classifier(args.model)
+    data = DataConfig(
+        **{**recorded, "data_dir": str(args.data), "negatives": [str(p) for p in args.negatives]}
+    )
+    examples = SpeechData(data).evaluation_set(SPLIT_NAMES[args.split])
+    predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": SPLIT_NAMES[args.split],
+        **report(classifier.labels, examples.labels, predictions, examples.sources),
+    }
+    if args.plot:
+        from kws import plots
+
+        title = f"{args.model.name} on {args.data.name} ({result['split']})"
+        plots.confusion(result, args.plot, title)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from kws.export import export
+    from kws.runtime import EXPORT_FOLDER
+
+    out = args.out or args.run / EXPORT_FOLDER
+    manifest = export(args.run, out)
+    accuracy, sizes = manifest["accuracy"], manifest["sizes"]
+    arena = (
+        f"{sizes['tflm_arena_bytes']:,} B" if sizes["tflm_arena_bytes"] else "unknown (install tflite-micro)"
+    )
+    print(
+        f"exported {args.run} to {out}: int8 {sizes['int8_bytes']:,} B, TFLM arena {arena}; validation "
+        f"accuracy float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%} "
+        f"({accuracy['int8_drop_points']:+.2f} points lost)"
+    )
+    return 0
+
+
+def cmd_download(args) -> int:
+    from kws.download import download_dataset
+
+    folder = download_dataset(args.dir, args.url, args.sha256 or None)
+    print(f"Speech Commands is ready in {folder}; train with: kws train --data {folder} --out runs/first")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
+
+    parser = argparse.ArgumentParser(
+        prog="kws",
+        description="Keyword spotting: train a DS-CNN on Speech Commands, evaluate it, and fetch the data.",
+        epilog="Run `kws COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"kws {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train a DS-CNN keyword model",
+        description="Train a DS-CNN on a Speech Commands-style folder. The run folder gets the best model "
+        "(model.keras), config.json, metrics.json, plots and per-epoch checkpoints.",
+        epilog="example: kws train --data ../shared/data/speech_commands "
+        "--negatives ../shared/data/librispeech --words yes,no,up,down,left,right,stop,go --out runs/s8",
+    )
+    train.add_argument(
+        "--data", type=Path, help=f"Speech Commands folder (default: download it into {DEFAULT_DATA_DIR}/)"
+    )
+    train.add_argument("--out", type=Path, help="run folder to create")
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN", help="continue an interrupted run from its last checkpoint"
+    )
+    train.add_argument(
+        "--words",
+        type=_words,
+        default=None,
+        help="comma-separated keywords; every other word "
+        "is _unknown_ (default: yes,no,up,down,left,right,on,off,stop,go)",
+    )
+    train.add_argument(
+        "--negatives",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of speech without keywords; random 1 s windows become _unknown_ (repeatable)",
+    )
+    train.add_argument("--epochs", type=_positive_int, help="passes over the data (default 40)")
+    train.add_argument("--size", choices=["s", "m", "l"], default="s", help="DS-CNN size (default s)")
+    train.add_argument(
+        "--silence-share", type=_share, default=0.1, help="share of _silence_ examples (default 0.1)"
+    )
+    train.add_argument(
+        "--unknown-share", type=_share, default=0.1, help="share of _unknown_ examples (default 0.1)"
+    )
+    train.add_argument(
+        "--spec-augment", action="store_true", help="mask random time and MFCC bands while training"
+    )
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a model on a labelled folder",
+        description="Accuracy, per-class precision and recall and the confusion matrix of a model on a "
+        "Speech Commands folder (a split of it) or on the official test set package.",
+        epilog="example: kws eval --model runs/s8 --data ../shared/data/speech_commands --split validation "
+        "--negatives ../shared/data/librispeech",
+    )
+    evaluate.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="run folder (scored with its Keras model) or exported model: export folder or .tflite",
+    )
+    evaluate.add_argument(
+        "--data", type=Path, required=True, help="Speech Commands folder or test set package"
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=sorted(SPLIT_NAMES),
+        default="test",
+        help="which split of a Speech Commands folder (default test; a test package is all test)",
+    )
+    evaluate.add_argument(
+        "--negatives",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="speech without keywords: its held-out speakers fill _unknown_ as in training",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    evaluate.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw the confusion matrix into this PNG"
+    )
+    evaluate.set_defaults(handler=cmd_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="turn a trained run into files for phones and microcontrollers",
+        description="Write model_int8.tflite (full-integer), model_float16.tflite, model_float32.tflite, "
+        "manifest.json, and the MCU bundle (model_data.cc/.h, kws_frontend.c/.h) for a trained run. "
+        "Calibrates int8 ranges on the run's training data and reports float vs int8 validation accuracy.",
+        epilog="example: kws export runs/s8   (writes runs/s8/export/)",
+    )
+    export.add_argument("run", type=Path, help="run folder made by `kws train`")
+    export.add_argument("--out", type=Path, help="output folder (default RUN/export)")
+    export.set_defaults(handler=cmd_export)
+
+    download = commands.add_parser(
+        "download",
+        help="download and unpack Speech Commands v0.02",
+        description="Fetch speech_commands_v0.02.tar.gz (2.3 GB) with a progress bar, resume a broken "
+        "download, verify its SHA-256 and unpack it safely.",
+    )
+    download.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"where to put it (default {DEFAULT_DATA_DIR}/, or $KWS_DATA_DIR)",
+    )
+    download.add_argument("--url", default=DATASET_URL, help="archive address (default: the official one)")
+    download.add_argument("--sha256", default=DATASET_SHA256, help="expected checksum ('' to skip the check)")
+    download.set_defaults(handler=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kws.audio import AudioError
+    from kws.data import DataError
+    from kws.download import DownloadError
+    from kws.runtime import ModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (UserError, DataError, AudioError, DownloadError, ModelError, FileNotFoundError) as error:
+        print(f"kws {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nkws {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

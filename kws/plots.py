@@ -1,0 +1,67 @@
+"""PNG plots of training curves and confusion matrices (matplotlib, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kws.files import atomic_path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def training_curves(history: list[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation."""
+    plt = _figure()
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["loss"] for h in history], label="training")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.plot(epochs, [h["accuracy"] for h in history], label="training")
+    acc_ax.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion(result: dict, path: Path, title: str = "confusion") -> None:
+    """A ``kws.evaluate.report`` confusion matrix, rows normalised, counts written in."""
+    plt = _figure()
+    labels = result["confusion"]["labels"]
+    matrix = np.array(result["confusion"]["matrix"])
+    rates = matrix / np.maximum(1, matrix.sum(axis=1, keepdims=True))
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(labels), 1 + 0.6 * len(labels)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title} (accuracy {result['accuracy']:.2%})")
+    for (row, col), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[row, col] > 0.5 else "black",
+            )
+    _save(fig, path)
+    plt.close(fig)

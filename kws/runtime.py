@@ -1,0 +1,140 @@
+"""Running an exported model without TensorFlow: a .tflite and its manifest, through ai_edge_litert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kws import features
+
+MANIFEST_FILE = "manifest.json"
+METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
+EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
+
+
+class ModelError(ValueError):
+    """A model path that cannot be loaded; the message says what is missing."""
+
+
+def quantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float -> int8 as TFLite's Quantize op: round half away from zero, then clamp."""
+    scaled = np.asarray(values, dtype=np.float32) / np.float32(scale)
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    return np.clip(rounded + zero_point, -128, 127).astype(np.int8)
+
+
+def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (values.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+def embedded_manifest(tflite: bytes) -> dict | None:
+    """The manifest ``kws export`` stores in a .tflite's metadata, if it has one."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(tflite, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
+
+
+def resolve(path: str | Path) -> tuple[Path, dict]:
+    """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
+
+    The manifest is read from manifest.json beside the model, else from the model's metadata.
+    """
+    path = Path(path)
+    if path.is_dir():
+        manifest_file = path / MANIFEST_FILE
+        if not manifest_file.exists() and (path / EXPORT_FOLDER / MANIFEST_FILE).exists():
+            manifest_file = path / EXPORT_FOLDER / MANIFEST_FILE  # a run folder, exported in place
+        if not manifest_file.exists():
+            raise ModelError(
+                f"{path} holds no {MANIFEST_FILE}: pass a folder made by `kws export`, "
+                f"or export this run first with `kws export {path}`"
+            )
+        manifest = json.loads(manifest_file.read_text())
+        return manifest_file.parent / manifest["files"]["int8"], manifest
+    if path.suffix != ".tflite":
+        raise ModelError(f"--model {path}: expected a .tflite file or a folder made by kws export")
+    if not path.exists():
+        raise ModelError(f"--model {path} does not exist")
+    manifest_file = path.with_name(MANIFEST_FILE)
+    if manifest_file.exists():
+        return path, json.loads(manifest_file.read_text())
+    manifest = embedded_manifest(path.read_bytes())
+    if manifest is None:
+        raise ModelError(
+            f"{path} has no {MANIFEST_FILE} beside it and none inside: export it with kws export"
+        )
+    return path, manifest
+
+
+class Model:
+    """A .tflite keyword model: MFCC features in, class probabilities out."""
+
+    def __init__(self, tflite: str | Path | bytes, manifest: dict, num_threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.manifest = manifest
+        self.labels: list[str] = manifest["labels"]
+        self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
+        features.check_compatible(manifest["frontend"], self.source)
+        content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
+        self._interpreter = Interpreter(model_content=content, num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        expected = (1, features.NUM_FRAMES, features.NUM_MFCC)
+        if tuple(self._input["shape"]) != expected:
+            raise ModelError(f"{self.source}: input shape {tuple(self._input['shape'])}, expected {expected}")
+
+    @classmethod
+    def load(cls, path: str | Path, num_threads: int = 1) -> Model:
+        tflite, manifest = resolve(path)
+        return cls(tflite, manifest, num_threads)
+
+    @property
+    def quantized(self) -> bool:
+        return self._input["dtype"] == np.int8
+
+    def tensor_spec(self, which: str) -> dict:
+        """Shape, dtype and quantization of the "input" or "output" tensor, for manifests."""
+        details = self._input if which == "input" else self._output
+        scale, zero_point = details["quantization"]
+        return {
+            "shape": [int(v) for v in details["shape"]],
+            "dtype": np.dtype(details["dtype"]).name,
+            "scale": float(scale),
+            "zero_point": int(zero_point),
+        }
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        """Features as the model's input tensor wants them (int8 for a quantized model)."""
+        if self.quantized:
+            scale, zero_point = self._input["quantization"]
+            return quantize(batch, scale, zero_point)
+        return np.asarray(batch, dtype=np.float32)
+
+    def raw_scores(self, prepared: np.ndarray) -> np.ndarray:
+        """Output tensors as they are (int8 for a quantized model) for prepared inputs (n, 49, 10)."""
+        out = np.empty((len(prepared), len(self.labels)), dtype=self._output["dtype"])
+        for row, example in enumerate(prepared):
+            self._interpreter.set_tensor(self._input["index"], example[None])
+            self._interpreter.invoke()
+            out[row] = self._interpreter.get_tensor(self._output["index"])[0]
+        return out
+
+    def scores(self, batch: np.ndarray) -> np.ndarray:
+        """(n, NUM_FRAMES, NUM_MFCC) or one (NUM_FRAMES, NUM_MFCC) -> (n, labels) probabilities."""
+        batch = np.asarray(batch)
+        if batch.ndim == 2:
+            batch = batch[None]
+        raw = self.raw_scores(self.prepare(batch))
+        if self._output["dtype"] == np.int8:
+            scale, zero_point = self._output["quantization"]
+            return dequantize(raw, scale, zero_point)
+        return raw.astype(np.float32)

@@ -1,0 +1,260 @@
+"""Training a DS-CNN run: fresh augmented epochs, stepped learning rate, checkpoints, best model, plots.
+
+A run folder holds:
+  config.json            frontend, labels, data, augmentation, model and training settings
+  model.keras            the best model by validation accuracy
+  checkpoints/           the last epochs (model + optimizer, and their history) for --resume
+  metrics.json           history, best epoch, validation report, parameters, MACs, time
+  training_curves.png    loss and accuracy per epoch
+  confusion_validation.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kws import features, plots
+from kws.data import AugmentConfig, DataConfig, SpeechData, labels_for
+from kws.evaluate import report
+from kws.files import atomic_path, write_json
+from kws.model import ModelConfig, build, count_macs
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our output
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe: Adam, batch 100, the learning rate stepped down at 1/3 and 2/3.
+
+    The reference recipe's 5e-4 -> 1e-4 -> 2e-5 assumes 30,000 steps; in the ~3,600 steps of
+    40 epochs on the 8-keyword subset it stalls at 91.9 % validation accuracy, while six times
+    those rates reach 93.8 %.
+    """
+
+    epochs: int = 40
+    batch_size: int = 100
+    # Used for the first, second and last third of the epochs.
+    learning_rates: tuple[float, float, float] = (3e-3, 1e-3, 2e-4)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.learning_rates = tuple(self.learning_rates)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+
+    def learning_rate(self, epoch: int) -> float:
+        """Learning rate of a 0-based epoch."""
+        step = min(len(self.learning_rates) - 1, epoch * len(self.learning_rates) // self.epochs)
+        return self.learning_rates[step]
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a trained model; saved as config.json in its run folder."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    frontend: dict = field(default_factory=features.describe)
+    data_summary: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return labels_for(self.data.words)
+
+    def to_dict(self) -> dict:
+        return {"labels": self.labels, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RunConfig:
+        return cls(
+            data=DataConfig(**raw["data"]),
+            model=ModelConfig(**raw["model"]),
+            train=TrainConfig(**raw["train"]),
+            augment=AugmentConfig(**raw["augment"]),
+            frontend=raw["frontend"],
+            data_summary=raw.get("data_summary", {}),
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not a kws run folder: it has no {CONFIG_FILE}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _batch_progress(total: int, description: str):
+    """A Keras callback that draws one epoch's batches as a tqdm bar with loss and accuracy."""
+    import keras
+
+    class BatchProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.bar = tqdm(total=total, desc=description, unit="batch", leave=False)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.bar.close()
+
+    return BatchProgress()
+
+
+def _cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(targets)), targets]
+    return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+
+
+def _save_checkpoint(run_dir: Path, model, state: dict) -> None:
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(exist_ok=True)
+    name = f"epoch-{state['epochs_done']:04d}"
+    with atomic_path(folder / f"{name}.keras") as tmp:
+        model.save(tmp)
+    write_json(folder / f"{name}.json", state)  # written last: marks the checkpoint complete
+    for old in sorted(folder.glob("epoch-*.json"))[:-KEEP_CHECKPOINTS]:
+        old.with_suffix(".keras").unlink(missing_ok=True)
+        old.unlink()
+
+
+def _latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    for state_file in sorted((run_dir / CHECKPOINTS).glob("epoch-*.json"), reverse=True):
+        model_file = state_file.with_suffix(".keras")
+        if model_file.exists():
+            return model_file, json.loads(state_file.read_text())
+    return None
+
+
+def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train (or continue) the run in ``run_dir``; return its metrics."""
+    import keras
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = SpeechData(config.data)
+    config.data_summary = data.summary()
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+
+    validation = data.evaluation_set("validation")
+    val_features = features.mfcc(validation.audio)
+
+    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if checkpoint:
+        model = keras.models.load_model(checkpoint[0])
+        state = checkpoint[1]
+        tqdm.write(f"resuming {run_dir} after epoch {state['epochs_done']}")
+    else:
+        keras.utils.set_random_seed(config.train.seed)
+        model = build(config.model, len(config.labels))
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.train.learning_rates[0]),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        state = {"epochs_done": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "seconds": 0.0}
+
+    def epoch_data(epoch: int):
+        rng = np.random.default_rng([config.train.seed, epoch])
+        return data.training_epoch(rng, config.augment)
+
+    epochs = tqdm(
+        range(state["epochs_done"], config.train.epochs),
+        initial=state["epochs_done"],
+        total=config.train.epochs,
+        desc="epochs",
+        unit="epoch",
+    )
+    # The next epoch's examples are augmented on a second thread while this one trains.
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        upcoming = prefetch.submit(epoch_data, state["epochs_done"])
+        for epoch in epochs:
+            started = time.perf_counter()
+            train_features, train_labels = upcoming.result()
+            if epoch + 1 < config.train.epochs:
+                upcoming = prefetch.submit(epoch_data, epoch + 1)
+            keras.utils.set_random_seed(config.train.seed + epoch)
+            model.optimizer.learning_rate.assign(config.train.learning_rate(epoch))
+            batches = -(-len(train_labels) // config.train.batch_size)
+            fit = model.fit(
+                train_features,
+                train_labels,
+                batch_size=config.train.batch_size,
+                epochs=1,
+                shuffle=False,  # training_epoch already shuffled
+                verbose=0,
+                callbacks=[_batch_progress(batches, f"epoch {epoch + 1}")],
+            )
+            probabilities = model.predict(val_features, batch_size=1000, verbose=0)
+            val_accuracy = float((probabilities.argmax(axis=1) == validation.labels).mean())
+            state["seconds"] += time.perf_counter() - started
+            state["history"].append(
+                {
+                    "epoch": epoch + 1,
+                    "learning_rate": config.train.learning_rate(epoch),
+                    "loss": float(fit.history["loss"][-1]),
+                    "accuracy": float(fit.history["accuracy"][-1]),
+                    "val_loss": _cross_entropy(probabilities, validation.labels),
+                    "val_accuracy": val_accuracy,
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            if val_accuracy > state["best_accuracy"]:
+                state["best_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
+                with atomic_path(run_dir / MODEL_FILE) as tmp:
+                    model.save(tmp)
+            state["epochs_done"] = epoch + 1
+            _save_checkpoint(run_dir, model, state)
+            epochs.set_postfix(val_acc=f"{val_accuracy:.2%}", best=f"{state['best_accuracy']:.2%}")
+
+    best = keras.models.load_model(run_dir / MODEL_FILE)
+    predictions = best.predict(val_features, batch_size=1000, verbose=0).argmax(axis=1)
+    validation_report = report(config.labels, validation.labels, predictions, validation.sources)
+    metrics = {
+        "best_epoch": state["best_epoch"],
+        "validation": validation_report,
+        "parameters": int(best.count_params()),
+        "macs": count_macs(best),
+        "training_seconds": round(state["seconds"], 1),
+        "history": state["history"],
+    }
+    write_json(run_dir / METRICS_FILE, metrics)
+    plots.training_curves(state["history"], run_dir / "training_curves.png")
+    plots.confusion(validation_report, run_dir / "confusion_validation.png", "validation")
+    return metrics
+
+
+class KerasClassifier:
+    """A trained run folder as a classifier: features -> class probabilities."""
+
+    def __init__(self, run_dir: Path):
+        import keras
+
+        self.run_dir = Path(run_dir)
+        self.config = RunConfig.load(self.run_dir)
+        features.check_compatible(self.config.frontend, str(self.run_dir))
+        model_file = self.run_dir / MODEL_FILE
+        if not model_file.exists():
+            raise FileNotFoundError(f"{self.run_dir} has no {MODEL_FILE} yet: train at least one epoch")
+        self.model = keras.models.load_model(model_file, compile=False)
+        self.labels = self.config.labels
+
+    def scores(self, batch: np.ndarray) -> np.ndarray:
+        """(n, NUM_FRAMES, NUM_MFCC) features -> (n, labels) probabilities."""
+        return self.model.predict(batch, batch_size=1000, verbose=0)

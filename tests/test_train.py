@@ -1,0 +1,106 @@
+"""Training runs on synthetic data: run folder contents, config round trip, resume, eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TONE_WORDS as WORDS
+from conftest import tone_run_config as run_config
+
+from kws.cli import main
+from kws.train import RunConfig, train
+
+
+def test_run_folder_holds_model_config_metrics_and_plots(tone_run):
+    run, metrics = tone_run
+    for name in (
+        "config.json",
+        "model.keras",
+        "metrics.json",
+        "training_curves.png",
+        "confusion_validation.png",
+    ):
+        assert (run / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch-0005.json",
+        "epoch-0005.keras",
+        "epoch-0006.json",
+        "epoch-0006.keras",
+    ]
+    assert not list(run.glob(".tmp-*"))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["parameters"] == metrics["parameters"] > 20_000 and saved["macs"] > 2_000_000
+    assert [h["epoch"] for h in saved["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["learning_rate"] for h in saved["history"]] == [3e-3, 3e-3, 1e-3, 1e-3, 3e-4, 3e-4]
+
+
+def test_tones_are_learned(tone_run):
+    _, metrics = tone_run
+    assert metrics["validation"]["accuracy"] > 0.8
+    assert metrics["validation"]["per_class"]["_silence_"]["support"] > 0
+
+
+def test_config_json_round_trips_and_records_the_data(tone_run):
+    run, _ = tone_run
+    config = RunConfig.load(run)
+    assert json.loads(json.dumps(config.to_dict())) == json.loads((run / "config.json").read_text())
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.labels == ["_silence_", "_unknown_", *WORDS]
+    assert config.data_summary["clips_per_split"]["training"]["yes"] > 10
+    assert config.frontend["num_frames"] == 49
+
+
+def test_eval_of_the_validation_split_reproduces_training_metrics(tone_run, tone_dataset, capsys):
+    run, metrics = tone_run
+    assert main(["eval", "--model", str(run), "--data", str(tone_dataset), "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
+    assert result["confusion"] == metrics["validation"]["confusion"]
+    assert set(result["per_class"]["yes"]) == {"precision", "recall", "support"}
+
+
+def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
+    run, _ = tone_run
+    plot = tmp_path / "confusion.png"
+    args = ["eval", "--model", str(run), "--data", str(tone_dataset), "--split", "test"]
+    assert main([*args, "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("accuracy ") and "confusion (rows: true" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_path):
+    run = tmp_path / "run"
+    first = train(run_config(tone_dataset, epochs=2), run)
+    # A checkpoint whose state file never got written (killed mid-save) is ignored.
+    (run / "checkpoints" / "epoch-0003.keras").write_bytes(b"half")
+    config = RunConfig.load(run)
+    config.train.epochs = 3
+    resumed = train(config, run, resume=True)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][:2] == first["history"]
+
+
+def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path, capsys):
+    run = tmp_path / "cli-run"
+    base = ["train", "--data", str(tone_dataset), "--words", ",".join(WORDS), "--out", str(run)]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert "validation accuracy" in capsys.readouterr().out
+    assert main([*base, "--epochs", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+
+
+def test_python_m_kws_shows_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "kws", "train", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--negatives DIR" in out.stdout and "--resume RUN" in out.stdout
+
+
+def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
