@@ -1,0 +1,194 @@
+"""The generated C frontend: compiled with the machine's compiler, it must match kws.features."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from kws import audio
+from kws import features as F
+from kws.c_frontend import write_c_frontend
+
+SCALE = 0.55  # MFCC c0 spans about -87..+45: a realistic int8 input quantization
+ZERO_POINT = 30
+# Max |C - Python| as a share of the MFCC value range: measured 1.3e-6 on the synthetic signals
+# (1.5e-4 absolute, on a loud sweep) and 3e-7 on real clips; the rest is headroom for other compilers.
+FLOAT_TOLERANCE = 1e-5
+WORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go")
+CLIPS_PER_WORD = 15
+
+HARNESS = r"""
+#include <stdio.h>
+#include "kws_frontend.h"
+
+/* Frames of KWS_WINDOW_SAMPLES native int16 in; int8 and float32 MFCC rows out. */
+int main(int argc, char **argv)
+{
+    if (argc != 4) {
+        return 2;
+    }
+    FILE *in = fopen(argv[1], "rb");
+    FILE *quantized = fopen(argv[2], "wb");
+    FILE *unquantized = fopen(argv[3], "wb");
+    if (!in || !quantized || !unquantized) {
+        return 1;
+    }
+    int16_t frame[KWS_WINDOW_SAMPLES];
+    int8_t q[KWS_NUM_MFCC];
+    float f[KWS_NUM_MFCC];
+    while (fread(frame, sizeof frame, 1, in) == 1) {
+        kws_frontend_frame(frame, q);
+        kws_frontend_frame_float(frame, f);
+        fwrite(q, sizeof q, 1, quantized);
+        fwrite(f, sizeof f, 1, unquantized);
+    }
+    return fclose(in) | fclose(quantized) | fclose(unquantized);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """The generated sources and a harness binary built from them with strict warnings."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc or gcc) on PATH")
+    out = tmp_path_factory.mktemp("c_frontend")
+    header, source = write_c_frontend(out, SCALE, ZERO_POINT)
+    (out / "main.c").write_text(HARNESS)
+    binary = out / "frontend"
+    # -Wdouble-promotion: a Cortex-M4F has single-precision hardware only, so no double may sneak in.
+    flags = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-Wdouble-promotion"]
+    result = subprocess.run(
+        [compiler, *flags, "-I", str(out), str(out / "main.c"), str(source), "-o", str(binary), "-lm"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return {"header": header, "source": source, "binary": binary}
+
+
+def run_c(build, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, WINDOW_SAMPLES) int16 frames -> the C frontend's (n, NUM_MFCC) int8 and float32 outputs."""
+    folder = build["binary"].parent
+    paths = [folder / "frames.raw", folder / "int8.raw", folder / "float.raw"]
+    np.ascontiguousarray(frames, dtype=np.int16).tofile(paths[0])
+    subprocess.run([str(build["binary"]), *map(str, paths)], check=True)
+    quantized = np.fromfile(paths[1], dtype=np.int8).reshape(-1, F.NUM_MFCC)
+    unquantized = np.fromfile(paths[2], dtype=np.float32).reshape(-1, F.NUM_MFCC)
+    assert len(quantized) == len(unquantized) == len(frames)
+    return quantized, unquantized
+
+
+def to_int16(samples: np.ndarray) -> np.ndarray:
+    """What a device's 16-bit ADC or codec hands over for float samples in [-1, 1)."""
+    return np.clip(np.round(np.asarray(samples, np.float64) * 32768), -32768, 32767).astype(np.int16)
+
+
+def frames_of(clip: np.ndarray) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(clip, F.WINDOW_SAMPLES)
+    return windows[:: F.HOP_SAMPLES][: F.num_frames(len(clip))]
+
+
+def assert_matches_python(build, frames: np.ndarray) -> None:
+    quantized, unquantized = run_c(build, frames)
+    expected = F.frame_features(frames.astype(np.float32) / 32768)
+    value_range = float(expected.max() - expected.min())
+    float_error = float(np.abs(unquantized - expected).max())
+    assert float_error <= FLOAT_TOLERANCE * value_range, (float_error, value_range)
+
+    expected_q = np.clip(np.round(expected / SCALE) + ZERO_POINT, -128, 127).astype(np.int64)
+    steps = np.abs(quantized.astype(np.int64) - expected_q)
+    assert steps.max() <= 1, f"{int(steps.max())} steps apart"
+    assert (steps == 0).mean() >= 0.99, f"only {(steps == 0).mean():.4f} identical"
+
+
+def synthetic_clips() -> dict[str, np.ndarray]:
+    t = np.arange(F.CLIP_SAMPLES) / F.SAMPLE_RATE
+    sweep_phase = 2 * np.pi * (20 * t + (7980 / 2) * t**2)  # 20 Hz -> 8 kHz over the second
+    clips = {f"sweep {level}": level * np.sin(sweep_phase) for level in (0.001, 0.5, 0.99)}
+    for seed, level in enumerate((1e-4, 1e-3, 1e-2, 0.1, 1.0)):
+        clips[f"noise {level}"] = np.random.default_rng(seed).uniform(-level, level, F.CLIP_SAMPLES)
+    clips["silence"] = np.zeros(F.CLIP_SAMPLES)
+    clips["clipped sine 440 Hz"] = np.clip(3 * np.sin(2 * np.pi * 440 * t), -1, 1)
+    clips["full-scale square 1 kHz"] = np.where(np.sin(2 * np.pi * 1000 * t) >= 0, 1.0, -1.0)
+    return {name: to_int16(clip) for name, clip in clips.items()}
+
+
+def test_synthetic_signals_match_python(build):
+    clips = synthetic_clips()
+    frames = np.concatenate([frames_of(clip) for clip in clips.values()])
+    assert frames.shape == (len(clips) * F.NUM_FRAMES, F.WINDOW_SAMPLES)
+    assert frames.min() == -32768 and frames.max() == 32767, "the set must reach both int16 limits"
+    assert_matches_python(build, frames)
+
+
+def test_silence_sits_on_the_log_floor_and_clamps(build):
+    quantized, unquantized = run_c(build, np.zeros((1, F.WINDOW_SAMPLES), np.int16))
+    assert unquantized[0, 0] == pytest.approx(np.log(F.LOG_FLOOR) * np.sqrt(F.NUM_MEL_BANDS), rel=1e-5)
+    np.testing.assert_allclose(unquantized[0, 1:], 0, atol=1e-4)
+    assert quantized[0, 0] == -128  # -87.4 / 0.55 + 30 lies below the int8 range
+    np.testing.assert_array_equal(quantized[0, 1:], ZERO_POINT)
+
+
+def test_real_clips_match_python(build, shared_data):
+    root = shared_data / "speech_commands"
+    paths = [
+        path
+        for word in WORDS
+        for path in sorted(path for path in (root / word).iterdir() if audio.is_audio_file(path))[
+            :CLIPS_PER_WORD
+        ]
+    ]
+    assert len(paths) >= 100
+    clips = [to_int16(audio.fix_length(audio.load(path))) for path in paths]
+    frames = np.concatenate([frames_of(clip) for clip in clips])
+    assert frames.shape == (len(paths) * F.NUM_FRAMES, F.WINDOW_SAMPLES)
+    assert_matches_python(build, frames)
+
+
+def test_header_constants_equal_kws_features(build):
+    header = build["header"].read_text()
+    defines = dict(re.findall(r"^#define (KWS_\w+) (\S+)$", header, re.MULTILINE))
+    assert {name: int(defines[name]) for name in defines if name != "KWS_INPUT_SCALE"} == {
+        "KWS_SAMPLE_RATE": F.SAMPLE_RATE,
+        "KWS_WINDOW_SAMPLES": F.WINDOW_SAMPLES,
+        "KWS_HOP_SAMPLES": F.HOP_SAMPLES,
+        "KWS_NUM_MFCC": F.NUM_MFCC,
+        "KWS_NUM_FRAMES": F.NUM_FRAMES,
+        "KWS_INPUT_ZERO_POINT": ZERO_POINT,
+    }
+    assert np.float32(defines["KWS_INPUT_SCALE"].removesuffix("f")) == np.float32(SCALE)
+    assert "#include <stdint.h>" in header and "#ifndef KWS_FRONTEND_H" in header
+
+
+def c_table(source: str, name: str) -> np.ndarray:
+    body = re.search(rf"\b{name}\[[^=]*= \{{(.*?)\n\}};", source, re.DOTALL).group(1)
+    return np.array([float(item.rstrip("f")) for item in re.findall(r"[-+0-9.e]+f?", body)], np.float32)
+
+
+def test_source_is_plain_c_with_kws_features_tables(build):
+    source = build["source"].read_text()
+    assert "malloc" not in source
+    assert set(re.findall(r"#include (\S+)", source)) == {
+        '"kws_frontend.h"',
+        "<math.h>",
+        "<stdint.h>",
+        "<string.h>",
+    }
+    np.testing.assert_array_equal(c_table(source, "WINDOW"), F.WINDOW)
+    np.testing.assert_array_equal(c_table(source, "DCT_MATRIX").reshape(F.DCT_MATRIX.shape), F.DCT_MATRIX)
+
+    first_bins = c_table(source, "MEL_FIRST_BIN").astype(int)
+    counts = c_table(source, "MEL_BIN_COUNT").astype(int)
+    weights = c_table(source, "MEL_WEIGHTS")
+    assert len(weights) == counts.sum() < F.MEL_MATRIX.size / 10, "the filterbank must be stored sparsely"
+    dense = np.zeros_like(F.MEL_MATRIX)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for band, (first, count) in enumerate(zip(first_bins, counts, strict=True)):
+        dense[first : first + count, band] = weights[offsets[band] : offsets[band + 1]]
+    np.testing.assert_array_equal(dense, F.MEL_MATRIX)

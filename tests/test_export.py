@@ -1,0 +1,139 @@
+"""Export of a trained run: the three .tflite files, manifest, MCU bundle, TensorFlow-free runtime."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kws import runtime
+from kws.features import NUM_FRAMES, NUM_MFCC
+
+
+@pytest.fixture(scope="module")
+def exported(tone_run, tmp_path_factory):
+    from kws.export import export
+
+    run, _ = tone_run
+    out = tmp_path_factory.mktemp("export")
+    return out, export(run, out)
+
+
+def test_export_writes_every_file(exported):
+    out, manifest = exported
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model_int8.tflite",
+        "model_float16.tflite",
+        "model_float32.tflite",
+        "manifest.json",
+        "model_data.cc",
+        "model_data.h",
+        "kws_frontend.c",
+        "kws_frontend.h",
+    } <= names
+    assert not [n for n in names if n.startswith(".tmp-")]
+    sizes = manifest["sizes"]
+    assert sizes["int8_bytes"] < sizes["float16_bytes"] < sizes["float32_bytes"]
+    assert sizes["int8_bytes"] == (out / "model_int8.tflite").stat().st_size
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_manifest_holds_what_running_the_model_needs(exported):
+    _, manifest = exported
+    assert manifest["labels"] == ["_silence_", "_unknown_", "yes", "no", "up", "down"]
+    assert manifest["input"]["shape"] == [1, NUM_FRAMES, NUM_MFCC] and manifest["input"]["dtype"] == "int8"
+    assert manifest["output"]["dtype"] == "int8" and manifest["output"]["scale"] > 0
+    assert manifest["frontend"]["mel_fmax_hz"] == 4000.0
+    accuracy = manifest["accuracy"]
+    assert accuracy["int8"] > 0.8 and abs(accuracy["int8_drop_points"]) <= 5
+    assert accuracy["int8_drop_points"] == pytest.approx(
+        100 * (accuracy["float32"] - accuracy["int8"]), abs=1e-3
+    )
+    assert manifest["training"]["data"]["words"] == ["yes", "no", "up", "down"]
+
+
+def test_int8_model_is_full_integer_with_static_shapes(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, _ = exported
+    interpreter = Interpreter(model_path=str(out / "model_int8.tflite"))
+    interpreter.allocate_tensors()
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"} <= ops
+    assert not ops & {"SHAPE", "PACK", "STRIDED_SLICE", "QUANTIZE", "DEQUANTIZE"}
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    float_tensors = [t for t in interpreter.get_tensor_details() if t["dtype"] == np.float32]
+    assert not float_tensors
+
+
+def test_c_array_holds_the_int8_model_byte_for_byte(exported):
+    out, _ = exported
+    source = (out / "model_data.cc").read_text()
+    assert "alignas(16) const unsigned char kws_model_data[]" in source
+    array = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", source))
+    assert array == (out / "model_int8.tflite").read_bytes()
+    assert f"kws_model_data_len = {len(array)};" in source
+    header = (out / "kws_frontend.h").read_text()
+    assert f"#define KWS_INPUT_ZERO_POINT {exported[1]['input']['zero_point']}" in header
+
+
+def test_tflite_carries_its_manifest_so_it_runs_alone(exported, tmp_path):
+    out, manifest = exported
+    alone = tmp_path / "copied.tflite"
+    shutil.copy(out / "model_int8.tflite", alone)
+    model = runtime.Model.load(alone)
+    assert model.labels == manifest["labels"]
+    assert model.manifest["input"] == manifest["input"]
+
+
+def test_runtime_scores_match_the_recorded_int8_accuracy(exported, tone_dataset):
+    from kws.data import DataConfig, SpeechData
+    from kws.features import mfcc
+
+    out, manifest = exported
+    model = runtime.Model.load(out)
+    validation = SpeechData(DataConfig(**manifest["training"]["data"])).evaluation_set("validation")
+    scores = model.scores(mfcc(validation.audio))
+    assert scores.shape == (len(validation.labels), 6)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=0.02)
+    assert (scores.argmax(axis=1) == validation.labels).mean() == pytest.approx(manifest["accuracy"]["int8"])
+
+
+def test_eval_of_an_exported_model_never_imports_tensorflow(exported, tone_dataset):
+    out, manifest = exported
+    script = (
+        "import json, sys, io, contextlib\n"
+        "from kws.cli import main\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer):\n"
+        f"    code = main(['eval', '--model', {str(out / 'model_int8.tflite')!r}, '--data', "
+        f"{str(tone_dataset)!r}, '--split', 'validation', '--json'])\n"
+        "print(json.dumps({'code': code, 'tf': [m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras')], 'accuracy': json.loads(buffer.getvalue())['accuracy']}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["tf"] == []
+    assert result["accuracy"] == pytest.approx(manifest["accuracy"]["int8"])
+
+
+def test_run_folder_exported_in_place_resolves_to_its_export(tone_run, exported, tmp_path):
+    run, _ = tone_run
+    with pytest.raises(runtime.ModelError, match="kws export"):
+        runtime.resolve(run)
+    out, _ = exported
+    shutil.copytree(out, tmp_path / "run" / "export")
+    tflite, manifest = runtime.resolve(tmp_path / "run")
+    assert (
+        tflite == tmp_path / "run" / "export" / "model_int8.tflite" and manifest["labels"][0] == "_silence_"
+    )
+
+
+def test_quantize_rounds_half_away_from_zero_and_clamps():
+    values = np.array([0.5, 1.5, -0.5, -1.5, 0.49, 1000.0, -1000.0], np.float32)
+    np.testing.assert_array_equal(runtime.quantize(values, 1.0, 0), [1, 2, -1, -2, 0, 127, -128])
+    np.testing.assert_array_equal(runtime.quantize(np.array([2.0]), 0.5, -10), [-6])
