@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from kws.c_frontend import write_c_frontend
 from kws.data import SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
-from kws.runtime import MANIFEST_FILE, METADATA_NAME, Model
+from kws.runtime import MANIFEST_FILE, METADATA_NAME, Model, quiet_stderr
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,23 +65,8 @@ def convert(model, kind: str, calibration: np.ndarray | None = None) -> bytes:
         converter.inference_output_type = tf.int8
     elif kind != "float32":
         raise ValueError(f"unknown model kind {kind!r}")
-    with _quiet_stderr():
+    with quiet_stderr():
         return converter.convert()
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the converter's and TFLM's C++ logging (fd 2), which floods the terminal."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield sink
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def tflm_arena_bytes(tflite: bytes) -> int | None:
@@ -92,7 +75,7 @@ def tflm_arena_bytes(tflite: bytes) -> int | None:
         from tflite_micro.python.tflite_micro import runtime as tflm
     except ImportError:
         return None
-    with _quiet_stderr() as log:
+    with quiet_stderr() as log:
         interpreter = tflm.Interpreter.from_bytes(tflite)
         details = interpreter.get_input_details(0)
         interpreter.set_input(np.zeros(details["shape"], dtype=details["dtype"]), 0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,21 @@ from kws import features
 MANIFEST_FILE = "manifest.json"
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
 EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C++ logging on fd 2 (LiteRT's delegate notice, the converter, TFLM); yields the sink."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class ModelError(ValueError):
@@ -76,16 +95,28 @@ def resolve(path: str | Path) -> tuple[Path, dict]:
 class Model:
     """A .tflite keyword model: MFCC features in, class probabilities out."""
 
-    def __init__(self, tflite: str | Path | bytes, manifest: dict, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(
+        self,
+        tflite: str | Path | bytes,
+        manifest: dict,
+        num_threads: int = 1,
+        reference_kernels: bool = False,
+    ):
+        """``reference_kernels``: TFLite's reference ops instead of XNNPACK; slower, but they round
+        as TFLite Micro does, which makes outputs comparable bit for bit with a device."""
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.manifest = manifest
         self.labels: list[str] = manifest["labels"]
         self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
         features.check_compatible(manifest["frontend"], self.source)
         content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
-        self._interpreter = Interpreter(model_content=content, num_threads=num_threads)
-        self._interpreter.allocate_tensors()
+        resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
+        with quiet_stderr():
+            self._interpreter = Interpreter(
+                model_content=content, num_threads=num_threads, experimental_op_resolver_type=resolver
+            )
+            self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         expected = (1, features.NUM_FRAMES, features.NUM_MFCC)
@@ -93,9 +124,9 @@ class Model:
             raise ModelError(f"{self.source}: input shape {tuple(self._input['shape'])}, expected {expected}")
 
     @classmethod
-    def load(cls, path: str | Path, num_threads: int = 1) -> Model:
+    def load(cls, path: str | Path, num_threads: int = 1, reference_kernels: bool = False) -> Model:
         tflite, manifest = resolve(path)
-        return cls(tflite, manifest, num_threads)
+        return cls(tflite, manifest, num_threads, reference_kernels)
 
     @property
     def quantized(self) -> bool:

@@ -14,7 +14,7 @@ SHARED_DATA = Path(os.environ.get("KWS_SHARED_DATA", REPO.parent / "shared" / "d
 WORD_TONES = {"yes": 400.0, "no": 700.0, "up": 1000.0, "down": 1300.0, "bed": 1900.0, "cat": 2500.0}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data: skipped where absent, but a failure under CI=true, where it must exist."""
     if not (SHARED_DATA / "speech_commands").is_dir():
