@@ -140,6 +140,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
+    return value
+
+
+def cmd_detect(args) -> int:
+    from kws import audio
+    from kws.runtime import Model
+    from kws.stream import Detector, detection_config, recording_report
+
+    model = Model.load(args.model)
+    detector = Detector(model, detection_config(model.manifest, args.threshold))
+    reports, failed = [], 0
+    for path in args.files:
+        try:
+            samples = audio.load(path)
+        except audio.AudioError as error:
+            print(f"kws detect: skipping {error}", file=sys.stderr)
+            failed += 1
+            continue
+        report = recording_report(detector, samples, str(path), args.top_k)
+        reports.append(report)
+        if not args.json:
+            found = report["detections"]
+            print(f"{path}: {report['duration']:.2f} s, {len(found)} detection{'s' * (len(found) != 1)}")
+            for event in found:
+                span = f"{event['start']:8.2f} - {event['end']:8.2f} s"
+                print(f"  {span}  {event['label']:<10} {event['score']:.3f}")
+    if args.json:
+        print(json.dumps(reports[0] if len(args.files) == 1 and reports else reports, indent=2))
+    return 1 if failed else 0
+
+
 def cmd_export(args) -> int:
     from kws.export import export
     from kws.runtime import EXPORT_FOLDER
@@ -269,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", type=Path, help="run folder made by `kws train`")
     export.add_argument("--out", type=Path, help="output folder (default RUN/export)")
     export.set_defaults(handler=cmd_export)
+
+    detect = commands.add_parser(
+        "detect",
+        help="find keywords in audio files",
+        description="Run the streaming Detector over audio files (any format and sample rate soundfile "
+        "reads, any length) and print each detection with its time.",
+        epilog="example: kws detect recording.wav --json",
+    )
+    detect.add_argument("files", type=Path, nargs="+", metavar="FILE", help="audio files")
+    detect.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
+    detect.add_argument(
+        "--threshold",
+        type=_threshold,
+        help="one threshold for every keyword (default: the model's calibrated thresholds)",
+    )
+    detect.add_argument("--top-k", type=_positive_int, help="class scores to list for clips of about 1 s")
+    detect.add_argument("--json", action="store_true", help="one JSON object per file (a list for several)")
+    detect.set_defaults(handler=cmd_detect)
 
     download = commands.add_parser(
         "download",

@@ -16,6 +16,7 @@ from kws import features
 MANIFEST_FILE = "manifest.json"
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
 EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
+BUILT_IN_MODEL = Path(__file__).parent / "models" / "default"  # used when no --model is given
 
 
 @contextlib.contextmanager
@@ -60,11 +61,16 @@ def embedded_manifest(tflite: bytes) -> dict | None:
     return None
 
 
-def resolve(path: str | Path) -> tuple[Path, dict]:
+def resolve(path: str | Path | None) -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 
-    The manifest is read from manifest.json beside the model, else from the model's metadata.
+    No path means the model built into the package. The manifest is read from
+    manifest.json beside the model, else from the model's metadata.
     """
+    if path is None:
+        if not (BUILT_IN_MODEL / MANIFEST_FILE).exists():
+            raise ModelError("this kws has no built-in model: pass --model (an export folder or .tflite)")
+        path = BUILT_IN_MODEL
     path = Path(path)
     if path.is_dir():
         manifest_file = path / MANIFEST_FILE
@@ -124,7 +130,9 @@ class Model:
             raise ModelError(f"{self.source}: input shape {tuple(self._input['shape'])}, expected {expected}")
 
     @classmethod
-    def load(cls, path: str | Path, num_threads: int = 1, reference_kernels: bool = False) -> Model:
+    def load(
+        cls, path: str | Path | None = None, num_threads: int = 1, reference_kernels: bool = False
+    ) -> Model:
         tflite, manifest = resolve(path)
         return cls(tflite, manifest, num_threads, reference_kernels)
 
@@ -159,13 +167,16 @@ class Model:
             out[row] = self._interpreter.get_tensor(self._output["index"])[0]
         return out
 
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        """Output tensor values -> float probabilities."""
+        if self._output["dtype"] == np.int8:
+            scale, zero_point = self._output["quantization"]
+            return dequantize(raw, scale, zero_point)
+        return raw.astype(np.float32)
+
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """(n, NUM_FRAMES, NUM_MFCC) or one (NUM_FRAMES, NUM_MFCC) -> (n, labels) probabilities."""
         batch = np.asarray(batch)
         if batch.ndim == 2:
             batch = batch[None]
-        raw = self.raw_scores(self.prepare(batch))
-        if self._output["dtype"] == np.int8:
-            scale, zero_point = self._output["quantization"]
-            return dequantize(raw, scale, zero_point)
-        return raw.astype(np.float32)
+        return self.probabilities(self.raw_scores(self.prepare(batch)))

@@ -111,3 +111,13 @@ def tone_run(tone_dataset, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("runs") / "tones"
     return run, train(tone_run_config(tone_dataset, epochs=6), run)
+
+
+@pytest.fixture(scope="session")
+def tone_export(tone_run, tmp_path_factory):
+    """The tone run exported: (export folder, manifest). Any model-running test can use it."""
+    from kws.export import export
+
+    run, _ = tone_run
+    out = tmp_path_factory.mktemp("export")
+    return out, export(run, out)

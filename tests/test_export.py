@@ -14,12 +14,8 @@ from kws.features import NUM_FRAMES, NUM_MFCC
 
 
 @pytest.fixture(scope="module")
-def exported(tone_run, tmp_path_factory):
-    from kws.export import export
-
-    run, _ = tone_run
-    out = tmp_path_factory.mktemp("export")
-    return out, export(run, out)
+def exported(tone_export):
+    return tone_export
 
 
 def test_export_writes_every_file(exported):

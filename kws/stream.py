@@ -1,0 +1,224 @@
+"""Streaming detection: audio chunks in, keyword events out; one Detector for microphone, files and HTTP.
+
+Audio of any chunk size goes in at 16 kHz. Each 20 ms hop adds one MFCC frame to a 1 s
+ring of NUM_FRAMES frames (so a hop costs one frame, never a whole second again), and
+every ``hop_frames`` hops the model scores the ring. Scores become events the way TFLM's
+micro_speech (RecognizeCommands) and microWakeWord do it: average each label's score over
+the last ``average_ms``, fire when a keyword's average reaches its threshold with at
+least ``min_count`` scores averaged, then stay quiet for ``suppression_ms``.
+
+Work is done hop by hop whatever the chunking, so a file pushed at once, in 20 ms pieces
+or in random pieces gives identical events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from kws.features import CLIP_SAMPLES, HOP_SAMPLES, NUM_FRAMES, SAMPLE_RATE, WINDOW_SAMPLES, frame_features
+
+SILENCE_FRAME = frame_features(np.zeros(WINDOW_SAMPLES, np.float32))
+HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
+TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with this slack
+
+
+@dataclass
+class DetectionConfig:
+    """How scores become events; stored in the model's manifest by threshold calibration."""
+
+    hop_frames: int = 1  # run the model every hop_frames x 20 ms
+    average_ms: float = 500.0
+    min_count: int = 3
+    suppression_ms: float = 1000.0
+    default_threshold: float = 0.8
+    thresholds: dict[str, float] = field(default_factory=dict)  # per keyword, overriding the default
+
+    def __post_init__(self):
+        if self.hop_frames < 1:
+            raise ValueError(f"hop_frames must be at least 1, got {self.hop_frames}")
+
+    def threshold(self, label: str) -> float:
+        return self.thresholds.get(label, self.default_threshold)
+
+    @property
+    def average_count(self) -> int:
+        """How many consecutive model scores one average spans."""
+        return max(1, round(self.average_ms / (HOP_MS * self.hop_frames)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detection_config(manifest: dict, threshold: float | None = None) -> DetectionConfig:
+    """The detection settings a model's manifest records; ``threshold`` overrides every keyword's."""
+    config = DetectionConfig(**manifest.get("detection", {}))
+    if threshold is not None:
+        config = replace(config, default_threshold=threshold, thresholds={})
+    return config
+
+
+@dataclass(frozen=True)
+class Event:
+    label: str
+    score: float  # the averaged score that fired
+    start: float  # seconds since the stream began: the model window that fired
+    end: float
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "score": round(self.score, 4),
+            "start": round(self.start, 3),
+            "end": round(self.end, 3),
+        }
+
+    def clamped(self, duration: float) -> Event:
+        """The event with its times cut to a recording's length (for events the tail fired)."""
+        return Event(self.label, self.score, min(self.start, duration), min(self.end, duration))
+
+
+class ScoreStream:
+    """Audio chunks -> (end time, class scores) each time the model runs."""
+
+    def __init__(self, model, hop_frames: int = 1):
+        self.model = model
+        self.hop_frames = hop_frames
+        self.reset()
+
+    def reset(self) -> None:
+        # Frames are kept as the model's input wants them (int8), twice over: the last
+        # NUM_FRAMES always sit contiguous at [newest + 1, newest + 1 + NUM_FRAMES), no copying.
+        # Starting from digital silence lets a keyword in the first second be scored at once.
+        silence = self.model.prepare(SILENCE_FRAME[None])[0]
+        self._ring = np.tile(silence, (2 * NUM_FRAMES, 1))
+        self._pending = np.zeros(0, np.float32)
+        self._frame_count = 0
+
+    @property
+    def seconds(self) -> float:
+        """Stream time covered by the frames computed so far."""
+        if not self._frame_count:
+            return 0.0
+        return ((self._frame_count - 1) * HOP_SAMPLES + WINDOW_SAMPLES) / SAMPLE_RATE
+
+    def push(self, samples: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
+        scored = []
+        start = 0
+        while start + WINDOW_SAMPLES <= len(pending):
+            # One frame at a time, so results never depend on how the audio was chunked.
+            frame = self.model.prepare(frame_features(pending[start : start + WINDOW_SAMPLES]))
+            newest = self._frame_count % NUM_FRAMES
+            self._ring[newest] = self._ring[newest + NUM_FRAMES] = frame
+            self._frame_count += 1
+            start += HOP_SAMPLES
+            if self._frame_count % self.hop_frames == 0:
+                window = self._ring[newest + 1 : newest + 1 + NUM_FRAMES]
+                raw = self.model.raw_scores(window[None])[0]
+                scored.append((self.seconds, self.model.probabilities(raw)))
+        self._pending = pending[start:]
+        return scored
+
+
+class EventRules:
+    """Scores over time -> events: moving average, per-keyword threshold, minimum count, suppression."""
+
+    def __init__(self, labels: list[str], config: DetectionConfig):
+        self.labels = labels
+        self.config = config
+        self.keywords = [i for i, label in enumerate(labels) if not label.startswith("_")]
+        self.thresholds = np.array([config.threshold(labels[i]) for i in self.keywords])
+        self.reset()
+
+    def reset(self) -> None:
+        self._recent = np.zeros((self.config.average_count, len(self.keywords)))
+        self._seen = 0
+        self._last_event_end = -np.inf
+
+    def update(self, end: float, scores: np.ndarray) -> Event | None:
+        self._recent[self._seen % len(self._recent)] = scores[self.keywords]
+        self._seen += 1
+        if self._seen < self.config.min_count:
+            return None
+        if end < self._last_event_end + self.config.suppression_ms / 1000 - TIME_EPSILON:
+            return None
+        average = self._recent[: self._seen].mean(axis=0)
+        margin = average - self.thresholds
+        best = int(np.argmax(margin))
+        if margin[best] < 0:
+            return None
+        self._last_event_end = end
+        window = CLIP_SAMPLES / SAMPLE_RATE
+        return Event(self.labels[self.keywords[best]], float(average[best]), max(0.0, end - window), end)
+
+
+class Detector:
+    """Keyword events from a live or recorded 16 kHz stream; ``push`` chunks, ``flush`` at the end."""
+
+    def __init__(self, model, config: DetectionConfig | None = None):
+        self.model = model
+        self.config = config or detection_config(model.manifest)
+        self.labels = model.labels
+        self._scores = ScoreStream(model, self.config.hop_frames)
+        self._rules = EventRules(self.labels, self.config)
+
+    @property
+    def seconds(self) -> float:
+        return self._scores.seconds
+
+    def reset(self) -> None:
+        self._scores.reset()
+        self._rules.reset()
+
+    def runs(self, samples: np.ndarray):
+        """Each model run the samples complete: (end time, class probabilities, event or None)."""
+        for end, scores in self._scores.push(samples):
+            yield end, scores, self._rules.update(end, scores)
+
+    def push(self, samples: np.ndarray) -> list[Event]:
+        return [event for _, _, event in self.runs(samples) if event]
+
+    def tail(self) -> np.ndarray:
+        """Silence that lets the averages over the last audio complete at the end of a stream."""
+        tail_ms = self.config.average_ms + HOP_MS * self.config.hop_frames * (self.config.min_count + 1)
+        return np.zeros(int(SAMPLE_RATE * tail_ms / 1000), np.float32)
+
+    def flush(self) -> list[Event]:
+        return self.push(self.tail())
+
+    def detect(self, audio: np.ndarray) -> list[Event]:
+        """All events of one recording, from a fresh start; times stay within the recording."""
+        self.reset()
+        duration = len(audio) / SAMPLE_RATE
+        return [event.clamped(duration) for event in self.push(audio) + self.flush()]
+
+
+SCORED_CLIP_SECONDS = 1.5
+
+
+def recording_report(detector: Detector, audio: np.ndarray, name: str, top_k: int | None = None) -> dict:
+    """The JSON object of ``kws detect --json`` and ``POST /detect`` for one recording.
+
+    Clips up to SCORED_CLIP_SECONDS long also get the class scores of their best window
+    (the model run most confident in something other than silence), the ``top_k`` highest.
+    """
+    detector.reset()
+    runs = list(detector.runs(audio)) + list(detector.runs(detector.tail()))
+    duration = len(audio) / SAMPLE_RATE
+    report = {
+        "file": name,
+        "duration": round(duration, 3),
+        "detections": [event.clamped(duration).to_dict() for _, _, event in runs if event],
+        "model": {
+            "name": detector.model.manifest.get("name"),
+            "version": detector.model.manifest.get("kws_version"),
+        },
+    }
+    if duration <= SCORED_CLIP_SECONDS and runs:
+        speech = [i for i, label in enumerate(detector.labels) if label != "_silence_"]
+        best = max(runs, key=lambda run: run[1][speech].max())[1]
+        order = np.argsort(-best)[:top_k]
+        report["scores"] = {detector.labels[i]: round(float(best[i]), 4) for i in order}
+    return report

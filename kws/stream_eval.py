@@ -1,0 +1,248 @@
+"""Measuring the Detector on long streams: recall per keyword, false accepts per hour, DET curve, thresholds.
+
+The test stream is made of held-out material only: every validation keyword clip, spliced
+at known times between validation clips of other words and stretches of held-out
+negative speech, over a bed of held-out background noise. A detection is a hit when its
+label matches a keyword whose clip overlaps the detection's 1 s window (give or take
+MATCH_SLACK_S); every other detection, a second one on the same keyword included, is a
+false accept. Real-speech false accepts are counted on the held-out negative speakers'
+recordings alone, which hold no keyword at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from kws.data import UNKNOWN, SpeechData, to_float
+from kws.features import CLIP_SAMPLES, SAMPLE_RATE
+from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream
+
+MATCH_SLACK_S = 0.25
+GAP_S = (0.8, 2.5)  # silence-or-noise between items
+SPEECH_STRETCH_S = (4.0, 12.0)
+SPEECH_EVERY = 6  # a stretch of negative speech after about every 6 clips
+NOISE_GAIN = (10**-3.0, 10**-1.0)  # background bed level range (noise peak ~0.001 .. 0.1)
+CLIP_GAIN_DB = (-6.0, 6.0)
+THRESHOLD_GRID = np.round(np.arange(0.30, 0.9951, 0.005), 3)
+
+
+@dataclass
+class Stream:
+    audio: np.ndarray  # float32 at SAMPLE_RATE
+    truth: list[tuple[str, float, float]]  # (keyword, start s, end s)
+
+    @property
+    def hours(self) -> float:
+        return len(self.audio) / SAMPLE_RATE / 3600
+
+
+@dataclass
+class Scored:
+    """A stream run through the model once: each run's end time and class probabilities."""
+
+    ends: np.ndarray
+    probabilities: np.ndarray
+    hours: float
+
+
+def build_stream(data: SpeechData, seed: int = 0) -> Stream:
+    """The keyword test stream from the validation split, held-out speakers and held-out noise."""
+    rng = np.random.default_rng(seed)
+    samples, labels, keyword = data.split_audio("validation")
+    unknown = data.label_of(UNKNOWN)
+    items = [("clip", i) for i in np.flatnonzero(keyword | (labels == unknown))]
+    speech = _speech_stretches(data, rng)
+    order = rng.permutation(len(items))
+    sequence = []
+    for position, index in enumerate(order):
+        sequence.append(items[index])
+        if speech and position % SPEECH_EVERY == SPEECH_EVERY - 1:
+            sequence.append(("speech", speech.pop()))
+    sequence += [("speech", stretch) for stretch in speech]
+
+    pieces, truth, cursor = [], [], 0
+    for kind, item in sequence:
+        gap = int(rng.uniform(*GAP_S) * SAMPLE_RATE)
+        pieces.append(np.zeros(gap, np.float32))
+        cursor += gap
+        if kind == "clip":
+            gain = 10 ** (rng.uniform(*CLIP_GAIN_DB) / 20)
+            clip = np.clip(to_float(samples[item]) * gain, -1, 1)
+            if keyword[item]:
+                truth.append(
+                    (data.labels[labels[item]], cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE)
+                )
+        else:
+            clip = item
+        pieces.append(clip)
+        cursor += len(clip)
+    audio = np.concatenate(pieces)
+    return Stream(np.clip(audio + _noise_bed(data, rng, len(audio)), -1, 1).astype(np.float32), truth)
+
+
+def _speech_stretches(data: SpeechData, rng: np.random.Generator) -> list[np.ndarray]:
+    """Held-out negative speech cut into stretches of a few seconds, every second used once."""
+    if not data.negatives:
+        return []
+    stretches = []
+    for track in data.negatives.tracks["held_out"]:
+        start = 0
+        while start < len(track):
+            length = int(rng.uniform(*SPEECH_STRETCH_S) * SAMPLE_RATE)
+            stretches.append(to_float(track[start : start + length]))
+            start += length
+    rng.shuffle(stretches)
+    return stretches
+
+
+def _noise_bed(data: SpeechData, rng: np.random.Generator, length: int) -> np.ndarray:
+    """Held-out background noise under the whole stream, its level changing every 10 s."""
+    if not data.noise:
+        return np.zeros(length, np.float32)
+    bed = np.zeros(length, np.float32)
+    block = 10 * SAMPLE_RATE
+    for start in range(0, length, block):
+        size = min(block, length - start)
+        gain = np.exp(rng.uniform(*np.log(NOISE_GAIN)))
+        windows = data.noise.windows(rng, -(-size // CLIP_SAMPLES), "validation").reshape(-1)
+        bed[start : start + size] = windows[:size] * gain
+    return bed
+
+
+def real_speech(data: SpeechData) -> np.ndarray:
+    """All held-out negative speech back to back: an hour-scale recording without keywords."""
+    if not data.negatives or not data.negatives.tracks["held_out"]:
+        return np.zeros(0, np.float32)
+    gap = np.zeros(SAMPLE_RATE // 2, np.float32)
+    return np.concatenate(
+        [part for track in data.negatives.tracks["held_out"] for part in (to_float(track), gap)]
+    )
+
+
+def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring") -> Scored:
+    """Run the streaming frontend and model over ``audio`` once, exactly as the Detector does."""
+    stream = ScoreStream(model, hop_frames)
+    ends, probabilities = [], []
+    step = 10 * SAMPLE_RATE
+    for start in tqdm(range(0, len(audio), step), desc=description, unit="10s", leave=False):
+        for end, scores in stream.push(audio[start : start + step]):
+            ends.append(end)
+            probabilities.append(scores)
+    return Scored(np.array(ends), np.array(probabilities), len(audio) / SAMPLE_RATE / 3600)
+
+
+def simulate(labels: list[str], scored: Scored, config: DetectionConfig) -> list:
+    """The Detector's events for stored scores (the same EventRules, without rerunning the model)."""
+    rules = EventRules(labels, config)
+    events = []
+    for end, probabilities in zip(scored.ends, scored.probabilities, strict=True):
+        event = rules.update(end, probabilities)
+        if event:
+            events.append(event)
+    return events
+
+
+def match(events, truth: list[tuple[str, float, float]]) -> tuple[list[bool], list]:
+    """Which keywords were found, and the false accepts."""
+    found = [False] * len(truth)
+    starts = np.array([t[1] for t in truth])
+    ends = np.array([t[2] for t in truth])
+    false_accepts = []
+    for event in events:
+        # The event's window [start, end] must overlap the keyword's clip.
+        overlapping = np.flatnonzero(
+            (starts - MATCH_SLACK_S < event.end) & (event.start < ends + MATCH_SLACK_S)
+        )
+        hit = next((i for i in overlapping if not found[i] and truth[i][0] == event.label), None)
+        if hit is None:
+            false_accepts.append(event)
+        else:
+            found[hit] = True
+    return found, false_accepts
+
+
+def keyword_events(
+    labels: list[str], scored: Scored, keyword: str, threshold: float, config: DetectionConfig
+):
+    """The events EventRules gives when only ``keyword`` may fire, computed with array operations.
+
+    Equal to ``simulate`` with every other keyword's threshold out of reach, and fast enough
+    to sweep a few hundred thresholds per keyword over hours of stream.
+    """
+    if not len(scored.ends):
+        return []
+    count = config.average_count
+    series = scored.probabilities[:, labels.index(keyword)]
+    cumulative = np.concatenate([[0.0], np.cumsum(series, dtype=np.float64)])
+    index = np.arange(len(series))
+    window = np.minimum(index + 1, count)
+    average = (cumulative[index + 1] - cumulative[index + 1 - window]) / window
+    eligible = np.flatnonzero((index + 1 >= config.min_count) & (average >= threshold))
+    events, position = [], 0
+    suppression = config.suppression_ms / 1000
+    clip = CLIP_SAMPLES / SAMPLE_RATE
+    while position < len(eligible):
+        i = eligible[position]
+        end = float(scored.ends[i])
+        events.append(Event(keyword, float(average[i]), max(0.0, end - clip), end))
+        position = int(np.searchsorted(scored.ends[eligible], end + suppression - TIME_EPSILON))
+    return events
+
+
+def measure(
+    labels: list[str], stream: Stream, scored: Scored, speech: Scored | None, config: DetectionConfig
+) -> dict:
+    """Recall per keyword and false accepts per hour on the stream and on real speech."""
+    found, false_accepts = match(simulate(labels, scored, config), stream.truth)
+    keywords = [label for label in labels if not label.startswith("_")]
+    per_keyword = {}
+    for keyword in keywords:
+        hits = [f for f, t in zip(found, stream.truth, strict=True) if t[0] == keyword]
+        per_keyword[keyword] = {
+            "recall": round(float(np.mean(hits)), 4) if hits else None,
+            "occurrences": len(hits),
+            "false_accepts": sum(e.label == keyword for e in false_accepts),
+            "threshold": config.threshold(keyword),
+        }
+    result = {
+        "stream_hours": round(stream.hours, 3),
+        "keywords": len(stream.truth),
+        "recall": round(float(np.mean(found)), 4) if found else None,
+        "false_accepts": len(false_accepts),
+        "false_accepts_per_hour": round(len(false_accepts) / stream.hours, 3),
+        "per_keyword": per_keyword,
+    }
+    if speech is not None and speech.hours > 0:
+        speech_events = simulate(labels, speech, config)
+        result["real_speech"] = {
+            "hours": round(speech.hours, 3),
+            "false_accepts": len(speech_events),
+            "false_accepts_per_hour": round(len(speech_events) / speech.hours, 3),
+            "by_keyword": {k: sum(e.label == k for e in speech_events) for k in keywords},
+        }
+    return result
+
+
+def sweep(
+    labels: list[str], stream: Stream, scored: Scored, speech: Scored | None, config: DetectionConfig
+) -> dict:
+    """Per keyword and threshold: (threshold, recall, false accepts on the stream, on real speech)."""
+    keywords = [label for label in labels if not label.startswith("_")]
+    table = {}
+    for keyword in keywords:
+        rows = []
+        for threshold in THRESHOLD_GRID:
+            events = keyword_events(labels, scored, keyword, float(threshold), config)
+            found, false_accepts = match(events, stream.truth)
+            hits = [f for f, t in zip(found, stream.truth, strict=True) if t[0] == keyword]
+            speech_fa = (
+                len(keyword_events(labels, speech, keyword, float(threshold), config)) if speech else 0
+            )
+            rows.append(
+                (float(threshold), float(np.mean(hits)) if hits else 0.0, len(false_accepts), speech_fa)
+            )
+        table[keyword] = rows
+    return table

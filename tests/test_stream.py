@@ -1,0 +1,156 @@
+"""The streaming Detector: chunking never changes events, incremental equals naive, the event rules."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import WORD_TONES, tone
+
+from kws import stream_eval
+from kws.audio import load
+from kws.cli import main
+from kws.features import CLIP_SAMPLES, SAMPLE_RATE, mfcc
+from kws.runtime import Model
+from kws.stream import DetectionConfig, Detector, Event, EventRules, ScoreStream, recording_report
+
+LABELS = ["_silence_", "_unknown_", "yes", "no"]
+
+
+def tone_recording(words, gap_s=1.2, seed=0):
+    """Tone 'words' separated by quiet gaps, with the times of each word's clip."""
+    rng = np.random.default_rng(seed)
+    pieces, truth, cursor = [], [], 0
+    for i, word in enumerate(words):
+        gap = (0.003 * rng.standard_normal(int(gap_s * SAMPLE_RATE))).astype(np.float32)
+        pieces += [gap, tone(WORD_TONES[word], seed=100 + i)]
+        cursor += len(gap)
+        truth.append((word, cursor / SAMPLE_RATE, (cursor + CLIP_SAMPLES) / SAMPLE_RATE))
+        cursor += CLIP_SAMPLES
+    pieces.append(np.zeros(SAMPLE_RATE // 2, np.float32))
+    return np.concatenate(pieces), truth
+
+
+@pytest.fixture(scope="module")
+def model(tone_export):
+    return Model.load(tone_export[0])
+
+
+def push_in_chunks(detector, audio, sizes):
+    detector.reset()
+    events, start = [], 0
+    for size in sizes:
+        events += detector.push(audio[start : start + size])
+        start += size
+    return events + detector.flush()
+
+
+def test_one_file_three_ways_gives_identical_events(model):
+    audio, truth = tone_recording(["yes", "no", "up", "down", "yes"])
+    detector = Detector(model, DetectionConfig(default_threshold=0.6))
+    whole = push_in_chunks(detector, audio, [len(audio)])
+    hops = push_in_chunks(detector, audio, [320] * (len(audio) // 320 + 1))
+    rng = np.random.default_rng(0)
+    random_sizes = rng.integers(1, 4000, size=len(audio)).tolist()
+    scattered = push_in_chunks(detector, audio, random_sizes)
+    assert whole == hops == scattered  # Event equality: labels, scores, times, exactly
+    assert len(whole) >= 4
+    found, false_accepts = stream_eval.match(whole, truth)
+    assert sum(found) >= 4 and len(false_accepts) <= 1
+    assert all(e.end - 1.0 == pytest.approx(e.start) for e in whole)
+
+
+def test_incremental_frames_score_like_a_full_recompute(model):
+    audio, _ = tone_recording(["yes", "up"])
+    stream = ScoreStream(model, hop_frames=1)
+    runs = stream.push(audio)
+    for end, probabilities in runs[60::17]:
+        stop = int(round(end * SAMPLE_RATE))
+        naive = model.scores(mfcc(audio[stop - CLIP_SAMPLES : stop]))[0]
+        np.testing.assert_allclose(probabilities, naive, atol=2 * model.tensor_spec("output")["scale"])
+    assert len(runs) == 1 + (len(audio) - 640) // 320
+
+
+def test_hop_frames_runs_the_model_every_nth_hop(model):
+    audio, _ = tone_recording(["no"])
+    every, second = ScoreStream(model, 1).push(audio), ScoreStream(model, 2).push(audio)
+    assert len(second) == len(every) // 2
+    assert [end for end, _ in second] == [end for end, _ in every[1::2]]
+
+
+def rules(config):
+    return EventRules(LABELS, config)
+
+
+def feed(rule, sequence, step=0.02):
+    events = []
+    for i, scores in enumerate(sequence):
+        event = rule.update((i + 1) * step, np.array(scores, float))
+        if event:
+            events.append(event)
+    return events
+
+
+def test_rules_average_then_threshold_per_keyword():
+    config = DetectionConfig(average_ms=60, min_count=3, suppression_ms=0, thresholds={"no": 0.9})
+    quiet, yes = [1, 0, 0, 0], [0, 0, 1, 0]
+    # one loud frame is not enough: the average of 3 must reach 0.8
+    assert feed(rules(config), [quiet, quiet, yes, quiet, quiet]) == []
+    events = feed(rules(config), [quiet, yes, yes, yes])
+    assert [(e.label, e.score, round(e.end, 2)) for e in events] == [("yes", 1.0, 0.08)]
+    # "no" has its own, higher threshold: 0.85 average does not fire it
+    assert feed(rules(config), [[0.15, 0, 0, 0.85]] * 4) == []
+
+
+def test_rules_wait_for_min_count_and_then_suppress():
+    config = DetectionConfig(average_ms=20, min_count=3, suppression_ms=100)
+    yes = [0, 0, 1, 0]
+    events = feed(rules(config), [yes] * 12)
+    # first possible at the 3rd score (0.06 s); then quiet for 100 ms: next at 0.16 s
+    assert [round(e.end, 2) for e in events] == [0.06, 0.16]
+
+
+def test_vectorised_single_keyword_events_equal_the_rules(model):
+    audio, _ = tone_recording(["yes", "no", "yes", "up", "no"], gap_s=0.6, seed=3)
+    scored = stream_eval.score(model, audio, hop_frames=1)
+    config = DetectionConfig(average_ms=100, min_count=3, suppression_ms=700)
+    for keyword in ("yes", "no"):
+        for threshold in (0.3, 0.6, 0.9):
+            others = {label: 2.0 for label in model.labels if not label.startswith("_")}
+            single = DetectionConfig(**{**config.to_dict(), "thresholds": {**others, keyword: threshold}})
+            expected = stream_eval.simulate(model.labels, scored, single)
+            fast = stream_eval.keyword_events(model.labels, scored, keyword, threshold, config)
+            assert [(e.label, e.end) for e in fast] == [(e.label, e.end) for e in expected]
+            np.testing.assert_allclose([e.score for e in fast], [e.score for e in expected], rtol=1e-6)
+
+
+def test_match_counts_hits_once_and_everything_else_as_false_accepts():
+    truth = [("yes", 10.0, 11.0), ("no", 20.0, 21.0)]
+    events = [
+        Event("yes", 0.9, 10.3, 11.3),  # hit
+        Event("yes", 0.9, 11.6, 12.6),  # a second trigger on the same word: false accept
+        Event("yes", 0.9, 19.5, 20.5),  # wrong word: false accept
+        Event("up", 0.9, 40.0, 41.0),  # nothing there: false accept
+    ]
+    found, false_accepts = stream_eval.match(events, truth)
+    assert found == [True, False] and len(false_accepts) == 3
+
+
+def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsys):
+    audio, _ = tone_recording(["up"], gap_s=0.0)
+    path = tmp_path / "up.wav"
+    sf.write(path, audio[:CLIP_SAMPLES], SAMPLE_RATE)
+    report = recording_report(Detector(model), load(path), str(path), top_k=2)
+    assert report["duration"] == 1.0 and list(report["scores"])[0] == "up" and len(report["scores"]) == 2
+    assert all(0 <= d["start"] <= d["end"] <= 1.0 for d in report["detections"])
+    assert main(["detect", str(path), "--model", str(tone_export[0]), "--json", "--top-k", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == report
+
+
+def test_long_recordings_list_detections_without_clip_scores(model):
+    audio, truth = tone_recording(["yes", "down", "no"])
+    report = recording_report(Detector(model, DetectionConfig(default_threshold=0.6)), audio, "long")
+    assert "scores" not in report
+    events = [Event(d["label"], d["score"], d["start"], d["end"]) for d in report["detections"]]
+    found, _ = stream_eval.match(events, truth)
+    assert sum(found) >= 2
