@@ -54,6 +54,9 @@ class DataConfig:
     silence_share: float = 0.1  # of all training examples
     unknown_share: float = 0.1  # of all training examples
     negatives_fraction: float = 0.5  # of _unknown_ examples taken from --negatives speech
+    # of _unknown_ training examples made from keyword clips holding only part of the word, or
+    # the first half of one keyword joined to the second half of another
+    partial_fraction: float = 0.0
     validation_percent: float = 10.0  # speaker hash, for clips no list names
     testing_percent: float = 10.0
     negatives_validation_share: float = 0.2  # of negative speakers held out
@@ -65,8 +68,9 @@ class DataConfig:
                 raise DataError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.silence_share + self.unknown_share >= 1:
             raise DataError("silence_share + unknown_share must stay below 1")
-        if not 0 <= self.negatives_fraction <= 1:
-            raise DataError(f"negatives_fraction must be in [0, 1], got {self.negatives_fraction}")
+        for name in ("negatives_fraction", "partial_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DataError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if len(set(self.words)) != len(self.words) or not self.words:
             raise DataError(f"words must be a non-empty list without repeats, got {self.words}")
         for word in self.words:
@@ -81,6 +85,7 @@ class AugmentConfig:
     time_shift_ms: float = 100.0
     noise_probability: float = 0.8
     noise_volume: float = 0.1
+    gain_db: float = 0.0  # speech louder or quieter by up to this much
     spec_augment: bool = False
     time_masks: int = 2
     time_mask_frames: int = 5  # widest mask
@@ -291,15 +296,35 @@ class NegativeBank:
         return to_float(_random_windows(self.tracks[part], rng, count))
 
 
-def time_shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
-    """Shift each row by up to +-max_shift samples, filling with zeros."""
+def shift_rows(batch: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Move each row right (positive) or left (negative) by its shift, filling with zeros."""
     out = np.zeros_like(batch)
-    for row, shift in enumerate(rng.integers(-max_shift, max_shift + 1, size=len(batch))):
+    width = batch.shape[1]
+    for row, shift in enumerate(shifts):
+        if abs(shift) >= width:
+            continue
         if shift >= 0:
-            out[row, shift:] = batch[row, : batch.shape[1] - shift]
+            out[row, shift:] = batch[row, : width - shift]
         else:
             out[row, :shift] = batch[row, -shift:]
     return out
+
+
+def time_shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+    """Shift each row by up to +-max_shift samples, filling with zeros."""
+    return shift_rows(batch, rng.integers(-max_shift, max_shift + 1, size=len(batch)))
+
+
+def speech_extent(
+    samples: np.ndarray, frame: int = 320, floor_db: float = -20.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """First and last sample of each clip's loud part: frames within floor_db of its loudest frame."""
+    frames = samples[:, : samples.shape[1] // frame * frame].astype(np.float32)
+    energy = (frames.reshape(len(samples), -1, frame) ** 2).mean(axis=2)
+    loud = energy >= energy.max(axis=1, keepdims=True) * 10 ** (floor_db / 10)
+    first = loud.argmax(axis=1)
+    last = loud.shape[1] - 1 - loud[:, ::-1].argmax(axis=1)
+    return first * frame, (last + 1) * frame
 
 
 def spec_augment(features: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
@@ -334,6 +359,8 @@ class EvaluationSet:
 # Sources of examples in an epoch's plan besides clip rows (which are >= 0).
 _NEGATIVE = -1
 _SILENCE = -2
+_PARTIAL = -3
+PARTIAL_KEEP = (0.15, 0.5)  # share of a word a partial example keeps
 _CHUNK = 2048  # examples augmented at once: bounds memory on the full data set
 
 
@@ -389,6 +416,8 @@ class SpeechData:
         )
         if not self.noise:
             n_silence = 0
+        n_partial = 0 if evaluation else round(n_unknown * self.config.partial_fraction)
+        n_unknown -= n_partial
         n_words = n_unknown
         if self.negatives:
             n_words = n_unknown - round(n_unknown * self.config.negatives_fraction)
@@ -399,9 +428,11 @@ class SpeechData:
             n_words = n_words if len(word_rows) else 0
             words = rng.choice(word_rows, size=n_words) if n_words else word_rows[:0]
         n_negative = n_unknown - n_words if self.negatives else 0
-        return np.concatenate(
-            [keyword_rows, words, np.full(n_negative, _NEGATIVE), np.full(n_silence, _SILENCE)]
-        )
+        fillers = [
+            np.full(n, code)
+            for n, code in ((n_negative, _NEGATIVE), (n_silence, _SILENCE), (n_partial, _PARTIAL))
+        ]
+        return np.concatenate([keyword_rows, words, *fillers])
 
     def _targets(self, split: str, plan: np.ndarray) -> np.ndarray:
         _, labels, _ = self.split_audio(split)
@@ -423,13 +454,45 @@ class SpeechData:
         silence = plan == _SILENCE
         if silence.any():
             out[silence] = self.noise.silence(rng, int(silence.sum()), split)
+        partial = plan == _PARTIAL
+        if partial.any():
+            out[partial] = self._partial_words(split, rng, int(partial.sum()))
+        return out
+
+    def _partial_words(self, split: str, rng: np.random.Generator, count: int) -> np.ndarray:
+        """Keyword clips that must not fire: a word cut by the window's edge, keeping only its
+        first or last part, or the first half of one keyword joined to the second half of another."""
+        samples, labels, keyword = self.split_audio(split)
+        rows = np.flatnonzero(keyword)
+        first, last = speech_extent(samples[rows])
+        pick = rng.integers(0, len(rows), size=(count, 2))
+        clips = to_float(samples[rows[pick[:, 0]]])
+        start, end = first[pick[:, 0]], last[pick[:, 0]]
+        keep = (rng.uniform(*PARTIAL_KEEP, size=count) * (end - start)).astype(int)
+        mode = rng.integers(0, 3, size=count)
+        # head: the word's first `keep` samples end the window; tail: its last `keep` begin it
+        shifts = np.where(mode == 0, CLIP_SAMPLES - keep - start, keep - end)
+        out = shift_rows(clips, shifts)
+        for row in np.flatnonzero(mode == 2):
+            a, b = rows[pick[row, 0]], rows[pick[row, 1]]
+            if labels[a] == labels[b]:
+                continue  # two halves of the same word make that word: keep the cut version
+            middle_a = (first[pick[row, 0]] + last[pick[row, 0]]) // 2
+            middle_b = (first[pick[row, 1]] + last[pick[row, 1]]) // 2
+            joined = np.concatenate([to_float(samples[a, :middle_a]), to_float(samples[b, middle_b:])])
+            out[row] = audio.fix_length(joined)
         return out
 
     def _augment(
         self, batch: np.ndarray, plan: np.ndarray, rng: np.random.Generator, augment: AugmentConfig
     ) -> np.ndarray:
         speech = plan != _SILENCE
-        shifted = time_shift(batch[speech], rng, int(augment.time_shift_ms * SAMPLE_RATE / 1000))
+        # partial words are placed on purpose: a time shift could bring the whole word back in
+        movable = plan[speech] != _PARTIAL
+        shifted = batch[speech]
+        shifted[movable] = time_shift(shifted[movable], rng, int(augment.time_shift_ms * SAMPLE_RATE / 1000))
+        if augment.gain_db:
+            shifted *= 10 ** (rng.uniform(-augment.gain_db, augment.gain_db, size=(len(shifted), 1)) / 20)
         if self.noise and augment.noise_probability > 0:
             mixed = rng.random(len(shifted)) < augment.noise_probability
             volume = rng.uniform(0, augment.noise_volume, size=(int(mixed.sum()), 1))

@@ -13,16 +13,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kws import __version__, features
+from kws import __version__, features, plots
 from kws.c_frontend import write_c_frontend
 from kws.data import SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
-from kws.runtime import MANIFEST_FILE, METADATA_NAME, Model, quiet_stderr
+from kws.runtime import MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
+from kws.stream import DetectionConfig
+from kws.stream_eval import stream_test
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+FA_TARGET_PER_HOUR = 0.5  # openWakeWord's target; split evenly between the keywords
+DET_PLOT = "det_curve.png"
 MODEL_FILES = {
     "int8": "model_int8.tflite",
     "float16": "model_float16.tflite",
@@ -88,23 +92,6 @@ def tflm_arena_bytes(tflite: bytes) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def embed_metadata(tflite: bytes, name: str, payload: bytes) -> bytes:
-    """Add a named metadata entry (the format's place for it) to a .tflite flatbuffer."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(payload, dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = name, len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(tflite) + len(payload) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
 def c_array(tflite: bytes, name: str = "kws_model_data") -> tuple[str, str]:
     """model_data.h and model_data.cc: the .tflite as an aligned byte array, as TFLM's examples do."""
     header = (
@@ -122,8 +109,12 @@ def c_array(tflite: bytes, name: str = "kws_model_data") -> tuple[str, str]:
     return header, source
 
 
-def export(run_dir: Path, out_dir: Path) -> dict:
-    """Write every deployable file of a trained run into ``out_dir``; return the manifest."""
+def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_PER_HOUR) -> dict:
+    """Write every deployable file of a trained run into ``out_dir``; return the manifest.
+
+    Besides converting and measuring the model, the export calibrates the Detector's
+    per-keyword thresholds to ``target_fa_per_hour`` on the held-out test stream.
+    """
     import keras
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -141,7 +132,7 @@ def export(run_dir: Path, out_dir: Path) -> dict:
     validation = data.evaluation_set("validation")
     val_features = features.mfcc(validation.audio)
 
-    steps = tqdm(total=6, desc="export", unit="step")
+    steps = tqdm(total=7, desc="export", unit="step")
     converted = {}
     for kind in ("float32", "float16"):
         converted[kind] = convert(model, kind)
@@ -161,6 +152,8 @@ def export(run_dir: Path, out_dir: Path) -> dict:
     steps.update()
 
     arena = tflm_arena_bytes(converted["int8"])
+    steps.update()
+    detection, streaming = stream_test(int8_model, data, DetectionConfig(), target_fa_per_hour)
     steps.update()
     metrics = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).exists() else {}
     manifest = {
@@ -186,6 +179,8 @@ def export(run_dir: Path, out_dir: Path) -> dict:
             "macs": metrics.get("macs"),
             "tflm_arena_bytes": arena,
         },
+        "detection": detection.to_dict(),
+        "streaming": streaming_summary(streaming, target_fa_per_hour),
         "model": config.model.to_dict(),
         "training": {
             "data": asdict(config.data),
@@ -196,16 +191,36 @@ def export(run_dir: Path, out_dir: Path) -> dict:
         },
     }
     write_artifacts(out_dir, converted, manifest)
+    plots.det_curve(streaming["det"], streaming, out_dir / DET_PLOT)
     steps.update()
     steps.close()
     return json.loads((out_dir / MANIFEST_FILE).read_text())
 
 
+def streaming_summary(report: dict, target_fa_per_hour: float) -> dict:
+    """What the manifest records of a stream test: the figures, not the DET points."""
+    return {"target_fa_per_hour": target_fa_per_hour, **{k: v for k, v in report.items() if k != "det"}}
+
+
+def recalibrate(
+    model_dir: Path, data: SpeechData, config: DetectionConfig, target_fa_per_hour: float
+) -> dict:
+    """New thresholds for an exported model, written into its manifest, .tflite files and C array."""
+    tflite, manifest = resolve(model_dir)
+    folder = tflite.parent
+    detection, streaming = stream_test(Model(tflite, manifest), data, config, target_fa_per_hour)
+    manifest["detection"] = detection.to_dict()
+    manifest["streaming"] = streaming_summary(streaming, target_fa_per_hour)
+    converted = {kind: (folder / name).read_bytes() for kind, name in manifest["files"].items()}
+    write_artifacts(folder, converted, manifest)
+    plots.det_curve(streaming["det"], streaming, folder / DET_PLOT)
+    return manifest
+
+
 def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) -> None:
     """The .tflite files (manifest embedded), manifest.json, and the MCU bundle."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    embedded = json.dumps(manifest, separators=(",", ":")).encode()
-    final = {kind: embed_metadata(tflite, METADATA_NAME, embedded) for kind, tflite in converted.items()}
+    final = {kind: embed_manifest(tflite, manifest) for kind, tflite in converted.items()}
     # Sizes are of the files as written, metadata included; recorded in the manifest file only.
     for kind, tflite in final.items():
         manifest["sizes"][f"{kind}_bytes"] = len(tflite)

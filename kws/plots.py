@@ -65,3 +65,26 @@ def confusion(result: dict, path: Path, title: str = "confusion") -> None:
             )
     _save(fig, path)
     plt.close(fig)
+
+
+def det_curve(points: list[dict], operating: dict, path: Path) -> None:
+    """Miss rate against false accepts per hour as one threshold sweeps all keywords (log x)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    miss = [100 * (1 - p["recall"]) for p in points]
+    floor = 0.1  # zero false accepts, drawn at the left edge of the log axis
+    ax.plot([max(floor, p["stream_fa_per_hour"]) for p in points], miss, label="test stream")
+    if points and points[0]["speech_fa_per_hour"] is not None:
+        ax.plot([max(floor, p["speech_fa_per_hour"]) for p in points], miss, "--", label="real speech only")
+    ax.plot(
+        [max(floor, operating["false_accepts_per_hour"])],
+        [100 * (1 - operating["recall"])],
+        "o",
+        label="calibrated thresholds",
+    )
+    ax.set_xscale("log")
+    ax.set(xlabel="false accepts per hour", ylabel="miss rate (%)", title="DET: every keyword, one threshold")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)

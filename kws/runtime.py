@@ -61,6 +61,28 @@ def embedded_manifest(tflite: bytes) -> dict | None:
     return None
 
 
+def embed_manifest(tflite: bytes, manifest: dict) -> bytes:
+    """The .tflite with ``manifest`` stored as its metadata entry (replacing an older copy)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
+    payload = np.frombuffer(json.dumps(manifest, separators=(",", ":")).encode(), dtype=np.uint8)
+    entries = [e for e in model.metadata or [] if e.name in (METADATA_NAME, METADATA_NAME.encode())]
+    if entries:
+        model.buffers[entries[0].buffer].data = payload
+    else:
+        buffer = schema.BufferT()
+        buffer.data = payload
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+        model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(len(tflite) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def resolve(path: str | Path | None) -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 

@@ -28,7 +28,7 @@ TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with th
 class DetectionConfig:
     """How scores become events; stored in the model's manifest by threshold calibration."""
 
-    hop_frames: int = 1  # run the model every hop_frames x 20 ms
+    hop_frames: int = 2  # run the model every hop_frames x 20 ms
     average_ms: float = 500.0
     min_count: int = 3
     suppression_ms: float = 1000.0

@@ -11,7 +11,7 @@ recordings alone, which hold no keyword at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -246,3 +246,79 @@ def sweep(
             )
         table[keyword] = rows
     return table
+
+
+def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[str, float]:
+    """Per keyword, the lowest threshold whose false accepts (stream and real speech together)
+    stay within that keyword's share of ``target_per_hour`` over ``hours``; the highest
+    threshold tried where none does."""
+    allowed = target_per_hour * hours / len(sweep_table)
+    thresholds = {}
+    for keyword, rows in sweep_table.items():
+        fitting = [
+            threshold for threshold, _, stream_fa, speech_fa in rows if stream_fa + speech_fa <= allowed
+        ]
+        thresholds[keyword] = fitting[0] if fitting else rows[-1][0]
+    return thresholds
+
+
+def det_points(sweep_table: dict, stream: Stream, speech: Scored | None) -> list[dict]:
+    """One point per threshold (the same for every keyword): recall, false accepts per hour."""
+    occurrences = {k: sum(t[0] == k for t in stream.truth) for k in sweep_table}
+    total = max(1, sum(occurrences.values()))
+    points = []
+    for i, threshold in enumerate(THRESHOLD_GRID):
+        rows = {k: table[i] for k, table in sweep_table.items()}
+        points.append(
+            {
+                "threshold": float(threshold),
+                "recall": sum(rows[k][1] * occurrences[k] for k in rows) / total,
+                "stream_fa_per_hour": sum(r[2] for r in rows.values()) / stream.hours,
+                "speech_fa_per_hour": sum(r[3] for r in rows.values()) / speech.hours if speech else None,
+            }
+        )
+    return points
+
+
+def stream_test(
+    model, data: SpeechData, config: DetectionConfig, target_per_hour: float | None = None, det: bool = False
+) -> tuple[DetectionConfig, dict]:
+    """Score the test stream and the real speech once; optionally calibrate thresholds to a
+    false-accept target and sweep the DET curve; measure the (calibrated) config.
+
+    Returns the config measured and the report (with "det" points when asked or calibrating).
+    """
+    stream, speech_audio = build_stream(data), real_speech(data)
+    scored = score(model, stream.audio, config.hop_frames, "test stream")
+    speech = score(model, speech_audio, config.hop_frames, "real speech") if len(speech_audio) else None
+    table = sweep(model.labels, stream, scored, speech, config) if det or target_per_hour else None
+    if target_per_hour is not None:
+        hours = stream.hours + (speech.hours if speech else 0.0)
+        config = replace(config, thresholds=calibrate(table, hours, target_per_hour))
+    report = measure(model.labels, stream, scored, speech, config)
+    if table is not None:
+        report["det"] = det_points(table, stream, speech)
+    return config, report
+
+
+def format_stream_report(report: dict) -> str:
+    """Human-readable text of a stream test."""
+    lines = [
+        f"test stream {report['stream_hours']:.2f} h, {report['keywords']} keywords: recall "
+        f"{report['recall']:.1%}, {report['false_accepts']} false accepts "
+        f"({report['false_accepts_per_hour']:.2f} per hour)"
+    ]
+    if "real_speech" in report:
+        speech = report["real_speech"]
+        lines.append(
+            f"real speech without keywords {speech['hours']:.2f} h: {speech['false_accepts']} false accepts "
+            f"({speech['false_accepts_per_hour']:.2f} per hour)"
+        )
+    lines.append(f"{'keyword':<10} {'threshold':>9} {'recall':>7} {'found':>9} {'false accepts':>14}")
+    for keyword, row in report["per_keyword"].items():
+        recall = row["recall"] or 0.0
+        found = f"{round(recall * row['occurrences'])}/{row['occurrences']}"
+        lines.append(
+            f"{keyword:<10} {row['threshold']:9.3f} {recall:7.1%} {found:>9} {row['false_accepts']:14d}"
+        )
+    return "\n".join(lines)

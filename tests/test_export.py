@@ -133,3 +133,37 @@ def test_quantize_rounds_half_away_from_zero_and_clamps():
     values = np.array([0.5, 1.5, -0.5, -1.5, 0.49, 1000.0, -1000.0], np.float32)
     np.testing.assert_array_equal(runtime.quantize(values, 1.0, 0), [1, 2, -1, -2, 0, 127, -128])
     np.testing.assert_array_equal(runtime.quantize(np.array([2.0]), 0.5, -10), [-6])
+
+
+def test_export_calibrates_thresholds_and_records_the_stream_test(exported):
+    out, manifest = exported
+    detection, streaming = manifest["detection"], manifest["streaming"]
+    keywords = ["yes", "no", "up", "down"]
+    assert set(detection["thresholds"]) == set(keywords)
+    assert all(0.3 <= detection["thresholds"][k] <= 0.995 for k in keywords)
+    assert streaming["target_fa_per_hour"] == 0.5 and streaming["keywords"] > 0
+    assert set(streaming["per_keyword"]) == set(keywords)
+    assert [streaming["per_keyword"][k]["threshold"] for k in keywords] == [
+        detection["thresholds"][k] for k in keywords
+    ]
+    assert (out / "det_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert runtime.embedded_manifest((out / "model_int8.tflite").read_bytes())["detection"] == detection
+
+
+def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
+    from kws.cli import main
+
+    out, manifest = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    assert main(["calibrate", str(copy), "--target-fa", "1000", "--hop-ms", "20"]) == 0
+    assert "recall" in capsys.readouterr().out
+    updated = json.loads((copy / "manifest.json").read_text())
+    assert updated["detection"]["hop_frames"] == 1 and updated["streaming"]["target_fa_per_hour"] == 1000
+    # a lax target allows lower thresholds than the strict default
+    for keyword, threshold in updated["detection"]["thresholds"].items():
+        assert threshold <= manifest["detection"]["thresholds"][keyword]
+    tflite = (copy / "model_int8.tflite").read_bytes()
+    assert runtime.embedded_manifest(tflite)["detection"] == updated["detection"]
+    source = (copy / "model_data.cc").read_text()
+    assert f"kws_model_data_len = {len(tflite)};" in source

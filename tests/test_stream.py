@@ -92,7 +92,9 @@ def feed(rule, sequence, step=0.02):
 
 
 def test_rules_average_then_threshold_per_keyword():
-    config = DetectionConfig(average_ms=60, min_count=3, suppression_ms=0, thresholds={"no": 0.9})
+    config = DetectionConfig(
+        hop_frames=1, average_ms=60, min_count=3, suppression_ms=0, thresholds={"no": 0.9}
+    )
     quiet, yes = [1, 0, 0, 0], [0, 0, 1, 0]
     # one loud frame is not enough: the average of 3 must reach 0.8
     assert feed(rules(config), [quiet, quiet, yes, quiet, quiet]) == []
@@ -103,7 +105,7 @@ def test_rules_average_then_threshold_per_keyword():
 
 
 def test_rules_wait_for_min_count_and_then_suppress():
-    config = DetectionConfig(average_ms=20, min_count=3, suppression_ms=100)
+    config = DetectionConfig(hop_frames=1, average_ms=20, min_count=3, suppression_ms=100)
     yes = [0, 0, 1, 0]
     events = feed(rules(config), [yes] * 12)
     # first possible at the 3rd score (0.06 s); then quiet for 100 ms: next at 0.16 s
