@@ -32,16 +32,23 @@ def _decode(source, name: str) -> np.ndarray:
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for undecodable input
-        raise AudioError(f"{name}: cannot decode audio ({error})") from None
+        reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
+        raise AudioError(f"{name}: cannot decode audio ({reason})") from None
     if samples.size == 0:
         raise AudioError(f"{name}: holds no audio samples")
     if not np.isfinite(samples).all():
         raise AudioError(f"{name}: holds NaN or infinite samples")
-    return to_model_rate(samples, rate)
+    # Float formats can hold values far beyond full scale; a converter would clip them.
+    samples = to_model_rate(np.clip(samples, -1.0, 1.0), rate)
+    if not len(samples):
+        raise AudioError(f"{name}: too short to hold a sample at {SAMPLE_RATE} Hz (its rate is {rate} Hz)")
+    return samples
 
 
 def load(path: str | Path) -> np.ndarray:
     """Read an audio file as mono float32 samples at SAMPLE_RATE; AudioError if unusable."""
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such file")
     return _decode(str(path), str(path))
 
 

@@ -119,6 +119,8 @@ def cmd_eval(args) -> int:
     from kws.data import DataConfig, SpeechData
     from kws.evaluate import format_report, report
 
+    if args.stream:
+        return _eval_stream(args)
     classifier, recorded = _load_classifier(args.model)
     data = DataConfig(
         **{**recorded, "data_dir": str(args.data), "negatives": [str(p) for p in args.negatives]}
@@ -137,6 +139,57 @@ def cmd_eval(args) -> int:
         title = f"{args.model.name} on {args.data.name} ({result['split']})"
         plots.confusion(result, args.plot, title)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def _eval_stream(args) -> int:
+    from kws.data import DataConfig, SpeechData
+    from kws.runtime import Model
+    from kws.stream import detection_config
+    from kws.stream_eval import format_stream_report, stream_test
+
+    model = Model.load(args.model)
+    recorded = model.manifest["training"]["data"]
+    negatives = [str(p) for p in args.negatives]
+    data = SpeechData(DataConfig(**{**recorded, "data_dir": str(args.data), "negatives": negatives}))
+    _, result = stream_test(
+        model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
+    )
+    if args.plot:
+        from kws import plots
+
+        plots.det_curve(result["det"], result, args.plot)
+    result = {
+        "model": str(args.model),
+        "data": str(args.data),
+        **{k: v for k, v in result.items() if k != "det"},
+    }
+    print(json.dumps(result, indent=2) if args.json else format_stream_report(result))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from dataclasses import replace
+
+    from kws.data import DataConfig, SpeechData
+    from kws.export import recalibrate
+    from kws.runtime import resolve
+    from kws.stream import detection_config
+    from kws.stream_eval import format_stream_report
+
+    _, manifest = resolve(args.model)
+    recorded = manifest["training"]["data"]
+    overrides = {"data_dir": str(args.data)} if args.data else {}
+    if args.negatives:
+        overrides["negatives"] = [str(p) for p in args.negatives]
+    config = detection_config(manifest)
+    if args.hop_ms:
+        config = replace(config, hop_frames=max(1, round(args.hop_ms / 20)))
+    if args.average_ms:
+        config = replace(config, average_ms=args.average_ms)
+    data = SpeechData(DataConfig(**{**recorded, **overrides}))
+    updated = recalibrate(args.model, data, config, args.target_fa)
+    print(format_stream_report(updated["streaming"]))
     return 0
 
 
@@ -175,12 +228,37 @@ def cmd_detect(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_listen(args) -> int:
+    from kws import listen
+
+    if args.list_devices:
+        print(listen.device_table())
+        return 0
+    if args.fast and not args.file:
+        raise UserError("--fast plays a --file faster than real time: give --file AUDIO")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UserError(f"--seconds must be positive, got {args.seconds:g}")
+    from kws.runtime import Model
+    from kws.stream import Detector, detection_config
+
+    source = listen.recording(args.file, not args.fast) if args.file else listen.microphone(args.device)
+    model = Model.load(args.model)
+    detector = Detector(model, detection_config(model.manifest, args.threshold))
+    print(
+        f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}; "
+        "Ctrl-C to stop",
+        file=sys.stderr,
+    )
+    print(listen.run(source, detector, sys.stdout, args.seconds))
+    return 0
+
+
 def cmd_export(args) -> int:
     from kws.export import export
     from kws.runtime import EXPORT_FOLDER
 
     out = args.out or args.run / EXPORT_FOLDER
-    manifest = export(args.run, out)
+    manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
     arena = (
         f"{sizes['tflm_arena_bytes']:,} B" if sizes["tflm_arena_bytes"] else "unknown (install tflite-micro)"
@@ -190,6 +268,33 @@ def cmd_export(args) -> int:
         f"accuracy float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%} "
         f"({accuracy['int8_drop_points']:+.2f} points lost)"
     )
+    from kws.stream_eval import format_stream_report
+
+    print(format_stream_report(manifest["streaming"]))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dataclasses import replace
+
+    from kws.runtime import Model
+    from kws.server import Settings, serve
+
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UserError(f"--max-seconds must be positive, got {args.max_seconds:g}")
+    flags = {
+        "model": args.model and str(args.model),
+        "max_bytes": args.max_bytes,
+        "max_seconds": args.max_seconds,
+        "interpreters": args.interpreters,
+    }
+    settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
+    Model.load(settings.model)  # a bad model fails here, once, rather than in every worker
+    serve(settings, args.host, args.port, args.workers)
     return 0
 
 
@@ -289,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     evaluate.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw the confusion matrix into this PNG"
+        "--plot", type=Path, metavar="PNG", help="also draw the confusion matrix (DET curve with --stream)"
+    )
+    evaluate.add_argument(
+        "--stream",
+        action="store_true",
+        help="run the streaming Detector over a long test stream built from held-out clips, noise and "
+        "--negatives speech: recall per keyword and false accepts per hour (exported models only)",
+    )
+    evaluate.add_argument(
+        "--threshold", type=_threshold, help="with --stream: one threshold for every keyword"
     )
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -303,7 +417,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run", type=Path, help="run folder made by `kws train`")
     export.add_argument("--out", type=Path, help="output folder (default RUN/export)")
+    export.add_argument(
+        "--target-fa",
+        type=float,
+        default=0.5,
+        metavar="PER_HOUR",
+        help="false accepts per hour the keyword thresholds are calibrated to (default 0.5)",
+    )
     export.set_defaults(handler=cmd_export)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="re-choose an exported model's keyword thresholds",
+        description="Score a long held-out test stream and held-out real speech, choose per-keyword "
+        "thresholds that meet a false-accept target, and store them (and the measured recall and false "
+        "accepts per hour) in the model's manifest; listen, detect and serve use them.",
+        epilog="example: kws calibrate runs/s8/export --target-fa 0.25",
+    )
+    calibrate.add_argument("model", type=Path, help="export folder or .tflite")
+    calibrate.add_argument("--data", type=Path, help="Speech Commands folder (default: the training data)")
+    calibrate.add_argument(
+        "--negatives",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="speech without keywords (default: the training negatives; their held-out speakers are used)",
+    )
+    calibrate.add_argument("--target-fa", type=float, default=0.5, metavar="PER_HOUR", help="default 0.5")
+    calibrate.add_argument("--hop-ms", type=float, help="run the model every N ms (multiple of 20)")
+    calibrate.add_argument("--average-ms", type=float, help="score averaging window")
+    calibrate.set_defaults(handler=cmd_calibrate)
+
+    listen = commands.add_parser(
+        "listen",
+        help="spot keywords live in a microphone's audio",
+        description="Listen to a microphone at its own sample rate, resample to 16 kHz on the fly and print "
+        "each detection as it happens (with a level meter on a terminal). --file plays an audio file "
+        "through the same path instead. Ctrl-C stops listening, prints a summary (audio heard, "
+        "detections per keyword) and exits with code 0.",
+        epilog="examples: kws listen --list-devices;  kws listen --device 2;  kws listen --file a.wav --fast",
+    )
+    inputs = listen.add_mutually_exclusive_group()
+    inputs.add_argument(
+        "--device",
+        help="input device: its index or (part of) its name in --list-devices (default: the system's)",
+    )
+    inputs.add_argument("--list-devices", action="store_true", help="list the input devices and exit")
+    inputs.add_argument(
+        "--file", type=Path, metavar="AUDIO", help="play an audio file through the microphone's code path"
+    )
+    listen.add_argument(
+        "--fast", action="store_true", help="with --file: as fast as possible, not in real time"
+    )
+    listen.add_argument(
+        "--seconds", type=float, help="stop after this much audio (default: at Ctrl-C or the end of --file)"
+    )
+    listen.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
+    listen.add_argument(
+        "--threshold",
+        type=_threshold,
+        help="one threshold for every keyword (default: the model's calibrated thresholds)",
+    )
+    listen.set_defaults(handler=cmd_listen)
 
     detect = commands.add_parser(
         "detect",
@@ -322,6 +498,41 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--top-k", type=_positive_int, help="class scores to list for clips of about 1 s")
     detect.add_argument("--json", action="store_true", help="one JSON object per file (a list for several)")
     detect.set_defaults(handler=cmd_detect)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the Detector over HTTP and WebSocket",
+        description="Run the HTTP API: POST /detect (a recording -> the JSON of kws detect --json), "
+        "WS /stream (live 16-bit PCM -> detection events), /health, /ready, /model, /metrics, docs at /docs. "
+        "Set KWS_API_KEY to require a key (X-API-Key or Authorization: Bearer) on all but /health. "
+        "Each flag can also come from its KWS_* variable (KWS_MODEL, KWS_MAX_BYTES, ...).",
+        epilog="example: kws serve --model runs/s8/export --workers 2; "
+        "curl --data-binary @clip.wav localhost:8000/detect",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--model", type=Path, help="export folder or .tflite (default: $KWS_MODEL, else the built-in model)"
+    )
+    serve.add_argument(
+        "--workers", type=_positive_int, default=1, help="server processes, each with the model (default 1)"
+    )
+    serve.add_argument(
+        "--interpreters",
+        type=_positive_int,
+        help="model interpreters per worker: detections it runs at once (default 1)",
+    )
+    serve.add_argument(
+        "--max-bytes", type=_positive_int, help="largest request body, in bytes (default 10000000): else 413"
+    )
+    serve.add_argument(
+        "--max-seconds",
+        type=float,
+        help="longest recording POST /detect takes, in seconds (default 60): else 413",
+    )
+    serve.set_defaults(handler=cmd_serve)
 
     download = commands.add_parser(
         "download",

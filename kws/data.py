@@ -357,6 +357,7 @@ class EvaluationSet:
 
 
 # Sources of examples in an epoch's plan besides clip rows (which are >= 0).
+EVALUATION_SHARES = (0.1, 0.1)  # _silence_, _unknown_ in validation and test sets
 _NEGATIVE = -1
 _SILENCE = -2
 _PARTIAL = -3
@@ -411,9 +412,10 @@ class SpeechData:
         _, labels, keyword = self.split_audio(split)
         keyword_rows = np.flatnonzero(keyword)
         word_rows = np.flatnonzero(~keyword & (labels == self.label_of(UNKNOWN)))
-        n_silence, n_unknown = _filler_counts(
-            len(keyword_rows), self.config.silence_share, self.config.unknown_share
-        )
+        # Evaluation keeps the reference composition whatever the training shares, so that
+        # accuracies of differently trained models compare (the official test set has it too).
+        shares = EVALUATION_SHARES if evaluation else (self.config.silence_share, self.config.unknown_share)
+        n_silence, n_unknown = _filler_counts(len(keyword_rows), *shares)
         if not self.noise:
             n_silence = 0
         n_partial = 0 if evaluation else round(n_unknown * self.config.partial_fraction)
@@ -519,8 +521,8 @@ class SpeechData:
         return features, self._targets("training", plan)
 
     def evaluation_set(self, split: str, seed: int = 0) -> EvaluationSet:
-        """The fixed examples of a split: its keyword clips plus silence and unknown in the
-        training shares (in the test package: its clips as they are)."""
+        """The fixed examples of a split: its keyword clips plus silence and unknown, 10 % each
+        (in the test package: its clips as they are)."""
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         if self.package and split != "testing":

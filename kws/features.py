@@ -88,8 +88,10 @@ def frame_features(frames: np.ndarray) -> np.ndarray:
     np.multiply(frames.reshape(padded.shape[0], WINDOW_SAMPLES), WINDOW, out=padded[:, :WINDOW_SAMPLES])
     spectrum = scipy.fft.rfft(padded, axis=-1)[:, :NUM_BINS]
     power = np.abs(spectrum) ** 2  # three times faster than re**2 + im**2 on a strided view
-    log_mel = np.log(power @ MEL_MATRIX + np.float32(LOG_FLOOR))
-    return (log_mel @ DCT_MATRIX).reshape(*lead, NUM_MFCC)
+    # einsum, unlike BLAS matmul, sums each frame in the same order however many frames come
+    # at once: a stream gives identical features whether its audio arrives in one piece or many.
+    log_mel = np.log(np.einsum("nk,km->nm", power, MEL_MATRIX) + np.float32(LOG_FLOOR))
+    return np.einsum("nk,km->nm", log_mel, DCT_MATRIX).reshape(*lead, NUM_MFCC)
 
 
 def num_frames(num_samples: int) -> int:

@@ -32,6 +32,9 @@ class ModelConfig:
     # BatchNorm's moving averages trail the weights by ~1/(1 - momentum) steps. Keras' 0.99
     # left validation at chance for the first 3 epochs (90 steps each); 0.9 tracks within one.
     batchnorm_momentum: float = 0.9
+    # False swaps each depthwise + pointwise pair for one full 3x3 convolution: the standard
+    # CNN of the same layout, which bench/architectures.py compares against.
+    separable: bool = True
 
     def __post_init__(self):
         self.first_kernel = tuple(self.first_kernel)
@@ -54,7 +57,7 @@ class ModelConfig:
 
 
 def build(config: ModelConfig, num_labels: int):
-    """Keras DS-CNN: (NUM_FRAMES, NUM_MFCC) features -> softmax over ``num_labels``."""
+    """Keras DS-CNN (or its standard-conv twin): (NUM_FRAMES, NUM_MFCC) features -> softmax."""
     import keras
     from keras import layers
 
@@ -74,16 +77,19 @@ def build(config: ModelConfig, num_labels: int):
     x = layers.ReLU()(x)
     x = layers.Dropout(config.dropout)(x)
     for block in config.blocks:
-        x = layers.DepthwiseConv2D(3, strides=block.stride, padding="same", use_bias=False)(x)
-        x = batch_norm()(x)
-        x = layers.ReLU()(x)
-        x = layers.Conv2D(block.filters, 1, use_bias=False)(x)
+        if config.separable:
+            x = layers.DepthwiseConv2D(3, strides=block.stride, padding="same", use_bias=False)(x)
+            x = batch_norm()(x)
+            x = layers.ReLU()(x)
+            x = layers.Conv2D(block.filters, 1, use_bias=False)(x)
+        else:
+            x = layers.Conv2D(block.filters, 3, strides=block.stride, padding="same", use_bias=False)(x)
         x = batch_norm()(x)
         x = layers.ReLU()(x)
     x = layers.Dropout(config.final_dropout)(x)
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(num_labels, activation="softmax", name="scores")(x)
-    return keras.Model(inputs, outputs, name=f"ds_cnn_{config.size}")
+    return keras.Model(inputs, outputs, name=f"{'ds_' if config.separable else ''}cnn_{config.size}")
 
 
 def count_macs(model) -> int:

@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from kws.features import CLIP_SAMPLES, HOP_SAMPLES, NUM_FRAMES, SAMPLE_RATE, WINDOW_SAMPLES, frame_features
+from kws.features import (
+    CLIP_SAMPLES,
+    HOP_SAMPLES,
+    NUM_FRAMES,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    frame_features,
+    num_frames,
+)
 
 SILENCE_FRAME = frame_features(np.zeros(WINDOW_SAMPLES, np.float32))
 HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
@@ -31,7 +39,9 @@ class DetectionConfig:
     hop_frames: int = 2  # run the model every hop_frames x 20 ms
     average_ms: float = 500.0
     min_count: int = 3
-    suppression_ms: float = 1000.0
+    # A word stays inside the 1 s window for up to a second after it fires, and the average
+    # trails by average_ms: TFLM's micro_speech waits 1.5 s too.
+    suppression_ms: float = 1500.0
     default_threshold: float = 0.8
     thresholds: dict[str, float] = field(default_factory=dict)  # per keyword, overriding the default
 
@@ -105,20 +115,24 @@ class ScoreStream:
 
     def push(self, samples: np.ndarray) -> list[tuple[float, np.ndarray]]:
         pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
+        count = num_frames(len(pending))
+        if count == 0:
+            self._pending = pending
+            return []
+        # All new frames at once: frame_features gives each frame the same values however
+        # many come together, so the chunking of the audio never changes a score.
+        windows = np.lib.stride_tricks.sliding_window_view(pending, WINDOW_SAMPLES)[::HOP_SAMPLES][:count]
+        frames = self.model.prepare(frame_features(windows))
+        self._pending = pending[count * HOP_SAMPLES :]
         scored = []
-        start = 0
-        while start + WINDOW_SAMPLES <= len(pending):
-            # One frame at a time, so results never depend on how the audio was chunked.
-            frame = self.model.prepare(frame_features(pending[start : start + WINDOW_SAMPLES]))
+        for frame in frames:
             newest = self._frame_count % NUM_FRAMES
             self._ring[newest] = self._ring[newest + NUM_FRAMES] = frame
             self._frame_count += 1
-            start += HOP_SAMPLES
             if self._frame_count % self.hop_frames == 0:
                 window = self._ring[newest + 1 : newest + 1 + NUM_FRAMES]
                 raw = self.model.raw_scores(window[None])[0]
                 scored.append((self.seconds, self.model.probabilities(raw)))
-        self._pending = pending[start:]
         return scored
 
 

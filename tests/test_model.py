@@ -44,3 +44,10 @@ def test_config_round_trips_through_a_dict():
 def test_unknown_size_is_refused():
     with pytest.raises(ValueError, match="choose s, m or l"):
         ModelConfig.preset("xl")
+
+
+def test_standard_conv_twin_replaces_each_separable_pair_with_a_full_conv():
+    model = build(ModelConfig(separable=False), 10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert "DepthwiseConv2D" not in kinds and kinds.count("Conv2D") == 5
+    assert model.count_params() == 151_946 and count_macs(model) == 18_752_640

@@ -1,0 +1,24 @@
+# kws serve: the HTTP/WebSocket keyword spotter, runtime dependencies only (LiteRT, no TensorFlow).
+#   docker build -t kws .
+#   docker run -p 8000:8000 -v $PWD/runs/s8/export:/model:ro -e KWS_MODEL=/model kws
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# soundfile's and LiteRT's wheels bundle their native libraries: nothing to apt-get.
+COPY pyproject.toml README.md /src/
+COPY kws /src/kws/
+RUN pip install /src && rm -rf /src
+
+RUN useradd --create-home --uid 10001 kws
+USER kws
+WORKDIR /home/kws
+
+EXPOSE 8000
+# slim has no curl: probe /health with the image's own Python.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+CMD ["kws", "serve", "--host", "0.0.0.0"]

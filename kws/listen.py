@@ -1,0 +1,323 @@
+"""`kws listen`: keywords spotted live in a microphone's audio, or in a file played like a microphone."""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from kws.audio import AudioError
+from kws.features import SAMPLE_RATE
+from kws.stream import Detector, Event
+
+BLOCK_SECONDS = 0.05  # audio handed over per callback
+STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
+METER_SECONDS = 0.1  # the level meter is redrawn at most this often
+METER_FLOOR_DB = -60.0  # an empty bar
+METER_WIDTH = 30
+
+
+class ListenError(AudioError):
+    """An audio input that cannot be opened or stops delivering; the message says what exists."""
+
+
+def import_sounddevice():
+    """The sounddevice module; imported here only, as it loads PortAudio, which no other command needs."""
+    try:
+        import sounddevice
+    except OSError as error:  # sounddevice's way of saying the PortAudio library is missing
+        raise ListenError(
+            f"cannot load PortAudio ({error}): install it (Debian/Ubuntu: apt-get install libportaudio2; "
+            "Fedora: dnf install portaudio; macOS: brew install portaudio)"
+        ) from None
+    return sounddevice
+
+
+def _devices(sd) -> list[dict]:
+    return [dict(device, index=index) for index, device in enumerate(sd.query_devices())]
+
+
+def input_devices(sd) -> list[dict]:
+    return [device for device in _devices(sd) if device["max_input_channels"] > 0]
+
+
+def _names(devices: list[dict]) -> str:
+    return ", ".join(f"{device['index']} {device['name']!r}" for device in devices)
+
+
+def _no_input_device(sd) -> ListenError:
+    devices = _devices(sd)
+    seen = f"PortAudio lists only outputs: {_names(devices)}" if devices else "PortAudio lists no devices"
+    return ListenError(
+        f"no audio input device found ({seen}); plug in a microphone and check that the system "
+        "sees it (Linux: arecord -l)"
+    )
+
+
+def _default_input(sd, devices: list[dict]) -> dict:
+    """PortAudio's default input, or the first input where it names none."""
+    default = sd.default.device[0]
+    return next((device for device in devices if device["index"] == default), devices[0])
+
+
+def pick_device(sd, wanted: str | None) -> dict:
+    """The input device ``--device`` names by index, by name or by a unique part of its name."""
+    devices = input_devices(sd)
+    if not devices:
+        raise _no_input_device(sd)
+    if wanted is None:
+        return _default_input(sd, devices)
+    if wanted.isdigit():
+        matches = [device for device in devices if device["index"] == int(wanted)]
+    else:
+        matches = [device for device in devices if device["name"].lower() == wanted.lower()] or [
+            device for device in devices if wanted.lower() in device["name"].lower()
+        ]
+    if len(matches) == 1:
+        return matches[0]
+    problem = "names several input devices" if matches else "names no input device"
+    raise ListenError(f"--device {wanted!r} {problem}; choose one of: {_names(matches or devices)}")
+
+
+def device_table() -> str:
+    """The input devices, one a line: index, name, channels, default rate; the default marked *."""
+    sd = import_sounddevice()
+    devices = input_devices(sd)
+    if not devices:
+        raise _no_input_device(sd)
+    default = _default_input(sd, devices)["index"]
+    width = max(len(device["name"]) for device in devices)
+    lines = [f"   {'index':>5}  {'name':<{width}}  channels  default rate"]
+    for device in devices:
+        mark = "*" if device["index"] == default else " "
+        lines.append(
+            f"{mark}  {device['index']:>5}  {device['name']:<{width}}  {device['max_input_channels']:>8}  "
+            f"{device['default_samplerate']:>9.0f} Hz"
+        )
+    return "\n".join(lines + ["(* = used when no --device is given)"])
+
+
+class FileInputStream:
+    """An audio file played like a microphone: the part of ``sounddevice.InputStream`` that ``run`` uses.
+
+    A thread calls ``callback(block, frames, None, None)`` with float32 blocks of shape
+    (``blocksize``, channels) at the file's own rate, each when a microphone would have
+    finished recording it (``realtime``) or as fast as the consumer takes them, then
+    ``finished_callback()`` at the end of the file or on ``stop``.
+    """
+
+    def __init__(self, path, *, blocksize: int, callback, finished_callback=None, realtime: bool = True):
+        info = sf.info(str(path))
+        self.path = path
+        self.samplerate = info.samplerate
+        self.channels = info.channels
+        self.blocksize = blocksize
+        self.realtime = realtime
+        self._callback = callback
+        self._finished_callback = finished_callback
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _play(self) -> None:
+        started = time.monotonic()
+        sent = 0
+        try:
+            with sf.SoundFile(str(self.path)) as recording:
+                for block in recording.blocks(self.blocksize, dtype="float32", always_2d=True):
+                    sent += len(block)
+                    due = started + sent / self.samplerate if self.realtime else 0.0
+                    if self._stopping.wait(max(0.0, due - time.monotonic())):
+                        break
+                    self._callback(block, len(block), None, None)
+        finally:
+            if self._finished_callback:
+                self._finished_callback()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._play, name=f"play {self.path}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> FileInputStream:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Source:
+    """An audio input: ``open(blocksize=, callback=, finished_callback=)`` makes its (unstarted) stream."""
+
+    name: str
+    samplerate: float
+    open: Callable
+    errors: tuple[type[Exception], ...] = ()  # what its stream raises for an input that cannot be used
+
+
+def microphone(wanted: str | None = None) -> Source:
+    """The input device ``--device`` names (default: PortAudio's), mono at its own default rate."""
+    sd = import_sounddevice()
+    device = pick_device(sd, wanted)
+    rate = device["default_samplerate"]
+    stream = functools.partial(
+        sd.InputStream, device=device["index"], samplerate=rate, channels=1, dtype="float32"
+    )
+    return Source(f"input device {device['index']} {device['name']!r}", rate, stream, (sd.PortAudioError,))
+
+
+def recording(path: str | Path, realtime: bool = True) -> Source:
+    """An audio file played through the microphone's code path, in real time or as fast as possible."""
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such file")
+    try:
+        rate = sf.info(str(path)).samplerate
+    except Exception as error:  # soundfile raises several types for undecodable input
+        raise AudioError(f"{path}: cannot decode audio ({error})") from None
+    return Source(str(path), rate, functools.partial(FileInputStream, path, realtime=realtime))
+
+
+def format_event(event: Event) -> str:
+    return f"{event.start:8.2f} - {event.end:8.2f} s  {event.label:<10} {event.score:.3f}"
+
+
+class Meter:
+    """A one-line input level bar (RMS dBFS) for a terminal, redrawn at most every METER_SECONDS."""
+
+    def __init__(self, out):
+        self.out = out
+        self.enabled = out.isatty()
+        self._energy = 0.0
+        self._count = 0
+        self._drawn_at = -math.inf
+        self._shown = False
+
+    def add(self, samples: np.ndarray, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self._energy += float(np.dot(samples, samples))
+        self._count += len(samples)
+        now = time.monotonic()
+        if now - self._drawn_at < METER_SECONDS:
+            return
+        level = 10 * math.log10(max(self._energy / self._count, 1e-12))
+        filled = round(METER_WIDTH * min(1.0, max(0.0, 1 - level / METER_FLOOR_DB)))
+        bar = "#" * filled + "-" * (METER_WIDTH - filled)
+        self.out.write(f"\r{seconds:8.1f} s  [{bar}] {level:6.1f} dBFS")
+        self.out.flush()
+        self._energy, self._count, self._drawn_at, self._shown = 0.0, 0, now, True
+
+    def clear(self) -> None:
+        """Wipe the bar so that a line printed next starts clean."""
+        if self._shown:
+            self.out.write("\r\033[K")
+            self.out.flush()
+            self._shown = False
+
+
+@dataclass
+class Summary:
+    seconds: float  # audio heard
+    counts: dict[str, int]  # detections per keyword, every keyword of the model
+    interrupted: bool
+
+    def __str__(self) -> str:
+        total = sum(self.counts.values())
+        per_keyword = ", ".join(f"{label} {count}" for label, count in self.counts.items())
+        ending = " (stopped with Ctrl-C)" if self.interrupted else ""
+        return f"listened {self.seconds:.1f} s{ending}: {total} detection{'s' * (total != 1)} ({per_keyword})"
+
+
+class _Consumer:
+    """Blocks at the source's rate in: mixed to mono, resampled to 16 kHz, detected, printed, counted."""
+
+    def __init__(self, samplerate: float, detector: Detector, out):
+        self.samplerate = samplerate
+        self.detector = detector
+        self.out = out
+        self.resampler = soxr.ResampleStream(samplerate, SAMPLE_RATE, 1, dtype="float32")
+        self.meter = Meter(out)
+        self.frames = 0
+        self.counts = Counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.samplerate
+
+    def hear(self, block: np.ndarray) -> None:
+        mono = block.mean(axis=1, dtype=np.float32)
+        self.frames += len(mono)
+        self.meter.add(mono, self.seconds)
+        self.report(self.detector.push(self.resampler.resample_chunk(mono)))
+
+    def finish(self) -> None:
+        """The end of the audio: drain the resampler, then let the Detector's averages complete."""
+        rest = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        events = self.detector.push(rest) + self.detector.flush()
+        self.report([event.clamped(self.seconds) for event in events])
+
+    def report(self, events: list[Event]) -> None:
+        for event in events:
+            self.meter.clear()
+            print(format_event(event), file=self.out, flush=True)
+            self.counts[event.label] += 1
+
+    def summary(self, interrupted: bool) -> Summary:
+        keywords = [label for label in self.detector.labels if not label.startswith("_")]
+        return Summary(self.seconds, {label: self.counts[label] for label in keywords}, interrupted)
+
+
+def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
+    try:
+        return blocks.get(timeout=STALL_SECONDS)
+    except queue.Empty:
+        raise ListenError(f"{source.name} delivered no audio for {STALL_SECONDS:g} s") from None
+
+
+def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | None = None) -> Summary:
+    """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C."""
+    blocks: queue.Queue = queue.Queue()
+
+    def callback(indata, frames, time_info, status):
+        blocks.put(indata.copy())  # nothing else on the audio thread: a late callback loses audio
+
+    consumer = _Consumer(source.samplerate, detector, out)
+    limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
+    detector.reset()
+    interrupted = False
+    try:
+        stream = source.open(
+            blocksize=round(BLOCK_SECONDS * source.samplerate),
+            callback=callback,
+            finished_callback=lambda: blocks.put(None),
+        )
+        with stream:
+            while consumer.frames < limit and (block := _next_block(blocks, source)) is not None:
+                consumer.hear(block[: limit - consumer.frames])
+        consumer.finish()
+    except source.errors as error:
+        raise ListenError(f"{source.name}: {error}") from None
+    except KeyboardInterrupt:
+        interrupted = True
+    consumer.meter.clear()
+    return consumer.summary(interrupted)

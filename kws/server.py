@@ -1,0 +1,605 @@
+"""`kws serve`: the streaming Detector over HTTP and WebSocket (FastAPI under uvicorn), without TensorFlow.
+
+Endpoints (OpenAPI docs at ``/docs``):
+
+- ``POST /detect``: one recording, as the raw request body (``audio/wav``, ``audio/flac``,
+  ``audio/ogg``, ``application/octet-stream``) or as the file field of a multipart form;
+  any format soundfile reads, any sample rate, mono or multichannel. Answers the JSON of
+  ``kws detect --json``; its ``file`` is the multipart file name, else ``"upload"``.
+  Query: ``threshold`` in (0, 1] replaces every keyword's threshold, ``top_k`` >= 1 limits
+  the class scores of 1 s clips.
+- ``WS /stream``: live audio in, detection events out, one Detector per connection.
+- ``GET /health`` (liveness, always 200), ``GET /ready`` (503 until the model is loaded),
+  ``GET /model`` (labels, frontend, detection settings, sizes, accuracy), ``GET /metrics``
+  (Prometheus).
+
+WebSocket protocol of ``/stream``:
+
+- Client -> server, binary messages: 16-bit little-endian PCM, mono, at 16 kHz, in chunks
+  of any size (20 ms = 640 bytes is typical). ``/stream?rate=44100`` announces another
+  sample rate (8000 to 192000 Hz); the server resamples it on the fly.
+- Client -> server, text message ``{"event": "end"}``: the audio is over. The server scores
+  the last ~0.6 s, sends what it finds and closes the connection with code 1000.
+  A client that just disconnects gets no events for its last ~0.6 s.
+- Server -> client, text messages: one JSON object per detection as it happens,
+  ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
+  stream began), the same events as ``Detector.detect`` on the whole recording.
+- Close codes: 1008 for a bad ``rate`` or a missing/wrong API key, 1003 for a text
+  message other than the end event, 1013 while the model is still loading.
+
+Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
+recordings over ``max_seconds`` get 413 before they are decoded. With ``KWS_API_KEY`` set,
+everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Bearer``;
+WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
+query value is blanked out of uvicorn's logs.
+
+Settings travel by environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``,
+``KWS_INTERPRETERS``, ``KWS_API_KEY``) so that each uvicorn worker process, which imports
+``create_app`` itself, loads the same model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import io
+import json
+import logging
+import os
+import queue
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+import numpy as np
+import soundfile as sf
+import soxr
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from kws import __version__, audio
+from kws.features import SAMPLE_RATE
+from kws.runtime import Model
+from kws.stream import Detector, Event, detection_config, recording_report
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
+
+UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
+AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
+STREAM_RATES = (8_000, 192_000)  # what ?rate= may announce, in Hz
+# A minute of audio costs the Detector ~0.4 s of CPU; longer recordings are for `kws detect`.
+DEFAULT_MAX_BYTES = 10_000_000
+DEFAULT_MAX_SECONDS = 60.0
+# Interpreters per worker = detections it runs at once. bench/load.py on 2 cores (one busy
+# training): 1 and 2 gave the same throughput (68 and 69 req/s) and 1 the shorter tail (p99
+# 358 against 581 ms), as a second thread of the same process mostly waits for the GIL.
+# More cores are for more --workers.
+DEFAULT_INTERPRETERS = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # export folder or .tflite; None: the built-in model
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    interpreters: int = DEFAULT_INTERPRETERS
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Settings from KWS_* variables; ValueError naming the variable if one is malformed."""
+        env = os.environ
+        values: dict[str, Any] = {
+            "model": env.get("KWS_MODEL") or None,
+            "api_key": env.get("KWS_API_KEY") or None,
+        }
+        for field, name, kind, what in (
+            ("max_bytes", "KWS_MAX_BYTES", int, "a whole number of bytes"),
+            ("max_seconds", "KWS_MAX_SECONDS", float, "a number of seconds"),
+            ("interpreters", "KWS_INTERPRETERS", int, "a whole number"),
+        ):
+            if env.get(name):
+                try:
+                    values[field] = kind(env[name])
+                except ValueError:
+                    raise ValueError(f"{name}={env[name]!r}: expected {what}") from None
+                if values[field] <= 0:
+                    raise ValueError(f"{name} must be positive, got {env[name]}")
+        return cls(**values)
+
+    def environ(self) -> dict[str, str]:
+        """The variables that give a worker process these settings (the API key stays where it was)."""
+        values = {
+            "KWS_MAX_BYTES": str(self.max_bytes),
+            "KWS_MAX_SECONDS": str(self.max_seconds),
+            "KWS_INTERPRETERS": str(self.interpreters),
+        }
+        if self.model:
+            values["KWS_MODEL"] = str(Path(self.model).resolve())
+        return values
+
+
+class InterpreterPool:
+    """Models with one manifest, standing in for one Model in any number of Detectors at once.
+
+    A LiteRT interpreter is not thread-safe, so each model run borrows one of the pool's
+    models for that run only; framing and MFCCs, the other half of the work, need none.
+    """
+
+    def __init__(self, models: list[Model]):
+        self._first = models[0]
+        self.manifest = self._first.manifest
+        self.labels = self._first.labels
+        self._free: queue.SimpleQueue[Model] = queue.SimpleQueue()
+        for model in models:
+            self._free.put(model)
+
+    @classmethod
+    def load(cls, path: str | None, size: int) -> InterpreterPool:
+        return cls([Model.load(path) for _ in range(size)])
+
+    def prepare(self, batch: np.ndarray) -> np.ndarray:
+        return self._first.prepare(batch)
+
+    def probabilities(self, raw: np.ndarray) -> np.ndarray:
+        return self._first.probabilities(raw)
+
+    def raw_scores(self, prepared: np.ndarray) -> np.ndarray:
+        model = self._free.get()
+        try:
+            return model.raw_scores(prepared)
+        finally:
+            self._free.put(model)
+
+
+class Detection(BaseModel):
+    label: str
+    score: float = Field(description="the averaged score that fired")
+    start: float = Field(description="seconds from the start of the recording")
+    end: float
+
+
+class ModelName(BaseModel):
+    name: str | None
+    version: str | None = Field(description="the kws version that exported the model")
+
+
+class Report(BaseModel):
+    file: str = Field(description=f'the multipart file name, else "{UPLOAD_NAME}"')
+    duration: float = Field(description="seconds of audio")
+    detections: list[Detection]
+    model: ModelName
+    scores: dict[str, float] | None = Field(
+        None, description="clips up to 1.5 s only: class scores of the best window, highest first"
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str | None
+    version: str | None
+    labels: list[str]
+    frontend: dict[str, Any]
+    detection: dict[str, Any] = Field(description="how scores become events, thresholds per keyword")
+    sizes: dict[str, Any]
+    accuracy: dict[str, Any]
+
+
+class Metrics:
+    """The app's Prometheus metrics; one registry per app, so that tests can build many apps."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kws_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kws_request_seconds", "HTTP request latency by endpoint", ["endpoint"], registry=self.registry
+        )
+        self.detections = Counter(
+            "kws_detections",
+            "Keyword detections by label (/detect and /stream)",
+            ["label"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum every worker's files
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def count(self, events: list[dict]) -> None:
+        for event in events:
+            self.detections.labels(event["label"]).inc()
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time every HTTP request, labelled by route (unknown paths as "other")."""
+
+    def __init__(self, app, metrics: Metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what the client sees if the app fails before answering
+        start = time.perf_counter()
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.paths else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+def _presented_keys(scope) -> list[str]:
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+    keys = [headers.get("x-api-key", "")]
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        keys.append(token.strip())
+    if scope["type"] == "websocket":
+        keys += parse_qs(scope["query_string"].decode("latin-1")).get("api_key", [])
+    return keys
+
+
+class ApiKeyGuard:
+    """ASGI middleware: with a key set, all but /health need it (else 401, or WebSocket close 1008)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    def authorized(self, scope) -> bool:
+        return any(hmac.compare_digest(key.encode(), self.key) for key in _presented_keys(scope))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or scope["path"] == "/health" or self.authorized(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
+            return
+        detail = "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"
+        response = JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class RedactApiKey(logging.Filter):
+    """Blank ``api_key=`` query values out of log records: uvicorn logs request paths with their query."""
+
+    pattern = re.compile(r"(api_key=)[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.pattern.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+REDACT_API_KEY = RedactApiKey()
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if _is_number(declared) and int(declared) > limit:
+        raise HTTPException(413, f"body of {int(declared):,} bytes, over the {limit:,} byte limit")
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise HTTPException(413, f"body over the {limit:,} byte limit")
+        yield chunk
+
+
+async def _upload(request: Request, limit: int) -> tuple[bytes, str]:
+    """Audio bytes and their name, from a raw body or the first file of a multipart form."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        return b"".join([chunk async for chunk in _limited(request, limit)]), UPLOAD_NAME
+    parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise HTTPException(400, f"malformed multipart body: {error.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        await form.close()
+        raise HTTPException(
+            400, "the multipart body holds no file: send the audio as a file field (-F file=@x.wav)"
+        )
+    data = await files[0].read()
+    await form.close()
+    return data, files[0].filename or UPLOAD_NAME
+
+
+def _check_duration(data: bytes, name: str, max_seconds: float) -> None:
+    """413 for a recording longer than ``max_seconds``, from its header, before decoding a byte of it."""
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # not audio soundfile knows: decoding says why
+        return
+    if info.frames > max_seconds * info.samplerate:
+        seconds = info.frames / max(info.samplerate, 1)
+        raise HTTPException(413, f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
+
+
+def _detect(
+    pool: InterpreterPool,
+    max_seconds: float,
+    data: bytes,
+    name: str,
+    threshold: float | None,
+    top_k: int | None,
+) -> dict:
+    """Decode and detect, in a worker thread: the CPU-bound half of POST /detect."""
+    _check_duration(data, name, max_seconds)
+    try:
+        samples = audio.decode(data, name)
+    except audio.AudioError as error:
+        raise HTTPException(415, str(error)) from None
+    if len(samples) > max_seconds * SAMPLE_RATE:
+        raise HTTPException(413, f"{name}: over the {max_seconds:g} s limit")
+    detector = Detector(pool, detection_config(pool.manifest, threshold))
+    if top_k is not None:
+        top_k = min(top_k, len(pool.labels))  # numpy cannot slice with a 30-digit number
+    return recording_report(detector, samples, name, top_k)
+
+
+class StreamSession:
+    """One WebSocket's audio: PCM bytes -> (resampled) float samples -> its own Detector."""
+
+    def __init__(self, pool: InterpreterPool, rate: int):
+        self.detector = Detector(pool)
+        self.rate = rate
+        self.received = 0  # samples at ``rate``, for the stream's duration
+        self._odd_byte = b""  # half a sample that a message split
+        self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1) if rate != SAMPLE_RATE else None
+
+    def push(self, data: bytes) -> list[Event]:
+        data = self._odd_byte + data
+        whole = len(data) - len(data) % 2
+        self._odd_byte = data[whole:]
+        samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768
+        self.received += len(samples)
+        if self._resampler:
+            samples = self._resampler.resample_chunk(samples)
+        return self.detector.push(samples)
+
+    def finish(self) -> list[Event]:
+        """The events of the stream's last audio, with times cut to the stream, as Detector.detect does."""
+        events = []
+        if self._resampler:
+            events = self.detector.push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        duration = self.received / self.rate
+        return [event.clamped(duration) for event in events + self.detector.flush()]
+
+
+def _stream_rate(text: str | None) -> int | None:
+    """The ?rate= of a stream; None if it is not a whole number of Hz in STREAM_RATES."""
+    if text is None:
+        return SAMPLE_RATE
+    low, high = STREAM_RATES
+    return int(text) if _is_number(text) and low <= int(text) <= high else None
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes "²", which int() refuses
+
+
+def _is_end(text: str) -> bool:
+    try:
+        return json.loads(text) == {"event": "end"}
+    except ValueError:
+        return False
+
+
+async def _compute(connection: Request | WebSocket, function, *args):
+    """Run CPU-bound work in a thread, no more at once than the worker has interpreters.
+
+    Requests beyond that wait their turn in order instead of all sharing the cores (and the
+    GIL) at once, which would make every one of them as slow as all of them together.
+    """
+    return await anyio.to_thread.run_sync(function, *args, limiter=connection.app.state.compute)
+
+
+async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
+    """Audio messages in, events out, until the client ends the stream or goes away."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("bytes") is not None:
+            await _send_events(websocket, metrics, await _compute(websocket, session.push, message["bytes"]))
+        elif _is_end(message.get("text") or ""):
+            await _send_events(websocket, metrics, await _compute(websocket, session.finish))
+            await websocket.close(1000)
+            return
+        else:
+            await websocket.close(1003, 'text messages must be {"event": "end"}; audio goes as binary')
+            return
+
+
+async def _send_events(websocket: WebSocket, metrics: Metrics, events: list[Event]) -> None:
+    found = [event.to_dict() for event in events]
+    for event in found:
+        await websocket.send_json(event)
+    metrics.count(found)
+
+
+def _model_info(manifest: dict) -> dict:
+    return {
+        "name": manifest.get("name"),
+        "version": manifest.get("kws_version"),
+        "labels": manifest["labels"],
+        "frontend": manifest["frontend"],
+        "detection": detection_config(manifest).to_dict(),
+        "sizes": manifest.get("sizes", {}),
+        "accuracy": manifest.get("accuracy", {}),
+    }
+
+
+DETECT_BODY = {
+    "required": True,
+    "content": {
+        **{kind: {"schema": {"type": "string", "format": "binary"}} for kind in AUDIO_TYPES},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+    },
+}
+DETECT_ERRORS = {
+    400: {"description": "empty body, or a multipart form without a file"},
+    401: {"description": "KWS_API_KEY is set and the request lacks it"},
+    413: {"description": "body over the byte limit or audio over the duration limit"},
+    415: {"description": "not audio that can be used; the detail gives the decoder's reason"},
+    503: {"description": "the model is not loaded yet"},
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app; without ``settings`` they come from the environment (how uvicorn workers call it)."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.pool = await run_in_threadpool(InterpreterPool.load, settings.model, settings.interpreters)
+        app.state.compute = anyio.CapacityLimiter(settings.interpreters)
+        manifest = app.state.pool.manifest
+        log.info(
+            "kws %s serving model %s (%s labels)", __version__, manifest.get("name"), len(manifest["labels"])
+        )
+        yield
+
+    app = FastAPI(
+        title="kws",
+        version=__version__,
+        description="Keyword spotting: keywords in recordings (POST /detect) or in live audio (WS /stream).",
+        lifespan=lifespan,
+    )
+    app.state.pool = None
+
+    def pool_of(request: Request) -> InterpreterPool:
+        pool = request.app.state.pool
+        if pool is None:
+            raise HTTPException(503, "the model is not loaded yet")
+        return pool
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # nobody reads it; recorded so that it is not a 500
+
+    @app.get("/health", summary="liveness: always 200")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="readiness: 200 once the model is loaded, else 503")
+    def ready(request: Request) -> dict:
+        return {"status": "ready", "model": pool_of(request).manifest.get("name")}
+
+    @app.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
+    def model_info(request: Request) -> dict:
+        return _model_info(pool_of(request).manifest)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/detect",
+        response_model=Report,
+        response_model_exclude_unset=True,
+        summary="find keywords in one recording (the JSON of kws detect --json)",
+        openapi_extra={"requestBody": DETECT_BODY},
+        responses=DETECT_ERRORS,
+    )
+    async def detect(
+        request: Request,
+        threshold: float | None = Query(
+            None,
+            gt=0,
+            le=1,
+            description="one threshold for every keyword (default: the model's calibrated ones)",
+        ),
+        top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
+    ) -> dict:
+        pool = pool_of(request)
+        data, name = await _upload(request, settings.max_bytes)
+        if not data:
+            raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")
+        report = await _compute(request, _detect, pool, settings.max_seconds, data, name, threshold, top_k)
+        metrics.count(report["detections"])
+        return report
+
+    @app.websocket("/stream")
+    async def stream(websocket: WebSocket) -> None:
+        await websocket.accept()
+        rate = _stream_rate(websocket.query_params.get("rate"))
+        if rate is None:
+            low, high = STREAM_RATES
+            await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
+            return
+        if websocket.app.state.pool is None:
+            await websocket.close(1013, "the model is not loaded yet")
+            return
+        session = StreamSession(websocket.app.state.pool, rate)
+        with contextlib.suppress(WebSocketDisconnect):
+            await _converse(websocket, session, metrics)
+
+    if settings.api_key:
+        app.add_middleware(ApiKeyGuard, key=settings.api_key)
+    app.add_middleware(RequestMetrics, metrics=metrics, paths={route.path for route in app.routes})
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(REDACT_API_KEY)
+    return app
+
+
+def serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Run the app under uvicorn with ``workers`` processes, each loading the model once."""
+    import uvicorn
+
+    os.environ.update(settings.environ())
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Worker processes share their counts through files here, so /metrics sums them all.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="kws-")
+            )
+        uvicorn.run(
+            "kws.server:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            timeout_graceful_shutdown=5,
+        )

@@ -1,0 +1,453 @@
+"""`kws listen`: microphone and file share one path (callback, queue, resampling, Detector, printing)."""
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections import Counter
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from conftest import REPO
+from test_stream import tone_recording
+
+from kws import listen, stream_eval
+from kws.audio import to_model_rate
+from kws.cli import main
+from kws.features import SAMPLE_RATE
+from kws.runtime import Model
+from kws.stream import Detector, detection_config
+
+RATE = 44_100  # a microphone's rate, not the model's
+HOP_SECONDS = 0.02
+PRINT_ROUNDING = 0.005  # events are printed to 0.01 s
+EVENT_LINE = re.compile(r"^\s*(\d+\.\d+) -\s+(\d+\.\d+) s  (\S+)\s+(\d\.\d+)$", re.MULTILINE)
+# Python ignores SIGINT in a child that inherited it ignored; a real terminal's Ctrl-C is never ignored.
+MAIN_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from kws.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def write_recording(path, words, rate=RATE):
+    """Tone words as a stereo file at ``rate`` (channels at different levels); the 16 kHz truth."""
+    audio, truth = tone_recording(words)
+    resampled = soxr.resample(audio, SAMPLE_RATE, rate)
+    sf.write(path, np.stack([resampled, 0.5 * resampled], axis=1), rate, subtype="FLOAT")
+    return truth
+
+
+def events(text):
+    return [
+        (float(start), float(end), label, float(score))
+        for start, end, label, score in EVENT_LINE.findall(text)
+    ]
+
+
+@pytest.fixture(scope="module")
+def words_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("listen") / "words.wav"
+    return path, write_recording(path, ["yes", "no", "up", "down"])
+
+
+@pytest.fixture(scope="module")
+def model_args(tone_export):
+    return ["--model", str(tone_export[0]), "--threshold", "0.6"]
+
+
+def detect_file(tone_export, path, seconds=None):
+    """What ``Detector.detect`` finds in (the first ``seconds`` of) a file, resampled as listen does."""
+    samples, rate = sf.read(path, dtype="float32", frames=-1 if seconds is None else round(seconds * RATE))
+    model = Model.load(tone_export[0])
+    return Detector(model, detection_config(model.manifest, 0.6)).detect(to_model_rate(samples, rate))
+
+
+def assert_printed(out, expected):
+    printed = events(out)
+    assert [label for _, _, label, _ in printed] == [event.label for event in expected]
+    for (start, end, _, score), event in zip(printed, expected, strict=True):
+        assert start == pytest.approx(event.start, abs=HOP_SECONDS + PRINT_ROUNDING)
+        assert end == pytest.approx(event.end, abs=HOP_SECONDS + PRINT_ROUNDING)
+        assert score == pytest.approx(event.score, abs=0.001)
+
+
+def counted(labels):
+    counts = Counter(labels)
+    return ", ".join(f"{word} {counts[word]}" for word in ("yes", "no", "up", "down"))
+
+
+def test_file_played_fast_prints_what_detect_finds_in_it(words_file, model_args, tone_export, capsys):
+    path, truth = words_file
+    assert main(["listen", "--file", str(path), "--fast", *model_args]) == 0
+    out, err = capsys.readouterr()
+    expected = detect_file(tone_export, path)
+    assert_printed(out, expected)
+    found, _ = stream_eval.match(expected, truth)
+    assert found == [True] * 4
+    duration, counts = sf.info(str(path)).duration, counted(event.label for event in expected)
+    assert out.splitlines()[-1] == f"listened {duration:.1f} s: {len(expected)} detections ({counts})"
+    assert err.startswith(f"kws listen: {path} at 44100 Hz") and "Traceback" not in err
+
+
+def test_seconds_stops_listening_after_that_much_audio(words_file, model_args, tone_export, capsys):
+    path, truth = words_file
+    assert truth[0][2] < 3.0 < truth[1][1]  # the first word only
+    assert main(["listen", "--file", str(path), "--fast", "--seconds", "3", *model_args]) == 0
+    out = capsys.readouterr().out
+    expected = detect_file(tone_export, path, seconds=3)
+    assert_printed(out, expected)
+    assert {event.label for event in expected} == {"yes"}
+    count, counts = len(expected), counted(event.label for event in expected)
+    assert out.splitlines()[-1] == f"listened 3.0 s: {count} detection{'s' * (count > 1)} ({counts})"
+
+
+def play(path, realtime, stop_after=None):
+    """Blocks a FileInputStream hands to its callback, the seconds it took, and whether it finished."""
+    blocks, finished = [], threading.Event()
+
+    def callback(indata, frames, time_info, status):
+        blocks.append(indata.copy() if frames == len(indata) else None)
+
+    began = time.monotonic()
+    stream = listen.FileInputStream(
+        path, blocksize=2205, callback=callback, finished_callback=finished.set, realtime=realtime
+    )
+    with stream:
+        finished.wait(stop_after)
+    return stream, blocks, time.monotonic() - began, finished.is_set()
+
+
+def test_file_stream_delivers_blocks_at_the_files_rate_and_channels(tmp_path):
+    path = tmp_path / "ramp.wav"
+    content = np.linspace(-0.5, 0.5, 2 * 22_100, dtype=np.float32).reshape(-1, 2)  # 0.5 s
+    sf.write(path, content, RATE, subtype="FLOAT")
+    stream, blocks, seconds, finished = play(path, realtime=True, stop_after=5)
+    assert (stream.samplerate, stream.channels, finished) == (RATE, 2, True)
+    assert [b.shape for b in blocks] == [(2205, 2)] * 10 + [(50, 2)]
+    assert all(b.dtype == np.float32 for b in blocks)
+    np.testing.assert_array_equal(np.concatenate(blocks), content)
+    assert 0.49 <= seconds < 1.5  # in real time: the last block is due 0.5 s after the start
+    _, fast_blocks, fast_seconds, _ = play(path, realtime=False, stop_after=5)
+    np.testing.assert_array_equal(np.concatenate(fast_blocks), content)
+    assert fast_seconds < 0.45  # not paced
+
+
+def test_stopping_a_file_stream_ends_its_blocks(tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros((RATE * 10, 1), np.float32), RATE)
+    _, blocks, seconds, finished = play(path, realtime=True, stop_after=0.3)
+    count = len(blocks)
+    time.sleep(0.2)
+    assert finished and len(blocks) == count  # nothing after stop
+    assert 0.3 / listen.BLOCK_SECONDS - 2 <= count <= seconds / listen.BLOCK_SECONDS + 1
+
+
+def test_level_meter_draws_on_a_terminal_and_clears_for_each_detection(tmp_path, tone_export):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = tmp_path / "yes.wav"
+    write_recording(path, ["yes"])
+    model = Model.load(tone_export[0])
+    terminal = Terminal()
+    began = time.monotonic()
+    summary = listen.run(
+        listen.recording(path), Detector(model, detection_config(model.manifest, 0.6)), terminal
+    )
+    elapsed = time.monotonic() - began
+    text = terminal.getvalue()
+    meters = re.findall(r"\r\s*(\d+\.\d) s  \[([#-]{30})\]\s+(-?\d+\.\d) dBFS", text)
+    assert summary.seconds / listen.METER_SECONDS / 3 <= len(meters) <= elapsed / listen.METER_SECONDS + 1
+    levels = [float(level) for _, _, level in meters]
+    assert max(levels) > -25 and min(levels) < -40  # the word, and the quiet around it
+    assert re.search(r"\r\x1b\[K\s*\d+\.\d+ -\s+\d+\.\d+ s  yes ", text)
+    last_meter = text.rindex(" dBFS") + len(" dBFS")
+    assert text[last_meter:].startswith("\r\x1b[K")  # the bar never stays beside what follows
+    assert summary.counts["yes"] >= 1 and summary.counts == {**summary.counts, "no": 0, "up": 0, "down": 0}
+
+
+def test_ctrl_c_stops_listening_with_a_summary_and_code_0(words_file, model_args, monkeypatch, capsys):
+    pushes = 0
+    push = Detector.push
+
+    def interrupted_push(self, samples):
+        nonlocal pushes
+        pushes += 1
+        if pushes == 20:
+            raise KeyboardInterrupt
+        return push(self, samples)
+
+    monkeypatch.setattr(Detector, "push", interrupted_push)
+    path, _ = words_file
+    assert main(["listen", "--file", str(path), *model_args]) == 0  # in real time: still playing at 1 s
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "listened 1.0 s (stopped with Ctrl-C): 0 detections (yes 0, no 0, up 0, down 0)"
+    ]
+    assert "Traceback" not in err and "interrupted" not in err
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("play ")]
+
+
+def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
+    class DeadStream:
+        def __init__(self, **settings):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+    monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
+    model = Model.load(tone_export[0])
+    source = listen.Source("input device 7 'broken'", RATE, DeadStream)
+    with pytest.raises(listen.ListenError, match=r"^input device 7 'broken' delivered no audio for 0.2 s$"):
+        listen.run(source, Detector(model), io.StringIO())
+
+
+DEVICES = [
+    {"name": "HDA Intel PCH: ALC257 Analog (hw:0,0)", "max_input_channels": 2, "default_samplerate": 44100.0},
+    {"name": "HDA Intel PCH: HDMI 0 (hw:0,3)", "max_input_channels": 0, "default_samplerate": 48000.0},
+    {"name": "USB Mic: Audio (hw:1,0)", "max_input_channels": 1, "default_samplerate": 48000.0},
+    {"name": "pulse", "max_input_channels": 32, "default_samplerate": 44100.0},
+]
+
+
+class PortAudioError(Exception):
+    pass
+
+
+def fake_sounddevice(monkeypatch, devices, default_input=-1, stream=None):
+    """A sounddevice module that lists ``devices``: device handling is tested without PortAudio."""
+    module = types.ModuleType("sounddevice")
+    module.query_devices = lambda: [dict(device, max_output_channels=2) for device in devices]
+    module.default = types.SimpleNamespace(device=[default_input, default_input])
+    module.PortAudioError = PortAudioError
+    module.InputStream = stream or (lambda **settings: pytest.fail("this test opens no stream"))
+    monkeypatch.setitem(sys.modules, "sounddevice", module)
+    return module
+
+
+def test_list_devices_shows_inputs_with_channels_and_rates(monkeypatch, capsys):
+    fake_sounddevice(monkeypatch, DEVICES, default_input=3)
+    assert main(["listen", "--list-devices"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "   index  name                                   channels  default rate",
+        "       0  HDA Intel PCH: ALC257 Analog (hw:0,0)         2      44100 Hz",
+        "       2  USB Mic: Audio (hw:1,0)                       1      48000 Hz",
+        "*      3  pulse                                        32      44100 Hz",
+        "(* = used when no --device is given)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "default_input", "index"),
+    [(None, 2, 2), (None, -1, 0), ("3", -1, 3), ("usb", -1, 2), ("PULSE", -1, 3), ("alc257", -1, 0)],
+)
+def test_device_is_picked_by_index_or_name(monkeypatch, wanted, default_input, index):
+    fake = fake_sounddevice(monkeypatch, DEVICES, default_input)
+    source = listen.microphone(wanted)
+    assert source.open.func is fake.InputStream and source.errors == (PortAudioError,)
+    assert source.open.keywords == {
+        "device": index,
+        "samplerate": source.samplerate,
+        "channels": 1,
+        "dtype": "float32",
+    }
+    assert source.samplerate == DEVICES[index]["default_samplerate"]
+    assert source.name == f"input device {index} {DEVICES[index]['name']!r}"
+
+
+@pytest.mark.parametrize(
+    ("devices", "argv", "message"),
+    [
+        ([], ["listen"], "no audio input device found (PortAudio lists no devices); plug in a microphone"),
+        ([], ["listen", "--list-devices"], "no audio input device found (PortAudio lists no devices)"),
+        (
+            DEVICES[1:2],
+            ["listen"],
+            "no audio input device found (PortAudio lists only outputs: 0 'HDA Intel PCH: HDMI 0 (hw:0,3)')",
+        ),
+        (
+            DEVICES,
+            ["listen", "--device", "bluetooth"],
+            "--device 'bluetooth' names no input device; choose one of: 0 'HDA Intel PCH: ALC257 Analog "
+            "(hw:0,0)', 2 'USB Mic: Audio (hw:1,0)', 3 'pulse'",
+        ),
+        (DEVICES, ["listen", "--device", "1"], "--device '1' names no input device; choose one of: 0 "),
+        (
+            DEVICES,
+            ["listen", "--device", "hw:"],
+            "--device 'hw:' names several input devices; choose one of: 0 'HDA Intel PCH: ALC257 Analog "
+            "(hw:0,0)', 2 'USB Mic: Audio (hw:1,0)'",
+        ),
+    ],
+)
+def test_missing_or_unknown_devices_are_clear_errors(monkeypatch, capsys, devices, argv, message):
+    fake_sounddevice(monkeypatch, devices)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"kws listen: error: {message}") and "Traceback" not in err
+
+
+def test_a_device_that_refuses_to_open_is_a_clear_error(monkeypatch, capsys, model_args):
+    def refuse(**settings):
+        raise PortAudioError("Invalid sample rate [PaErrorCode -9997]")
+
+    fake_sounddevice(monkeypatch, DEVICES, stream=refuse)
+    assert main(["listen", "--device", "usb", *model_args]) == 2
+    assert capsys.readouterr().err.endswith(
+        "kws listen: error: input device 2 'USB Mic: Audio (hw:1,0)': "
+        "Invalid sample rate [PaErrorCode -9997]\n"
+    )
+
+
+def test_missing_portaudio_says_what_to_install(monkeypatch, tmp_path, capsys):
+    # What sounddevice does where libportaudio2 is not installed.
+    (tmp_path / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["listen", "--list-devices"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "kws listen: error: cannot load PortAudio (PortAudio library not found): install it"
+    )
+    assert "apt-get install libportaudio2" in err and "brew install portaudio" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fast"], "--fast plays a --file faster than real time: give --file AUDIO"),
+        (["--seconds", "0"], "--seconds must be positive, got 0"),
+        (["--file", "nowhere.wav"], "nowhere.wav: no such file"),
+    ],
+)
+def test_option_mistakes_are_clear_errors(capsys, argv, message):
+    assert main(["listen", *argv]) == 2
+    assert capsys.readouterr().err == f"kws listen: error: {message}\n"
+
+
+def test_only_listen_imports_sounddevice():
+    script = (
+        "import sys\nfrom kws.cli import main\n"
+        "for argv in (['detect', '--help'], ['listen', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print([name for name in sys.modules if 'sounddevice' in name])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def need(available, reason):
+    """Skip without ``available``, except under CI=true, whose .ci/run installs what these tests need."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def run_checked(command, env, timeout=15):
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=timeout)
+
+
+@pytest.fixture
+def pulseaudio(tmp_path):
+    """A private PulseAudio daemon with a null sink whose monitor is the default source: the env to use it."""
+    for tool, package in (
+        ("pulseaudio", "pulseaudio"),
+        ("pactl", "pulseaudio-utils"),
+        ("paplay", "pulseaudio-utils"),
+    ):
+        need(shutil.which(tool), f"{tool} is not installed (Debian/Ubuntu: apt-get install {package})")
+    runtime = tmp_path / "pulse"
+    runtime.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "XDG_RUNTIME_DIR": str(tmp_path),
+        "PULSE_RUNTIME_PATH": str(runtime),
+        "PULSE_SERVER": f"unix:{runtime}/native",
+    }
+    log = tmp_path / "pulseaudio.log"
+    # -n: no default.pa, so no hardware probing; root may run it so, with a warning.
+    command = ["pulseaudio", "-n", "--daemonize=no", "--exit-idle-time=-1", "--use-pid-file=false"]
+    modules = ["-L", "module-native-protocol-unix", "-L", "module-null-sink sink_name=kws_test"]
+    with open(log, "w") as log_file:
+        daemon = subprocess.Popen(command + modules, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"PulseAudio did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        run_checked(["pactl", "set-default-source", "kws_test.monitor"], env)
+        yield env
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
+def portaudio_device_names(env):
+    script = "import sounddevice as sd; print('\\n'.join(d['name'] for d in sd.query_devices()))"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    return done.stdout.splitlines() if done.returncode == 0 else None
+
+
+def firsts(detections):
+    """The first of each run of detections of one word: how often a word re-fires is the model's business."""
+    return [d for i, d in enumerate(detections) if i == 0 or detections[i - 1][0] != d[0]]
+
+
+def test_microphone_hears_keywords_played_into_pulseaudio(pulseaudio, tmp_path, model_args, tone_export):
+    names = portaudio_device_names(pulseaudio)
+    need(names is not None, "PortAudio is not installed (Debian/Ubuntu: apt-get install libportaudio2)")
+    need("pulse" in names, f"PortAudio sees no 'pulse' device, only {names} (Debian: libasound2-plugins)")
+    path = tmp_path / "words.wav"
+    write_recording(path, truth := ["yes", "no", "up"], rate=48_000)
+    listener = subprocess.Popen(
+        [sys.executable, "-c", MAIN_WITH_CTRL_C, "listen", "--device", "pulse", *model_args],
+        env=pulseaudio,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(90, listener.kill)
+    watchdog.start()
+    try:
+        header = next((line for line in listener.stderr if line.startswith("kws listen:")), "")
+        assert re.match(r"kws listen: input device \d+ 'pulse' at \d+ Hz", header), header
+        run_checked(["paplay", "--device=kws_test", str(path)], pulseaudio, timeout=60)
+        time.sleep(1.0)  # the averages over the last word complete
+        listener.send_signal(signal.SIGINT)
+        out, err = listener.communicate(timeout=30)
+    finally:
+        watchdog.cancel()
+    assert listener.returncode == 0, err
+    heard = [(label, end) for _, end, label, _ in events(out)]
+    expected = [(event.label, event.end) for event in detect_file(tone_export, path)]
+    assert [label for label, _ in firsts(heard)] == [label for label, _ in firsts(expected)] == truth, out
+    # Each word fires a fixed latency after it does in the file: the device's audio was resampled right.
+    latency = [
+        end - expected_end
+        for (_, end), (_, expected_end) in zip(firsts(heard), firsts(expected), strict=True)
+    ]
+    assert np.ptp(latency) <= 0.25, latency  # at a wrong rate the last word would drift by 0.4 s
+    last = out.splitlines()[-1]
+    assert last.endswith(
+        f"(stopped with Ctrl-C): {len(heard)} detections ({counted(label for label, _ in heard)})"
+    )
+    assert "Traceback" not in err

@@ -1,0 +1,585 @@
+"""kws serve: /detect is kws detect --json, bad input and limits are 4xx never 5xx, the WebSocket
+stream gives Detector.detect's events, auth, metrics, a real server process, and the Dockerfile."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+import soundfile as sf
+import soxr
+from conftest import REPO, WORD_TONES, tone
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
+from schemathesis import GenerationMode
+from starlette.websockets import WebSocketDisconnect
+
+from kws.cli import main
+from kws.features import CLIP_SAMPLES, SAMPLE_RATE
+from kws.runtime import Model
+from kws.server import Settings, create_app
+from kws.stream import Detector, detection_config, recording_report
+
+API_KEY = "s3cret-key-for-tests"
+END = json.dumps({"event": "end"})
+
+
+def recording(words: list[str], gap_s: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Tone 'words' with quiet gaps between them, as 16-bit values scaled to [-1, 1)."""
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for i, word in enumerate(words):
+        pieces += [0.003 * rng.standard_normal(int(gap_s * SAMPLE_RATE)), tone(WORD_TONES[word], seed=50 + i)]
+    pieces.append(np.zeros(SAMPLE_RATE // 2))
+    return pcm16(np.concatenate(pieces))
+
+
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Samples as a 16-bit file or stream carries them, so every path sees the same values."""
+    return (np.round(np.clip(samples, -1, 1 - 2**-15) * 32768) / 32768).astype(np.float32)
+
+
+def encode(samples: np.ndarray, rate: int = SAMPLE_RATE, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def frames(samples: np.ndarray, size: int) -> list[bytes]:
+    """Samples as the 16-bit little-endian PCM messages of a stream client, ``size`` bytes each."""
+    data = (samples * 32768).astype("<i2").tobytes()
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+@pytest.fixture(scope="module")
+def export(tone_export) -> Path:
+    return tone_export[0]
+
+
+@pytest.fixture(scope="module")
+def model(export) -> Model:
+    return Model.load(export)
+
+
+@pytest.fixture(scope="module")
+def client(export):
+    with TestClient(create_app(Settings(model=str(export)))) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def fresh_client(export: Path, **options):
+    """A client of a new app (its own metrics and limits)."""
+    with TestClient(create_app(Settings(model=str(export), **options))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    return recording(["up"], gap_s=0.0)[:CLIP_SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def long_recording() -> np.ndarray:
+    return recording(["yes", "no", "up", "down", "yes"])
+
+
+# POST /detect
+
+
+@pytest.mark.parametrize("kind", ["clip", "long"])
+def test_detect_equals_kws_detect_json(
+    kind, client, export, clip, long_recording, tmp_path, monkeypatch, capsys
+):
+    data = encode(clip if kind == "clip" else long_recording)
+    (tmp_path / "audio.wav").write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "audio.wav", "--model", str(export), "--json", "--top-k", "3"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+
+    multipart = client.post("/detect?top_k=3", files={"file": ("audio.wav", data, "audio/wav")})
+    raw = client.post("/detect?top_k=3", content=data, headers={"Content-Type": "audio/wav"})
+    assert multipart.status_code == raw.status_code == 200
+    assert multipart.json() == expected
+    assert raw.json() == {**expected, "file": "upload"}
+    if kind == "clip":
+        assert len(expected["scores"]) == 3 and list(expected["scores"])[0] == "up"
+    else:
+        assert "scores" not in expected and len(expected["detections"]) >= 3
+
+
+def test_threshold_override_changes_detections(client, model, long_recording):
+    data = encode(long_recording)
+    low = client.post("/detect?threshold=0.5", content=data).json()["detections"]
+    never = client.post("/detect?threshold=1", content=data).json()["detections"]
+    expected = recording_report(Detector(model, detection_config(model.manifest, 0.5)), long_recording, "x")
+    assert low == expected["detections"] and len(low) >= 4
+    assert never == []  # int8 scores top out at 255/256
+
+
+def test_top_k_limits_the_scores(client, model, clip):
+    data = encode(clip)
+    every = client.post("/detect", content=data).json()["scores"]
+    two = client.post("/detect?top_k=2", content=data).json()["scores"]
+    huge = client.post(f"/detect?top_k={10**30}", content=data).json()["scores"]
+    assert len(every) == len(model.labels) and every == huge
+    assert two == dict(list(every.items())[:2])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "threshold=0",
+        "threshold=1.5",
+        "threshold=-0.2",
+        "threshold=nan",
+        "threshold=abc",
+        "top_k=0",
+        "top_k=1.5",
+    ],
+)
+def test_bad_query_values_get_422(client, clip, query):
+    assert client.post(f"/detect?{query}", content=encode(clip)).status_code == 422
+
+
+def test_multipart_without_a_file_gets_400(client):
+    response = client.post("/detect", files={"note": (None, "no audio here")})
+    assert response.status_code == 400 and "no file" in response.json()["detail"]
+
+
+def test_limits_give_413(export):
+    with fresh_client(export, max_bytes=50_000, max_seconds=2.0) as client:
+        long_body = encode(np.zeros(3 * SAMPLE_RATE, np.float32))  # 96 kB
+        long_audio = encode(np.zeros(3 * 8000, np.float32), 8000, "PCM_U8")  # 24 kB but 3 s
+        fits = encode(np.zeros(int(1.5 * SAMPLE_RATE), np.float32))  # 48 kB, 1.5 s
+        assert client.post("/detect", content=long_body).status_code == 413
+        assert (
+            client.post("/detect", content=iter([long_body[:40_000], long_body[40_000:]])).status_code == 413
+        )
+        assert client.post("/detect", files={"file": ("a.wav", long_body)}).status_code == 413
+        too_long = client.post("/detect", content=long_audio)
+        assert too_long.status_code == 413 and "3.0 s" in too_long.json()["detail"]
+        assert client.post("/detect", content=encode(np.zeros(3 * 8000), 8000, fmt="FLAC")).status_code == 413
+        assert client.post("/detect", content=fits).json()["duration"] == 1.5
+
+
+def malformed_corpus() -> dict[str, tuple[bytes, int | None]]:
+    """Upload name -> (bytes, the status it must get, or None where 200 and 4xx are both fair)."""
+    rng = np.random.default_rng(7)
+    word = tone(WORD_TONES["yes"])
+    wav = encode(word)
+
+    def header(channels=1, rate=16000, bits=16, fmt=1, data_size=32000, riff_size=None) -> bytes:
+        block = channels * bits // 8
+        chunk = struct.pack("<HHIIHH", fmt, channels, rate, rate * block, block, bits)
+        body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + chunk + b"data" + struct.pack("<I", data_size)
+        return (
+            b"RIFF" + struct.pack("<I", riff_size if riff_size is not None else len(body) + data_size) + body
+        )
+
+    nan = np.full(16000, np.nan, np.float32)
+    return {
+        "empty": (b"", 400),
+        "one byte": (b"R", 415),
+        "RIFF only": (b"RIFF", 415),
+        "random bytes": (rng.bytes(5000), 415),
+        "random bytes after a RIFF header": (
+            b"RIFF" + struct.pack("<I", 5000) + b"WAVE" + rng.bytes(5000),
+            415,
+        ),
+        "truncated header": (wav[:30], 415),
+        "header only": (header(data_size=0), 415),
+        "data size past the end": (header(data_size=10**9) + wav[44:], None),
+        "RIFF size 0xFFFFFFFF": (header(riff_size=0xFFFFFFFF) + wav[44:], None),
+        "6 channels, 7 bytes": (header(channels=6) + rng.bytes(7), None),
+        "0 channels": (header(channels=0) + wav[44:], None),
+        "0 Hz": (header(rate=0) + wav[44:], None),
+        "1 Hz": (header(rate=1) + wav[44:], 413),
+        "2**31 Hz": (header(rate=2**31 - 1) + wav[44:], None),
+        "12 bits": (header(bits=12) + wav[44:], None),
+        "format 0xBEEF": (header(fmt=0xBEEF) + wav[44:], None),
+        "truncated FLAC": (encode(word, fmt="FLAC")[:500], None),
+        "OggS and noise": (b"OggS" + rng.bytes(3000), 415),
+        "NaN float": (encode(nan, subtype="FLOAT"), 415),
+        "inf float": (encode(np.full(100, np.inf, np.float32), subtype="FLOAT"), 415),
+        "no samples": (encode(np.zeros(0, np.float32)), 415),
+        "1e30 float": (encode(np.full(16000, 1e30, np.float32), subtype="FLOAT"), 200),
+        "1 sample": (encode(np.array([0.5], np.float32)), 200),
+        "8 kHz": (encode(word[::2], 8000), 200),
+        "48 kHz": (encode(soxr.resample(word, 16000, 48000), 48000), 200),
+        "24-bit": (encode(word, subtype="PCM_24"), 200),
+        "float": (encode(word, subtype="FLOAT"), 200),
+        "6 channels": (encode(np.tile(word[:, None], (1, 6))), 200),
+        "44.1 kHz stereo FLAC, 20 s": (
+            encode(np.tile(tone(500, 20, 44100)[:, None], 2), 44100, fmt="FLAC"),
+            200,
+        ),
+    }
+
+
+CORPUS = malformed_corpus()
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_malformed_audio_gets_an_answer_never_a_5xx(client, name):
+    data, expected = CORPUS[name]
+    response = client.post("/detect", content=data)
+    assert response.status_code < 500
+    assert response.status_code == expected if expected else response.status_code in (200, 413, 415)
+    if response.status_code == 200:
+        assert response.json()["duration"] >= 0 and response.json()["model"]["name"]
+    else:
+        assert response.json()["detail"]
+    assert client.get("/health").status_code == 200
+
+
+def test_odd_clips_get_their_true_duration(client):
+    assert client.post("/detect", content=CORPUS["1 sample"][0]).json()["duration"] == 0.0
+    assert client.post("/detect", content=CORPUS["8 kHz"][0]).json()["duration"] == 1.0
+    report = client.post("/detect", content=CORPUS["48 kHz"][0]).json()
+    assert report["duration"] == 1.0 and list(report["scores"])[0] == "yes"
+
+
+# health, readiness, model, metrics
+
+
+def test_ready_is_503_until_the_model_is_loaded(export):
+    app = create_app(Settings(model=str(export)))
+    unstarted = TestClient(app)  # outside `with`, the lifespan (model loading) has not run
+    assert unstarted.get("/health").status_code == 200
+    assert unstarted.get("/ready").status_code == 503
+    assert unstarted.post("/detect", content=b"RIFF").status_code == 503
+    with TestClient(app) as started:
+        assert started.get("/ready").json() == {
+            "status": "ready",
+            "model": Model.load(export).manifest["name"],
+        }
+
+
+def test_model_describes_labels_thresholds_and_sizes(client, model):
+    info = client.get("/model").json()
+    assert info["labels"] == model.labels
+    assert info["detection"] == detection_config(model.manifest).to_dict()
+    assert info["sizes"] == model.manifest["sizes"] and info["accuracy"] == model.manifest["accuracy"]
+    assert info["frontend"]["num_mfcc"] == 10
+
+
+def metric_samples(text: str) -> dict[tuple, float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_latency_and_detections(export, long_recording):
+    with fresh_client(export) as client:
+        reports = [
+            client.post("/detect?threshold=0.5", content=encode(long_recording)).json() for _ in range(2)
+        ]
+        assert client.post("/detect", content=b"not audio").status_code == 415
+        samples = metric_samples(client.get("/metrics").text)
+    assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "200")))] == 2
+    assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "415")))] == 1
+    assert samples[("kws_request_seconds_count", (("endpoint", "/detect"),))] == 3
+    found = [event["label"] for report in reports for event in report["detections"]]
+    assert len(found) >= 8
+    for label in set(found):
+        assert samples[("kws_detections_total", (("label", label),))] == found.count(label)
+
+
+# API key
+
+
+def test_api_key_guards_everything_but_health(export):
+    with fresh_client(export, api_key=API_KEY) as client:
+        assert client.get("/health").status_code == 200
+        for path in ("/ready", "/model", "/metrics", "/docs", "/openapi.json"):
+            assert client.get(path).status_code == 401
+        assert client.get("/model", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.get("/model", headers={"X-API-Key": API_KEY}).status_code == 200
+        assert client.get("/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert client.get(f"/model?api_key={API_KEY}").status_code == 401  # query keys are for WebSockets
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/stream") as ws:
+            ws.receive_text()
+        assert refused.value.code == 1008
+        with client.websocket_connect(f"/stream?api_key={API_KEY}") as ws:
+            ws.send_text(END)
+            with pytest.raises(WebSocketDisconnect) as ended:
+                ws.receive_text()
+        assert ended.value.code == 1000
+
+
+# WS /stream
+
+
+def stream_events(
+    client, audio: np.ndarray, query: str = "", size: int = 640, rate: int = SAMPLE_RATE
+) -> list:
+    events = []
+    with client.websocket_connect(f"/stream{query}") as ws:
+        for message in frames(audio, size):
+            ws.send_bytes(message)
+        ws.send_text(END)
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                events.append(ws.receive_json())
+    return events
+
+
+def test_stream_gives_the_events_of_detector_detect(client, model, long_recording):
+    expected = [event.to_dict() for event in Detector(model).detect(long_recording)]
+    assert len(expected) >= 4
+    assert stream_events(client, long_recording) == expected  # 20 ms frames
+    assert stream_events(client, long_recording, size=333) == expected  # samples split across messages
+
+
+def test_stream_resamples_an_announced_rate(client, model, long_recording):
+    expected = [event.to_dict() for event in Detector(model).detect(long_recording)]
+    at_48k = pcm16(soxr.resample(long_recording, SAMPLE_RATE, 48_000))
+    events = stream_events(client, at_48k, "?rate=48000", size=1920)
+    assert [e["label"] for e in events] == [e["label"] for e in expected]
+    np.testing.assert_allclose([e["end"] for e in events], [e["end"] for e in expected], atol=0.1)
+
+
+@pytest.mark.parametrize("rate", ["abc", "100", "1000000", "-16000", "16000.5"])
+def test_stream_refuses_an_unsupported_rate(client, rate):
+    with client.websocket_connect(f"/stream?rate={rate}") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.receive_text()
+    assert closed.value.code == 1008 and "8000 to 192000" in closed.value.reason
+
+
+def test_stream_refuses_text_other_than_end(client):
+    with client.websocket_connect("/stream") as ws:
+        ws.send_text('{"event": "pause"}')
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert closed.value.code == 1003
+
+
+# OpenAPI fuzzing
+
+
+@pytest.fixture(scope="module")
+def api_schema(export):
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(model=str(export))))
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_fuzzed_requests_never_get_a_5xx(api_schema, mode):
+    statuses = []
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        if mode is GenerationMode.NEGATIVE and not (len(operation.query) or len(operation.body)):
+            continue  # nothing to get wrong
+
+        @given(case=operation.as_strategy(mode))
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def call(case):
+            response = case.call()
+            statuses.append(response.status_code)
+            assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.text[:300]}"
+
+        call()
+    assert len(statuses) >= 40 and max(statuses) < 500
+
+
+# A real `kws serve` process
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(command: list[str], log: Path, env: dict | None = None):
+    """Start a server command on a free 127.0.0.1 port; yield its URL once /health answers."""
+    port = free_port()
+    clean = {
+        name: value for name, value in os.environ.items() if not name.startswith(("KWS_", "PROMETHEUS_"))
+    }
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**clean, **(env or {})},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"server exited: {log.read_text()}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"server never answered: {log.read_text()}"
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(export, tmp_path_factory):
+    """``kws serve`` with an API key and a 1 MB body limit: (url, process, log file)."""
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    command = [sys.executable, "-m", "kws", "serve", "--model", str(export), "--max-bytes", "1000000"]
+    with running(command, log, {"KWS_API_KEY": API_KEY}) as (url, process):
+        yield url, process, log
+
+
+KEY = {"X-API-Key": API_KEY}
+
+
+def test_real_server_answers_like_the_app(server, client, long_recording):
+    url, _, _ = server
+    data = encode(long_recording)
+    assert httpx.get(f"{url}/ready", headers=KEY).status_code == 200
+    files = {"file": ("talk.wav", data, "audio/wav")}
+    served = httpx.post(f"{url}/detect?threshold=0.5", files=files, headers=KEY, timeout=30)
+    assert served.status_code == 200
+    assert served.json() == client.post("/detect?threshold=0.5", files=files).json()
+
+
+def test_real_server_survives_the_malformed_corpus(server, client):
+    url, process, _ = server
+    with httpx.Client(headers=KEY, timeout=30) as http:
+        for name, (data, _) in CORPUS.items():
+            served = http.post(f"{url}/detect", content=data)
+            assert served.status_code == client.post("/detect", content=data).status_code, name
+        assert http.get(f"{url}/health").status_code == 200 and process.poll() is None
+
+
+def test_real_server_stops_reading_an_oversized_body(server):
+    """413 long before a huge body has been sent: from Content-Length, and while a chunked body streams."""
+    url, _, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    announced = (
+        f"POST /detect HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nContent-Length: {10**12}\r\n\r\n"
+    )
+    chunked = (
+        f"POST /detect HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (100_000, b"\0" * 100_000)
+    for head, chunks in ((announced, [b"RIFF"]), (chunked, [chunk] * 11)):  # 1.1 MB of a body that never ends
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(head.encode())
+            with contextlib.suppress(ConnectionError):  # the server may hang up before the last chunks
+                for piece in chunks:
+                    connection.sendall(piece)
+            assert connection.recv(100).startswith(b"HTTP/1.1 413")
+
+
+def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, long_recording):
+    from websockets.sync.client import connect
+
+    url, _, log = server
+    events = []
+    with connect(f"{url.replace('http', 'ws')}/stream?api_key={API_KEY}") as ws:
+        for message in frames(long_recording, 640):
+            ws.send(message)
+        ws.send(END)
+        events = [json.loads(message) for message in ws]
+    assert events == [event.to_dict() for event in Detector(model).detect(long_recording)]
+    assert httpx.get(f"{url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/model?api_key={API_KEY}").status_code == 401
+    time.sleep(0.5)  # let the access log reach the file
+    text = log.read_text()
+    assert "/stream?api_key=***" in text and '"GET /model HTTP/1.1" 200' in text
+    assert API_KEY not in text
+
+
+def test_two_workers_sum_their_metrics(export, tmp_path, clip):
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    command = [sys.executable, "-m", "kws", "serve", "--model", str(export), "--workers", "2"]
+    with running(command, tmp_path / "serve.log", {"PROMETHEUS_MULTIPROC_DIR": str(shared)}) as (url, _):
+        sent = 0
+        # A new connection each time, until both workers have counted some (the kernel picks one).
+        while sent < 6 or len(list(shared.glob("counter_*.db"))) < 2:
+            assert httpx.post(f"{url}/detect", content=encode(clip), timeout=30).status_code == 200
+            sent += 1
+            assert sent < 100, "one worker got every request"
+        scrapes = [metric_samples(httpx.get(f"{url}/metrics").text) for _ in range(4)]
+    key = ("kws_requests_total", (("endpoint", "/detect"), ("status", "200")))
+    assert [samples[key] for samples in scrapes] == [sent] * 4
+
+
+# The Dockerfile
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """Instruction -> its arguments, one entry per line (continuations joined)."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    parsed: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, rest = line.strip().partition(" ")
+            parsed.setdefault(instruction.upper(), []).append(rest.strip())
+    return parsed
+
+
+def test_dockerfile_cmd_serves_health_and_ready(export, tmp_path):
+    docker = dockerfile()
+    command = json.loads(docker["CMD"][-1])
+    assert command == ["kws", "serve", "--host", "0.0.0.0"] and docker["EXPOSE"] == ["8000"]
+    assert docker["USER"][-1] not in ("root", "0")
+    healthcheck = json.loads(docker["HEALTHCHECK"][-1].partition(" CMD ")[2])
+    executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
+    with running([executable, *command[1:], "--model", str(export)], tmp_path / "serve.log") as (url, _):
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/ready").status_code == 200
+        port = url.rpartition(":")[2]
+        probe = [sys.executable if part == "python" else part.replace("8000", port) for part in healthcheck]
+        assert subprocess.run(probe, timeout=30).returncode == 0
+
+
+@pytest.mark.integration
+def test_dockerfile_install_works_without_tensorflow(tmp_path):
+    """The image's COPY and pip install lines, replayed into a fresh venv (downloads ~100 MB once)."""
+    docker = dockerfile()
+    context = tmp_path / "image"
+    for copy in docker["COPY"]:
+        *sources, target = copy.split()
+        for source in sources:
+            destination = context / target.lstrip("/")
+            if (REPO / source).is_dir():
+                shutil.copytree(REPO / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                destination.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / source, destination)
+    install = next(run for run in docker["RUN"] if run.startswith("pip install"))
+    arguments = shlex.split(install.split("&&")[0])[2:]
+    arguments = [str(context / arg.lstrip("/")) if arg.startswith("/") else arg for arg in arguments]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *arguments], check=True, timeout=1200)
+    packages = subprocess.run(
+        [str(venv / "bin" / "pip"), "list"], capture_output=True, text=True
+    ).stdout.lower()
+    assert "fastapi" in packages and "ai-edge-litert" in packages and "tensorflow" not in packages
+    check = "import sys, kws.server, kws.cli, soundfile; assert 'tensorflow' not in sys.modules; print('ok')"
+    assert (
+        subprocess.run([str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True).stdout
+        == "ok\n"
+    )
