@@ -25,6 +25,7 @@ from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+MODEL_CARD = "MODEL_CARD.md"
 FA_TARGET_PER_HOUR = 0.5  # openWakeWord's target; split evenly between the keywords
 DET_PLOT = "det_curve.png"
 MODEL_FILES = {
@@ -231,3 +232,74 @@ def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) 
     write_text(out_dir / "model_data.cc", source)
     write_c_frontend(out_dir, manifest["input"]["scale"], manifest["input"]["zero_point"])
     write_json(out_dir / MANIFEST_FILE, manifest)
+    write_text(out_dir / MODEL_CARD, model_card(manifest))
+
+
+def model_card(manifest: dict) -> str:
+    """MODEL_CARD.md: what the model is, what it was trained on, and how good it measured."""
+    accuracy, sizes, streaming = manifest["accuracy"], manifest["sizes"], manifest["streaming"]
+    data, train, model = manifest["training"]["data"], manifest["training"]["train"], manifest["model"]
+    counts = manifest["training"].get("clips_per_split", {})
+    keywords = [label for label in manifest["labels"] if not label.startswith("_")]
+    lines = [
+        f"# {manifest['name']}: keyword spotter for {', '.join(keywords)}",
+        "",
+        f"DS-CNN-{model['size'].upper()} ({sizes['parameters']:,} parameters, {sizes['macs'] / 1e6:.2f} M "
+        f"multiply-accumulates per inference) on 49 x 10 MFCCs of the last second of 16 kHz audio; "
+        f"labels {', '.join(manifest['labels'])}. Made by kws {manifest['kws_version']} on "
+        f"{manifest['created'][:10]}.",
+        "",
+        "## Files",
+        f"- `model_int8.tflite`: {sizes['int8_bytes']:,} bytes, full-integer; TFLM tensor arena "
+        f"{sizes['tflm_arena_bytes'] or 'not measured'} bytes",
+        f"- `model_float16.tflite` ({sizes['float16_bytes']:,} B), "
+        f"`model_float32.tflite` ({sizes['float32_bytes']:,} B)",
+        "- `manifest.json`: everything needed to run it (also embedded in each .tflite)",
+        "",
+        "## Training data",
+        f"- Keyword clips: {data['data_dir']} (training split: "
+        + ", ".join(f"{k} {v}" for k, v in counts.get("training", {}).items() if not k.startswith("_"))
+        + ")",
+        f"- `_unknown_`: {data['unknown_share']:.0%} of examples; other words, "
+        + (
+            f"random 1 s windows of {', '.join(data['negatives'])}"
+            if data["negatives"]
+            else "no negative speech"
+        )
+        + (
+            f", {data['partial_fraction']:.0%} of them keyword fragments"
+            if data.get("partial_fraction")
+            else ""
+        ),
+        f"- `_silence_`: {data['silence_share']:.0%} of examples, background noise from near silence "
+        "to full level",
+        f"- Recipe: {train['epochs']} epochs, batch {train['batch_size']}, Adam, learning rates "
+        f"{' -> '.join(str(r) for r in train['learning_rates'])}, seed {train['seed']}",
+        "",
+        "## Measured (held-out validation split; the official test set was not used)",
+        f"- Accuracy over {len(manifest['labels'])} classes ({accuracy['examples']} examples, 10 % silence, "
+        f"10 % unknown): float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
+        "- int8 recall per class: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in accuracy["int8_per_class_recall"].items()),
+        f"- Streaming, default thresholds (calibrated to {streaming['target_fa_per_hour']} false accepts per "
+        f"hour): recall {streaming['recall']:.1%} of {streaming['keywords']} keywords in a "
+        f"{streaming['stream_hours']:.2f} h test stream, {streaming['false_accepts_per_hour']:.2f} false "
+        "accepts per hour",
+    ]
+    if "real_speech" in streaming:
+        speech = streaming["real_speech"]
+        lines.append(
+            f"- Held-out real speech without keywords ({speech['hours']:.2f} h): {speech['false_accepts']} "
+            f"false accepts ({speech['false_accepts_per_hour']:.2f} per hour)"
+        )
+    lines += [
+        "- Thresholds: " + ", ".join(f"{k} {v}" for k, v in manifest["detection"]["thresholds"].items()),
+        "",
+        "## Limits",
+        "- Trained on short, isolated words read by volunteers; other accents, far-field microphones and "
+        "loud noise will lower recall.",
+        "- Words it never heard can still be taken for keywords; the false-accept figures above are the "
+        "best guide to how often.",
+        "",
+    ]
+    return "\n".join(lines)

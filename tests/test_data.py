@@ -162,3 +162,38 @@ def test_bad_data_settings_are_refused(tiny_dataset, kw, message):
 def test_missing_folder_says_what_to_do(tmp_path):
     with pytest.raises(D.DataError, match="kws download"):
         D.scan(tmp_path / "nowhere")
+
+
+def test_speech_extent_finds_the_loud_part():
+    clip = np.zeros((1, CLIP_SAMPLES), np.int16)
+    clip[0, 6400:9600] = 10000
+    first, last = D.speech_extent(clip)
+    assert (first[0], last[0]) == (6400, 9600)
+
+
+def test_partial_words_keep_only_part_of_a_keyword_and_are_unknown(tiny_dataset):
+    data = D.SpeechData(config(tiny_dataset, partial_fraction=0.5, unknown_share=0.4))
+    rng = np.random.default_rng(0)
+    parts = data._partial_words("training", rng, 300)
+    samples, _, keyword = data.split_audio("training")
+    first, last = D.speech_extent(samples[keyword])
+    word = np.median(last - first)
+    loud = np.abs(parts) > 0.05
+    inside = loud.sum(axis=1)
+    # a fragment: never the whole word inside the window (tone words are ~0.3 s loud)
+    assert np.percentile(inside, 95) < 0.8 * word
+    assert (inside > 0).mean() > 0.9
+    _, labels = data.training_epoch(np.random.default_rng(1), D.AugmentConfig())
+    n_unknown = int((labels == 1).sum())
+    assert n_unknown == pytest.approx(0.4 * len(labels), abs=3)
+
+
+def test_gain_augmentation_changes_levels_within_the_bound(tiny_dataset):
+    data = D.SpeechData(config(tiny_dataset, silence_share=0.0, unknown_share=0.0))
+    plan = data._plan("training", np.random.default_rng(0), evaluation=False)
+    clean = data._render("training", plan, np.random.default_rng(0))
+    quiet = D.AugmentConfig(time_shift_ms=0, noise_probability=0, gain_db=6)
+    louder = data._augment(clean.copy(), plan, np.random.default_rng(1), quiet)
+    ratio = np.abs(louder).max(axis=1) / np.abs(clean).max(axis=1)
+    assert ratio.min() >= 10 ** (-6 / 20) - 1e-3 and ratio.max() <= 10 ** (6 / 20) + 1e-3
+    assert ratio.std() > 0.1

@@ -30,6 +30,8 @@ def test_export_writes_every_file(exported):
         "model_data.h",
         "kws_frontend.c",
         "kws_frontend.h",
+        "MODEL_CARD.md",
+        "det_curve.png",
     } <= names
     assert not [n for n in names if n.startswith(".tmp-")]
     sizes = manifest["sizes"]
@@ -167,3 +169,12 @@ def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
     assert runtime.embedded_manifest(tflite)["detection"] == updated["detection"]
     source = (copy / "model_data.cc").read_text()
     assert f"kws_model_data_len = {len(tflite)};" in source
+
+
+def test_model_card_states_the_measured_figures(exported):
+    out, manifest = exported
+    card = (out / "MODEL_CARD.md").read_text()
+    assert card.startswith(f"# {manifest['name']}: keyword spotter for yes, no, up, down")
+    assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
+    assert f"{manifest['sizes']['int8_bytes']:,} bytes" in card
+    assert f"recall {manifest['streaming']['recall']:.1%}" in card
