@@ -1,6 +1,6 @@
 """Median LiteRT latency of one int8 inference, against the float32 model in the same run.
 
-    python bench/infer.py [EXPORT_DIR]   (default: runs/default/export)
+    python bench/infer.py [EXPORT_DIR]   (default: the built-in model)
 
 Rounds alternate between the two models so that machine noise hits both alike.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kws.features import NUM_FRAMES, NUM_MFCC
-from kws.runtime import MANIFEST_FILE, Model
+from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE, Model
 
 ROUNDS = 20
 CALLS_PER_ROUND = 200
@@ -28,7 +28,7 @@ def median_us(model: Model, prepared: np.ndarray, samples: list[float]) -> None:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/default/export")
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else BUILT_IN_MODEL
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     models = {kind: Model(folder / manifest["files"][kind], manifest) for kind in ("int8", "float32")}
     features = np.random.default_rng(0).normal(-5, 15, (CALLS_PER_ROUND, NUM_FRAMES, NUM_MFCC))

@@ -1,7 +1,7 @@
 """Throughput and latency of a real `kws serve` under concurrent POST /detect clients, against the
 in-process Detector in the same run.
 
-    python bench/load.py [--model runs/default/export] [--clients 16] [--seconds 20]
+    python bench/load.py [--model EXPORT] [--clients 16] [--seconds 20]
                          [--workers 1 2] [--interpreters 1 2]
     python bench/load.py --memory [--workers 1]     (60 s of load: server RSS after warm-up and at the end)
 
@@ -80,10 +80,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model: str, workers: int, interpreters: int):
+def server(model: str | None, workers: int, interpreters: int):
     """A `kws serve` process; yields (url, pid) once /ready answers."""
     port = free_port()
-    command = [sys.executable, "-m", "kws", "serve", "--model", model, "--port", str(port)]
+    command = [sys.executable, "-m", "kws", "serve", "--port", str(port)]
+    command += ["--model", model] if model else []
     command += ["--workers", str(workers), "--interpreters", str(interpreters)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -207,9 +208,7 @@ def memory(args, data: list[bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", default="runs/default/export", help="export folder (default runs/default/export)"
-    )
+    parser.add_argument("--model", help="export folder or .tflite (default: the built-in model)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--seconds", type=float, default=20.0, help="load per setting, each way (default 20)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")

@@ -1,6 +1,6 @@
 """CPU cost of the streaming Detector per second of audio, against a naive detector in the same run.
 
-    python bench/stream.py [MODEL]   (default: runs/default/export)
+    python bench/stream.py [MODEL]   (default: the built-in model)
 
 The naive detector recomputes the MFCCs of the whole last second at every hop, as a
 detector built from the batch frontend would; ours computes one new frame per hop.
@@ -56,7 +56,7 @@ def stream(detector: Detector, audio: np.ndarray, chunk: int = 512) -> None:
 
 
 def main() -> None:
-    model = Model.load(sys.argv[1] if len(sys.argv) > 1 else "runs/default/export")
+    model = Model.load(sys.argv[1] if len(sys.argv) > 1 else None)
     rng = np.random.default_rng(0)
     audio = (0.05 * rng.standard_normal(SECONDS * SAMPLE_RATE)).astype(np.float32)
     for hop_frames in (1, 2):

@@ -103,7 +103,7 @@ def _load_classifier(path: Path):
     """
     from kws.train import CONFIG_FILE
 
-    if path.is_dir() and (path / CONFIG_FILE).exists():
+    if path is not None and path.is_dir() and (path / CONFIG_FILE).exists():
         from kws.train import KerasClassifier
 
         classifier = KerasClassifier(path)
@@ -128,7 +128,7 @@ def cmd_eval(args) -> int:
     examples = SpeechData(data).evaluation_set(SPLIT_NAMES[args.split])
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     result = {
-        "model": str(args.model),
+        "model": args.model and str(args.model),
         "data": str(args.data),
         "split": SPLIT_NAMES[args.split],
         **report(classifier.labels, examples.labels, predictions, examples.sources),
@@ -136,7 +136,8 @@ def cmd_eval(args) -> int:
     if args.plot:
         from kws import plots
 
-        title = f"{args.model.name} on {args.data.name} ({result['split']})"
+        name = args.model.name if args.model else "built-in model"
+        title = f"{name} on {args.data.name} ({result['split']})"
         plots.confusion(result, args.plot, title)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -160,7 +161,7 @@ def _eval_stream(args) -> int:
 
         plots.det_curve(result["det"], result, args.plot)
     result = {
-        "model": str(args.model),
+        "model": args.model and str(args.model),
         "data": str(args.data),
         **{k: v for k, v in result.items() if k != "det"},
     }
@@ -311,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="kws",
-        description="Keyword spotting: train a DS-CNN on Speech Commands, evaluate it, and fetch the data.",
-        epilog="Run `kws COMMAND --help` for each command's options.",
+        description="Keyword spotting. Find keywords in recordings (detect), a microphone (listen) or over "
+        "HTTP (serve) with the built-in model for yes, no, up, down, left, right, stop, go; or train your "
+        "own DS-CNN on Speech Commands, evaluate it and export it for phones and microcontrollers.",
+        epilog="Start with: kws detect recording.wav.  Run `kws COMMAND --help` for each command's options.",
     )
     parser.add_argument("--version", action="version", version=f"kws {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -372,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--model",
         type=Path,
-        required=True,
-        help="run folder (scored with its Keras model) or exported model: export folder or .tflite",
+        help="run folder (scored with its Keras model) or exported model: export folder or .tflite "
+        "(default: the built-in model)",
     )
     evaluate.add_argument(
         "--data", type=Path, required=True, help="Speech Commands folder or test set package"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import os
 import re
@@ -70,7 +72,8 @@ def convert(model, kind: str, calibration: np.ndarray | None = None) -> bytes:
         converter.inference_output_type = tf.int8
     elif kind != "float32":
         raise ValueError(f"unknown model kind {kind!r}")
-    with quiet_stderr():
+    # The converter prints the SavedModel it writes in between (endpoints, tensor specs): noise to a user.
+    with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):
         return converter.convert()
 
 

@@ -539,16 +539,19 @@ def dockerfile() -> dict[str, list[str]]:
     return parsed
 
 
-def test_dockerfile_cmd_serves_health_and_ready(export, tmp_path):
+def test_dockerfile_cmd_serves_the_built_in_model(tmp_path):
     docker = dockerfile()
     command = json.loads(docker["CMD"][-1])
     assert command == ["kws", "serve", "--host", "0.0.0.0"] and docker["EXPOSE"] == ["8000"]
     assert docker["USER"][-1] not in ("root", "0")
     healthcheck = json.loads(docker["HEALTHCHECK"][-1].partition(" CMD ")[2])
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
-    with running([executable, *command[1:], "--model", str(export)], tmp_path / "serve.log") as (url, _):
+    # The image's command as it is (no --model): the model built into the package.
+    with running([executable, *command[1:]], tmp_path / "serve.log") as (url, _):
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
         assert httpx.get(f"{url}/ready").status_code == 200
+        built_in = json.loads((REPO / "kws" / "models" / "default" / "manifest.json").read_text())
+        assert httpx.get(f"{url}/model").json()["name"] == built_in["name"]
         port = url.rpartition(":")[2]
         probe = [sys.executable if part == "python" else part.replace("8000", port) for part in healthcheck]
         assert subprocess.run(probe, timeout=30).returncode == 0
@@ -578,7 +581,10 @@ def test_dockerfile_install_works_without_tensorflow(tmp_path):
         [str(venv / "bin" / "pip"), "list"], capture_output=True, text=True
     ).stdout.lower()
     assert "fastapi" in packages and "ai-edge-litert" in packages and "tensorflow" not in packages
-    check = "import sys, kws.server, kws.cli, soundfile; assert 'tensorflow' not in sys.modules; print('ok')"
+    check = (
+        "import sys, kws.server, kws.cli, soundfile; from kws.runtime import Model; Model.load(None); "
+        "assert 'tensorflow' not in sys.modules; print('ok')"
+    )
     assert (
         subprocess.run([str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True).stdout
         == "ok\n"

@@ -1,0 +1,58 @@
+"""The model shipped inside the package: complete, self-describing, used when no --model is given,
+and as good on the real validation clips as its manifest says."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kws.cli import main
+from kws.runtime import BUILT_IN_MODEL, Model, resolve
+
+KEYWORDS = ["yes", "no", "up", "down", "left", "right", "stop", "go"]
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return json.loads((BUILT_IN_MODEL / "manifest.json").read_text())
+
+
+def test_built_in_model_is_complete_and_calibrated(manifest):
+    tflite, resolved = resolve(None)
+    assert resolved == manifest and tflite.read_bytes()[4:8] == b"TFL3"
+    assert manifest["labels"] == ["_silence_", "_unknown_", *KEYWORDS]
+    thresholds = manifest["detection"]["thresholds"]
+    assert set(thresholds) == set(KEYWORDS) and all(0.5 <= t <= 1 for t in thresholds.values())
+    assert manifest["accuracy"]["int8"] >= 0.93 and manifest["accuracy"]["int8_drop_points"] <= 0.5
+    assert manifest["streaming"]["keywords"] > 1000 and manifest["streaming"]["real_speech"]["hours"] > 0.2
+    card = (BUILT_IN_MODEL / "MODEL_CARD.md").read_text()
+    assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
+
+
+def test_kws_detect_uses_the_built_in_model_without_model_flag(tmp_path, capsys, manifest):
+    import soundfile as sf
+
+    silence = tmp_path / "quiet.wav"
+    sf.write(silence, np.zeros(16000 * 3, np.float32), 16000)
+    assert main(["detect", str(silence), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["name"] == manifest["name"]
+    assert report["duration"] == pytest.approx(3.0) and report["detections"] == []
+
+
+@pytest.mark.integration
+def test_built_in_model_scores_its_recorded_accuracy_on_real_clips(shared_data, manifest):
+    from kws.data import DataConfig, SpeechData
+    from kws.features import mfcc
+
+    data = DataConfig(
+        **{
+            **manifest["training"]["data"],
+            "data_dir": str(shared_data / "speech_commands"),
+            "negatives": [str(shared_data / "librispeech")],
+        }
+    )
+    validation = SpeechData(data).evaluation_set("validation")
+    predictions = Model.load(None).scores(mfcc(validation.audio)).argmax(axis=1)
+    assert len(predictions) == manifest["accuracy"]["examples"]
+    assert (predictions == validation.labels).mean() == pytest.approx(manifest["accuracy"]["int8"], abs=1e-4)
