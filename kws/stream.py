@@ -24,6 +24,7 @@ from kws.features import (
     SAMPLE_RATE,
     WINDOW_SAMPLES,
     frame_features,
+    frames,
     num_frames,
 )
 
@@ -121,11 +122,10 @@ class ScoreStream:
             return []
         # All new frames at once: frame_features gives each frame the same values however
         # many come together, so the chunking of the audio never changes a score.
-        windows = np.lib.stride_tricks.sliding_window_view(pending, WINDOW_SAMPLES)[::HOP_SAMPLES][:count]
-        frames = self.model.prepare(frame_features(windows))
+        new_frames = self.model.prepare(frame_features(frames(pending, count)))
         self._pending = pending[count * HOP_SAMPLES :]
         scored = []
-        for frame in frames:
+        for frame in new_frames:
             newest = self._frame_count % NUM_FRAMES
             self._ring[newest] = self._ring[newest + NUM_FRAMES] = frame
             self._frame_count += 1

@@ -72,19 +72,13 @@ def test_each_frame_depends_on_its_own_samples_only():
     assert np.abs(a[-1] - b[-1]).max() > 1.0
 
 
-def test_frame_stream_equals_whole_clip_for_any_chunking():
-    rng = np.random.default_rng(2)
-    signal = (0.2 * rng.standard_normal(3 * F.SAMPLE_RATE + 123)).astype(np.float32)
-    whole = F.mfcc(signal)
-    stream = F.FrameStream()
-    pieces, start = [], 0
-    while start < len(signal):
-        size = int(rng.integers(1, 2000))
-        pieces.append(stream.push(signal[start : start + size]))
-        start += size
-    streamed = np.concatenate(pieces)
-    assert streamed.shape == whole.shape == (F.num_frames(len(signal)), 10)
-    np.testing.assert_allclose(streamed, whole, atol=1e-4)
+def test_frames_of_a_signal_are_the_frames_mfcc_computes():
+    signal = (0.2 * np.random.default_rng(2).standard_normal(F.SAMPLE_RATE + 123)).astype(np.float32)
+    count = F.num_frames(len(signal))
+    view = F.frames(signal, count)
+    assert view.shape == (count, F.WINDOW_SAMPLES) and not view.flags.writeable
+    np.testing.assert_array_equal(view[-1], signal[(count - 1) * F.HOP_SAMPLES :][: F.WINDOW_SAMPLES])
+    np.testing.assert_array_equal(F.frame_features(view), F.mfcc(signal))
 
 
 def test_too_short_audio_is_a_clear_error():
