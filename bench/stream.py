@@ -5,7 +5,8 @@
 The naive detector recomputes the MFCCs of the whole last second at every hop, as a
 detector built from the batch frontend would; ours computes one new frame per hop.
 Both run the same model at the same hop and the same event rules. Rounds alternate
-between the two so machine noise hits both alike; figures are process CPU time.
+between the two so machine noise hits both alike; figures are process CPU time, the
+median of the rounds and, for the detector, the best one.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def main() -> None:
             costs["detector"].append(cpu_seconds(stream, ours, audio) / SECONDS)
             costs["naive"].append(cpu_seconds(naive.detect, audio) / SECONDS)
         detector, baseline = (float(np.median(costs[name])) for name in ("detector", "naive"))
+        # Other jobs only ever add CPU time: the best round is the cost without them (as timeit argues).
+        best = min(costs["detector"])
         print(
-            f"hop {hop_frames * 20} ms: detector {100 * detector:.3f} % of one core, "
-            f"naive {100 * baseline:.3f} %, naive / detector {baseline / detector:.1f}x"
+            f"hop {hop_frames * 20} ms: detector {100 * detector:.3f} % of one core (best round "
+            f"{100 * best:.3f} %), naive {100 * baseline:.3f} %, naive / detector {baseline / detector:.1f}x"
         )
 
 
