@@ -264,10 +264,11 @@ def cmd_export(args) -> int:
     arena = (
         f"{sizes['tflm_arena_bytes']:,} B" if sizes["tflm_arena_bytes"] else "unknown (install tflite-micro)"
     )
+    drop = accuracy["int8_drop_points"]
     print(
         f"exported {args.run} to {out}: int8 {sizes['int8_bytes']:,} B, TFLM arena {arena}; validation "
         f"accuracy float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%} "
-        f"({accuracy['int8_drop_points']:+.2f} points lost)"
+        f"({abs(drop):.2f} points {'lost' if drop > 0 else 'gained'})"
     )
     from kws.stream_eval import format_stream_report
 
