@@ -308,6 +308,16 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _add_detector_options(command: argparse.ArgumentParser) -> None:
+    """--model and --threshold, as the commands that run the Detector (listen, detect) take them."""
+    command.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
+    command.add_argument(
+        "--threshold",
+        type=_threshold,
+        help="one threshold for every keyword (default: the model's calibrated thresholds)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
 
@@ -477,12 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--seconds", type=float, help="stop after this much audio (default: at Ctrl-C or the end of --file)"
     )
-    listen.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
-    listen.add_argument(
-        "--threshold",
-        type=_threshold,
-        help="one threshold for every keyword (default: the model's calibrated thresholds)",
-    )
+    _add_detector_options(listen)
     listen.set_defaults(handler=cmd_listen)
 
     detect = commands.add_parser(
@@ -493,12 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: kws detect recording.wav --json",
     )
     detect.add_argument("files", type=Path, nargs="+", metavar="FILE", help="audio files")
-    detect.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
-    detect.add_argument(
-        "--threshold",
-        type=_threshold,
-        help="one threshold for every keyword (default: the model's calibrated thresholds)",
-    )
+    _add_detector_options(detect)
     detect.add_argument("--top-k", type=_positive_int, help="class scores to list for clips of about 1 s")
     detect.add_argument("--json", action="store_true", help="one JSON object per file (a list for several)")
     detect.set_defaults(handler=cmd_detect)
