@@ -21,7 +21,7 @@ from kws.data import SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
 from kws.runtime import MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
-from kws.stream import DetectionConfig
+from kws.stream import DetectionConfig, keywords
 from kws.stream_eval import stream_test
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
@@ -243,9 +243,9 @@ def model_card(manifest: dict) -> str:
     accuracy, sizes, streaming = manifest["accuracy"], manifest["sizes"], manifest["streaming"]
     data, train, model = manifest["training"]["data"], manifest["training"]["train"], manifest["model"]
     counts = manifest["training"].get("clips_per_split", {})
-    keywords = [label for label in manifest["labels"] if not label.startswith("_")]
+    spotted = keywords(manifest["labels"])
     lines = [
-        f"# {manifest['name']}: keyword spotter for {', '.join(keywords)}",
+        f"# {manifest['name']}: keyword spotter for {', '.join(spotted)}",
         "",
         f"DS-CNN-{model['size'].upper()} ({sizes['parameters']:,} parameters, {sizes['macs'] / 1e6:.2f} M "
         f"multiply-accumulates per inference) on 49 x 10 MFCCs of the last second of 16 kHz audio; "

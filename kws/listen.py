@@ -19,7 +19,7 @@ import soxr
 
 from kws.audio import AudioError
 from kws.features import SAMPLE_RATE
-from kws.stream import Detector, Event
+from kws.stream import Detector, Event, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
@@ -283,8 +283,8 @@ class _Consumer:
             self.counts[event.label] += 1
 
     def summary(self, interrupted: bool) -> Summary:
-        keywords = [label for label in self.detector.labels if not label.startswith("_")]
-        return Summary(self.seconds, {label: self.counts[label] for label in keywords}, interrupted)
+        counts = {label: self.counts[label] for label in keywords(self.detector.labels)}
+        return Summary(self.seconds, counts, interrupted)
 
 
 def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:

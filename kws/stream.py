@@ -62,6 +62,11 @@ class DetectionConfig:
         return asdict(self)
 
 
+def keywords(labels: list[str]) -> list[str]:
+    """The labels a Detector fires on: every label but _silence_ and _unknown_ (and any "_" label)."""
+    return [label for label in labels if not label.startswith("_")]
+
+
 def detection_config(manifest: dict, threshold: float | None = None) -> DetectionConfig:
     """The detection settings a model's manifest records; ``threshold`` overrides every keyword's."""
     config = DetectionConfig(**manifest.get("detection", {}))
@@ -142,7 +147,7 @@ class EventRules:
     def __init__(self, labels: list[str], config: DetectionConfig):
         self.labels = labels
         self.config = config
-        self.keywords = [i for i, label in enumerate(labels) if not label.startswith("_")]
+        self.keywords = [labels.index(keyword) for keyword in keywords(labels)]
         self.thresholds = np.array([config.threshold(labels[i]) for i in self.keywords])
         self.reset()
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from kws.data import UNKNOWN, SpeechData, to_float
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream
+from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream, keywords
 
 MATCH_SLACK_S = 0.25
 GAP_S = (0.8, 2.5)  # silence-or-noise between items
@@ -192,15 +192,19 @@ def keyword_events(
     return events
 
 
+def _hits(found: list[bool], truth: list[tuple[str, float, float]], keyword: str) -> list[bool]:
+    """Whether each occurrence of ``keyword`` in the stream was found."""
+    return [hit for hit, (label, _, _) in zip(found, truth, strict=True) if label == keyword]
+
+
 def measure(
     labels: list[str], stream: Stream, scored: Scored, speech: Scored | None, config: DetectionConfig
 ) -> dict:
     """Recall per keyword and false accepts per hour on the stream and on real speech."""
     found, false_accepts = match(simulate(labels, scored, config), stream.truth)
-    keywords = [label for label in labels if not label.startswith("_")]
     per_keyword = {}
-    for keyword in keywords:
-        hits = [f for f, t in zip(found, stream.truth, strict=True) if t[0] == keyword]
+    for keyword in keywords(labels):
+        hits = _hits(found, stream.truth, keyword)
         per_keyword[keyword] = {
             "recall": round(float(np.mean(hits)), 4) if hits else None,
             "occurrences": len(hits),
@@ -221,7 +225,7 @@ def measure(
             "hours": round(speech.hours, 3),
             "false_accepts": len(speech_events),
             "false_accepts_per_hour": round(len(speech_events) / speech.hours, 3),
-            "by_keyword": {k: sum(e.label == k for e in speech_events) for k in keywords},
+            "by_keyword": {k: sum(e.label == k for e in speech_events) for k in keywords(labels)},
         }
     return result
 
@@ -230,14 +234,13 @@ def sweep(
     labels: list[str], stream: Stream, scored: Scored, speech: Scored | None, config: DetectionConfig
 ) -> dict:
     """Per keyword and threshold: (threshold, recall, false accepts on the stream, on real speech)."""
-    keywords = [label for label in labels if not label.startswith("_")]
     table = {}
-    for keyword in keywords:
+    for keyword in keywords(labels):
         rows = []
         for threshold in THRESHOLD_GRID:
             events = keyword_events(labels, scored, keyword, float(threshold), config)
             found, false_accepts = match(events, stream.truth)
-            hits = [f for f, t in zip(found, stream.truth, strict=True) if t[0] == keyword]
+            hits = _hits(found, stream.truth, keyword)
             speech_fa = (
                 len(keyword_events(labels, speech, keyword, float(threshold), config)) if speech else 0
             )
