@@ -204,7 +204,7 @@ def _threshold(text: str) -> float:
 def cmd_detect(args) -> int:
     from kws import audio
     from kws.runtime import Model
-    from kws.stream import Detector, detection_config, recording_report
+    from kws.stream import Detector, Event, detection_config, recording_report
 
     model = Model.load(args.model)
     detector = Detector(model, detection_config(model.manifest, args.threshold))
@@ -222,8 +222,7 @@ def cmd_detect(args) -> int:
             found = report["detections"]
             print(f"{path}: {report['duration']:.2f} s, {len(found)} detection{'s' * (len(found) != 1)}")
             for event in found:
-                span = f"{event['start']:8.2f} - {event['end']:8.2f} s"
-                print(f"  {span}  {event['label']:<10} {event['score']:.3f}")
+                print(f"  {Event(**event)}")
     if args.json:
         print(json.dumps(reports[0] if len(args.files) == 1 and reports else reports, indent=2))
     return 1 if failed else 0

@@ -197,10 +197,6 @@ def recording(path: str | Path, realtime: bool = True) -> Source:
     return Source(str(path), rate, functools.partial(FileInputStream, path, realtime=realtime))
 
 
-def format_event(event: Event) -> str:
-    return f"{event.start:8.2f} - {event.end:8.2f} s  {event.label:<10} {event.score:.3f}"
-
-
 class Meter:
     """A one-line input level bar (RMS dBFS) for a terminal, redrawn at most every METER_SECONDS."""
 
@@ -279,7 +275,7 @@ class _Consumer:
     def report(self, events: list[Event]) -> None:
         for event in events:
             self.meter.clear()
-            print(format_event(event), file=self.out, flush=True)
+            print(event, file=self.out, flush=True)
             self.counts[event.label] += 1
 
     def summary(self, interrupted: bool) -> Summary:
