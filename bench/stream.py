@@ -36,10 +36,8 @@ class NaiveDetector:
         events = []
         hop = HOP_SAMPLES * self.config.hop_frames
         for end in range(CLIP_SAMPLES, len(audio) + 1, hop):
-            scores = self.model.scores(mfcc(audio[end - CLIP_SAMPLES : end]))[0]
-            event = self.rules.update(end / SAMPLE_RATE, scores)
-            if event:
-                events.append(event)
+            scores = self.model.scores(mfcc(audio[end - CLIP_SAMPLES : end]))
+            events += self.rules.update(np.array([end / SAMPLE_RATE]), scores)
         return events
 
 

@@ -123,26 +123,24 @@ class ScoreStream:
             return 0.0
         return ((self._frame_count - 1) * HOP_SAMPLES + WINDOW_SAMPLES) / SAMPLE_RATE
 
-    def push(self, samples: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model runs these samples complete: their end times (s) and class probabilities."""
         pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
         count = num_frames(len(pending))
-        if count == 0:
-            self._pending = pending
-            return []
+        self._pending = pending[count * HOP_SAMPLES :]
+        ends, windows = [], []
         # All new frames at once: frame_features gives each frame the same values however
         # many come together, so the chunking of the audio never changes a score.
-        new_frames = self.model.prepare(frame_features(frames(pending, count)))
-        self._pending = pending[count * HOP_SAMPLES :]
-        scored = []
-        for frame in new_frames:
+        for frame in self.model.prepare(frame_features(frames(pending, count))) if count else []:
             newest = self._frame_count % NUM_FRAMES
             self._ring[newest] = self._ring[newest + NUM_FRAMES] = frame
             self._frame_count += 1
             if self._frame_count % self.hop_frames == 0:
-                window = self._ring[newest + 1 : newest + 1 + NUM_FRAMES]
-                raw = self.model.raw_scores(window[None])[0]
-                scored.append((self.seconds, self.model.probabilities(raw)))
-        return scored
+                windows.append(self._ring[newest + 1 : newest + 1 + NUM_FRAMES].copy())
+                ends.append(self.seconds)
+        # One call for every window: the model's per-call overhead is paid once a chunk.
+        batch = np.array(windows, self._ring.dtype).reshape(-1, *self._ring[:NUM_FRAMES].shape)
+        return np.array(ends, float), self.model.probabilities(self.model.raw_scores(batch))
 
 
 class EventRules:
@@ -156,25 +154,38 @@ class EventRules:
         self.reset()
 
     def reset(self) -> None:
-        self._recent = np.zeros((self.config.average_count, len(self.keywords)))
+        # The keyword scores of the last average_count - 1 runs; zeros before the first run
+        # add nothing to a sum.
+        self._history = np.zeros((self.config.average_count - 1, len(self.keywords)))
         self._seen = 0
         self._last_event_end = -np.inf
 
-    def update(self, end: float, scores: np.ndarray) -> Event | None:
-        self._recent[self._seen % len(self._recent)] = scores[self.keywords]
-        self._seen += 1
-        if self._seen < self.config.min_count:
-            return None
-        if end < self._last_event_end + self.config.suppression_ms / 1000 - TIME_EPSILON:
-            return None
-        average = self._recent[: self._seen].mean(axis=0)
+    def update(self, ends: np.ndarray, scores: np.ndarray) -> list[Event]:
+        """The events of the next model runs: their end times (s) and class probabilities."""
+        count, runs = self.config.average_count, len(ends)
+        series = np.concatenate([self._history, np.asarray(scores)[:, self.keywords]])
+        # Each average adds its scores oldest first, whatever runs came in the same call,
+        # so batching the runs differently never changes an event.
+        total = series[:runs].copy()
+        for offset in range(1, count):
+            total += series[offset : offset + runs]
+        seen = self._seen + 1 + np.arange(runs)
+        average = total / np.minimum(seen, count)[:, None]
+        self._history = series[runs:]
+        self._seen += runs
         margin = average - self.thresholds
-        best = int(np.argmax(margin))
-        if margin[best] < 0:
-            return None
-        self._last_event_end = end
-        window = CLIP_SAMPLES / SAMPLE_RATE
-        return Event(self.labels[self.keywords[best]], float(average[best]), max(0.0, end - window), end)
+        firing = np.flatnonzero((seen >= self.config.min_count) & (margin.max(axis=1, initial=-1) >= 0))
+        events = []
+        for run in firing:
+            end = float(ends[run])
+            if end < self._last_event_end + self.config.suppression_ms / 1000 - TIME_EPSILON:
+                continue
+            best = int(np.argmax(margin[run]))
+            self._last_event_end = end
+            window = CLIP_SAMPLES / SAMPLE_RATE
+            label = self.labels[self.keywords[best]]
+            events.append(Event(label, float(average[run, best]), max(0.0, end - window), end))
+        return events
 
 
 class Detector:
@@ -195,13 +206,13 @@ class Detector:
         self._scores.reset()
         self._rules.reset()
 
-    def runs(self, samples: np.ndarray):
-        """Each model run the samples complete: (end time, class probabilities, event or None)."""
-        for end, scores in self._scores.push(samples):
-            yield end, scores, self._rules.update(end, scores)
+    def score(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Event]]:
+        """The model runs the samples complete (end times, class probabilities) and their events."""
+        ends, probabilities = self._scores.push(samples)
+        return ends, probabilities, self._rules.update(ends, probabilities)
 
     def push(self, samples: np.ndarray) -> list[Event]:
-        return [event for _, _, event in self.runs(samples) if event]
+        return self.score(samples)[2]
 
     def tail(self) -> np.ndarray:
         """Silence that lets the averages over the last audio complete at the end of a stream."""
@@ -228,20 +239,22 @@ def recording_report(detector: Detector, audio: np.ndarray, name: str, top_k: in
     (the model run most confident in something other than silence), the ``top_k`` highest.
     """
     detector.reset()
-    runs = list(detector.runs(audio)) + list(detector.runs(detector.tail()))
+    _, recorded, events = detector.score(audio)
+    _, tail, tail_events = detector.score(detector.tail())
     duration = len(audio) / SAMPLE_RATE
     report = {
         "file": name,
         "duration": round(duration, 3),
-        "detections": [event.clamped(duration).to_dict() for _, _, event in runs if event],
+        "detections": [event.clamped(duration).to_dict() for event in events + tail_events],
         "model": {
             "name": detector.model.manifest.get("name"),
             "version": detector.model.manifest.get("kws_version"),
         },
     }
-    if duration <= SCORED_CLIP_SECONDS and runs:
+    probabilities = np.concatenate([recorded, tail])
+    if duration <= SCORED_CLIP_SECONDS and len(probabilities):
         speech = [i for i, label in enumerate(detector.labels) if label != "_silence_"]
-        best = max(runs, key=lambda run: run[1][speech].max())[1]
+        best = probabilities[np.argmax(probabilities[:, speech].max(axis=1))]
         order = np.argsort(-best)[:top_k]
         report["scores"] = {detector.labels[i]: round(float(best[i]), 4) for i in order}
     return report

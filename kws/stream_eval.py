@@ -128,21 +128,19 @@ def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring
     ends, probabilities = [], []
     step = 10 * SAMPLE_RATE
     for start in tqdm(range(0, len(audio), step), desc=description, unit="10s", leave=False):
-        for end, scores in stream.push(audio[start : start + step]):
-            ends.append(end)
-            probabilities.append(scores)
-    return Scored(np.array(ends), np.array(probabilities), len(audio) / SAMPLE_RATE / 3600)
+        chunk_ends, chunk_probabilities = stream.push(audio[start : start + step])
+        ends.append(chunk_ends)
+        probabilities.append(chunk_probabilities)
+    return Scored(
+        np.concatenate([np.zeros(0), *ends]),
+        np.concatenate([np.zeros((0, len(model.labels)), np.float32), *probabilities]),
+        len(audio) / SAMPLE_RATE / 3600,
+    )
 
 
 def simulate(labels: list[str], scored: Scored, config: DetectionConfig) -> list:
     """The Detector's events for stored scores (the same EventRules, without rerunning the model)."""
-    rules = EventRules(labels, config)
-    events = []
-    for end, probabilities in zip(scored.ends, scored.probabilities, strict=True):
-        event = rules.update(end, probabilities)
-        if event:
-            events.append(event)
-    return events
+    return EventRules(labels, config).update(scored.ends, scored.probabilities)
 
 
 def match(events, truth: list[tuple[str, float, float]]) -> tuple[list[bool], list]:

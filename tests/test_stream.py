@@ -63,19 +63,23 @@ def test_one_file_three_ways_gives_identical_events(model):
 def test_incremental_frames_score_like_a_full_recompute(model):
     audio, _ = tone_recording(["yes", "up"])
     stream = ScoreStream(model, hop_frames=1)
-    runs = stream.push(audio)
-    for end, probabilities in runs[60::17]:
+    ends, scores = stream.push(audio)
+    for end, probabilities in zip(ends[60::17], scores[60::17], strict=True):
         stop = int(round(end * SAMPLE_RATE))
         naive = model.scores(mfcc(audio[stop - CLIP_SAMPLES : stop]))[0]
         np.testing.assert_allclose(probabilities, naive, atol=2 * model.tensor_spec("output")["scale"])
-    assert len(runs) == 1 + (len(audio) - 640) // 320
+    assert len(ends) == len(scores) == 1 + (len(audio) - 640) // 320
 
 
 def test_hop_frames_runs_the_model_every_nth_hop(model):
     audio, _ = tone_recording(["no"])
-    every, second = ScoreStream(model, 1).push(audio), ScoreStream(model, 2).push(audio)
+    (every, every_scores), (second, second_scores) = (
+        ScoreStream(model, 1).push(audio),
+        ScoreStream(model, 2).push(audio),
+    )
     assert len(second) == len(every) // 2
-    assert [end for end, _ in second] == [end for end, _ in every[1::2]]
+    assert second.tolist() == every[1::2].tolist()
+    np.testing.assert_array_equal(second_scores, every_scores[1::2])
 
 
 def rules(config):
@@ -83,11 +87,10 @@ def rules(config):
 
 
 def feed(rule, sequence, step=0.02):
+    """Scores one run at a time, as a live stream gives them."""
     events = []
     for i, scores in enumerate(sequence):
-        event = rule.update((i + 1) * step, np.array(scores, float))
-        if event:
-            events.append(event)
+        events += rule.update(np.array([(i + 1) * step]), np.array([scores], float))
     return events
 
 
