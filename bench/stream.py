@@ -58,7 +58,8 @@ def main() -> None:
     model = Model.load(sys.argv[1] if len(sys.argv) > 1 else None)
     rng = np.random.default_rng(0)
     audio = (0.05 * rng.standard_normal(SECONDS * SAMPLE_RATE)).astype(np.float32)
-    for hop_frames in (1, 2):
+    default = model.manifest.get("detection", {}).get("hop_frames", 1)
+    for hop_frames in sorted({1, 2, default}):
         config = DetectionConfig(**{**model.manifest.get("detection", {}), "hop_frames": hop_frames})
         ours, naive = Detector(model, config), NaiveDetector(model, config)
         costs = {"detector": [], "naive": []}

@@ -138,9 +138,10 @@ class ScoreStream:
             if self._frame_count % self.hop_frames == 0:
                 windows.append(self._ring[newest + 1 : newest + 1 + NUM_FRAMES].copy())
                 ends.append(self.seconds)
+        if not windows:  # most microphone callbacks: less than a hop of new audio
+            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
         # One call for every window: the model's per-call overhead is paid once a chunk.
-        batch = np.array(windows, self._ring.dtype).reshape(-1, *self._ring[:NUM_FRAMES].shape)
-        return np.array(ends, float), self.model.probabilities(self.model.raw_scores(batch))
+        return np.array(ends), self.model.probabilities(self.model.raw_scores(np.stack(windows)))
 
 
 class EventRules:
@@ -163,6 +164,8 @@ class EventRules:
     def update(self, ends: np.ndarray, scores: np.ndarray) -> list[Event]:
         """The events of the next model runs: their end times (s) and class probabilities."""
         count, runs = self.config.average_count, len(ends)
+        if runs == 0:
+            return []
         series = np.concatenate([self._history, np.asarray(scores)[:, self.keywords]])
         # Each average adds its scores oldest first, whatever runs came in the same call,
         # so batching the runs differently never changes an event.
