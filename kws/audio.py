@@ -18,6 +18,10 @@ class AudioError(ValueError):
     """Audio that cannot be used; the message names the source and the reason."""
 
 
+class TooLong(AudioError):
+    """Audio over a duration limit, found from its header before a sample is decoded."""
+
+
 def to_model_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     """(frames,) or (frames, channels) at ``rate`` -> mono float32 at SAMPLE_RATE."""
     samples = np.asarray(samples, dtype=np.float32)
@@ -28,9 +32,16 @@ def to_model_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     return samples
 
 
-def _decode(source, name: str) -> np.ndarray:
+def _decode(source, name: str, max_seconds: float | None = None) -> np.ndarray:
     try:
-        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as file:
+            if max_seconds is not None and file.frames > max_seconds * file.samplerate:
+                seconds = file.frames / file.samplerate
+                raise TooLong(f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
+            rate = file.samplerate
+            samples = file.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception as error:  # soundfile raises several types for undecodable input
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         raise AudioError(f"{name}: cannot decode audio ({reason})") from None
@@ -52,11 +63,12 @@ def load(path: str | Path) -> np.ndarray:
     return _decode(str(path), str(path))
 
 
-def decode(data: bytes, name: str = "audio") -> np.ndarray:
-    """Decode audio file bytes (WAV, FLAC, OGG, ...) like ``load``."""
+def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
+    """Decode audio file bytes (WAV, FLAC, OGG, ...) like ``load``; TooLong if the header says
+    the recording lasts over ``max_seconds``."""
     if not data:
         raise AudioError(f"{name}: is empty")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, max_seconds)
 
 
 def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:

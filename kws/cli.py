@@ -291,11 +291,11 @@ def cmd_serve(args) -> int:
         "model": args.model and str(args.model),
         "max_bytes": args.max_bytes,
         "max_seconds": args.max_seconds,
-        "interpreters": args.interpreters,
+        "workers": args.workers,
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
     Model.load(settings.model)  # a bad model fails here, once, rather than in every worker
-    serve(settings, args.host, args.port, args.workers)
+    serve(settings, args.host, args.port)
     return 0
 
 
@@ -520,12 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="export folder or .tflite (default: $KWS_MODEL, else the built-in model)"
     )
     serve.add_argument(
-        "--workers", type=_positive_int, default=1, help="server processes, each with the model (default 1)"
-    )
-    serve.add_argument(
-        "--interpreters",
+        "--workers",
         type=_positive_int,
-        help="model interpreters per worker: detections it runs at once (default 1)",
+        help="processes running POST /detect, each with the model, fed from one queue "
+        "(default: one per CPU core)",
     )
     serve.add_argument(
         "--max-bytes", type=_positive_int, help="largest request body, in bytes (default 10000000): else 413"

@@ -19,8 +19,8 @@ WebSocket protocol of ``/stream``:
   of any size (20 ms = 640 bytes is typical). ``/stream?rate=44100`` announces another
   sample rate (8000 to 192000 Hz); the server resamples it on the fly.
 - Client -> server, text message ``{"event": "end"}``: the audio is over. The server scores
-  the last ~0.6 s, sends what it finds and closes the connection with code 1000.
-  A client that just disconnects gets no events for its last ~0.6 s.
+  the last ~0.8 s, sends what it finds and closes the connection with code 1000.
+  A client that just disconnects gets no events for its last ~0.8 s.
 - Server -> client, text messages: one JSON object per detection as it happens,
   ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
   stream began), the same events as ``Detector.detect`` on the whole recording.
@@ -33,32 +33,29 @@ everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Be
 WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
 query value is blanked out of uvicorn's logs.
 
-Settings travel by environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``,
-``KWS_INTERPRETERS``, ``KWS_API_KEY``) so that each uvicorn worker process, which imports
-``create_app`` itself, loads the same model once.
+Processes: this one answers HTTP and WebSockets; ``workers`` more, each with its own model,
+run POST /detect from one queue (kws.workers). Settings come from ``Settings`` or the
+environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKERS``,
+``KWS_API_KEY``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
-import io
 import json
 import logging
 import os
-import queue
 import re
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
 import numpy as np
-import soundfile as sf
 import soxr
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
@@ -69,10 +66,11 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from kws import __version__, audio
+from kws import __version__
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
-from kws.stream import Detector, Event, detection_config, recording_report
+from kws.stream import Detector, Event, detection_config
+from kws.workers import RequestError, WorkerPool
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
@@ -82,11 +80,11 @@ STREAM_RATES = (8_000, 192_000)  # what ?rate= may announce, in Hz
 # A minute of audio costs the Detector ~0.4 s of CPU; longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
-# Interpreters per worker = detections it runs at once. bench/load.py on 2 cores (one busy
-# training): 1 and 2 gave the same throughput (68 and 69 req/s) and 1 the shorter tail (p99
-# 358 against 581 ms), as a second thread of the same process mostly waits for the GIL.
-# More cores are for more --workers.
-DEFAULT_INTERPRETERS = 1
+
+
+def default_workers() -> int:
+    """One worker process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class Settings:
     model: str | None = None  # export folder or .tflite; None: the built-in model
     max_bytes: int = DEFAULT_MAX_BYTES
     max_seconds: float = DEFAULT_MAX_SECONDS
-    interpreters: int = DEFAULT_INTERPRETERS
+    workers: int = dataclasses.field(default_factory=default_workers)  # processes running POST /detect
     api_key: str | None = None
 
     @classmethod
@@ -108,7 +106,7 @@ class Settings:
         for field, name, kind, what in (
             ("max_bytes", "KWS_MAX_BYTES", int, "a whole number of bytes"),
             ("max_seconds", "KWS_MAX_SECONDS", float, "a number of seconds"),
-            ("interpreters", "KWS_INTERPRETERS", int, "a whole number"),
+            ("workers", "KWS_WORKERS", int, "a whole number"),
         ):
             if env.get(name):
                 try:
@@ -118,50 +116,6 @@ class Settings:
                 if values[field] <= 0:
                     raise ValueError(f"{name} must be positive, got {env[name]}")
         return cls(**values)
-
-    def environ(self) -> dict[str, str]:
-        """The variables that give a worker process these settings (the API key stays where it was)."""
-        values = {
-            "KWS_MAX_BYTES": str(self.max_bytes),
-            "KWS_MAX_SECONDS": str(self.max_seconds),
-            "KWS_INTERPRETERS": str(self.interpreters),
-        }
-        if self.model:
-            values["KWS_MODEL"] = str(Path(self.model).resolve())
-        return values
-
-
-class InterpreterPool:
-    """Models with one manifest, standing in for one Model in any number of Detectors at once.
-
-    A LiteRT interpreter is not thread-safe, so each model run borrows one of the pool's
-    models for that run only; framing and MFCCs, the other half of the work, need none.
-    """
-
-    def __init__(self, models: list[Model]):
-        self._first = models[0]
-        self.manifest = self._first.manifest
-        self.labels = self._first.labels
-        self._free: queue.SimpleQueue[Model] = queue.SimpleQueue()
-        for model in models:
-            self._free.put(model)
-
-    @classmethod
-    def load(cls, path: str | None, size: int) -> InterpreterPool:
-        return cls([Model.load(path) for _ in range(size)])
-
-    def prepare(self, batch: np.ndarray) -> np.ndarray:
-        return self._first.prepare(batch)
-
-    def probabilities(self, raw: np.ndarray) -> np.ndarray:
-        return self._first.probabilities(raw)
-
-    def raw_scores(self, prepared: np.ndarray) -> np.ndarray:
-        model = self._free.get()
-        try:
-            return model.raw_scores(prepared)
-        finally:
-            self._free.put(model)
 
 
 class Detection(BaseModel):
@@ -218,12 +172,6 @@ class Metrics:
         )
 
     def exposition(self) -> bytes:
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum every worker's files
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
         return generate_latest(self.registry)
 
     def count(self, events: list[dict]) -> None:
@@ -338,44 +286,11 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, str]:
     return data, files[0].filename or UPLOAD_NAME
 
 
-def _check_duration(data: bytes, name: str, max_seconds: float) -> None:
-    """413 for a recording longer than ``max_seconds``, from its header, before decoding a byte of it."""
-    try:
-        info = sf.info(io.BytesIO(data))
-    except Exception:  # not audio soundfile knows: decoding says why
-        return
-    if info.frames > max_seconds * info.samplerate:
-        seconds = info.frames / max(info.samplerate, 1)
-        raise HTTPException(413, f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
-
-
-def _detect(
-    pool: InterpreterPool,
-    max_seconds: float,
-    data: bytes,
-    name: str,
-    threshold: float | None,
-    top_k: int | None,
-) -> dict:
-    """Decode and detect, in a worker thread: the CPU-bound half of POST /detect."""
-    _check_duration(data, name, max_seconds)
-    try:
-        samples = audio.decode(data, name)
-    except audio.AudioError as error:
-        raise HTTPException(415, str(error)) from None
-    if len(samples) > max_seconds * SAMPLE_RATE:
-        raise HTTPException(413, f"{name}: over the {max_seconds:g} s limit")
-    detector = Detector(pool, detection_config(pool.manifest, threshold))
-    if top_k is not None:
-        top_k = min(top_k, len(pool.labels))  # numpy cannot slice with a 30-digit number
-    return recording_report(detector, samples, name, top_k)
-
-
 class StreamSession:
     """One WebSocket's audio: PCM bytes -> (resampled) float samples -> its own Detector."""
 
-    def __init__(self, pool: InterpreterPool, rate: int):
-        self.detector = Detector(pool)
+    def __init__(self, model: Model, rate: int):
+        self.detector = Detector(model)
         self.rate = rate
         self.received = 0  # samples at ``rate``, for the stream's duration
         self._odd_byte = b""  # half a sample that a message split
@@ -419,13 +334,10 @@ def _is_end(text: str) -> bool:
         return False
 
 
-async def _compute(connection: Request | WebSocket, function, *args):
-    """Run CPU-bound work in a thread, no more at once than the worker has interpreters.
-
-    Requests beyond that wait their turn in order instead of all sharing the cores (and the
-    GIL) at once, which would make every one of them as slow as all of them together.
-    """
-    return await anyio.to_thread.run_sync(function, *args, limiter=connection.app.state.compute)
+async def _compute(websocket: WebSocket, function, *args):
+    """Run a stream's work in a thread, one stream at a time: the server's interpreter is not
+    thread-safe, and its streams cost ~0.5 % of a core each."""
+    return await anyio.to_thread.run_sync(function, *args, limiter=websocket.app.state.streams)
 
 
 async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
@@ -486,20 +398,29 @@ DETECT_ERRORS = {
 }
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app; without ``settings`` they come from the environment (how uvicorn workers call it)."""
-    settings = settings or Settings.from_env()
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI app; its model and worker processes load when it starts (the lifespan)."""
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.pool = await run_in_threadpool(InterpreterPool.load, settings.model, settings.interpreters)
-        app.state.compute = anyio.CapacityLimiter(settings.interpreters)
-        manifest = app.state.pool.manifest
-        log.info(
-            "kws %s serving model %s (%s labels)", __version__, manifest.get("name"), len(manifest["labels"])
-        )
-        yield
+        model = await run_in_threadpool(Model.load, settings.model)
+        workers = WorkerPool(settings.model, settings.workers)
+        try:
+            await run_in_threadpool(workers.warm_up)
+            app.state.model, app.state.workers = model, workers
+            app.state.streams = anyio.CapacityLimiter(1)
+            log.info(
+                "kws %s serving model %s (%s labels) with %d worker processes",
+                __version__,
+                model.manifest.get("name"),
+                len(model.labels),
+                settings.workers,
+            )
+            yield
+        finally:
+            app.state.model = None
+            await run_in_threadpool(workers.close)
 
     app = FastAPI(
         title="kws",
@@ -507,13 +428,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Keyword spotting: keywords in recordings (POST /detect) or in live audio (WS /stream).",
         lifespan=lifespan,
     )
-    app.state.pool = None
+    app.state.model = None
 
-    def pool_of(request: Request) -> InterpreterPool:
-        pool = request.app.state.pool
-        if pool is None:
+    def model_of(request: Request) -> Model:
+        model = request.app.state.model
+        if model is None:
             raise HTTPException(503, "the model is not loaded yet")
-        return pool
+        return model
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, error: ClientDisconnect) -> Response:
@@ -525,11 +446,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/ready", summary="readiness: 200 once the model is loaded, else 503")
     def ready(request: Request) -> dict:
-        return {"status": "ready", "model": pool_of(request).manifest.get("name")}
+        return {"status": "ready", "model": model_of(request).manifest.get("name")}
 
     @app.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
     def model_info(request: Request) -> dict:
-        return _model_info(pool_of(request).manifest)
+        return _model_info(model_of(request).manifest)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def prometheus() -> Response:
@@ -553,11 +474,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
-        pool = pool_of(request)
+        model_of(request)
         data, name = await _upload(request, settings.max_bytes)
         if not data:
             raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")
-        report = await _compute(request, _detect, pool, settings.max_seconds, data, name, threshold, top_k)
+        try:
+            workers = request.app.state.workers
+            report = await workers.detect(data, name, settings.max_seconds, threshold, top_k)
+        except RequestError as error:
+            raise HTTPException(error.status, error.detail) from None
         metrics.count(report["detections"])
         return report
 
@@ -569,10 +494,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             low, high = STREAM_RATES
             await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
             return
-        if websocket.app.state.pool is None:
+        if websocket.app.state.model is None:
             await websocket.close(1013, "the model is not loaded yet")
             return
-        session = StreamSession(websocket.app.state.pool, rate)
+        session = StreamSession(websocket.app.state.model, rate)
         with contextlib.suppress(WebSocketDisconnect):
             await _converse(websocket, session, metrics)
 
@@ -584,22 +509,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def serve(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Run the app under uvicorn with ``workers`` processes, each loading the model once."""
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the app under uvicorn: one process for HTTP, ``settings.workers`` for detection."""
     import uvicorn
 
-    os.environ.update(settings.environ())
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            # Worker processes share their counts through files here, so /metrics sums them all.
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="kws-")
-            )
-        uvicorn.run(
-            "kws.server:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            timeout_graceful_shutdown=5,
-        )
+    uvicorn.run(create_app(settings), host=host, port=port, timeout_graceful_shutdown=5)

@@ -3,6 +3,7 @@ stream gives Detector.detect's events, auth, metrics, a real server process, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -10,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +37,7 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import Model
 from kws.server import Settings, create_app
 from kws.stream import Detector, detection_config, recording_report
+from kws.workers import RequestError, WorkerPool
 
 API_KEY = "s3cret-key-for-tests"
 END = json.dumps({"event": "end"})
@@ -413,9 +416,7 @@ def free_port() -> int:
 def running(command: list[str], log: Path, env: dict | None = None):
     """Start a server command on a free 127.0.0.1 port; yield its URL once /health answers."""
     port = free_port()
-    clean = {
-        name: value for name, value in os.environ.items() if not name.startswith(("KWS_", "PROMETHEUS_"))
-    }
+    clean = {name: value for name, value in os.environ.items() if not name.startswith("KWS_")}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -509,20 +510,22 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
     assert API_KEY not in text
 
 
-def test_two_workers_sum_their_metrics(export, tmp_path, clip):
-    shared = tmp_path / "metrics"
-    shared.mkdir()
-    command = [sys.executable, "-m", "kws", "serve", "--model", str(export), "--workers", "2"]
-    with running(command, tmp_path / "serve.log", {"PROMETHEUS_MULTIPROC_DIR": str(shared)}) as (url, _):
-        sent = 0
-        # A new connection each time, until both workers have counted some (the kernel picks one).
-        while sent < 6 or len(list(shared.glob("counter_*.db"))) < 2:
-            assert httpx.post(f"{url}/detect", content=encode(clip), timeout=30).status_code == 200
-            sent += 1
-            assert sent < 100, "one worker got every request"
-        scrapes = [metric_samples(httpx.get(f"{url}/metrics").text) for _ in range(4)]
-    key = ("kws_requests_total", (("endpoint", "/detect"), ("status", "200")))
-    assert [samples[key] for samples in scrapes] == [sent] * 4
+def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
+    data = encode(clip)
+    expected = recording_report(Detector(model), clip, "c.wav")
+    pool = WorkerPool(str(export), 2)
+    try:
+        pids = pool.warm_up()
+        assert len(pids) == 2  # both processes started and took work from the one queue
+        assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
+        os.kill(pids.pop(), signal.SIGKILL)
+        time.sleep(0.5)
+        assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
+        with pytest.raises(RequestError) as refused:
+            asyncio.run(pool.detect(b"RIFF", "c.wav", 60.0, None, None))
+        assert refused.value.status == 415 and "c.wav" in refused.value.detail
+    finally:
+        pool.close()
 
 
 # The Dockerfile
