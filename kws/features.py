@@ -84,13 +84,26 @@ def frame_features(frames: np.ndarray) -> np.ndarray:
     """MFCCs of frames: (..., WINDOW_SAMPLES) float samples -> (..., NUM_MFCC) float32."""
     frames = np.asarray(frames, dtype=np.float32)
     lead = frames.shape[:-1]
-    windowed = frames.reshape(-1, WINDOW_SAMPLES) * WINDOW
+    flat = frames.reshape(-1, WINDOW_SAMPLES)
+    blocks = [
+        _block_features(flat[start : start + BLOCK_FRAMES]) for start in range(0, len(flat), BLOCK_FRAMES)
+    ]
+    return np.concatenate(blocks or [np.zeros((0, NUM_MFCC), np.float32)]).reshape(*lead, NUM_MFCC)
+
+
+# Frames go through the FFT this many at a time: a block's buffers stay in the CPU's cache
+# (a second of audio, 91 frames with the Detector's tail, costs 1.3 x as much per frame at once).
+BLOCK_FRAMES = 32
+
+
+def _block_features(frames: np.ndarray) -> np.ndarray:
+    windowed = frames * WINDOW
     spectrum = scipy.fft.rfft(windowed, n=FFT_SIZE, axis=-1)[:, :NUM_BINS]  # zero-padded to FFT_SIZE
     power = np.abs(spectrum) ** 2  # three times faster than re**2 + im**2 on a strided view
     # einsum, unlike BLAS matmul, sums each frame in the same order however many frames come
     # at once: a stream gives identical features whether its audio arrives in one piece or many.
     log_mel = np.log(np.einsum("nk,km->nm", power, MEL_MATRIX) + np.float32(LOG_FLOOR))
-    return np.einsum("nk,km->nm", log_mel, DCT_MATRIX).reshape(*lead, NUM_MFCC)
+    return np.einsum("nk,km->nm", log_mel, DCT_MATRIX)
 
 
 def num_frames(num_samples: int) -> int:

@@ -108,40 +108,42 @@ class ScoreStream:
         self.reset()
 
     def reset(self) -> None:
-        # Frames are kept as the model's input wants them (int8), twice over: the last
-        # NUM_FRAMES always sit contiguous at [newest + 1, newest + 1 + NUM_FRAMES), no copying.
-        # Starting from digital silence lets a keyword in the first second be scored at once.
+        # The last NUM_FRAMES frames, as the model's input wants them (int8). Starting from
+        # digital silence lets a keyword in the first second be scored at once.
         silence = self.model.prepare(SILENCE_FRAME[None])[0]
-        self._ring = np.tile(silence, (2 * NUM_FRAMES, 1))
+        self._window = np.tile(silence, (NUM_FRAMES, 1))
         self._pending = np.zeros(0, np.float32)
         self._frame_count = 0
 
     @property
     def seconds(self) -> float:
         """Stream time covered by the frames computed so far."""
-        if not self._frame_count:
-            return 0.0
-        return ((self._frame_count - 1) * HOP_SAMPLES + WINDOW_SAMPLES) / SAMPLE_RATE
+        return _frame_end(self._frame_count) if self._frame_count else 0.0
 
     def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model runs these samples complete: their end times (s) and class probabilities."""
         pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
         count = num_frames(len(pending))
         self._pending = pending[count * HOP_SAMPLES :]
-        ends, windows = [], []
+        if count == 0:
+            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
         # All new frames at once: frame_features gives each frame the same values however
         # many come together, so the chunking of the audio never changes a score.
-        for frame in self.model.prepare(frame_features(frames(pending, count))) if count else []:
-            newest = self._frame_count % NUM_FRAMES
-            self._ring[newest] = self._ring[newest + NUM_FRAMES] = frame
-            self._frame_count += 1
-            if self._frame_count % self.hop_frames == 0:
-                windows.append(self._ring[newest + 1 : newest + 1 + NUM_FRAMES].copy())
-                ends.append(self.seconds)
-        if not windows:  # most microphone callbacks: less than a hop of new audio
-            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
-        # One call for every window: the model's per-call overhead is paid once a chunk.
-        return np.array(ends), self.model.probabilities(self.model.raw_scores(np.stack(windows)))
+        new = self.model.prepare(frame_features(frames(pending, count)))
+        series = np.concatenate([self._window, new])
+        numbers = self._frame_count + 1 + np.arange(count)  # of the new frames, from 1
+        runs = np.flatnonzero(numbers % self.hop_frames == 0)
+        self._window = series[-NUM_FRAMES:]
+        self._frame_count += count
+        # Run i scores the NUM_FRAMES frames that end with new frame runs[i], all in one call.
+        windows = np.lib.stride_tricks.sliding_window_view(series, NUM_FRAMES, axis=0)[runs + 1]
+        scores = self.model.probabilities(self.model.raw_scores(windows.transpose(0, 2, 1)))
+        return _frame_end(numbers[runs]), scores
+
+
+def _frame_end(number):
+    """Stream time (s) at the end of frame ``number`` (from 1): one number or an array."""
+    return ((number - 1) * HOP_SAMPLES + WINDOW_SAMPLES) / SAMPLE_RATE
 
 
 class EventRules:
@@ -242,19 +244,17 @@ def recording_report(detector: Detector, audio: np.ndarray, name: str, top_k: in
     (the model run most confident in something other than silence), the ``top_k`` highest.
     """
     detector.reset()
-    _, recorded, events = detector.score(audio)
-    _, tail, tail_events = detector.score(detector.tail())
+    _, probabilities, events = detector.score(np.concatenate([audio, detector.tail()]))
     duration = len(audio) / SAMPLE_RATE
     report = {
         "file": name,
         "duration": round(duration, 3),
-        "detections": [event.clamped(duration).to_dict() for event in events + tail_events],
+        "detections": [event.clamped(duration).to_dict() for event in events],
         "model": {
             "name": detector.model.manifest.get("name"),
             "version": detector.model.manifest.get("kws_version"),
         },
     }
-    probabilities = np.concatenate([recorded, tail])
     if duration <= SCORED_CLIP_SECONDS and len(probabilities):
         speech = [i for i, label in enumerate(detector.labels) if label != "_silence_"]
         best = probabilities[np.argmax(probabilities[:, speech].max(axis=1))]
