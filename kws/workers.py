@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -51,6 +52,8 @@ def detect(
 
 def _load(path: str | None) -> None:
     global _model
+    # Ctrl-C reaches the whole process group; the server shuts its workers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _model = Model.load(path)
 
 
