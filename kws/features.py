@@ -85,10 +85,12 @@ def frame_features(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames, dtype=np.float32)
     lead = frames.shape[:-1]
     flat = frames.reshape(-1, WINDOW_SAMPLES)
+    if len(flat) <= BLOCK_FRAMES:  # a live stream's few new frames
+        return _block_features(flat).reshape(*lead, NUM_MFCC)
     blocks = [
         _block_features(flat[start : start + BLOCK_FRAMES]) for start in range(0, len(flat), BLOCK_FRAMES)
     ]
-    return np.concatenate(blocks or [np.zeros((0, NUM_MFCC), np.float32)]).reshape(*lead, NUM_MFCC)
+    return np.concatenate(blocks).reshape(*lead, NUM_MFCC)
 
 
 # Frames go through the FFT this many at a time: a block's buffers stay in the CPU's cache

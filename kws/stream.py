@@ -138,10 +138,11 @@ class ScoreStream:
         runs = np.flatnonzero(numbers % self.hop_frames == 0)
         self._window = series[-NUM_FRAMES:]
         self._frame_count += count
-        # Run i scores the NUM_FRAMES frames that end with new frame runs[i], all in one call.
-        windows = np.lib.stride_tricks.sliding_window_view(series, NUM_FRAMES, axis=0)[runs + 1]
-        scores = self.model.probabilities(self.model.raw_scores(windows.transpose(0, 2, 1)))
-        return _frame_end(numbers[runs]), scores
+        if not len(runs):  # most microphone callbacks: less than a hop of new audio
+            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
+        # Each run scores the NUM_FRAMES frames that end with its new frame; all in one call.
+        windows = np.stack([series[run + 1 : run + 1 + NUM_FRAMES] for run in runs])
+        return _frame_end(numbers[runs]), self.model.probabilities(self.model.raw_scores(windows))
 
 
 def _frame_end(number):
