@@ -110,13 +110,18 @@ def server(model: str | None, workers: int):
 
 
 def rss_kb(pid: int) -> int:
-    """Resident memory of a process and its children (uvicorn's workers), in kB."""
+    """Resident memory of a process and all its descendants (the worker processes), in kB."""
     total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             total += int(line.split()[1])
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return total + sum(rss_kb(int(child)) for child in children)
+    # Children are listed per thread: the worker pool's own thread starts the workers.
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return total + sum(rss_kb(child) for child in children)
 
 
 class Connection:
