@@ -241,6 +241,7 @@ def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) 
 def model_card(manifest: dict) -> str:
     """MODEL_CARD.md: what the model is, what it was trained on, and how good it measured."""
     accuracy, sizes, streaming = manifest["accuracy"], manifest["sizes"], manifest["streaming"]
+    detection = manifest["detection"]
     data, train, model = manifest["training"]["data"], manifest["training"]["train"], manifest["model"]
     counts = manifest["training"].get("clips_per_split", {})
     spotted = keywords(manifest["labels"])
@@ -284,7 +285,9 @@ def model_card(manifest: dict) -> str:
         f"10 % unknown): float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
         "- int8 recall per class: "
         + ", ".join(f"{k} {v:.1%}" for k, v in accuracy["int8_per_class_recall"].items()),
-        f"- Streaming, default thresholds (calibrated to {streaming['target_fa_per_hour']} false accepts per "
+        f"- Streaming (model every {20 * detection['hop_frames']} ms, scores averaged over "
+        f"{detection['average_ms']:g} ms), default thresholds (calibrated to "
+        f"{streaming['target_fa_per_hour']} false accepts per "
         f"hour): recall {streaming['recall']:.1%} of {streaming['keywords']} keywords in a "
         f"{streaming['stream_hours']:.2f} h test stream, {streaming['false_accepts_per_hour']:.2f} false "
         "accepts per hour",
