@@ -1,5 +1,7 @@
 """Decoding: formats, rates, channels, length fixing and unusable files."""
 
+import io
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -78,3 +80,11 @@ def test_non_finite_samples_are_refused(tmp_path):
     sf.write(path, data, 16000, subtype="FLOAT")
     with pytest.raises(audio.AudioError, match="NaN"):
         audio.decode(path.read_bytes(), "upload")
+
+
+def test_a_duration_limit_refuses_long_audio_from_its_header():
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(3 * 8000, np.float32), 8000, format="WAV")
+    with pytest.raises(audio.TooLong, match=r"clip.wav: 3.0 s of audio, over the 2 s limit"):
+        audio.decode(buffer.getvalue(), "clip.wav", max_seconds=2)
+    assert len(audio.decode(buffer.getvalue(), "clip.wav", max_seconds=3)) == 3 * 16000
