@@ -1,14 +1,15 @@
 """Streaming detection: audio chunks in, keyword events out; one Detector for microphone, files and HTTP.
 
-Audio of any chunk size goes in at 16 kHz. Each 20 ms hop adds one MFCC frame to a 1 s
-ring of NUM_FRAMES frames (so a hop costs one frame, never a whole second again), and
-every ``hop_frames`` hops the model scores the ring. Scores become events the way TFLM's
+Audio of any chunk size goes in at 16 kHz. Each 20 ms hop adds one MFCC frame to the last
+second's NUM_FRAMES frames (so a hop costs one frame, never a whole second again), and
+every ``hop_frames`` hops the model scores that second. Scores become events the way TFLM's
 micro_speech (RecognizeCommands) and microWakeWord do it: average each label's score over
 the last ``average_ms``, fire when a keyword's average reaches its threshold with at
 least ``min_count`` scores averaged, then stay quiet for ``suppression_ms``.
 
-Work is done hop by hop whatever the chunking, so a file pushed at once, in 20 ms pieces
-or in random pieces gives identical events.
+Every frame, score and average is computed the same way whatever the chunking (a chunk's
+runs just go to the model in one call), so a file pushed at once, in 20 ms pieces or in
+random pieces gives identical events.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class ScoreStream:
         count = num_frames(len(pending))
         self._pending = pending[count * HOP_SAMPLES :]
         if count == 0:
-            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
+            return self._no_runs()
         # All new frames at once: frame_features gives each frame the same values however
         # many come together, so the chunking of the audio never changes a score.
         new = self.model.prepare(frame_features(frames(pending, count)))
@@ -139,10 +140,13 @@ class ScoreStream:
         self._window = series[-NUM_FRAMES:]
         self._frame_count += count
         if not len(runs):  # most microphone callbacks: less than a hop of new audio
-            return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
+            return self._no_runs()
         # Each run scores the NUM_FRAMES frames that end with its new frame; all in one call.
         windows = np.stack([series[run + 1 : run + 1 + NUM_FRAMES] for run in runs])
         return _frame_end(numbers[runs]), self.model.probabilities(self.model.raw_scores(windows))
+
+    def _no_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
 
 
 def _frame_end(number):
