@@ -26,7 +26,7 @@ def to_model_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     """(frames,) or (frames, channels) at ``rate`` -> mono float32 at SAMPLE_RATE."""
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 2:
-        samples = samples.mean(axis=1, dtype=np.float32)
+        samples = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1, dtype=np.float32)
     if rate != SAMPLE_RATE and len(samples):
         samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32, copy=False)
     return samples
