@@ -24,6 +24,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def shared_validation(manifest: dict, shared: Path):
+    """The validation examples of the data a model's manifest records, read from ``shared``."""
+    from kws.data import DataConfig, SpeechData
+
+    recorded = manifest["training"]["data"]
+    overrides = {"data_dir": str(shared / "speech_commands"), "negatives": [str(shared / "librispeech")]}
+    return SpeechData(DataConfig(**{**recorded, **overrides})).evaluation_set("validation")
+
+
 def tone(
     freq: float, seconds: float = 1.0, rate: int = 16000, level: float = 0.3, seed: int = 0
 ) -> np.ndarray:

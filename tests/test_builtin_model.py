@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared_validation
 
 from kws.cli import main
 from kws.runtime import BUILT_IN_MODEL, Model, resolve
@@ -42,17 +43,9 @@ def test_kws_detect_uses_the_built_in_model_without_model_flag(tmp_path, capsys,
 
 @pytest.mark.integration
 def test_built_in_model_scores_its_recorded_accuracy_on_real_clips(shared_data, manifest):
-    from kws.data import DataConfig, SpeechData
     from kws.features import mfcc
 
-    data = DataConfig(
-        **{
-            **manifest["training"]["data"],
-            "data_dir": str(shared_data / "speech_commands"),
-            "negatives": [str(shared_data / "librispeech")],
-        }
-    )
-    validation = SpeechData(data).evaluation_set("validation")
+    validation = shared_validation(manifest, shared_data)
     predictions = Model.load(None).scores(mfcc(validation.audio)).argmax(axis=1)
     assert len(predictions) == manifest["accuracy"]["examples"]
     assert (predictions == validation.labels).mean() == pytest.approx(manifest["accuracy"]["int8"], abs=1e-4)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import shared_validation
 
 from kws.cli import main
 
@@ -51,19 +52,11 @@ def test_int8_export_keeps_the_float_accuracy(short_run):
 @pytest.fixture(scope="module")
 def real_inputs(shared_data):
     """The built-in model and the quantized features of 300 real validation examples."""
-    from kws.data import DataConfig, SpeechData
     from kws.features import mfcc
     from kws.runtime import Model
 
     model = Model.load(None)
-    data = DataConfig(
-        **{
-            **model.manifest["training"]["data"],
-            "data_dir": str(shared_data / "speech_commands"),
-            "negatives": [str(shared_data / "librispeech")],
-        }
-    )
-    examples = SpeechData(data).evaluation_set("validation")
+    examples = shared_validation(model.manifest, shared_data)
     picks = np.random.default_rng(0).permutation(len(examples.labels))[:300]
     return model.prepare(mfcc(examples.audio[picks]))
 
