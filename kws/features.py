@@ -78,6 +78,14 @@ MEL_MATRIX = _FULL_MEL[:NUM_BINS].astype(np.float32)
 DCT_MATRIX = scipy.fft.dct(np.eye(NUM_MEL_BANDS), type=2, norm="ortho", axis=-1)[:, :NUM_MFCC].astype(
     np.float32
 )
+# MEL_MATRIX's nonzero weights, filter after filter: each filter spans a few adjacent bins, so
+# summing only those costs ~0.6x the dense product. Like einsum (and unlike BLAS matmul), it
+# sums each frame in the same order however many frames come at once, so a stream gets
+# identical features whether its audio arrives in one piece or many.
+_MEL_BINS, _MEL_FILTERS = np.nonzero(MEL_MATRIX.T)[::-1]
+_MEL_WEIGHTS = MEL_MATRIX[_MEL_BINS, _MEL_FILTERS]
+_MEL_STARTS = np.searchsorted(_MEL_FILTERS, np.arange(NUM_MEL_BANDS))
+assert len(np.unique(_MEL_FILTERS)) == NUM_MEL_BANDS, "a mel filter holds no FFT bin: widen the band"
 
 
 def frame_features(frames: np.ndarray) -> np.ndarray:
@@ -102,10 +110,9 @@ def _block_features(frames: np.ndarray) -> np.ndarray:
     windowed = frames * WINDOW
     spectrum = scipy.fft.rfft(windowed, n=FFT_SIZE, axis=-1)[:, :NUM_BINS]  # zero-padded to FFT_SIZE
     power = np.abs(spectrum) ** 2  # three times faster than re**2 + im**2 on a strided view
-    # einsum, unlike BLAS matmul, sums each frame in the same order however many frames come
-    # at once: a stream gives identical features whether its audio arrives in one piece or many.
-    log_mel = np.log(np.einsum("nk,km->nm", power, MEL_MATRIX) + np.float32(LOG_FLOOR))
-    return np.einsum("nk,km->nm", log_mel, DCT_MATRIX)
+    mel = np.add.reduceat(power[:, _MEL_BINS] * _MEL_WEIGHTS, _MEL_STARTS, axis=1)
+    # einsum for the same reason as the mel sums: the same order for every frame.
+    return np.einsum("nk,km->nm", np.log(mel + np.float32(LOG_FLOOR)), DCT_MATRIX)
 
 
 def num_frames(num_samples: int) -> int:
