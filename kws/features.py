@@ -79,9 +79,9 @@ DCT_MATRIX = scipy.fft.dct(np.eye(NUM_MEL_BANDS), type=2, norm="ortho", axis=-1)
     np.float32
 )
 # MEL_MATRIX's nonzero weights, filter after filter: each filter spans a few adjacent bins, so
-# summing only those takes ~15 % less time than the dense product. Like einsum (and unlike BLAS matmul), it
-# sums each frame in the same order however many frames come at once, so a stream gets
-# identical features whether its audio arrives in one piece or many.
+# summing only those takes ~15 % less time than the dense product. Like einsum (and unlike
+# BLAS matmul), it sums each frame in the same order however many frames come at once, so a
+# stream gets identical features whether its audio arrives in one piece or many.
 _MEL_BINS, _MEL_FILTERS = np.nonzero(MEL_MATRIX.T)[::-1]
 _MEL_WEIGHTS = MEL_MATRIX[_MEL_BINS, _MEL_FILTERS]
 _MEL_STARTS = np.searchsorted(_MEL_FILTERS, np.arange(NUM_MEL_BANDS))
