@@ -23,13 +23,13 @@ from kws.features import (
     HOP_SAMPLES,
     NUM_FRAMES,
     SAMPLE_RATE,
+    SILENCE_FRAME,
     WINDOW_SAMPLES,
     frame_features,
     frames,
     num_frames,
 )
 
-SILENCE_FRAME = frame_features(np.zeros(WINDOW_SAMPLES, np.float32))
 HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
 TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with this slack
 

@@ -81,6 +81,21 @@ def test_frames_of_a_signal_are_the_frames_mfcc_computes():
     np.testing.assert_array_equal(F.frame_features(view), F.mfcc(signal))
 
 
+def test_silent_frames_get_the_silence_features_and_leave_the_others_alone():
+    rng = np.random.default_rng(3)
+    signal = (0.2 * rng.standard_normal(2 * F.SAMPLE_RATE)).astype(np.float32)
+    signal[6000:15000] = 0  # a gap of digital silence, and silence to the end
+    signal[24000:] = 0
+    features = F.mfcc(signal)
+    frames = F.frames(signal, len(features))
+    silent = ~frames.any(axis=1)
+    assert 60 > silent.sum() > 30
+    np.testing.assert_array_equal(features[silent], np.tile(F.SILENCE_FRAME, (silent.sum(), 1)))
+    one_by_one = np.concatenate([F.frame_features(frame[None]) for frame in frames])
+    np.testing.assert_array_equal(features, one_by_one)
+    assert F.SILENCE_FRAME[0] == pytest.approx(np.log(F.LOG_FLOOR) * np.sqrt(F.NUM_MEL_BANDS), rel=1e-5)
+
+
 def test_too_short_audio_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 640 samples"):
         F.mfcc(np.zeros(100))
