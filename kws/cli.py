@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=_positive_int,
         help="processes running POST /detect, each with the model, fed from one queue "
-        "(default: one per CPU core)",
+        "(default: one per CPU core, no more than a container's CPU quota)",
     )
     serve.add_argument(
         "--max-bytes", type=_positive_int, help="largest request body, in bytes (default 10000000): else 413"

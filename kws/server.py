@@ -46,11 +46,13 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -82,9 +84,21 @@ DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
 
 
-def default_workers() -> int:
-    """One worker process per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CPU_QUOTA_FILE = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" (µs), or "max <period>"
+
+
+def default_workers(quota_file: Path = CPU_QUOTA_FILE) -> int:
+    """One worker process per core this process may run on, and no more than its CPU quota allows.
+
+    A container started with ``--cpus 2`` on a 64-core host sees 64 cores; 64 workers there
+    would each load a model and take turns on two cores' worth of time.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = quota_file.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    return cores
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from starlette.websockets import WebSocketDisconnect
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import Model
-from kws.server import Settings, create_app
+from kws.server import Settings, create_app, default_workers
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool
 
@@ -508,6 +508,18 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
     text = log.read_text()
     assert "/stream?api_key=***" in text and '"GET /model HTTP/1.1" 200' in text
     assert API_KEY not in text
+
+
+@pytest.mark.parametrize(
+    "cpu_max,expected",
+    [("200000 100000\n", 2), ("50000 100000\n", 1), ("150000 100000\n", 2), ("max 100000\n", 64)],
+)
+def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, cpu_max, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    quota = tmp_path / "cpu.max"
+    quota.write_text(cpu_max)
+    assert default_workers(quota) == expected
+    assert default_workers(tmp_path / "no-cgroup") == 64
 
 
 def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
