@@ -86,11 +86,20 @@ class AugmentConfig:
     noise_probability: float = 0.8
     noise_volume: float = 0.1
     gain_db: float = 0.0  # speech louder or quieter by up to this much
+    # Speech played up to this much faster or slower (pitch and tempo together), as
+    # kws_streaming's `resample` (0.15 in its recipes): speakers differ in both.
+    speed: float = 0.0
     spec_augment: bool = False
     time_masks: int = 2
     time_mask_frames: int = 5  # widest mask
     freq_masks: int = 2
     freq_mask_coefficients: int = 2
+
+    def __post_init__(self):
+        if not 0 <= self.speed < 1:
+            raise ValueError(
+                f"speed must be from 0 to below 1 (0.15: up to 15 % faster or slower), got {self.speed}"
+            )
 
 
 def labels_for(words) -> list[str]:
@@ -310,6 +319,17 @@ def shift_rows(batch: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return out
 
 
+def change_speed(batch: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Play each row ``factor`` times as fast about its centre (linear interpolation, zeros outside)."""
+    width = batch.shape[1]
+    centre = (width - 1) / 2
+    grid, positions = np.arange(width) - centre, np.arange(width)
+    out = np.empty_like(batch)
+    for row, factor in enumerate(factors):
+        out[row] = np.interp(centre + grid * factor, positions, batch[row], left=0.0, right=0.0)
+    return out
+
+
 def time_shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
     """Shift each row by up to +-max_shift samples, filling with zeros."""
     return shift_rows(batch, rng.integers(-max_shift, max_shift + 1, size=len(batch)))
@@ -492,6 +512,9 @@ class SpeechData:
         # partial words are placed on purpose: a time shift could bring the whole word back in
         movable = plan[speech] != _PARTIAL
         shifted = batch[speech]
+        if augment.speed:
+            factors = rng.uniform(1 - augment.speed, 1 + augment.speed, size=len(shifted))
+            shifted = change_speed(shifted, factors)
         shifted[movable] = time_shift(shifted[movable], rng, int(augment.time_shift_ms * SAMPLE_RATE / 1000))
         if augment.gain_db:
             shifted *= 10 ** (rng.uniform(-augment.gain_db, augment.gain_db, size=(len(shifted), 1)) / 20)

@@ -50,11 +50,16 @@ class TrainConfig:
     # Used for the first, second and last third of the epochs.
     learning_rates: tuple[float, float, float] = (3e-3, 1e-3, 2e-4)
     seed: int = 0
+    # Above 0: the weights end each epoch as their moving average over its last steps
+    # (Keras' Adam use_ema, applied when each epoch's fit ends), 0.99 ~ the last 100 steps.
+    ema_momentum: float = 0.0
 
     def __post_init__(self):
         self.learning_rates = tuple(self.learning_rates)
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(f"ema_momentum must be from 0 to below 1, got {self.ema_momentum}")
 
     def learning_rate(self, epoch: int) -> float:
         """Learning rate of a 0-based epoch."""
@@ -164,7 +169,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         keras.utils.set_random_seed(config.train.seed)
         model = build(config.model, len(config.labels))
         model.compile(
-            optimizer=keras.optimizers.Adam(config.train.learning_rates[0]),
+            optimizer=keras.optimizers.Adam(
+                config.train.learning_rates[0],
+                use_ema=config.train.ema_momentum > 0,
+                ema_momentum=config.train.ema_momentum or 0.99,
+            ),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )

@@ -197,3 +197,28 @@ def test_gain_augmentation_changes_levels_within_the_bound(tiny_dataset):
     ratio = np.abs(louder).max(axis=1) / np.abs(clean).max(axis=1)
     assert ratio.min() >= 10 ** (-6 / 20) - 1e-3 and ratio.max() <= 10 ** (6 / 20) + 1e-3
     assert ratio.std() > 0.1
+
+
+def test_change_speed_moves_pitch_and_length_together():
+    seconds = np.arange(CLIP_SAMPLES) / CLIP_SAMPLES
+    burst = np.sin(2 * np.pi * 1000 * seconds) * (np.abs(seconds - 0.5) < 0.25)  # 0.5 s, centred
+    faster, same, slower = D.change_speed(np.tile(burst, (3, 1)), np.array([1.1, 1.0, 0.9]))
+    np.testing.assert_allclose(same, burst, atol=1e-12)
+    for played, factor in ((faster, 1.1), (slower, 0.9)):
+        assert np.argmax(np.abs(np.fft.rfft(played))) == pytest.approx(1000 * factor, abs=2)  # 1 Hz bins
+        assert np.count_nonzero(np.abs(played) > 1e-3) / CLIP_SAMPLES == pytest.approx(0.5 / factor, abs=0.01)
+
+
+def test_speed_augmentation_stays_within_its_bound(tiny_dataset):
+    with pytest.raises(ValueError, match="speed must be"):
+        D.AugmentConfig(speed=1.5)
+    data = D.SpeechData(config(tiny_dataset, silence_share=0.0, unknown_share=0.0))
+    plan = data._plan("training", np.random.default_rng(0), evaluation=False)
+    clean = data._render("training", plan, np.random.default_rng(0))
+    only_speed = D.AugmentConfig(time_shift_ms=0, noise_probability=0, speed=0.15)
+    played = data._augment(clean.copy(), plan, np.random.default_rng(1), only_speed)
+    peak = np.argmax(np.abs(np.fft.rfft(played, axis=1)), axis=1) / np.argmax(
+        np.abs(np.fft.rfft(clean, axis=1)), axis=1
+    )
+    assert peak.min() >= 0.85 - 0.01 and peak.max() <= 1.15 + 0.01
+    assert peak.std() > 0.03
