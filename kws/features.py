@@ -93,7 +93,7 @@ def frame_features(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames, dtype=np.float32)
     lead = frames.shape[:-1]
     flat = frames.reshape(-1, WINDOW_SAMPLES)
-    # Frames of digital silence (the Detector's tail after a recording: 39 of the 86 frames
+    # Frames of digital silence (the Detector's tail after a recording: 40 of the 90 frames
     # of a 1 s upload) skip the FFT: their features are a constant, bit for bit.
     sound = flat.any(axis=1)
     if not sound.all():

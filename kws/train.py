@@ -172,7 +172,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             optimizer=keras.optimizers.Adam(
                 config.train.learning_rates[0],
                 use_ema=config.train.ema_momentum > 0,
-                ema_momentum=config.train.ema_momentum or 0.99,
+                ema_momentum=config.train.ema_momentum,
             ),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
