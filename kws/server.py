@@ -84,21 +84,29 @@ DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
 
 
-CPU_QUOTA_FILE = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" (µs), or "max <period>"
+CGROUP = Path("/sys/fs/cgroup")
 
 
-def default_workers(quota_file: Path = CPU_QUOTA_FILE) -> int:
+def default_workers(cgroup: Path = CGROUP) -> int:
     """One worker process per core this process may run on, and no more than its CPU quota allows.
 
     A container started with ``--cpus 2`` on a 64-core host sees 64 cores; 64 workers there
     would each load a model and take turns on two cores' worth of time.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return min(cores, max(1, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """Cores' worth of CPU time the container may use, if it is limited (cgroup v2, else v1)."""
     with contextlib.suppress(OSError, ValueError):
-        quota, period = quota_file.read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    return cores
+        quota, period = (cgroup / "cpu.max").read_text().split()  # "max 100000" when unlimited
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1 when unlimited
+        return None if quota < 0 else quota / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    return None
 
 
 @dataclass(frozen=True)

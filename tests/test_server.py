@@ -511,15 +511,23 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
 
 
 @pytest.mark.parametrize(
-    "cpu_max,expected",
-    [("200000 100000\n", 2), ("50000 100000\n", 1), ("150000 100000\n", 2), ("max 100000\n", 64)],
+    "files,expected",
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "max 100000\n"}, 64),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64),
+        ({}, 64),
+    ],
 )
-def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, cpu_max, expected):
+def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, files, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
-    quota = tmp_path / "cpu.max"
-    quota.write_text(cpu_max)
-    assert default_workers(quota) == expected
-    assert default_workers(tmp_path / "no-cgroup") == 64
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert default_workers(tmp_path) == expected
 
 
 def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
