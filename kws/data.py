@@ -323,10 +323,12 @@ def change_speed(batch: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """Play each row ``factor`` times as fast about its centre (linear interpolation, zeros outside)."""
     width = batch.shape[1]
     centre = (width - 1) / 2
-    grid, positions = np.arange(width) - centre, np.arange(width)
+    positions = np.arange(width)
     out = np.empty_like(batch)
     for row, factor in enumerate(factors):
-        out[row] = np.interp(centre + grid * factor, positions, batch[row], left=0.0, right=0.0)
+        out[row] = np.interp(
+            centre + (positions - centre) * factor, positions, batch[row], left=0.0, right=0.0
+        )
     return out
 
 
