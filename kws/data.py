@@ -324,11 +324,10 @@ def change_speed(batch: np.ndarray, factors: np.ndarray) -> np.ndarray:
     width = batch.shape[1]
     centre = (width - 1) / 2
     positions = np.arange(width)
+    offsets = positions - centre
     out = np.empty_like(batch)
     for row, factor in enumerate(factors):
-        out[row] = np.interp(
-            centre + (positions - centre) * factor, positions, batch[row], left=0.0, right=0.0
-        )
+        out[row] = np.interp(centre + offsets * factor, positions, batch[row], left=0.0, right=0.0)
     return out
 
 
