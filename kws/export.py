@@ -20,7 +20,7 @@ from kws.c_frontend import write_c_frontend
 from kws.data import SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
-from kws.runtime import MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
+from kws.runtime import LOGITS, MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
 from kws.stream import DetectionConfig, keywords
 from kws.stream_eval import stream_test
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
@@ -28,7 +28,7 @@ from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL_CARD = "MODEL_CARD.md"
-FA_TARGET_PER_HOUR = 0.5  # openWakeWord's target; split evenly between the keywords
+FA_TARGET_PER_HOUR = 0.5  # openWakeWord's target, for all keywords together
 DET_PLOT = "det_curve.png"
 MODEL_FILES = {
     "int8": "model_int8.tflite",
@@ -48,14 +48,29 @@ def calibration_features(data: SpeechData, config: RunConfig, per_label: int = C
     return batch[np.concatenate(picks)]
 
 
-def convert(model, kind: str, calibration: np.ndarray | None = None) -> bytes:
-    """The Keras model as a batch-1 .tflite: "float32", "float16" weights, or full-integer "int8"."""
+def logits_model(model):
+    """The trained classifier without its final softmax, at a fixed batch of 1.
+
+    The runtime applies the softmax in float (runtime.LOGITS). A fixed batch makes every
+    shape static: no SHAPE/PACK ops for a device to run.
+    """
     import keras
+
+    scores = model.get_layer("scores")
+    single = keras.Input(shape=(features.NUM_FRAMES, features.NUM_MFCC), batch_size=1, name="mfcc")
+    pooled = keras.Model(model.inputs, scores.input)(single)
+    head = keras.layers.Dense(scores.units, name="logits")
+    logits = head(pooled)
+    head.set_weights(scores.get_weights())
+    return keras.Model(single, logits)
+
+
+def convert(model, kind: str, calibration: np.ndarray | None = None) -> bytes:
+    """The Keras model as a batch-1 .tflite of logits: "float32", "float16" weights, or full-integer
+    "int8"."""
     import tensorflow as tf
 
-    # A fixed batch of 1 makes every shape static: no SHAPE/PACK ops for a device to run.
-    single = keras.Input(shape=(features.NUM_FRAMES, features.NUM_MFCC), batch_size=1, name="mfcc")
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(single, model(single)))
+    converter = tf.lite.TFLiteConverter.from_keras_model(logits_model(model))
     if kind == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -145,7 +160,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     steps.update()
 
     # Score every variant on the validation split with the runtime devices and services use.
-    draft = {"labels": config.labels, "frontend": config.frontend}
+    draft = {"labels": config.labels, "frontend": config.frontend, "output": {"values": LOGITS}}
     accuracy, variant_reports = {}, {}
     for kind, tflite in converted.items():
         runner = Model(tflite, draft)
@@ -258,6 +273,7 @@ def model_card(manifest: dict) -> str:
         f"{sizes['tflm_arena_bytes'] or 'not measured'} bytes",
         f"- `model_float16.tflite` ({sizes['float16_bytes']:,} B), "
         f"`model_float32.tflite` ({sizes['float32_bytes']:,} B)",
+        "- Each model outputs logits; the scores the thresholds apply to are their softmax",
         "- `manifest.json`: everything needed to run it (also embedded in each .tflite)",
         "",
         "## Training data",

@@ -17,6 +17,12 @@ MANIFEST_FILE = "manifest.json"
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
 EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
 BUILT_IN_MODEL = Path(__file__).parent / "models" / "default"  # used when no --model is given
+# What an exported model's output holds (the manifest's output.values). Exports end with the
+# logits, and the runtime applies the softmax in float: an int8 softmax output saturates at
+# 255/256, so thresholds above 0.996 could not tell a sure keyword from a near one. A manifest
+# without output.values is an older export, whose model applies the softmax itself.
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
 
 
 @contextlib.contextmanager
@@ -47,6 +53,12 @@ def quantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32; subtracting the row's maximum keeps exp() finite."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def embedded_manifest(tflite: bytes) -> dict | None:
@@ -137,6 +149,12 @@ class Model:
         self.manifest = manifest
         self.labels: list[str] = manifest["labels"]
         self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
+        self.output_values = manifest.get("output", {}).get("values", PROBABILITIES)
+        if self.output_values not in (LOGITS, PROBABILITIES):
+            raise ModelError(
+                f"{self.source}: its manifest's output.values is {self.output_values!r}, expected "
+                f"{LOGITS!r} or {PROBABILITIES!r}: export the model again with kws export"
+            )
         features.check_compatible(manifest["frontend"], self.source)
         content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
@@ -163,15 +181,17 @@ class Model:
         return self._input["dtype"] == np.int8
 
     def tensor_spec(self, which: str) -> dict:
-        """Shape, dtype and quantization of the "input" or "output" tensor, for manifests."""
+        """Shape, dtype and quantization of the "input" or "output" tensor (and what the output
+        holds), for manifests."""
         details = self._input if which == "input" else self._output
         scale, zero_point = details["quantization"]
-        return {
+        spec = {
             "shape": [int(v) for v in details["shape"]],
             "dtype": np.dtype(details["dtype"]).name,
             "scale": float(scale),
             "zero_point": int(zero_point),
         }
+        return spec if which == "input" else {**spec, "values": self.output_values}
 
     def prepare(self, batch: np.ndarray) -> np.ndarray:
         """Features as the model's input tensor wants them (int8 for a quantized model)."""
@@ -192,9 +212,10 @@ class Model:
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
         """Output tensor values -> float probabilities."""
         if self._output["dtype"] == np.int8:
-            scale, zero_point = self._output["quantization"]
-            return dequantize(raw, scale, zero_point)
-        return raw.astype(np.float32)
+            values = dequantize(raw, *self._output["quantization"])
+        else:
+            values = raw.astype(np.float32)
+        return softmax(values) if self.output_values == LOGITS else values
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """(n, NUM_FRAMES, NUM_MFCC) or one (NUM_FRAMES, NUM_MFCC) -> (n, labels) probabilities."""

@@ -89,7 +89,7 @@ class Event:
     def to_dict(self) -> dict:
         return {
             "label": self.label,
-            "score": round(self.score, 4),
+            "score": round(self.score, 6),  # thresholds reach 0.999999
             "start": round(self.start, 3),
             "end": round(self.end, 3),
         }

@@ -26,7 +26,9 @@ SPEECH_STRETCH_S = (4.0, 12.0)
 SPEECH_EVERY = 6  # a stretch of negative speech after about every 6 clips
 NOISE_GAIN = (10**-3.0, 10**-1.0)  # background bed level range (noise peak ~0.001 .. 0.1)
 CLIP_GAIN_DB = (-6.0, 6.0)
-THRESHOLD_GRID = np.round(np.arange(0.30, 0.9951, 0.005), 3)
+# Steps of 0.005 up to 0.99, then of a tenth of a decade of 1 - threshold up to 1 - 1e-6: the
+# thresholds that keep false accepts rare lie close to 1, where softmax scores still resolve.
+THRESHOLD_GRID = np.concatenate([np.arange(60, 198) / 200, np.round(1 - 10 ** -np.arange(2.0, 6.01, 0.1), 8)])
 
 
 @dataclass
@@ -250,17 +252,30 @@ def sweep(
 
 
 def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[str, float]:
-    """Per keyword, the lowest threshold whose false accepts (stream and real speech together)
-    stay within that keyword's share of ``target_per_hour`` over ``hours``; the highest
-    threshold tried where none does."""
-    allowed = target_per_hour * hours / len(sweep_table)
-    thresholds = {}
+    """Per keyword, the threshold that finds the most keywords (mean recall over keywords)
+    while all false accepts together, on the stream and the real speech, stay within
+    ``target_per_hour`` over ``hours``: the budget goes where it buys the most recall.
+
+    Of thresholds with equal recall and false accepts, the lowest. A keyword that fires
+    wrongly even at the highest threshold tried gets that threshold, outside the budget.
+    """
+    budget = int(target_per_hour * hours + 1e-9)
+    plans = {0: (0.0, {})}  # false accepts spent -> (recall summed, thresholds so far)
     for keyword, rows in sweep_table.items():
-        fitting = [
-            threshold for threshold, _, stream_fa, speech_fa in rows if stream_fa + speech_fa <= allowed
-        ]
-        thresholds[keyword] = fitting[0] if fitting else rows[-1][0]
-    return thresholds
+        options = {}  # false accepts -> (threshold, recall): the best recall at that cost
+        for threshold, recall, stream_fa, speech_fa in rows:
+            cost = stream_fa + speech_fa
+            if cost <= budget and (cost not in options or recall > options[cost][1]):
+                options[cost] = (threshold, recall)
+        options = options or {0: rows[-1][:2]}
+        extended = {}
+        for spent, (total, chosen) in plans.items():
+            for cost, (threshold, recall) in options.items():
+                if spent + cost <= budget and total + recall > extended.get(spent + cost, (-1.0,))[0]:
+                    extended[spent + cost] = (total + recall, {**chosen, keyword: threshold})
+        plans = extended
+    # The most recall; of equal plans, the one with the fewest false accepts.
+    return max(plans.items(), key=lambda item: (item[1][0], -item[0]))[1][1]
 
 
 def det_points(sweep_table: dict, stream: Stream, speech: Scored | None) -> list[dict]:
@@ -320,6 +335,6 @@ def format_stream_report(report: dict) -> str:
         recall = row["recall"] or 0.0
         found = f"{round(recall * row['occurrences'])}/{row['occurrences']}"
         lines.append(
-            f"{keyword:<10} {row['threshold']:9.3f} {recall:7.1%} {found:>9} {row['false_accepts']:14d}"
+            f"{keyword:<10} {row['threshold']:9.6g} {recall:7.1%} {found:>9} {row['false_accepts']:14d}"
         )
     return "\n".join(lines)
