@@ -96,7 +96,7 @@ class Event:
 
     def __str__(self) -> str:
         """One line for a terminal: window start and end (seconds), keyword, score."""
-        return f"{self.start:8.2f} - {self.end:8.2f} s  {self.label:<10} {self.score:.3f}"
+        return f"{self.start:8.2f} - {self.end:8.2f} s  {self.label:<10} {self.score:.4f}"
 
     def clamped(self, duration: float) -> Event:
         """The event with its times cut to a recording's length (for events the tail fired)."""
