@@ -2,6 +2,7 @@
 and as good on the real validation clips as its manifest says."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,16 @@ def test_built_in_model_is_complete_and_calibrated(manifest):
     assert manifest["streaming"]["keywords"] > 1000 and manifest["streaming"]["real_speech"]["hours"] > 0.2
     card = (BUILT_IN_MODEL / "MODEL_CARD.md").read_text()
     assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
+
+
+def test_readme_quotes_the_built_in_models_own_figures(manifest):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## How good it is") :]
+    table = table[: table.index("**Below target.**")]
+    streaming, sizes = manifest["streaming"], manifest["sizes"]
+    assert f"**{100 * manifest['accuracy']['int8']:.2f} %**" in table
+    assert f"**{100 * streaming['recall']:.1f} %**, {streaming['false_accepts_per_hour']:.2f} false" in table
+    assert f"{sizes['int8_bytes']:,} B; {sizes['tflm_arena_bytes']:,} B" in table
 
 
 def test_kws_detect_uses_the_built_in_model_without_model_flag(tmp_path, capsys, manifest):
