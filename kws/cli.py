@@ -435,16 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         metavar="PER_HOUR",
-        help="false accepts per hour the keyword thresholds are calibrated to (default 0.5)",
+        help="false accepts per hour, all keywords together, that the thresholds are calibrated to "
+        "(default 0.5)",
     )
     export.set_defaults(handler=cmd_export)
 
     calibrate = commands.add_parser(
         "calibrate",
         help="re-choose an exported model's keyword thresholds",
-        description="Score a long held-out test stream and held-out real speech, choose per-keyword "
-        "thresholds that meet a false-accept target, and store them (and the measured recall and false "
-        "accepts per hour) in the model's manifest; listen, detect and serve use them.",
+        description="Score a long held-out test stream and held-out real speech, choose the per-keyword "
+        "thresholds that find the most keywords while all their false accepts together meet a target, "
+        "and store them (and the measured recall and false accepts per hour) in the model's manifest; "
+        "listen, detect and serve use them.",
         epilog="example: kws calibrate runs/s8/export --target-fa 0.25",
     )
     calibrate.add_argument("model", type=Path, help="export folder or .tflite")
@@ -457,7 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="speech without keywords (default: the training negatives; their held-out speakers are used)",
     )
-    calibrate.add_argument("--target-fa", type=float, default=0.5, metavar="PER_HOUR", help="default 0.5")
+    calibrate.add_argument(
+        "--target-fa",
+        type=float,
+        default=0.5,
+        metavar="PER_HOUR",
+        help="false accepts per hour, all keywords together (default 0.5)",
+    )
     calibrate.add_argument("--hop-ms", type=float, help="run the model every N ms (multiple of 20)")
     calibrate.add_argument("--average-ms", type=float, help="score averaging window")
     calibrate.set_defaults(handler=cmd_calibrate)
