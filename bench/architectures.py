@@ -18,9 +18,9 @@ import numpy as np
 
 from kws import features
 from kws.data import DataConfig, SpeechData
-from kws.export import calibration_features, convert
+from kws.export import calibration_features, convert, draft_manifest
 from kws.model import ModelConfig
-from kws.runtime import LOGITS, Model
+from kws.runtime import Model
 from kws.train import MODEL_FILE, RunConfig, TrainConfig, train
 
 WORDS = ["yes", "no", "up", "down", "left", "right", "stop", "go"]
@@ -63,7 +63,7 @@ def main() -> None:
         data = SpeechData(config.data)
         validation = data.evaluation_set("validation")
         val_features = features.mfcc(validation.audio)
-        manifest = {"labels": config.labels, "frontend": config.frontend, "output": {"values": LOGITS}}
+        manifest = draft_manifest(config)
         for kind in ("float32", "int8"):
             calibration = calibration_features(data, config) if kind == "int8" else None
             tflite = convert(keras_model, kind, calibration)

@@ -65,6 +65,11 @@ def logits_model(model):
     return keras.Model(single, logits)
 
 
+def draft_manifest(config: RunConfig) -> dict:
+    """What ``Model`` needs to run a model ``convert`` made before its manifest is written."""
+    return {"labels": config.labels, "frontend": config.frontend, "output": {"values": LOGITS}}
+
+
 def convert(model, kind: str, calibration: np.ndarray | None = None) -> bytes:
     """The Keras model as a batch-1 .tflite of logits: "float32", "float16" weights, or full-integer
     "int8"."""
@@ -160,7 +165,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     steps.update()
 
     # Score every variant on the validation split with the runtime devices and services use.
-    draft = {"labels": config.labels, "frontend": config.frontend, "output": {"values": LOGITS}}
+    draft = draft_manifest(config)
     accuracy, variant_reports = {}, {}
     for kind, tflite in converted.items():
         runner = Model(tflite, draft)
