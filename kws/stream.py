@@ -119,31 +119,29 @@ class ScoreStream:
         self._pending = np.zeros(0, np.float32)
         self._frame_count = 0
 
-    @property
-    def seconds(self) -> float:
-        """Stream time covered by the frames computed so far."""
-        return _frame_end(self._frame_count) if self._frame_count else 0.0
-
     def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The model runs these samples complete: their end times (s) and class probabilities."""
         pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
-        count = num_frames(len(pending))
-        self._pending = pending[count * HOP_SAMPLES :]
-        if count == 0:
+        # Frames wait for the one that ends a hop, as only model runs need them: a microphone
+        # callback brings a frame or two, and computing a hop's frames in one call halves the
+        # cost of a live stream. frame_features gives each frame the same values however many
+        # come together, so neither the chunking nor the waiting ever changes a score.
+        complete = self._frame_count + num_frames(len(pending))
+        count = complete - complete % self.hop_frames - self._frame_count
+        if count <= 0:
+            self._pending = pending
             return self._no_runs()
-        # All new frames at once: frame_features gives each frame the same values however
-        # many come together, so the chunking of the audio never changes a score.
+        self._pending = pending[count * HOP_SAMPLES :]
         new = self.model.prepare(frame_features(frames(pending, count)))
         series = np.concatenate([self._window, new])
-        numbers = self._frame_count + 1 + np.arange(count)  # of the new frames, from 1
-        runs = np.flatnonzero(numbers % self.hop_frames == 0)
+        # _frame_count is a whole number of hops, so the runs end the new frames' hops.
+        runs = np.arange(self.hop_frames - 1, count, self.hop_frames)
+        ends = _frame_end(self._frame_count + 1 + runs)
         self._window = series[-NUM_FRAMES:]
         self._frame_count += count
-        if not len(runs):  # most microphone callbacks: less than a hop of new audio
-            return self._no_runs()
         # Each run scores the NUM_FRAMES frames that end with its new frame; all in one call.
         windows = np.stack([series[run + 1 : run + 1 + NUM_FRAMES] for run in runs])
-        return _frame_end(numbers[runs]), self.model.probabilities(self.model.raw_scores(windows))
+        return ends, self.model.probabilities(self.model.raw_scores(windows))
 
     def _no_runs(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
@@ -210,10 +208,6 @@ class Detector:
         self.labels = model.labels
         self._scores = ScoreStream(model, self.config.hop_frames)
         self._rules = EventRules(self.labels, self.config)
-
-    @property
-    def seconds(self) -> float:
-        return self._scores.seconds
 
     def reset(self) -> None:
         self._scores.reset()
