@@ -123,8 +123,8 @@ class ScoreStream:
         """The model runs these samples complete: their end times (s) and class probabilities."""
         pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
         # Frames wait for the one that ends a hop, as only model runs need them: a microphone
-        # callback brings a frame or two, and computing a hop's frames in one call halves the
-        # cost of a live stream. frame_features gives each frame the same values however many
+        # callback brings a frame or two, and computing a hop's frames in one call cuts a third
+        # of a live stream's cost. frame_features gives each frame the same values however many
         # come together, so neither the chunking nor the waiting ever changes a score.
         complete = self._frame_count + num_frames(len(pending))
         count = complete - complete % self.hop_frames - self._frame_count
