@@ -10,7 +10,7 @@ from conftest import WORD_TONES, tone
 from kws import stream_eval
 from kws.audio import load
 from kws.cli import main
-from kws.features import CLIP_SAMPLES, SAMPLE_RATE, mfcc
+from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
 from kws.runtime import Model
 from kws.stream import DetectionConfig, Detector, Event, EventRules, ScoreStream, recording_report
 
@@ -83,6 +83,19 @@ def test_hop_frames_runs_the_model_every_nth_hop(model):
     assert len(second) == len(every) // 2
     assert second.tolist() == every[1::2].tolist()
     np.testing.assert_array_equal(second_scores, every_scores[1::2])
+
+
+def test_a_run_comes_with_the_sample_that_completes_its_hop(model):
+    # Frames wait for the one that ends a hop; the model run must not wait any longer.
+    stream = ScoreStream(model, hop_frames=4)
+    hop_end = 3 * HOP_SAMPLES + WINDOW_SAMPLES  # the 4th frame's last sample
+    audio = np.random.default_rng(0).normal(0, 0.1, 2 * hop_end).astype(np.float32)
+    ends, _ = stream.push(audio[: hop_end - 1])
+    assert len(ends) == 0
+    ends, scores = stream.push(audio[hop_end - 1 : hop_end])
+    assert ends.tolist() == [pytest.approx(hop_end / SAMPLE_RATE)] and scores.shape == (1, len(model.labels))
+    ends, _ = stream.push(audio[hop_end : hop_end + 4 * HOP_SAMPLES])
+    assert ends.tolist() == [pytest.approx((hop_end + 4 * HOP_SAMPLES) / SAMPLE_RATE)]
 
 
 def rules(config):
