@@ -80,7 +80,9 @@ def cmd_train(args) -> int:
         config = RunConfig(
             data=data,
             model=ModelConfig.preset(args.size),
-            train=TrainConfig(epochs=args.epochs or 40, seed=args.seed),
+            train=TrainConfig(
+                epochs=args.epochs or 40, seed=args.seed, teachers=tuple(str(run) for run in args.teacher)
+            ),
         )
         config.augment.spec_augment = args.spec_augment
         metrics = train(config, run_dir)
@@ -372,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--spec-augment", action="store_true", help="mask random time and MFCC bands while training"
     )
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument(
+        "--teacher",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="run folder of a trained model on the same words: the new model learns from the teachers' "
+        "mean answers as much as from the labels (repeatable; knowledge distillation)",
+    )
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser(

@@ -53,9 +53,17 @@ class TrainConfig:
     # Above 0: the weights end each epoch as their moving average over its last steps
     # (Keras' Adam use_ema, applied when each epoch's fit ends), 0.99 ~ the last 100 steps.
     ema_momentum: float = 0.0
+    # Run folders of trained models with the same labels and frontend: their averaged
+    # probabilities on each augmented example make up teacher_weight of its target, the
+    # one-hot label the rest (knowledge distillation: an ensemble's knowledge in one small model).
+    teachers: tuple[str, ...] = ()
+    teacher_weight: float = 0.5
 
     def __post_init__(self):
         self.learning_rates = tuple(self.learning_rates)
+        self.teachers = tuple(self.teachers)
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight must be from 0 to 1, got {self.teacher_weight}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.ema_momentum < 1:
@@ -127,6 +135,27 @@ def _cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
 
 
+def _load_teachers(config: RunConfig) -> list[KerasClassifier]:
+    teachers = [KerasClassifier(Path(folder)) for folder in config.train.teachers]
+    for teacher in teachers:
+        if teacher.labels != config.labels:
+            raise ValueError(
+                f"teacher {teacher.run_dir} has the labels {teacher.labels}, this run {config.labels}: "
+                "a teacher must be trained on the same words"
+            )
+    return teachers
+
+
+def _targets(batch: np.ndarray, labels: np.ndarray, teachers: list, config: RunConfig) -> np.ndarray:
+    """Each example's target distribution: its one-hot label, mixed with the teachers' mean probabilities."""
+    one_hot = np.eye(len(config.labels), dtype=np.float32)[labels]
+    if not teachers:
+        return one_hot
+    taught = np.mean([teacher.scores(batch) for teacher in teachers], axis=0)
+    weight = config.train.teacher_weight
+    return (1 - weight) * one_hot + weight * taught
+
+
 def _save_checkpoint(run_dir: Path, model, state: dict) -> None:
     folder = run_dir / CHECKPOINTS
     folder.mkdir(exist_ok=True)
@@ -160,6 +189,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     validation = data.evaluation_set("validation")
     val_features = features.mfcc(validation.audio)
 
+    teachers = _load_teachers(config)
     checkpoint = _latest_checkpoint(run_dir) if resume else None
     if checkpoint:
         model = keras.models.load_model(checkpoint[0])
@@ -174,7 +204,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 use_ema=config.train.ema_momentum > 0,
                 ema_momentum=config.train.ema_momentum,
             ),
-            loss="sparse_categorical_crossentropy",
+            loss="categorical_crossentropy",
             metrics=["accuracy"],
         )
         state = {"epochs_done": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "seconds": 0.0}
@@ -203,7 +233,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             batches = -(-len(train_labels) // config.train.batch_size)
             fit = model.fit(
                 train_features,
-                train_labels,
+                _targets(train_features, train_labels, teachers, config),
                 batch_size=config.train.batch_size,
                 epochs=1,
                 shuffle=False,  # training_epoch already shuffled

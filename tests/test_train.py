@@ -126,3 +126,70 @@ def test_ema_ends_each_epoch_on_the_averaged_weights(tone_dataset, tmp_path):
         for a, b in zip(ema_model.trainable_variables, plain_model.trainable_variables, strict=True)
     ]
     assert all(changed)  # same seed and data: only the averaging tells them apart
+
+
+def _teacher_that_always_says(label: int, like_run, folder):
+    """A run folder whose model gives every input the same probabilities, peaked on ``label``."""
+    import shutil
+
+    import keras
+    import numpy as np
+
+    shutil.copytree(like_run, folder)
+    labels = RunConfig.load(like_run).labels
+    model = keras.Sequential(
+        [keras.Input((49, 10)), keras.layers.Flatten(), keras.layers.Dense(len(labels), activation="softmax")]
+    )
+    bias = np.full(len(labels), -5.0, dtype=np.float32)
+    bias[label] = 5.0
+    model.layers[-1].set_weights([np.zeros((490, len(labels)), dtype=np.float32), bias])
+    model.save(folder / "model.keras")
+    return folder
+
+
+def test_a_student_learns_the_teachers_answers_not_the_labels(tone_run, tone_dataset, tmp_path):
+    run, _ = tone_run
+    silence = RunConfig.load(run).labels.index("_silence_")
+    config = run_config(tone_dataset, epochs=2)
+    config.train.teachers = (str(_teacher_that_always_says(silence, run, tmp_path / "teacher")),)
+    config.train.teacher_weight = 1.0
+    report = train(config, tmp_path / "student")["validation"]
+    assert report["per_class"]["_silence_"]["recall"] == 1.0
+    silences = report["per_class"]["_silence_"]["support"]
+    assert report["accuracy"] == pytest.approx(silences / report["examples"])
+
+
+def test_teacher_targets_mix_the_label_with_the_teachers_mean(tone_dataset):
+    import numpy as np
+
+    from kws.train import _targets
+
+    class Teacher:
+        def __init__(self, probabilities):
+            self.probabilities = np.array(probabilities, dtype=np.float32)
+
+        def scores(self, batch):
+            return np.tile(self.probabilities, (len(batch), 1))
+
+    config = run_config(tone_dataset, epochs=1)
+    config.data.words = ["a", "b"]  # labels: _silence_, _unknown_, a, b
+    config.train.teacher_weight = 0.25
+    teachers = [Teacher([0.5, 0.5, 0, 0]), Teacher([0, 0.5, 0.5, 0])]
+    batch, labels = np.zeros((2, 49, 10)), np.array([3, 0])
+    targets = _targets(batch, labels, teachers, config)
+    np.testing.assert_allclose(targets, [[0.0625, 0.125, 0.0625, 0.75], [0.8125, 0.125, 0.0625, 0.0]])
+    np.testing.assert_array_equal(_targets(batch, labels, [], config), np.eye(4)[labels])
+
+
+def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path):
+    import shutil
+
+    run, _ = tone_run
+    shutil.copytree(run, tmp_path / "teacher")
+    raw = json.loads((run / "config.json").read_text())
+    raw["data"]["words"] = ["other", "words"]
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(raw))
+    config = run_config(tone_dataset, epochs=1)
+    config.train.teachers = (str(tmp_path / "teacher"),)
+    with pytest.raises(ValueError, match="teacher .*teacher has the labels"):
+        train(config, tmp_path / "student")
