@@ -180,6 +180,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
     import keras
 
+    teachers = _load_teachers(config)  # before the run folder exists: a refused teacher leaves none
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = SpeechData(config.data)
@@ -189,7 +190,6 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     validation = data.evaluation_set("validation")
     val_features = features.mfcc(validation.audio)
 
-    teachers = _load_teachers(config)
     checkpoint = _latest_checkpoint(run_dir) if resume else None
     if checkpoint:
         model = keras.models.load_model(checkpoint[0])

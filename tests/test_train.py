@@ -9,6 +9,7 @@ from conftest import TONE_WORDS as WORDS
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
+from kws.features import NUM_FRAMES, NUM_MFCC
 from kws.train import RunConfig, TrainConfig, train
 
 
@@ -137,12 +138,13 @@ def _teacher_that_always_says(label: int, like_run, folder):
 
     shutil.copytree(like_run, folder)
     labels = RunConfig.load(like_run).labels
+    inputs = (NUM_FRAMES, NUM_MFCC)
     model = keras.Sequential(
-        [keras.Input((49, 10)), keras.layers.Flatten(), keras.layers.Dense(len(labels), activation="softmax")]
+        [keras.Input(inputs), keras.layers.Flatten(), keras.layers.Dense(len(labels), activation="softmax")]
     )
     bias = np.full(len(labels), -5.0, dtype=np.float32)
     bias[label] = 5.0
-    model.layers[-1].set_weights([np.zeros((490, len(labels)), dtype=np.float32), bias])
+    model.layers[-1].set_weights([np.zeros((NUM_FRAMES * NUM_MFCC, len(labels)), dtype=np.float32), bias])
     model.save(folder / "model.keras")
     return folder
 
@@ -175,7 +177,7 @@ def test_teacher_targets_mix_the_label_with_the_teachers_mean(tone_dataset):
     config.data.words = ["a", "b"]  # labels: _silence_, _unknown_, a, b
     config.train.teacher_weight = 0.25
     teachers = [Teacher([0.5, 0.5, 0, 0]), Teacher([0, 0.5, 0.5, 0])]
-    batch, labels = np.zeros((2, 49, 10)), np.array([3, 0])
+    batch, labels = np.zeros((2, NUM_FRAMES, NUM_MFCC)), np.array([3, 0])
     targets = _targets(batch, labels, teachers, config)
     np.testing.assert_allclose(targets, [[0.0625, 0.125, 0.0625, 0.75], [0.8125, 0.125, 0.0625, 0.0]])
     np.testing.assert_array_equal(_targets(batch, labels, [], config), np.eye(4)[labels])
@@ -193,3 +195,4 @@ def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path)
     config.train.teachers = (str(tmp_path / "teacher"),)
     with pytest.raises(ValueError, match="teacher .*teacher has the labels"):
         train(config, tmp_path / "student")
+    assert not (tmp_path / "student").exists()  # so the same --out can be used again
