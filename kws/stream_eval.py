@@ -164,6 +164,24 @@ def match(events, truth: list[tuple[str, float, float]]) -> tuple[list[bool], li
     return found, false_accepts
 
 
+def false_accept_kinds(false_accepts, truth: list[tuple[str, float, float]]) -> dict[str, int]:
+    """How many false accepts fell on another keyword (a substitution: "stop" heard as "up"), on
+    the same keyword again (a repeat), or where no keyword was said.
+
+    On a stream as dense with keywords as the test stream, substitutions are most false
+    accepts; telling them apart says whether a threshold fights confusions or speech.
+    """
+    starts = np.array([t[1] for t in truth])
+    ends = np.array([t[2] for t in truth])
+    kinds = {"substitution": 0, "repeat": 0, "no_keyword": 0}
+    for event in false_accepts:
+        overlapping = (starts - MATCH_SLACK_S < event.end) & (event.start < ends + MATCH_SLACK_S)
+        said = {truth[i][0] for i in np.flatnonzero(overlapping)}
+        kind = "no_keyword" if not said else "repeat" if event.label in said else "substitution"
+        kinds[kind] += 1
+    return kinds
+
+
 def keyword_events(
     labels: list[str], scored: Scored, keyword: str, threshold: float, config: DetectionConfig
 ):
@@ -217,6 +235,7 @@ def measure(
         "recall": round(float(np.mean(found)), 4) if found else None,
         "false_accepts": len(false_accepts),
         "false_accepts_per_hour": round(len(false_accepts) / stream.hours, 3),
+        "false_accept_kinds": false_accept_kinds(false_accepts, stream.truth),
         "per_keyword": per_keyword,
     }
     if speech is not None and speech.hours > 0:
@@ -321,14 +340,20 @@ def format_stream_report(report: dict) -> str:
     """Human-readable text of a stream test."""
     lines = [
         f"test stream {report['stream_hours']:.2f} h, {report['keywords']} keywords: recall "
-        f"{report['recall']:.1%}, {report['false_accepts']} false accepts "
+        f"{report['recall']:.1%}, {_false_accepts(report['false_accepts'])} "
         f"({report['false_accepts_per_hour']:.2f} per hour)"
     ]
+    if report["false_accepts"]:
+        kinds = report["false_accept_kinds"]
+        lines.append(
+            f"  of the false accepts: {kinds['substitution']} on another keyword, {kinds['repeat']} on "
+            f"the same keyword again, {kinds['no_keyword']} where no keyword was said"
+        )
     if "real_speech" in report:
         speech = report["real_speech"]
         lines.append(
-            f"real speech without keywords {speech['hours']:.2f} h: {speech['false_accepts']} false accepts "
-            f"({speech['false_accepts_per_hour']:.2f} per hour)"
+            f"real speech without keywords {speech['hours']:.2f} h: "
+            f"{_false_accepts(speech['false_accepts'])} ({speech['false_accepts_per_hour']:.2f} per hour)"
         )
     lines.append(f"{'keyword':<10} {'threshold':>9} {'recall':>7} {'found':>9} {'false accepts':>14}")
     for keyword, row in report["per_keyword"].items():
@@ -338,3 +363,7 @@ def format_stream_report(report: dict) -> str:
             f"{keyword:<10} {row['threshold']:9.6g} {recall:7.1%} {found:>9} {row['false_accepts']:14d}"
         )
     return "\n".join(lines)
+
+
+def _false_accepts(count: int) -> str:
+    return f"{count} false accept{'s' * (count != 1)}"

@@ -163,12 +163,14 @@ def test_match_counts_hits_once_and_everything_else_as_false_accepts():
     truth = [("yes", 10.0, 11.0), ("no", 20.0, 21.0)]
     events = [
         Event("yes", 0.9, 10.3, 11.3),  # hit
-        Event("yes", 0.9, 11.6, 12.6),  # a second trigger on the same word: false accept
+        Event("yes", 0.9, 10.9, 11.9),  # a second trigger on the same word: false accept
         Event("yes", 0.9, 19.5, 20.5),  # wrong word: false accept
         Event("up", 0.9, 40.0, 41.0),  # nothing there: false accept
     ]
     found, false_accepts = stream_eval.match(events, truth)
     assert found == [True, False] and len(false_accepts) == 3
+    kinds = stream_eval.false_accept_kinds(false_accepts, truth)
+    assert kinds == {"substitution": 1, "repeat": 1, "no_keyword": 1}
 
 
 def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsys):
