@@ -145,17 +145,24 @@ def simulate(labels: list[str], scored: Scored, config: DetectionConfig) -> list
     return EventRules(labels, config).update(scored.ends, scored.probabilities)
 
 
+def _clip_times(truth: list[tuple[str, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end times (s) of the keyword clips."""
+    return np.array([t[1] for t in truth]), np.array([t[2] for t in truth])
+
+
+def _overlapping(event, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Indices of the clips the event's window overlaps, give or take MATCH_SLACK_S."""
+    return np.flatnonzero((starts - MATCH_SLACK_S < event.end) & (event.start < ends + MATCH_SLACK_S))
+
+
 def match(events, truth: list[tuple[str, float, float]]) -> tuple[list[bool], list]:
     """Which keywords were found, and the false accepts."""
     found = [False] * len(truth)
-    starts = np.array([t[1] for t in truth])
-    ends = np.array([t[2] for t in truth])
+    starts, ends = _clip_times(truth)
     false_accepts = []
     for event in events:
         # The event's window [start, end] must overlap the keyword's clip.
-        overlapping = np.flatnonzero(
-            (starts - MATCH_SLACK_S < event.end) & (event.start < ends + MATCH_SLACK_S)
-        )
+        overlapping = _overlapping(event, starts, ends)
         hit = next((i for i in overlapping if not found[i] and truth[i][0] == event.label), None)
         if hit is None:
             false_accepts.append(event)
@@ -171,12 +178,10 @@ def false_accept_kinds(false_accepts, truth: list[tuple[str, float, float]]) -> 
     On a stream as dense with keywords as the test stream, substitutions are most false
     accepts; telling them apart says whether a threshold fights confusions or speech.
     """
-    starts = np.array([t[1] for t in truth])
-    ends = np.array([t[2] for t in truth])
+    starts, ends = _clip_times(truth)
     kinds = {"substitution": 0, "repeat": 0, "no_keyword": 0}
     for event in false_accepts:
-        overlapping = (starts - MATCH_SLACK_S < event.end) & (event.start < ends + MATCH_SLACK_S)
-        said = {truth[i][0] for i in np.flatnonzero(overlapping)}
+        said = {truth[i][0] for i in _overlapping(event, starts, ends)}
         kind = "no_keyword" if not said else "repeat" if event.label in said else "substitution"
         kinds[kind] += 1
     return kinds
