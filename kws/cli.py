@@ -210,8 +210,9 @@ def cmd_detect(args) -> int:
 
     model = Model.load(args.model)
     detector = Detector(model, detection_config(model.manifest, args.threshold))
-    reports, failed = [], 0
-    for path in args.files:
+    paths, failed = _recordings(args.files)
+    reports = []
+    for path in paths:
         try:
             samples = audio.load(path)
         except audio.AudioError as error:
@@ -226,8 +227,27 @@ def cmd_detect(args) -> int:
             for event in found:
                 print(f"  {Event(**event)}")
     if args.json:
-        print(json.dumps(reports[0] if len(args.files) == 1 and reports else reports, indent=2))
+        one_file = len(args.files) == 1 and not args.files[0].is_dir()
+        print(json.dumps(reports[0] if one_file and reports else reports, indent=2))
     return 1 if failed else 0
+
+
+def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
+    """Each FILE, and every audio file under each folder (sorted); and how many folders held none."""
+    from kws import audio
+
+    found, empty = [], 0
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)
+            continue
+        inside = sorted(p for p in path.rglob("*") if audio.is_audio_file(p))
+        if not inside:
+            suffixes = " ".join(audio.AUDIO_SUFFIXES)
+            print(f"kws detect: skipping {path}: a folder with no audio files ({suffixes})", file=sys.stderr)
+            empty += 1
+        found += inside
+    return found, empty
 
 
 def cmd_listen(args) -> int:
@@ -517,13 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
         "detect",
         help="find keywords in audio files",
         description="Run the streaming Detector over audio files (any format and sample rate soundfile "
-        "reads, any length) and print each detection with its time.",
-        epilog="example: kws detect recording.wav --json",
+        "reads, any length), or every audio file in folders, and print each detection with its time.",
+        epilog="examples: kws detect recording.wav --json;  kws detect recordings/",
     )
-    detect.add_argument("files", type=Path, nargs="+", metavar="FILE", help="audio files")
+    detect.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="audio files, or folders: every audio file in them",
+    )
     _add_detector_options(detect)
     detect.add_argument("--top-k", type=_positive_int, help="class scores to list for clips of about 1 s")
-    detect.add_argument("--json", action="store_true", help="one JSON object per file (a list for several)")
+    detect.add_argument(
+        "--json", action="store_true", help="one JSON object per file (a list for several or a folder)"
+    )
     detect.set_defaults(handler=cmd_detect)
 
     serve = commands.add_parser(

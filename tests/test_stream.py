@@ -184,6 +184,24 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     assert json.loads(capsys.readouterr().out) == report
 
 
+def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path, capsys):
+    up, _ = tone_recording(["up"], gap_s=0.0)
+    down, _ = tone_recording(["down"], gap_s=0.0)
+    folder = tmp_path / "recordings"
+    (folder / "b").mkdir(parents=True)
+    sf.write(folder / "b" / "down.flac", down[:CLIP_SAMPLES], SAMPLE_RATE)
+    sf.write(folder / "up.wav", up[:CLIP_SAMPLES], SAMPLE_RATE)
+    (folder / "notes.txt").write_text("not audio")
+    assert main(["detect", str(folder), "--model", str(tone_export[0]), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    paths = [folder / "b" / "down.flac", folder / "up.wav"]
+    assert reports == [recording_report(Detector(model), load(path), str(path)) for path in paths]
+    assert [max(r["scores"], key=r["scores"].get) for r in reports] == ["down", "up"]
+    (tmp_path / "empty").mkdir()
+    assert main(["detect", str(tmp_path / "empty"), "--model", str(tone_export[0])]) == 1
+    assert "a folder with no audio files" in capsys.readouterr().err
+
+
 def test_long_recordings_list_detections_without_clip_scores(model):
     audio, truth = tone_recording(["yes", "down", "no"])
     report = recording_report(Detector(model, DetectionConfig(default_threshold=0.6)), audio, "long")
