@@ -45,6 +45,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:  # uvicorn would listen on the number modulo 65536
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {text}")
+    return value
+
+
 def cmd_train(args) -> int:
     from kws.data import DEFAULT_WORDS, DataConfig
     from kws.model import ModelConfig
@@ -567,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     serve.add_argument(
         "--model", type=Path, help="export folder or .tflite (default: $KWS_MODEL, else the built-in model)"
     )

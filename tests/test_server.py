@@ -510,6 +510,13 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
     assert API_KEY not in text
 
 
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_a_port_outside_1_to_65535_is_refused_not_wrapped(port, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", port])
+    assert exited.value.code == 2 and f"must be from 1 to 65535, got {port}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "files,expected",
     [
