@@ -45,6 +45,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _per_hour(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of false accepts per hour, 0 or more, got {text}")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text}")
+    return value
+
+
+def _hop_ms(text: str) -> float:
+    from kws.stream import HOP_MS
+
+    value = _milliseconds(text)
+    if value % HOP_MS:
+        raise argparse.ArgumentTypeError(f"must be a multiple of the {HOP_MS:g} ms frame hop, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:  # uvicorn would listen on the number modulo 65536
@@ -184,7 +207,7 @@ def cmd_calibrate(args) -> int:
     from kws.data import DataConfig, SpeechData
     from kws.export import recalibrate
     from kws.runtime import resolve
-    from kws.stream import detection_config
+    from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
     _, manifest = resolve(args.model)
@@ -193,9 +216,9 @@ def cmd_calibrate(args) -> int:
     if args.negatives:
         overrides["negatives"] = [str(p) for p in args.negatives]
     config = detection_config(manifest)
-    if args.hop_ms:
-        config = replace(config, hop_frames=max(1, round(args.hop_ms / 20)))
-    if args.average_ms:
+    if args.hop_ms is not None:
+        config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
+    if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
     data = SpeechData(DataConfig(**{**recorded, **overrides}))
     updated = recalibrate(args.model, data, config, args.target_fa)
@@ -475,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output folder (default RUN/export)")
     export.add_argument(
         "--target-fa",
-        type=float,
+        type=_per_hour,
         default=0.5,
         metavar="PER_HOUR",
         help="false accepts per hour, all keywords together, that the thresholds are calibrated to "
@@ -504,13 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--target-fa",
-        type=float,
+        type=_per_hour,
         default=0.5,
         metavar="PER_HOUR",
-        help="false accepts per hour, all keywords together (default 0.5)",
+        help="false accepts per hour, all keywords together (default 0.5; 0: none at all)",
     )
-    calibrate.add_argument("--hop-ms", type=float, help="run the model every N ms (multiple of 20)")
-    calibrate.add_argument("--average-ms", type=float, help="score averaging window")
+    calibrate.add_argument(
+        "--hop-ms", type=_hop_ms, help="run the model every N ms (a multiple of 20; default: the manifest's)"
+    )
+    calibrate.add_argument(
+        "--average-ms", type=_milliseconds, help="score averaging window (default: the manifest's)"
+    )
     calibrate.set_defaults(handler=cmd_calibrate)
 
     listen = commands.add_parser(

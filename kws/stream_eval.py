@@ -331,8 +331,9 @@ def stream_test(
     stream, speech_audio = build_stream(data), real_speech(data)
     scored = score(model, stream.audio, config.hop_frames, "test stream")
     speech = score(model, speech_audio, config.hop_frames, "real speech") if len(speech_audio) else None
-    table = sweep(model.labels, stream, scored, speech, config) if det or target_per_hour else None
-    if target_per_hour is not None:
+    calibrating = target_per_hour is not None  # 0 is a target too: no false accept at all
+    table = sweep(model.labels, stream, scored, speech, config) if det or calibrating else None
+    if calibrating:
         hours = stream.hours + (speech.hours if speech else 0.0)
         config = replace(config, thresholds=calibrate(table, hours, target_per_hour))
     report = measure(model.labels, stream, scored, speech, config)

@@ -208,6 +208,27 @@ def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
     assert f"kws_model_data_len = {len(tflite)};" in source
 
 
+def test_calibrate_to_no_false_accepts_at_all(exported, tmp_path, capsys):
+    from kws.cli import main
+
+    out, manifest = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    assert main(["calibrate", str(copy), "--target-fa", "0"]) == 0
+    streaming = json.loads((copy / "manifest.json").read_text())["streaming"]
+    assert streaming["target_fa_per_hour"] == 0 and streaming["false_accepts"] == 0
+    for keyword, row in streaming["per_keyword"].items():
+        assert row["threshold"] >= manifest["detection"]["thresholds"][keyword]  # stricter than 0.5 / h
+    for bad, reason in [
+        (["--target-fa", "-1"], "0 or more"),
+        (["--hop-ms", "30"], "multiple of the 20 ms"),
+        (["--average-ms", "0"], "positive number of milliseconds"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["calibrate", str(copy), *bad])
+        assert reason in capsys.readouterr().err
+
+
 def test_model_card_states_the_measured_figures(exported):
     out, manifest = exported
     card = (out / "MODEL_CARD.md").read_text()
