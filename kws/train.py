@@ -180,10 +180,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
     import keras
 
-    teachers = _load_teachers(config)  # before the run folder exists: a refused teacher leaves none
+    # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
+    teachers = _load_teachers(config)
+    data = SpeechData(config.data)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = SpeechData(config.data)
     config.data_summary = data.summary()
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 

@@ -105,6 +105,10 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "no audio clips found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # no half-made run folder to trip over
 
 
 def test_ema_ends_each_epoch_on_the_averaged_weights(tone_dataset, tmp_path):
