@@ -346,9 +346,26 @@ def cmd_serve(args) -> int:
         "workers": args.workers,
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
+    _check_can_listen(args.host, args.port)
     Model.load(settings.model)  # a bad model fails here, once, rather than in every worker
     serve(settings, args.host, args.port)
     return 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """UserError naming the address if the server could not listen there (before the workers start)."""
+    import socket
+
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(f"cannot listen on {host}:{port} ({reason}): pick another --host or --port") from None
 
 
 def cmd_download(args) -> int:

@@ -517,6 +517,16 @@ def test_a_port_outside_1_to_65535_is_refused_not_wrapped(port, capsys):
     assert exited.value.code == 2 and f"must be from 1 to 65535, got {port}" in capsys.readouterr().err
 
 
+def test_an_address_it_cannot_listen_on_is_a_one_line_error_before_the_workers_start(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "files,expected",
     [
