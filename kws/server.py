@@ -80,7 +80,7 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it conf
 UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
 AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
 STREAM_RATES = (8_000, 192_000)  # what ?rate= may announce, in Hz
-# A minute of audio costs the Detector ~0.4 s of CPU; longer recordings are for `kws detect`.
+# A minute of audio costs a worker ~0.1 s of CPU; longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
 GIL_SWITCH_S = 0.0005  # the HTTP process's thread switch interval (Python's default: 0.005)

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from conftest import WORD_TONES, tone
 
-from kws import stream_eval
+from kws import stream, stream_eval
 from kws.audio import load
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
@@ -200,6 +200,24 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     (tmp_path / "empty").mkdir()
     assert main(["detect", str(tmp_path / "empty"), "--model", str(tone_export[0])]) == 1
     assert "a folder with no audio files" in capsys.readouterr().err
+
+
+def test_a_progress_bar_follows_the_recording_and_changes_nothing(model, monkeypatch):
+    audio, _ = tone_recording(["yes", "down", "no"])
+    plain = recording_report(Detector(model), audio, "long")
+
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, seconds):
+            self.updates.append(seconds)
+
+    monkeypatch.setattr(stream, "PROGRESS_SECONDS", 1.0)
+    bar = Bar()
+    assert recording_report(Detector(model), audio, "long", progress=bar) == plain
+    assert len(bar.updates) >= 3 and bar.updates[0] == 1.0
+    assert sum(bar.updates) == pytest.approx(len(audio) / SAMPLE_RATE)
 
 
 def test_long_recordings_list_detections_without_clip_scores(model):
