@@ -72,7 +72,12 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
     continues where it stopped.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, or no permission
+        raise DownloadError(
+            f"cannot make the folder {destination.parent} ({error.strerror}): pick another --dir"
+        ) from None
     if destination.exists():
         return destination
     part = destination.with_name(destination.name + ".part")

@@ -135,3 +135,14 @@ def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, archive):
             download.fetch(server.url.replace(".tar.gz", ".zip"), tmp_path / "x.zip", None)
     finally:
         server.close()
+
+
+def test_a_file_where_the_data_folder_should_be_is_a_clear_error(tmp_path, capsys):
+    from kws.cli import main
+
+    (tmp_path / "data").write_text("not a folder")
+    url = "http://127.0.0.1:9/archive.tar.gz"  # never contacted: the folder check comes first
+    assert main(["download", "--dir", str(tmp_path / "data"), "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot make the folder {tmp_path / 'data'} (File exists): pick another --dir" in err
+    assert "Traceback" not in err
