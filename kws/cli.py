@@ -679,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (UserError, DataError, AudioError, DownloadError, ModelError, FileNotFoundError) as error:
+    # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
+    except (UserError, DataError, AudioError, DownloadError, ModelError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,9 +13,10 @@ def atomic_path(path: str | Path):
     """Yield a temporary path to write; it replaces ``path`` only if the block succeeds.
 
     The temporary name ends with the target's name, so writers that check suffixes
-    (``.keras``, ``.weights.h5``, ``.png``) accept it.
+    (``.keras``, ``.weights.h5``, ``.png``) accept it. A missing folder is made.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         yield tmp

@@ -63,7 +63,7 @@ def test_eval_of_the_validation_split_reproduces_training_metrics(tone_run, tone
 
 def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
     run, _ = tone_run
-    plot = tmp_path / "confusion.png"
+    plot = tmp_path / "plots" / "confusion.png"  # a folder that does not exist yet
     args = ["eval", "--model", str(run), "--data", str(tone_dataset), "--split", "test"]
     assert main([*args, "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
