@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import soxr
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+BLOCK_SECONDS = 10.0  # of a recording decoded at a time by ``blocks``
 
 
 class AudioError(ValueError):
@@ -22,45 +25,103 @@ class TooLong(AudioError):
     """Audio over a duration limit, found from its header before a sample is decoded."""
 
 
-def to_model_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+class ModelRate:
+    """Blocks of audio at ``rate`` in, mono float32 at SAMPLE_RATE out, as they come.
+
+    The microphone, WebSocket streams and files all convert through it; however the audio
+    is cut into blocks, the samples out are the same as for the whole at once.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._resampler = (
+            None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+        )
+
+    def convert(self, block: np.ndarray) -> np.ndarray:
+        """(frames,) or (frames, channels) -> the (mono, 16 kHz) samples ready so far."""
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim == 2:
+            block = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+        return block if self._resampler is None else self._resampler.resample_chunk(block)
+
+    def finish(self) -> np.ndarray:
+        """The samples the resampler still holds at the end of the audio."""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        return self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def to_model_rate(samples: np.ndarray, rate: float) -> np.ndarray:
     """(frames,) or (frames, channels) at ``rate`` -> mono float32 at SAMPLE_RATE."""
-    samples = np.asarray(samples, dtype=np.float32)
-    if samples.ndim == 2:
-        samples = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1, dtype=np.float32)
-    if rate != SAMPLE_RATE and len(samples):
-        samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32, copy=False)
-    return samples
+    stream = ModelRate(rate)
+    return np.concatenate([stream.convert(samples), stream.finish()])
 
 
-def _decode(source, name: str, max_seconds: float | None = None) -> np.ndarray:
+@contextlib.contextmanager
+def _decoding(name: str):
+    """Any failure of the decoder as an AudioError naming the source and the decoder's reason."""
     try:
-        with sf.SoundFile(source) as file:
-            if max_seconds is not None and file.frames > max_seconds * file.samplerate:
-                seconds = file.frames / file.samplerate
-                raise TooLong(f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
-            rate = file.samplerate
-            samples = file.read(dtype="float32", always_2d=True)
+        yield
     except AudioError:
         raise
     except Exception as error:  # soundfile raises several types for undecodable input
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         raise AudioError(f"{name}: cannot decode audio ({reason})") from None
-    if samples.size == 0:
-        raise AudioError(f"{name}: holds no audio samples")
-    if not np.isfinite(samples).all():
-        raise AudioError(f"{name}: holds NaN or infinite samples")
-    # Float formats can hold values far beyond full scale; a converter would clip them.
-    samples = to_model_rate(np.clip(samples, -1.0, 1.0), rate)
-    if not len(samples):
-        raise AudioError(f"{name}: too short to hold a sample at {SAMPLE_RATE} Hz (its rate is {rate} Hz)")
-    return samples
+
+
+def _blocks(
+    source, name: str, block_seconds: float | None, max_seconds: float | None = None
+) -> Iterator[np.ndarray]:
+    """The audio of ``source`` at SAMPLE_RATE, decoded ``block_seconds`` at a time (None: at once)."""
+    with _decoding(name), sf.SoundFile(source) as file:
+        if max_seconds is not None and file.frames > max_seconds * file.samplerate:
+            seconds = file.frames / file.samplerate
+            raise TooLong(f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
+        if block_seconds is None:
+            pieces = [file.read(dtype="float32", always_2d=True)]
+        else:
+            frames = max(1, round(block_seconds * file.samplerate))
+            pieces = file.blocks(frames, dtype="float32", always_2d=True)
+        stream, converted = ModelRate(file.samplerate), 0
+        for piece in pieces:
+            if not np.isfinite(piece).all():
+                raise AudioError(f"{name}: holds NaN or infinite samples")
+            # Float formats can hold values far beyond full scale; a converter would clip them.
+            samples = stream.convert(np.clip(piece, -1.0, 1.0))
+            converted += len(samples)
+            yield samples
+        rest = stream.finish()
+        yield rest
+        if not file.frames:
+            raise AudioError(f"{name}: holds no audio samples")
+        if not converted + len(rest):
+            raise AudioError(
+                f"{name}: too short to hold a sample at {SAMPLE_RATE} Hz (its rate is {file.samplerate} Hz)"
+            )
+
+
+def _existing(path: str | Path) -> str:
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such file")
+    return str(path)
 
 
 def load(path: str | Path) -> np.ndarray:
     """Read an audio file as mono float32 samples at SAMPLE_RATE; AudioError if unusable."""
-    if not Path(path).is_file():
-        raise AudioError(f"{path}: no such file")
-    return _decode(str(path), str(path))
+    return np.concatenate(list(_blocks(_existing(path), str(path), None)))
+
+
+def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """The samples ``load`` returns, decoded ``seconds`` at a time as they are used, so that a
+    recording of hours never sits in memory whole; AudioError if unusable, possibly midway."""
+    return _blocks(_existing(path), str(path), seconds)
+
+
+def duration(path: str | Path) -> float:
+    """Seconds of audio in a file, from its header."""
+    with _decoding(str(path)):
+        return sf.info(_existing(path)).duration
 
 
 def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
@@ -68,7 +129,7 @@ def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -
     the recording lasts over ``max_seconds``."""
     if not data:
         raise AudioError(f"{name}: is empty")
-    return _decode(io.BytesIO(data), name, max_seconds)
+    return np.concatenate(list(_blocks(io.BytesIO(data), name, None, max_seconds)))
 
 
 def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:

@@ -240,7 +240,6 @@ def cmd_detect(args) -> int:
     from tqdm import tqdm
 
     from kws import audio
-    from kws.features import SAMPLE_RATE
     from kws.runtime import Model
     from kws.stream import Detector, Event, detection_config, recording_report
 
@@ -250,22 +249,21 @@ def cmd_detect(args) -> int:
     reports = []
     for path in paths:
         try:
-            samples = audio.load(path)
+            duration = audio.duration(path)
+            # A bar for recordings that take a while (~0.1 s a minute), on a terminal only.
+            with tqdm(
+                total=round(duration, 2),
+                unit="s",
+                desc=path.name,
+                leave=False,
+                disable=True if duration < LONG_RECORDING_SECONDS else None,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
+            ) as bar:
+                report = recording_report(detector, audio.blocks(path), str(path), args.top_k, bar)
         except audio.AudioError as error:
             print(f"kws detect: skipping {error}", file=sys.stderr)
             failed += 1
             continue
-        duration = len(samples) / SAMPLE_RATE
-        # A bar for recordings that take a while (~0.1 s a minute), on a terminal only.
-        with tqdm(
-            total=round(duration, 2),
-            unit="s",
-            desc=path.name,
-            leave=False,
-            disable=True if duration < LONG_RECORDING_SECONDS else None,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
-        ) as bar:
-            report = recording_report(detector, samples, str(path), args.top_k, bar)
         reports.append(report)
         if not args.json:
             found = report["detections"]

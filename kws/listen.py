@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 
-from kws.audio import AudioError
-from kws.features import SAMPLE_RATE
+from kws.audio import AudioError, ModelRate
 from kws.stream import Detector, Event, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
@@ -251,7 +249,7 @@ class _Consumer:
         self.samplerate = samplerate
         self.detector = detector
         self.out = out
-        self.resampler = soxr.ResampleStream(samplerate, SAMPLE_RATE, 1, dtype="float32")
+        self.to_model_rate = ModelRate(samplerate)
         self.meter = Meter(out)
         self.frames = 0
         self.counts = Counter()
@@ -264,12 +262,11 @@ class _Consumer:
         mono = block.mean(axis=1, dtype=np.float32)
         self.frames += len(mono)
         self.meter.add(mono, self.seconds)
-        self.report(self.detector.push(self.resampler.resample_chunk(mono)))
+        self.report(self.detector.push(self.to_model_rate.convert(mono)))
 
     def finish(self) -> None:
         """The end of the audio: drain the resampler, then let the Detector's averages complete."""
-        rest = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        events = self.detector.push(rest) + self.detector.flush()
+        events = self.detector.push(self.to_model_rate.finish()) + self.detector.flush()
         self.report([event.clamped(self.seconds) for event in events])
 
     def report(self, events: list[Event]) -> None:

@@ -59,7 +59,6 @@ from urllib.parse import parse_qs
 
 import anyio
 import numpy as np
-import soxr
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -70,6 +69,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from kws import __version__
+from kws.audio import ModelRate
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import Detector, Event, detection_config
@@ -318,7 +318,7 @@ class StreamSession:
         self.rate = rate
         self.received = 0  # samples at ``rate``, for the stream's duration
         self._odd_byte = b""  # half a sample that a message split
-        self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1) if rate != SAMPLE_RATE else None
+        self._to_model_rate = ModelRate(rate)
 
     def push(self, data: bytes) -> list[Event]:
         data = self._odd_byte + data
@@ -326,15 +326,11 @@ class StreamSession:
         self._odd_byte = data[whole:]
         samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768
         self.received += len(samples)
-        if self._resampler:
-            samples = self._resampler.resample_chunk(samples)
-        return self.detector.push(samples)
+        return self.detector.push(self._to_model_rate.convert(samples))
 
     def finish(self) -> list[Event]:
         """The events of the stream's last audio, with times cut to the stream, as Detector.detect does."""
-        events = []
-        if self._resampler:
-            events = self.detector.push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        events = self.detector.push(self._to_model_rate.finish())
         duration = self.received / self.rate
         return [event.clamped(duration) for event in events + self.detector.flush()]
 

@@ -14,6 +14,8 @@ random pieces gives identical events.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -237,31 +239,32 @@ class Detector:
 
 
 SCORED_CLIP_SECONDS = 1.5
-PROGRESS_SECONDS = 10.0  # audio scored between two updates of a progress bar
 
 
 def recording_report(
-    detector: Detector, audio: np.ndarray, name: str, top_k: int | None = None, progress=None
+    detector: Detector, blocks: Iterable[np.ndarray], name: str, top_k: int | None = None, progress=None
 ) -> dict:
-    """The JSON object of ``kws detect --json`` and ``POST /detect`` for one recording.
+    """The JSON object of ``kws detect --json`` and ``POST /detect`` for one recording, given as
+    blocks of samples in order (one block holding all of it, or ``audio.blocks`` of a file).
 
     Clips up to SCORED_CLIP_SECONDS long also get the class scores of their best window
     (the model run most confident in something other than silence), the ``top_k`` highest.
-    ``progress`` (a tqdm bar) advances by the seconds of the recording scored, every
-    PROGRESS_SECONDS; the report is the same with or without it.
+    ``progress`` (a tqdm bar) advances by the seconds of each block scored; the report is the
+    same however the recording is cut into blocks.
     """
     detector.reset()
-    padded = np.concatenate([audio, detector.tail()])
-    step = int(PROGRESS_SECONDS * SAMPLE_RATE) if progress is not None else len(padded)
-    probabilities, events = [], []
-    for start in range(0, len(padded), step):
-        _, scores, found = detector.score(padded[start : start + step])
+    probabilities, events, samples = [], [], 0
+    tail = detector.tail()
+    for block in itertools.chain(blocks, [tail]):
+        _, scores, found = detector.score(block)
         probabilities.append(scores)
         events += found
-        if progress is not None:
-            progress.update((min(start + step, len(audio)) - min(start, len(audio))) / SAMPLE_RATE)
+        if block is not tail:
+            samples += len(block)
+            if progress is not None:
+                progress.update(len(block) / SAMPLE_RATE)
     probabilities = np.concatenate(probabilities)
-    duration = len(audio) / SAMPLE_RATE
+    duration = samples / SAMPLE_RATE
     report = {
         "file": name,
         "duration": round(duration, 3),

@@ -47,7 +47,7 @@ def detect(
     if top_k is not None:
         top_k = min(top_k, len(model.labels))  # numpy cannot slice with a 30-digit number
     detector = Detector(model, detection_config(model.manifest, threshold))
-    return recording_report(detector, samples, name, top_k)
+    return recording_report(detector, [samples], name, top_k)
 
 
 def _load(path: str | None) -> None:

@@ -88,3 +88,30 @@ def test_a_duration_limit_refuses_long_audio_from_its_header():
     with pytest.raises(audio.TooLong, match=r"clip.wav: 3.0 s of audio, over the 2 s limit"):
         audio.decode(buffer.getvalue(), "clip.wav", max_seconds=2)
     assert len(audio.decode(buffer.getvalue(), "clip.wav", max_seconds=3)) == 3 * 16000
+
+
+@pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2), (8000, 6)])
+def test_blocks_join_up_to_the_whole_file(tmp_path, rate, channels):
+    path = tmp_path / "long.flac"
+    noise = np.random.default_rng(rate).uniform(-0.5, 0.5, (int(rate * 2.3), channels))
+    sf.write(path, noise, rate)
+    pieces = list(audio.blocks(path, seconds=0.25))
+    assert len(pieces) >= 9 and all(piece.dtype == np.float32 for piece in pieces)
+    np.testing.assert_array_equal(np.concatenate(pieces), audio.load(path))
+    assert audio.duration(path) == len(noise) / rate
+
+
+def test_blocks_refuse_bad_audio_where_they_find_it(tmp_path):
+    path = tmp_path / "nan.wav"
+    data = sine(440, 16000, seconds=2.0)
+    data[20000] = np.nan
+    sf.write(path, data, 16000, subtype="FLOAT")
+    pieces = audio.blocks(path, seconds=0.5)
+    assert len(next(pieces)) == 8000  # the first half second is usable
+    with pytest.raises(audio.AudioError, match="nan.wav: holds NaN"):
+        list(pieces)
+    with pytest.raises(audio.AudioError, match="missing.wav: no such file"):
+        audio.blocks(tmp_path / "missing.wav")
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(audio.AudioError, match="text.wav: cannot decode"):
+        audio.duration(tmp_path / "text.wav")

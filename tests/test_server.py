@@ -131,7 +131,7 @@ def test_threshold_override_changes_detections(client, model, long_recording):
     data = encode(long_recording)
     low = client.post("/detect?threshold=0.5", content=data).json()["detections"]
     never = client.post("/detect?threshold=1", content=data).json()["detections"]
-    expected = recording_report(Detector(model, detection_config(model.manifest, 0.5)), long_recording, "x")
+    expected = recording_report(Detector(model, detection_config(model.manifest, 0.5)), [long_recording], "x")
     assert low == expected["detections"] and len(low) >= 4
     assert never == []  # int8 scores top out at 255/256
 
@@ -549,7 +549,7 @@ def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, fi
 
 def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
     data = encode(clip)
-    expected = recording_report(Detector(model), clip, "c.wav")
+    expected = recording_report(Detector(model), [clip], "c.wav")
     pool = WorkerPool(str(export), 2)
     try:
         pids = pool.warm_up()

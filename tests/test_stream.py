@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 from conftest import WORD_TONES, tone
 
-from kws import stream, stream_eval
+from kws import stream_eval
 from kws.audio import load
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
@@ -177,7 +177,7 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     audio, _ = tone_recording(["up"], gap_s=0.0)
     path = tmp_path / "up.wav"
     sf.write(path, audio[:CLIP_SAMPLES], SAMPLE_RATE)
-    report = recording_report(Detector(model), load(path), str(path), top_k=2)
+    report = recording_report(Detector(model), [load(path)], str(path), top_k=2)
     assert report["duration"] == 1.0 and list(report["scores"])[0] == "up" and len(report["scores"]) == 2
     assert all(0 <= d["start"] <= d["end"] <= 1.0 for d in report["detections"])
     assert main(["detect", str(path), "--model", str(tone_export[0]), "--json", "--top-k", "2"]) == 0
@@ -195,16 +195,17 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     assert main(["detect", str(folder), "--model", str(tone_export[0]), "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
     paths = [folder / "b" / "down.flac", folder / "up.wav"]
-    assert reports == [recording_report(Detector(model), load(path), str(path)) for path in paths]
+    assert reports == [recording_report(Detector(model), [load(path)], str(path)) for path in paths]
     assert [max(r["scores"], key=r["scores"].get) for r in reports] == ["down", "up"]
     (tmp_path / "empty").mkdir()
     assert main(["detect", str(tmp_path / "empty"), "--model", str(tone_export[0])]) == 1
     assert "a folder with no audio files" in capsys.readouterr().err
 
 
-def test_a_progress_bar_follows_the_recording_and_changes_nothing(model, monkeypatch):
+def test_a_report_is_the_same_however_the_recording_is_cut_and_the_bar_follows_it(model):
     audio, _ = tone_recording(["yes", "down", "no"])
-    plain = recording_report(Detector(model), audio, "long")
+    whole = recording_report(Detector(model), [audio], "long")
+    assert len(whole["detections"]) >= 2
 
     class Bar:
         def __init__(self):
@@ -213,16 +214,19 @@ def test_a_progress_bar_follows_the_recording_and_changes_nothing(model, monkeyp
         def update(self, seconds):
             self.updates.append(seconds)
 
-    monkeypatch.setattr(stream, "PROGRESS_SECONDS", 1.0)
     bar = Bar()
-    assert recording_report(Detector(model), audio, "long", progress=bar) == plain
-    assert len(bar.updates) >= 3 and bar.updates[0] == 1.0
+    seconds = [audio[start : start + SAMPLE_RATE] for start in range(0, len(audio), SAMPLE_RATE)]
+    assert recording_report(Detector(model), seconds, "long", progress=bar) == whole
+    assert len(bar.updates) == len(seconds) and bar.updates[0] == 1.0
     assert sum(bar.updates) == pytest.approx(len(audio) / SAMPLE_RATE)
+    rng = np.random.default_rng(3)
+    cuts = np.sort(rng.choice(len(audio), 7, replace=False))
+    assert recording_report(Detector(model), np.split(audio, cuts), "long") == whole
 
 
 def test_long_recordings_list_detections_without_clip_scores(model):
     audio, truth = tone_recording(["yes", "down", "no"])
-    report = recording_report(Detector(model, DetectionConfig(default_threshold=0.6)), audio, "long")
+    report = recording_report(Detector(model, DetectionConfig(default_threshold=0.6)), [audio], "long")
     assert "scores" not in report
     events = [Event(d["label"], d["score"], d["start"], d["end"]) for d in report["detections"]]
     found, _ = stream_eval.match(events, truth)
