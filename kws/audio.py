@@ -33,7 +33,6 @@ class ModelRate:
     """
 
     def __init__(self, rate: float):
-        self.rate = rate
         self._resampler = (
             None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
         )
