@@ -51,12 +51,6 @@ class ModelRate:
         return self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
-def to_model_rate(samples: np.ndarray, rate: float) -> np.ndarray:
-    """(frames,) or (frames, channels) at ``rate`` -> mono float32 at SAMPLE_RATE."""
-    stream = ModelRate(rate)
-    return np.concatenate([stream.convert(samples), stream.finish()])
-
-
 @contextlib.contextmanager
 def _decoding(name: str):
     """Any failure of the decoder as an AudioError naming the source and the decoder's reason."""

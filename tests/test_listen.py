@@ -20,7 +20,7 @@ from conftest import REPO
 from test_stream import tone_recording
 
 from kws import listen, stream_eval
-from kws.audio import to_model_rate
+from kws.audio import ModelRate
 from kws.cli import main
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
@@ -66,8 +66,10 @@ def model_args(tone_export):
 def detect_file(tone_export, path, seconds=None):
     """What ``Detector.detect`` finds in (the first ``seconds`` of) a file, resampled as listen does."""
     samples, rate = sf.read(path, dtype="float32", frames=-1 if seconds is None else round(seconds * RATE))
+    to_model_rate = ModelRate(rate)
+    converted = np.concatenate([to_model_rate.convert(samples), to_model_rate.finish()])
     model = Model.load(tone_export[0])
-    return Detector(model, detection_config(model.manifest, 0.6)).detect(to_model_rate(samples, rate))
+    return Detector(model, detection_config(model.manifest, 0.6)).detect(converted)
 
 
 def assert_printed(out, expected):
