@@ -104,6 +104,7 @@ def cmd_train(args) -> int:
             data_dir=str(data_dir),
             words=args.words or list(DEFAULT_WORDS),
             negatives=[str(p) for p in args.negatives],
+            extra=[str(p) for p in args.extra],
             silence_share=args.silence_share,
             unknown_share=args.unknown_share,
         )
@@ -441,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="folder of speech without keywords; random 1 s windows become _unknown_ (repeatable)",
+    )
+    train.add_argument(
+        "--extra",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of more clips in the same layout (one folder per word), used for training only, "
+        "e.g. from `kws synth` (repeatable)",
     )
     train.add_argument("--epochs", type=_positive_int, help="passes over the data (default 40)")
     train.add_argument("--size", choices=["s", "m", "l"], default="s", help="DS-CNN size (default s)")

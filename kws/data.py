@@ -51,6 +51,9 @@ class DataConfig:
     data_dir: str
     words: list[str] = field(default_factory=lambda: list(DEFAULT_WORDS))
     negatives: list[str] = field(default_factory=list)
+    # Folders of clips in the same layout that only ever train (e.g. `kws synth`'s): they never
+    # enter validation, so models trained with and without them compare on the same examples.
+    extra: list[str] = field(default_factory=list)
     silence_share: float = 0.1  # of all training examples
     unknown_share: float = 0.1  # of all training examples
     negatives_fraction: float = 0.5  # of _unknown_ examples taken from --negatives speech
@@ -156,8 +159,10 @@ def is_test_package(root: Path) -> bool:
     return (root / SILENCE).is_dir() or (root / UNKNOWN).is_dir()
 
 
-def scan(root: Path, validation_percent: float = 10.0, testing_percent: float = 10.0) -> list[Clip]:
-    """Every labelled clip under ``root`` (either layout) with its split."""
+def scan(
+    root: Path, validation_percent: float = 10.0, testing_percent: float = 10.0, split: str | None = None
+) -> list[Clip]:
+    """Every labelled clip under ``root`` (either layout) with its split, or all in ``split``."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass --data DIR or run `kws download`")
@@ -171,15 +176,17 @@ def scan(root: Path, validation_percent: float = 10.0, testing_percent: float = 
             continue
         for path in sorted(p for p in folder.iterdir() if audio.is_audio_file(p)):
             key = _clip_key(word, path.name)
-            if package:
-                split = "testing"
+            if split:
+                clip_split = split
+            elif package:
+                clip_split = "testing"
             elif key in validation:
-                split = "validation"
+                clip_split = "validation"
             elif key in testing:
-                split = "testing"
+                clip_split = "testing"
             else:
-                split = which_set(path, validation_percent, testing_percent)
-            clips.append(Clip(path, word, split))
+                clip_split = which_set(path, validation_percent, testing_percent)
+            clips.append(Clip(path, word, clip_split))
     if not clips:
         raise DataError(
             f"no audio clips found in {root}: expected one folder per word "
@@ -394,6 +401,8 @@ class SpeechData:
         self.root = Path(config.data_dir)
         self.labels = labels_for(config.words)
         self.clips = scan(self.root, config.validation_percent, config.testing_percent)
+        for folder in config.extra:
+            self.clips += scan(Path(folder), split="training")
         self.package = is_test_package(self.root)
         self._loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._noise: NoiseBank | None = None
@@ -584,6 +593,8 @@ class SpeechData:
             "clips_per_split": counts,
             "noise_files": self.noise.names,
         }
+        if self.config.extra:
+            summary["extra"] = [str(Path(folder).resolve()) for folder in self.config.extra]
         if self.negatives:
             summary["negatives"] = {
                 part: {

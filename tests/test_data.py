@@ -222,3 +222,20 @@ def test_speed_augmentation_stays_within_its_bound(tiny_dataset):
     )
     assert peak.min() >= 0.85 - 0.01 and peak.max() <= 1.15 + 0.01
     assert peak.std() > 0.03
+
+
+def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
+    # Speakers s00 and s01 are on the validation list of tiny_dataset; here their clips are extra.
+    extra = make_dataset(tmp_path / "extra", speakers_per_word=3, words=("yes", "bed"))
+    plain = D.SpeechData(config(tiny_dataset))
+    more = D.SpeechData(config(tiny_dataset, extra=[str(extra)]))
+    extra_clips = [c for c in more.clips if extra in c.path.parents]
+    assert len(extra_clips) == 6 and {c.split for c in extra_clips} == {"training"}
+    assert [c for c in more.clips if c not in extra_clips] == plain.clips
+    np.testing.assert_array_equal(
+        more.evaluation_set("validation").audio, plain.evaluation_set("validation").audio
+    )
+    _, labels, keyword = more.split_audio("training")
+    _, plain_labels, _ = plain.split_audio("training")
+    assert len(labels) == len(plain_labels) + 6 and keyword.sum() == (plain_labels >= 2).sum() + 3
+    assert more.summary()["extra"] == [str(extra.resolve())]
