@@ -381,6 +381,17 @@ def _check_can_listen(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port} ({reason}): pick another --host or --port") from None
 
 
+def cmd_synth(args) -> int:
+    from kws.synth import SynthConfig, synthesize
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UserError(f"{args.out} is not empty: synthesize into a new folder")
+    config = SynthConfig(per_keyword=args.per_keyword, per_other_word=args.per_other_word, seed=args.seed)
+    count = synthesize(args.words, args.out, config)
+    print(f"{count} clips in {args.out}; train with them: kws train ... --extra {args.out}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from kws.download import download_dataset
 
@@ -660,6 +671,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
+    synth = commands.add_parser(
+        "synth",
+        help="synthesize training clips of the keywords and of other words with espeak-ng",
+        description="Write 1 s clips of each keyword and of ~270 other words, each in its own espeak-ng "
+        "voice (8 English accents, ~100 voice variants, pitch and speed drawn at random), in the Speech "
+        "Commands layout. Give the folder to `kws train --extra`: the clips train, never validate. The "
+        "keywords are synthesized too, so that a synthetic voice is no cue for _unknown_. Needs espeak-ng "
+        "(Debian/Ubuntu: apt-get install espeak-ng).",
+        epilog="example: kws synth --words yes,no,up,down,left,right,stop,go --out data/synth",
+    )
+    synth.add_argument("--words", type=_words, required=True, help="comma-separated keywords, as for train")
+    synth.add_argument("--out", type=Path, required=True, help="folder to create")
+    synth.add_argument(
+        "--per-keyword", type=_positive_int, default=400, help="clips of each keyword (default 400)"
+    )
+    synth.add_argument(
+        "--per-other-word", type=_positive_int, default=8, help="clips of each other word (default 8)"
+    )
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the voices (default 0)")
+    synth.set_defaults(handler=cmd_synth)
+
     download = commands.add_parser(
         "download",
         help="download and unpack Speech Commands v0.02",
@@ -683,12 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     from kws.data import DataError
     from kws.download import DownloadError
     from kws.runtime import ModelError
+    from kws.synth import SynthError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
-    except (UserError, DataError, AudioError, DownloadError, ModelError, OSError) as error:
+    except (UserError, DataError, AudioError, DownloadError, ModelError, SynthError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,84 @@
+"""Synthetic training clips: word lists, placement and level, espeak-ng's clips on disk."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kws import data as D
+from kws import synth
+from kws.cli import main
+from kws.features import CLIP_SAMPLES, SAMPLE_RATE
+
+
+@pytest.fixture
+def espeak():
+    """Skip without espeak-ng, except under CI=true, whose .ci/run installs it."""
+    if shutil.which(synth.ESPEAK) is None:
+        reason = "espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+
+
+def test_other_words_leave_out_the_keywords_and_their_homophones():
+    others = synth.other_words(["no", "right", "yes"])
+    assert not {"no", "know", "right", "write", "rite", "wright", "yes"} & set(others)
+    assert {"off", "on", "dog", "yellow"} <= set(others)
+    assert len(others) == len(set(others)) > 250
+
+
+def test_place_trims_centres_and_sets_the_level():
+    rng = np.random.default_rng(0)
+    word = np.sin(np.arange(4000) * 0.3).astype(np.float32)
+    speech = np.concatenate([np.zeros(3000, np.float32), word, np.zeros(9000, np.float32)])
+    for _ in range(50):
+        clip = synth.place(speech, rng)
+        assert clip.shape == (CLIP_SAMPLES,)
+        loud = np.flatnonzero(clip)
+        assert loud[-1] - loud[0] < 4000  # the silence around the word is gone
+        middle = (loud[0] + loud[-1]) / 2
+        assert abs(middle - CLIP_SAMPLES / 2) <= (CLIP_SAMPLES - 4000) / 4 + 1
+        level = 20 * np.log10(np.sqrt(np.mean(clip[loud[0] : loud[-1] + 1] ** 2)))
+        assert synth.LEVEL_DB[0] - 0.1 <= level <= synth.LEVEL_DB[1] + 0.1
+    np.testing.assert_array_equal(synth.place(np.zeros(8000, np.float32), rng), np.zeros(CLIP_SAMPLES))
+
+
+def test_synthesize_writes_one_voice_per_clip_reproducibly(espeak, tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "OTHER_WORDS", ["cat", "yes", "know"])
+    config = synth.SynthConfig(per_keyword=3, per_other_word=2, seed=1)
+    assert synth.synthesize(["yes", "no"], tmp_path / "a", config) == 3 + 3 + 2
+    synth.synthesize(["yes", "no"], tmp_path / "b", config)
+    synth.synthesize(["yes", "no"], tmp_path / "c", synth.SynthConfig(3, 2, seed=2))
+    clips = D.scan(tmp_path / "a", split="training")
+    assert sorted({c.word for c in clips}) == ["cat", "no", "yes"]
+    assert len({D.speaker_id(c.path) for c in clips if c.word == "yes"}) == 3
+    for clip in clips:
+        samples, rate = sf.read(clip.path, dtype="float32")
+        assert rate == SAMPLE_RATE and samples.shape == (CLIP_SAMPLES,)
+        rms = 20 * np.log10(np.sqrt(np.mean(samples**2)))
+        assert synth.LEVEL_DB[0] - 15 < rms < synth.LEVEL_DB[1]  # a word, quieter over the whole second
+        assert (tmp_path / "b" / clip.path.relative_to(tmp_path / "a")).read_bytes() == clip.path.read_bytes()
+    other_seed = D.scan(tmp_path / "c", split="training")
+    assert len(other_seed) == len(clips)
+    assert {c.path.name for c in other_seed}.isdisjoint(c.path.name for c in clips)
+
+
+def test_an_unknown_voice_is_a_synth_error(espeak):
+    reason = "could not say 'yes' as zz-nowhere\\+m1: Error: The specified espeak-ng voice does not exist"
+    with pytest.raises(synth.SynthError, match=reason):
+        synth.say("yes", synth.Voice("zz-nowhere", "m1", 50, 160))
+
+
+def test_synth_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    (tmp_path / "old.wav").write_bytes(b"")
+    assert main(["synth", "--words", "yes", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not empty" in capsys.readouterr().err
+
+
+def test_without_espeak_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(synth.SynthError, match="apt-get install espeak-ng"):
+        synth.variants()
