@@ -412,6 +412,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
+    from kws.synth import SynthConfig
 
     parser = argparse.ArgumentParser(
         prog="kws",
@@ -684,10 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--words", type=_words, required=True, help="comma-separated keywords, as for train")
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
     synth.add_argument(
-        "--per-keyword", type=_positive_int, default=400, help="clips of each keyword (default 400)"
+        "--per-keyword",
+        type=_positive_int,
+        default=SynthConfig.per_keyword,
+        help=f"clips of each keyword (default {SynthConfig.per_keyword})",
     )
     synth.add_argument(
-        "--per-other-word", type=_positive_int, default=8, help="clips of each other word (default 8)"
+        "--per-other-word",
+        type=_positive_int,
+        default=SynthConfig.per_other_word,
+        help=f"clips of each other word (default {SynthConfig.per_other_word})",
     )
     synth.add_argument("--seed", type=int, default=0, help="random seed of the voices (default 0)")
     synth.set_defaults(handler=cmd_synth)
