@@ -401,8 +401,12 @@ class SpeechData:
         self.root = Path(config.data_dir)
         self.labels = labels_for(config.words)
         self.clips = scan(self.root, config.validation_percent, config.testing_percent)
-        for folder in config.extra:
-            self.clips += scan(Path(folder), split="training")
+        for folder in map(Path, config.extra):
+            if not folder.is_dir():
+                raise DataError(
+                    f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
+                )
+            self.clips += scan(folder, split="training")
         self.package = is_test_package(self.root)
         self._loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._noise: NoiseBank | None = None

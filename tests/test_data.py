@@ -239,3 +239,5 @@ def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
     _, plain_labels, _ = plain.split_audio("training")
     assert len(labels) == len(plain_labels) + 6 and keyword.sum() == (plain_labels >= 2).sum() + 3
     assert more.summary()["extra"] == [str(extra.resolve())]
+    with pytest.raises(D.DataError, match=f"--extra folder {tmp_path / 'gone'} does not exist"):
+        D.SpeechData(config(tiny_dataset, extra=[str(tmp_path / "gone")]))
