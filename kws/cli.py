@@ -696,7 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=SynthConfig.per_other_word,
         help=f"clips of each other word (default {SynthConfig.per_other_word})",
     )
-    synth.add_argument("--seed", type=int, default=0, help="random seed of the voices (default 0)")
+    synth.add_argument(
+        "--seed",
+        type=int,
+        default=SynthConfig.seed,
+        help=f"random seed of the voices (default {SynthConfig.seed})",
+    )
     synth.set_defaults(handler=cmd_synth)
 
     download = commands.add_parser(

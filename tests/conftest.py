@@ -24,6 +24,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def need(available, reason):
+    """Skip without ``available``, except under CI=true, whose .ci/run installs what these tests need."""
+    if available:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
 def shared_validation(manifest: dict, shared: Path):
     """The validation examples of the data a model's manifest records, read from ``shared``."""
     from kws.data import DataConfig, SpeechData

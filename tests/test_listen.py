@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
-from conftest import REPO
+from conftest import REPO, need
 from test_stream import tone_recording
 
 from kws import listen, stream_eval
@@ -351,15 +351,6 @@ def test_only_listen_imports_sounddevice():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert done.stdout.splitlines()[-1] == "[]"
-
-
-def need(available, reason):
-    """Skip without ``available``, except under CI=true, whose .ci/run installs what these tests need."""
-    if available:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}")
-    pytest.skip(reason)
 
 
 def run_checked(command, env, timeout=15):

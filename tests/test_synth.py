@@ -1,11 +1,11 @@
 """Synthetic training clips: word lists, placement and level, espeak-ng's clips on disk."""
 
-import os
 import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import need
 
 from kws import data as D
 from kws import synth
@@ -15,12 +15,7 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 
 @pytest.fixture
 def espeak():
-    """Skip without espeak-ng, except under CI=true, whose .ci/run installs it."""
-    if shutil.which(synth.ESPEAK) is None:
-        reason = "espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
+    need(shutil.which(synth.ESPEAK), "espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
 
 
 def test_other_words_leave_out_the_keywords_and_their_homophones():
