@@ -136,9 +136,10 @@ def say(word: str, voice: Voice) -> np.ndarray:
         str(voice.pitch),
         "-s",
         str(voice.words_per_minute),
-        word,
+        "--stdin",
     ]
-    result = subprocess.run(command, capture_output=True)
+    # The word goes in on stdin, where a word starting with "-" cannot be taken for an option.
+    result = subprocess.run(command, input=word.encode(), capture_output=True)
     if result.returncode:
         reason = result.stderr.decode(errors="replace").strip()
         raise SynthError(f"{ESPEAK} could not say {word!r} as {voice.accent}+{voice.variant}: {reason}")

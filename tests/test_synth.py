@@ -67,6 +67,11 @@ def test_an_unknown_voice_is_a_synth_error(espeak):
         synth.say("yes", synth.Voice("zz-nowhere", "m1", 50, 160))
 
 
+def test_a_word_starting_with_a_dash_is_spoken_not_taken_for_an_option(espeak):
+    speech = synth.say("-yes", synth.Voice("en-us", "m1", 50, 160))
+    assert len(speech) > SAMPLE_RATE // 10 and np.abs(speech).max() > 0.1
+
+
 def test_synth_refuses_a_folder_that_holds_files(tmp_path, capsys):
     (tmp_path / "old.wav").write_bytes(b"")
     assert main(["synth", "--words", "yes", "--out", str(tmp_path)]) == 2
