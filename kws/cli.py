@@ -164,7 +164,7 @@ def cmd_eval(args) -> int:
         "model": args.model and str(args.model),
         "data": str(args.data),
         "split": SPLIT_NAMES[args.split],
-        **report(classifier.labels, examples.labels, predictions, examples.sources),
+        **report(classifier.labels, examples.labels, predictions, examples.sources, examples.words),
     }
     if args.plot:
         from kws import plots

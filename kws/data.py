@@ -382,6 +382,7 @@ class EvaluationSet:
     audio: np.ndarray  # (n, CLIP_SAMPLES) float32
     labels: np.ndarray  # (n,) label indices
     sources: np.ndarray  # (n,) "keyword", "other word", "negative speech" or "noise"
+    words: np.ndarray  # (n,) the word of each clip's folder, "" for noise and negative speech
 
 
 # Sources of examples in an epoch's plan besides clip rows (which are >= 0).
@@ -409,6 +410,7 @@ class SpeechData:
             self.clips += scan(folder, split="training")
         self.package = is_test_package(self.root)
         self._loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._words: dict[str, np.ndarray] = {}  # each loaded clip's word, row for row
         self._noise: NoiseBank | None = None
         self._negatives: NegativeBank | None = None
 
@@ -432,9 +434,11 @@ class SpeechData:
         if split not in self._loaded:
             clips = [c for c in self.clips if c.split == split]
             samples, kept = load_clips([c.path for c in clips], f"{split} clips")
-            labels = np.array([self.label_of(clips[i].word) for i in kept], dtype=np.int64)
-            keyword = np.array([clips[i].word in self.config.words for i in kept], dtype=bool)
+            words = np.array([clips[i].word for i in kept], dtype=object)
+            labels = np.array([self.label_of(word) for word in words], dtype=np.int64)
+            keyword = np.isin(words, self.config.words)
             self._loaded[split] = (samples, labels, keyword)
+            self._words[split] = words
         return self._loaded[split]
 
     def _plan(self, split: str, rng: np.random.Generator, evaluation: bool) -> np.ndarray:
@@ -580,7 +584,9 @@ class SpeechData:
         rows = plan >= 0
         sources[rows] = np.where(keyword[plan[rows]], "keyword", "other word")
         sources[rows & (targets == self.label_of(SILENCE))] = "noise"
-        return EvaluationSet(audio_out, targets, sources)
+        words = np.full(len(plan), "", dtype=object)
+        words[rows] = self._words[split][plan[rows]]
+        return EvaluationSet(audio_out, targets, sources, words)
 
     def summary(self) -> dict:
         """What the data is made of, for config.json."""

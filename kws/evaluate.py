@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 
@@ -11,8 +13,9 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_labels: i
     return np.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
-def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sources=None) -> dict:
-    """The ``kws eval --json`` object: accuracy, per_class, confusion (and recall by source)."""
+def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sources=None, words=None) -> dict:
+    """The ``kws eval --json`` object: accuracy, per_class, confusion (and recall by source; with
+    ``words``, each other word's clips: how many were rejected and what the rest were taken for)."""
     matrix = confusion_matrix(targets, predictions, len(labels))
     support = matrix.sum(axis=1)
     predicted = matrix.sum(axis=0)
@@ -40,7 +43,26 @@ def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sour
             }
             for source in sorted(set(sources))
         }
+    if sources is not None and words is not None:
+        other = np.asarray(sources) == "other word"
+        result["other_words"] = other_words(labels, np.asarray(words)[other], np.asarray(predictions)[other])
     return result
+
+
+def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -> dict:
+    """Clips of words that are not keywords, by word, worst rejected first: how many the model
+    called ``_unknown_`` and which labels it gave the others (most often first)."""
+    unknown = labels.index("_unknown_")
+    result = {}
+    for word in sorted(set(words)):
+        predicted = np.asarray(predictions)[words == word]
+        wrong = Counter(labels[i] for i in predicted if i != unknown)
+        result[str(word)] = {
+            "examples": len(predicted),
+            "rejected": int((predicted == unknown).sum()),
+            "taken_for": dict(wrong.most_common()),
+        }
+    return dict(sorted(result.items(), key=lambda item: item[1]["rejected"] / item[1]["examples"]))
 
 
 def format_report(result: dict) -> str:
@@ -55,6 +77,15 @@ def format_report(result: dict) -> str:
         lines += ["", "accuracy by where examples come from:"]
         for source, row in result["accuracy_by_source"].items():
             lines.append(f"  {source:<16} {row['accuracy']:7.2%} of {row['examples']}")
+    if result.get("other_words"):
+        lines += [
+            "",
+            "other words (each should be _unknown_): clips rejected, and what the rest were taken for",
+        ]
+        for word, row in result["other_words"].items():
+            taken = ", ".join(f"{label} {count}" for label, count in row["taken_for"].items())
+            rejected = f"{row['rejected']}/{row['examples']}"
+            lines.append(f"  {word:<16} {rejected:>7}" + (f"   {taken}" if taken else ""))
     lines += ["", "confusion (rows: true, columns: predicted)"]
     short = [label[:6] for label in labels]
     lines.append(" " * width + "".join(f"{s:>7}" for s in short))

@@ -170,7 +170,9 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     for kind, tflite in converted.items():
         runner = Model(tflite, draft)
         predictions = runner.scores(val_features).argmax(axis=1)
-        variant_reports[kind] = report(config.labels, validation.labels, predictions, validation.sources)
+        variant_reports[kind] = report(
+            config.labels, validation.labels, predictions, validation.sources, validation.words
+        )
         accuracy[kind] = variant_reports[kind]["accuracy"]
     int8_model = Model(converted["int8"], draft)
     steps.update()

@@ -265,7 +265,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     best = keras.models.load_model(run_dir / MODEL_FILE)
     predictions = best.predict(val_features, batch_size=1000, verbose=0).argmax(axis=1)
-    validation_report = report(config.labels, validation.labels, predictions, validation.sources)
+    validation_report = report(
+        config.labels, validation.labels, predictions, validation.sources, validation.words
+    )
     metrics = {
         "best_epoch": state["best_epoch"],
         "validation": validation_report,

@@ -116,6 +116,9 @@ def test_evaluation_set_is_fixed_and_fills_unknown_with_held_out_negatives(tiny_
     assert unknown.sum() == (a.labels == 0).sum() == n_unknown
     other_words = sum(c.word in ("bed", "cat") for c in held_out)
     assert (a.sources == "other word").sum() == min(other_words, n_unknown - round(n_unknown * 0.5))
+    assert set(a.words[a.sources == "other word"]) <= {"bed", "cat"}
+    assert set(a.words[a.sources == "keyword"]) == set(cfg.words)
+    assert set(a.words[(a.sources == "noise") | (a.sources == "negative speech")]) == {""}
 
 
 def test_a_corrupt_clip_is_reported_and_skipped(tiny_dataset, capsys):
