@@ -6,6 +6,8 @@ from collections import Counter
 
 import numpy as np
 
+from kws.data import UNKNOWN
+
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_labels: int) -> np.ndarray:
     """Rows are true labels, columns predicted labels."""
@@ -52,7 +54,7 @@ def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sour
 def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -> dict:
     """Clips of words that are not keywords, by word, worst rejected first: how many the model
     called ``_unknown_`` and which labels it gave the others (most often first)."""
-    unknown = labels.index("_unknown_")
+    unknown = labels.index(UNKNOWN)
     result = {}
     for word in sorted(set(words)):
         predicted = np.asarray(predictions)[words == word]
