@@ -378,6 +378,16 @@ def _filler_counts(keyword_count: int, silence_share: float, unknown_share: floa
 
 
 @dataclass
+class SplitClips:
+    """The clips of one split, row for row."""
+
+    samples: np.ndarray  # (n, CLIP_SAMPLES) int16
+    labels: np.ndarray  # (n,) label indices
+    keyword: np.ndarray  # (n,) whether each is a keyword clip
+    words: np.ndarray  # (n,) the word of each clip's folder
+
+
+@dataclass
 class EvaluationSet:
     audio: np.ndarray  # (n, CLIP_SAMPLES) float32
     labels: np.ndarray  # (n,) label indices
@@ -409,8 +419,7 @@ class SpeechData:
                 )
             self.clips += scan(folder, split="training")
         self.package = is_test_package(self.root)
-        self._loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._words: dict[str, np.ndarray] = {}  # each loaded clip's word, row for row
+        self._loaded: dict[str, SplitClips] = {}
         self._noise: NoiseBank | None = None
         self._negatives: NegativeBank | None = None
 
@@ -429,16 +438,14 @@ class SpeechData:
             self._negatives = NegativeBank(self.config.negatives, self.config.negatives_validation_share)
         return self._negatives
 
-    def split_audio(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Clips of a split: int16 audio, label indices, and whether each is a keyword clip."""
+    def split_audio(self, split: str) -> SplitClips:
+        """Clips of a split: int16 audio, label indices, whether each is a keyword clip, its word."""
         if split not in self._loaded:
             clips = [c for c in self.clips if c.split == split]
             samples, kept = load_clips([c.path for c in clips], f"{split} clips")
             words = np.array([clips[i].word for i in kept], dtype=object)
             labels = np.array([self.label_of(word) for word in words], dtype=np.int64)
-            keyword = np.isin(words, self.config.words)
-            self._loaded[split] = (samples, labels, keyword)
-            self._words[split] = words
+            self._loaded[split] = SplitClips(samples, labels, np.isin(words, self.config.words), words)
         return self._loaded[split]
 
     def _plan(self, split: str, rng: np.random.Generator, evaluation: bool) -> np.ndarray:
@@ -447,9 +454,9 @@ class SpeechData:
         Training draws other-word clips with repeats, a fresh draw each epoch; evaluation
         takes each held-out word clip at most once and fills up with negative speech.
         """
-        _, labels, keyword = self.split_audio(split)
-        keyword_rows = np.flatnonzero(keyword)
-        word_rows = np.flatnonzero(~keyword & (labels == self.label_of(UNKNOWN)))
+        clips = self.split_audio(split)
+        keyword_rows = np.flatnonzero(clips.keyword)
+        word_rows = np.flatnonzero(~clips.keyword & (clips.labels == self.label_of(UNKNOWN)))
         # Evaluation keeps the reference composition whatever the training shares, so that
         # accuracies of differently trained models compare (the official test set has it too).
         shares = EVALUATION_SHARES if evaluation else (self.config.silence_share, self.config.unknown_share)
@@ -475,7 +482,7 @@ class SpeechData:
         return np.concatenate([keyword_rows, words, *fillers])
 
     def _targets(self, split: str, plan: np.ndarray) -> np.ndarray:
-        _, labels, _ = self.split_audio(split)
+        labels = self.split_audio(split).labels
         targets = np.full(len(plan), self.label_of(UNKNOWN))
         targets[plan == _SILENCE] = self.label_of(SILENCE)
         rows = plan >= 0
@@ -484,7 +491,7 @@ class SpeechData:
 
     def _render(self, split: str, plan: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Audio (n, CLIP_SAMPLES) float32 of planned examples, without augmentation."""
-        samples, _, _ = self.split_audio(split)
+        samples = self.split_audio(split).samples
         out = np.zeros((len(plan), CLIP_SAMPLES), np.float32)
         rows = plan >= 0
         out[rows] = to_float(samples[plan[rows]])
@@ -502,8 +509,9 @@ class SpeechData:
     def _partial_words(self, split: str, rng: np.random.Generator, count: int) -> np.ndarray:
         """Keyword clips that must not fire: a word cut by the window's edge, keeping only its
         first or last part, or the first half of one keyword joined to the second half of another."""
-        samples, labels, keyword = self.split_audio(split)
-        rows = np.flatnonzero(keyword)
+        split_clips = self.split_audio(split)
+        samples, labels = split_clips.samples, split_clips.labels
+        rows = np.flatnonzero(split_clips.keyword)
         first, last = speech_extent(samples[rows])
         pick = rng.integers(0, len(rows), size=(count, 2))
         clips = to_float(samples[rows[pick[:, 0]]])
@@ -547,8 +555,7 @@ class SpeechData:
         self, rng: np.random.Generator, augment: AugmentConfig
     ) -> tuple[np.ndarray, np.ndarray]:
         """One shuffled epoch of freshly augmented training features (n, frames, mfcc) and labels."""
-        _, _, keyword = self.split_audio("training")
-        if not keyword.any():
+        if not self.split_audio("training").keyword.any():
             raise DataError(f"no training clips of the keywords {self.config.words} in {self.root}")
         plan = rng.permutation(self._plan("training", rng, evaluation=False))
         features = np.empty((len(plan), NUM_FRAMES, NUM_MFCC), np.float32)
@@ -568,12 +575,12 @@ class SpeechData:
             raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         if self.package and split != "testing":
             raise DataError(f"{self.root} is a test set package: every clip is in split 'testing'")
-        samples, labels, keyword = self.split_audio(split)
-        if not len(samples):
+        clips = self.split_audio(split)
+        if not len(clips.samples):
             raise DataError(f"no {split} clips in {self.root}")
         if self.package:
-            plan = np.arange(len(samples))
-            audio_out = to_float(samples)
+            plan = np.arange(len(clips.samples))
+            audio_out = to_float(clips.samples)
         else:
             rng = np.random.default_rng(seed)
             plan = self._plan(split, rng, evaluation=True)
@@ -582,10 +589,10 @@ class SpeechData:
         sources = np.full(len(plan), "noise", dtype=object)
         sources[plan == _NEGATIVE] = "negative speech"
         rows = plan >= 0
-        sources[rows] = np.where(keyword[plan[rows]], "keyword", "other word")
+        sources[rows] = np.where(clips.keyword[plan[rows]], "keyword", "other word")
         sources[rows & (targets == self.label_of(SILENCE))] = "noise"
         words = np.full(len(plan), "", dtype=object)
-        words[rows] = self._words[split][plan[rows]]
+        words[rows] = clips.words[plan[rows]]
         return EvaluationSet(audio_out, targets, sources, words)
 
     def summary(self) -> dict:

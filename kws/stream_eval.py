@@ -53,9 +53,9 @@ class Scored:
 def build_stream(data: SpeechData, seed: int = 0) -> Stream:
     """The keyword test stream from the validation split, held-out speakers and held-out noise."""
     rng = np.random.default_rng(seed)
-    samples, labels, keyword = data.split_audio("validation")
+    clips = data.split_audio("validation")
     unknown = data.label_of(UNKNOWN)
-    items = [("clip", i) for i in np.flatnonzero(keyword | (labels == unknown))]
+    items = [("clip", i) for i in np.flatnonzero(clips.keyword | (clips.labels == unknown))]
     speech = _speech_stretches(data, rng)
     order = rng.permutation(len(items))
     sequence = []
@@ -72,11 +72,9 @@ def build_stream(data: SpeechData, seed: int = 0) -> Stream:
         cursor += gap
         if kind == "clip":
             gain = 10 ** (rng.uniform(*CLIP_GAIN_DB) / 20)
-            clip = np.clip(to_float(samples[item]) * gain, -1, 1)
-            if keyword[item]:
-                truth.append(
-                    (data.labels[labels[item]], cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE)
-                )
+            clip = np.clip(to_float(clips.samples[item]) * gain, -1, 1)
+            if clips.keyword[item]:
+                truth.append((clips.words[item], cursor / SAMPLE_RATE, (cursor + len(clip)) / SAMPLE_RATE))
         else:
             clip = item
         pieces.append(clip)

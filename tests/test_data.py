@@ -178,8 +178,8 @@ def test_partial_words_keep_only_part_of_a_keyword_and_are_unknown(tiny_dataset)
     data = D.SpeechData(config(tiny_dataset, partial_fraction=0.5, unknown_share=0.4))
     rng = np.random.default_rng(0)
     parts = data._partial_words("training", rng, 300)
-    samples, _, keyword = data.split_audio("training")
-    first, last = D.speech_extent(samples[keyword])
+    clips = data.split_audio("training")
+    first, last = D.speech_extent(clips.samples[clips.keyword])
     word = np.median(last - first)
     loud = np.abs(parts) > 0.05
     inside = loud.sum(axis=1)
@@ -238,9 +238,8 @@ def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
     np.testing.assert_array_equal(
         more.evaluation_set("validation").audio, plain.evaluation_set("validation").audio
     )
-    _, labels, keyword = more.split_audio("training")
-    _, plain_labels, _ = plain.split_audio("training")
-    assert len(labels) == len(plain_labels) + 6 and keyword.sum() == (plain_labels >= 2).sum() + 3
+    clips, plain_labels = more.split_audio("training"), plain.split_audio("training").labels
+    assert len(clips.labels) == len(plain_labels) + 6 and clips.keyword.sum() == (plain_labels >= 2).sum() + 3
     assert more.summary()["extra"] == [str(extra.resolve())]
     with pytest.raises(D.DataError, match=f"--extra folder {tmp_path / 'gone'} does not exist"):
         D.SpeechData(config(tiny_dataset, extra=[str(tmp_path / "gone")]))
