@@ -11,13 +11,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from kws import KwsError
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
 BLOCK_SECONDS = 10.0  # of a recording decoded at a time by ``blocks``
 
 
-class AudioError(ValueError):
+class AudioError(KwsError, ValueError):
     """Audio that cannot be used; the message names the source and the reason."""
 
 

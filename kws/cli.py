@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from kws import __version__
+from kws import KwsError, __version__
 
 SPLIT_NAMES = {
     "train": "training",
@@ -20,8 +20,8 @@ SPLIT_NAMES = {
 }
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, without a traceback."""
+class UserError(KwsError):
+    """A command-line value that cannot work."""
 
 
 def _words(text: str) -> list[str]:
@@ -723,17 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kws.audio import AudioError
-    from kws.data import DataError
-    from kws.download import DownloadError
-    from kws.runtime import ModelError
-    from kws.synth import SynthError
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
-    except (UserError, DataError, AudioError, DownloadError, ModelError, SynthError, OSError) as error:
+    except (KwsError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kws import audio
+from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC, SAMPLE_RATE, mfcc
 
 SILENCE = "_silence_"
@@ -40,7 +40,7 @@ SPLITS = ("training", "validation", "testing")
 _MAX_FILES_PER_CLASS = 2**27 - 1  # the constant of the dataset's which_set
 
 
-class DataError(ValueError):
+class DataError(KwsError, ValueError):
     """A data folder that cannot be used as given; the message says what to do."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kws import KwsError
+
 DATASET_URL = "https://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 DATASET_SHA256 = "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
 DEFAULT_DATA_DIR = Path(os.environ.get("KWS_DATA_DIR", "data"))
@@ -24,7 +26,7 @@ _CHUNK = 1 << 20
 _DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(KwsError, RuntimeError):
     """A download or unpacking that failed; the message says what to do."""
 
 

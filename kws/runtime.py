@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kws import features
+from kws import KwsError, features
 
 MANIFEST_FILE = "manifest.json"
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
@@ -40,7 +40,7 @@ def quiet_stderr():
             os.close(saved)
 
 
-class ModelError(ValueError):
+class ModelError(KwsError, ValueError):
     """A model path that cannot be loaded; the message says what is missing."""
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from kws import audio
+from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.files import atomic_path
 
@@ -77,7 +77,7 @@ ok okay alright sure fine great cool nice
 HOMOPHONES = {"no": {"know"}, "right": {"write", "rite", "wright"}, "two": {"to", "too"}, "four": {"for"}}
 
 
-class SynthError(RuntimeError):
+class SynthError(KwsError, RuntimeError):
     """Synthesis cannot run; the message says what to install or change."""
 
 

@@ -202,6 +202,17 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     assert "a folder with no audio files" in capsys.readouterr().err
 
 
+def test_detect_says_what_is_wrong_in_one_line_and_exits_2(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, np.zeros(CLIP_SAMPLES), SAMPLE_RATE)
+    cases = [(tmp_path / "run", "kws export"), (tmp_path / "model.onnx", "expected a .tflite")]
+    for model_path, hint in cases:
+        assert main(["detect", str(clip), "--model", str(model_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kws detect: error: ") and hint in err and err.count("\n") == 1
+
+
 def test_a_report_is_the_same_however_the_recording_is_cut_and_the_bar_follows_it(model):
     audio, _ = tone_recording(["yes", "down", "no"])
     whole = recording_report(Detector(model), [audio], "long")
