@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import numpy as np
 import soundfile as sf
 
@@ -99,8 +99,8 @@ def server(model: str | None, workers: int):
         for _ in range(300):
             if process.poll() is not None:
                 raise SystemExit(f"kws serve exited: {process.stderr.read().decode()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(f"{url}/ready", timeout=1).status_code == 200:
                     break
             time.sleep(0.2)
         yield url, process.pid

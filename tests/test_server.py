@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import numpy as np
 import pytest
 import schemathesis
@@ -429,8 +429,8 @@ def running(command: list[str], log: Path, env: dict | None = None):
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, f"server exited: {log.read_text()}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             assert time.monotonic() < deadline, f"server never answered: {log.read_text()}"
             time.sleep(0.2)
@@ -455,16 +455,16 @@ KEY = {"X-API-Key": API_KEY}
 def test_real_server_answers_like_the_app(server, client, long_recording):
     url, _, _ = server
     data = encode(long_recording)
-    assert httpx.get(f"{url}/ready", headers=KEY).status_code == 200
+    assert httpx2.get(f"{url}/ready", headers=KEY).status_code == 200
     files = {"file": ("talk.wav", data, "audio/wav")}
-    served = httpx.post(f"{url}/detect?threshold=0.5", files=files, headers=KEY, timeout=30)
+    served = httpx2.post(f"{url}/detect?threshold=0.5", files=files, headers=KEY, timeout=30)
     assert served.status_code == 200
     assert served.json() == client.post("/detect?threshold=0.5", files=files).json()
 
 
 def test_real_server_survives_the_malformed_corpus(server, client):
     url, process, _ = server
-    with httpx.Client(headers=KEY, timeout=30) as http:
+    with httpx2.Client(headers=KEY, timeout=30) as http:
         for name, (data, _) in CORPUS.items():
             served = http.post(f"{url}/detect", content=data)
             assert served.status_code == client.post("/detect", content=data).status_code, name
@@ -502,8 +502,8 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
         ws.send(END)
         events = [json.loads(message) for message in ws]
     assert events == [event.to_dict() for event in Detector(model).detect(long_recording)]
-    assert httpx.get(f"{url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-    assert httpx.get(f"{url}/model?api_key={API_KEY}").status_code == 401
+    assert httpx2.get(f"{url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert httpx2.get(f"{url}/model?api_key={API_KEY}").status_code == 401
     time.sleep(0.5)  # let the access log reach the file
     text = log.read_text()
     assert "/stream?api_key=***" in text and '"GET /model HTTP/1.1" 200' in text
@@ -588,10 +588,10 @@ def test_dockerfile_cmd_serves_the_built_in_model(tmp_path):
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
     # The image's command as it is (no --model): the model built into the package.
     with running([executable, *command[1:]], tmp_path / "serve.log") as (url, _):
-        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-        assert httpx.get(f"{url}/ready").status_code == 200
+        assert httpx2.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx2.get(f"{url}/ready").status_code == 200
         built_in = json.loads((REPO / "kws" / "models" / "default" / "manifest.json").read_text())
-        assert httpx.get(f"{url}/model").json()["name"] == built_in["name"]
+        assert httpx2.get(f"{url}/model").json()["name"] == built_in["name"]
         port = url.rpartition(":")[2]
         probe = [sys.executable if part == "python" else part.replace("8000", port) for part in healthcheck]
         assert subprocess.run(probe, timeout=30).returncode == 0
