@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
+from kws import KwsError
+
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = SAMPLE_RATE  # one second: what the model sees
 WINDOW_SAMPLES = 640  # 40 ms
@@ -179,6 +181,10 @@ def describe() -> dict:
     }
 
 
+class FrontendError(KwsError, ValueError):
+    """A model made for a different frontend than this kws computes."""
+
+
 def check_compatible(recorded: dict, source: str) -> None:
     """Refuse a model whose recorded frontend differs from this one: its scores would be wrong."""
     current = describe()
@@ -186,7 +192,7 @@ def check_compatible(recorded: dict, source: str) -> None:
         f"{k}: {recorded.get(k)!r} (this kws: {v!r})" for k, v in current.items() if recorded.get(k) != v
     ]
     if differences:
-        raise ValueError(
+        raise FrontendError(
             f"{source} was trained with a different frontend than this version of kws computes: "
             + "; ".join(differences)
             + ". Retrain it, or use the kws version it was trained with."

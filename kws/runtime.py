@@ -23,6 +23,7 @@ BUILT_IN_MODEL = Path(__file__).parent / "models" / "default"  # used when no --
 # without output.values is an older export, whose model applies the softmax itself.
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
+EXPORT_AGAIN = "export the model again with kws export"
 
 
 @contextlib.contextmanager
@@ -95,6 +96,16 @@ def embed_manifest(tflite: bytes, manifest: dict) -> bytes:
     return bytes(builder.Output())
 
 
+def _read_manifest(manifest_file: Path) -> dict:
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{manifest_file} is not valid JSON ({error}): {EXPORT_AGAIN}") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{manifest_file} holds no manifest object: {EXPORT_AGAIN}")
+    return manifest
+
+
 def resolve(path: str | Path | None) -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 
@@ -115,16 +126,24 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
                 f"{path} holds no {MANIFEST_FILE}: pass a folder made by `kws export`, "
                 f"or export this run first with `kws export {path}`"
             )
-        manifest = json.loads(manifest_file.read_text())
-        return manifest_file.parent / manifest["files"]["int8"], manifest
+        manifest = _read_manifest(manifest_file)
+        try:
+            return manifest_file.parent / manifest["files"]["int8"], manifest
+        except (KeyError, TypeError):
+            raise ModelError(
+                f"{manifest_file} names no int8 model under files.int8: export the run again with kws export"
+            ) from None
     if path.suffix != ".tflite":
         raise ModelError(f"--model {path}: expected a .tflite file or a folder made by kws export")
     if not path.exists():
         raise ModelError(f"--model {path} does not exist")
     manifest_file = path.with_name(MANIFEST_FILE)
     if manifest_file.exists():
-        return path, json.loads(manifest_file.read_text())
-    manifest = embedded_manifest(path.read_bytes())
+        return path, _read_manifest(manifest_file)
+    try:
+        manifest = embedded_manifest(path.read_bytes())
+    except Exception as error:  # the flatbuffer reader fails in many ways on bytes that are not a model
+        raise ModelError(f"{path} is not a TFLite model ({error}): pass one made by kws export") from None
     if manifest is None:
         raise ModelError(
             f"{path} has no {MANIFEST_FILE} beside it and none inside: export it with kws export"
@@ -146,23 +165,31 @@ class Model:
         as TFLite Micro does, which makes outputs comparable bit for bit with a device."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
+        missing = [key for key in ("labels", "frontend") if key not in manifest]
+        if missing:
+            raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
         self.manifest = manifest
         self.labels: list[str] = manifest["labels"]
-        self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
         self.output_values = manifest.get("output", {}).get("values", PROBABILITIES)
         if self.output_values not in (LOGITS, PROBABILITIES):
             raise ModelError(
                 f"{self.source}: its manifest's output.values is {self.output_values!r}, expected "
-                f"{LOGITS!r} or {PROBABILITIES!r}: export the model again with kws export"
+                f"{LOGITS!r} or {PROBABILITIES!r}: {EXPORT_AGAIN}"
             )
         features.check_compatible(manifest["frontend"], self.source)
         content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
-        with quiet_stderr():
-            self._interpreter = Interpreter(
-                model_content=content, num_threads=num_threads, experimental_op_resolver_type=resolver
-            )
-            self._interpreter.allocate_tensors()
+        try:
+            with quiet_stderr():
+                self._interpreter = Interpreter(
+                    model_content=content, num_threads=num_threads, experimental_op_resolver_type=resolver
+                )
+                self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as error:
+            raise ModelError(
+                f"{self.source} is not a model LiteRT can run ({error}): pass a .tflite made by kws export"
+            ) from None
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         expected = (1, features.NUM_FRAMES, features.NUM_MFCC)

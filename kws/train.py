@@ -26,6 +26,7 @@ from kws.data import AugmentConfig, DataConfig, SpeechData, labels_for
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
+from kws.runtime import ModelError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our output
 
@@ -139,7 +140,7 @@ def _load_teachers(config: RunConfig) -> list[KerasClassifier]:
     teachers = [KerasClassifier(Path(folder)) for folder in config.train.teachers]
     for teacher in teachers:
         if teacher.labels != config.labels:
-            raise ValueError(
+            raise ModelError(
                 f"teacher {teacher.run_dir} has the labels {teacher.labels}, this run {config.labels}: "
                 "a teacher must be trained on the same words"
             )

@@ -11,7 +11,7 @@ from kws import stream_eval
 from kws.audio import load
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
-from kws.runtime import Model
+from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE, Model
 from kws.stream import DetectionConfig, Detector, Event, EventRules, ScoreStream, recording_report
 
 LABELS = ["_silence_", "_unknown_", "yes", "no"]
@@ -206,7 +206,30 @@ def test_detect_says_what_is_wrong_in_one_line_and_exits_2(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     clip = tmp_path / "clip.wav"
     sf.write(clip, np.zeros(CLIP_SAMPLES), SAMPLE_RATE)
-    cases = [(tmp_path / "run", "kws export"), (tmp_path / "model.onnx", "expected a .tflite")]
+    manifest = json.loads((BUILT_IN_MODEL / MANIFEST_FILE).read_text())
+    int8 = (BUILT_IN_MODEL / manifest["files"]["int8"]).read_bytes()
+    garbage = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    other_frontend = {**manifest, "frontend": {**manifest["frontend"], "num_mfcc": 13}}
+    broken = {
+        "bad_json": ("{not json", int8),
+        "no_files": ("{}", int8),
+        "other_frontend": (json.dumps(other_frontend), int8),
+        "not_a_model": (json.dumps(manifest), garbage),
+    }
+    for name, (text, tflite) in broken.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST_FILE).write_text(text)
+        (tmp_path / name / manifest["files"]["int8"]).write_bytes(tflite)
+    (tmp_path / "bare.tflite").write_bytes(garbage)
+    cases = [
+        (tmp_path / "run", "kws export"),
+        (tmp_path / "model.onnx", "expected a .tflite"),
+        (tmp_path / "bad_json", "is not valid JSON"),
+        (tmp_path / "no_files", "files.int8"),
+        (tmp_path / "other_frontend", "num_mfcc: 13 (this kws: 10)"),
+        (tmp_path / "not_a_model", "not a model LiteRT can run"),
+        (tmp_path / "bare.tflite", "is not a TFLite model"),
+    ]
     for model_path, hint in cases:
         assert main(["detect", str(clip), "--model", str(model_path)]) == 2
         err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from conftest import tone_run_config as run_config
 
 from kws.cli import main
 from kws.features import NUM_FRAMES, NUM_MFCC
+from kws.runtime import ModelError
 from kws.train import RunConfig, TrainConfig, train
 
 
@@ -197,6 +198,6 @@ def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path)
     (tmp_path / "teacher" / "config.json").write_text(json.dumps(raw))
     config = run_config(tone_dataset, epochs=1)
     config.train.teachers = (str(tmp_path / "teacher"),)
-    with pytest.raises(ValueError, match="teacher .*teacher has the labels"):
+    with pytest.raises(ModelError, match="teacher .*teacher has the labels"):
         train(config, tmp_path / "student")
     assert not (tmp_path / "student").exists()  # so the same --out can be used again
