@@ -100,11 +100,12 @@ def cmd_train(args) -> int:
 
             print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
             data_dir = download_dataset(DEFAULT_DATA_DIR)
+        # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
-            data_dir=str(data_dir),
+            data_dir=str(Path(data_dir).resolve()),
             words=args.words or list(DEFAULT_WORDS),
-            negatives=[str(p) for p in args.negatives],
-            extra=[str(p) for p in args.extra],
+            negatives=[str(p.resolve()) for p in args.negatives],
+            extra=[str(p.resolve()) for p in args.extra],
             silence_share=args.silence_share,
             unknown_share=args.unknown_share,
         )
@@ -147,18 +148,28 @@ def _load_classifier(path: Path):
     return model, model.manifest["training"]["data"]
 
 
+def _evaluation_data(recorded: dict, data_dir: Path | None, negatives: list[Path] | None):
+    """The SpeechData a model was trained with (its manifest's or config's ``recorded`` data
+    settings), from ``data_dir`` and ``negatives`` unless they are None. Its ``--extra`` folders
+    are left out: their clips only ever train, and they need not exist where the model is evaluated."""
+    from kws.data import DataConfig, SpeechData
+
+    overrides = {"extra": []}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if negatives is not None:
+        overrides["negatives"] = [str(p) for p in negatives]
+    return SpeechData(DataConfig(**{**recorded, **overrides}))
+
+
 def cmd_eval(args) -> int:
     from kws import features
-    from kws.data import DataConfig, SpeechData
     from kws.evaluate import format_report, report
 
     if args.stream:
         return _eval_stream(args)
     classifier, recorded = _load_classifier(args.model)
-    data = DataConfig(
-        **{**recorded, "data_dir": str(args.data), "negatives": [str(p) for p in args.negatives]}
-    )
-    examples = SpeechData(data).evaluation_set(SPLIT_NAMES[args.split])
+    examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(SPLIT_NAMES[args.split])
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     result = {
         "model": args.model and str(args.model),
@@ -177,15 +188,12 @@ def cmd_eval(args) -> int:
 
 
 def _eval_stream(args) -> int:
-    from kws.data import DataConfig, SpeechData
     from kws.runtime import Model
     from kws.stream import detection_config
     from kws.stream_eval import format_stream_report, stream_test
 
     model = Model.load(args.model)
-    recorded = model.manifest["training"]["data"]
-    negatives = [str(p) for p in args.negatives]
-    data = SpeechData(DataConfig(**{**recorded, "data_dir": str(args.data), "negatives": negatives}))
+    data = _evaluation_data(model.manifest["training"]["data"], args.data, args.negatives)
     _, result = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
     )
@@ -205,23 +213,18 @@ def _eval_stream(args) -> int:
 def cmd_calibrate(args) -> int:
     from dataclasses import replace
 
-    from kws.data import DataConfig, SpeechData
     from kws.export import recalibrate
     from kws.runtime import resolve
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
     _, manifest = resolve(args.model)
-    recorded = manifest["training"]["data"]
-    overrides = {"data_dir": str(args.data)} if args.data else {}
-    if args.negatives:
-        overrides["negatives"] = [str(p) for p in args.negatives]
     config = detection_config(manifest)
     if args.hop_ms is not None:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
-    data = SpeechData(DataConfig(**{**recorded, **overrides}))
+    data = _evaluation_data(manifest["training"]["data"], args.data, args.negatives or None)
     updated = recalibrate(args.model, data, config, args.target_fa)
     print(format_stream_report(updated["streaming"]))
     return 0

@@ -1,6 +1,8 @@
 """Training runs on synthetic data: run folder contents, config round trip, resume, eval."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +95,26 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+
+
+def test_a_run_records_absolute_paths_and_evaluates_without_its_extra_clips(
+    tone_dataset, tmp_path, monkeypatch, capsys
+):
+    extra = tmp_path / "extra"
+    shutil.copytree(tone_dataset / WORDS[0], extra / WORDS[0])
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(tone_dataset)
+    args = ["train", "--data", data, "--words", ",".join(WORDS), "--extra", "extra", "--out", "run"]
+    assert main([*args, "--epochs", "1"]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert recorded["data_dir"] == str(tone_dataset.resolve())
+    assert recorded["extra"] == [str(extra.resolve())]
+    # The extra clips only trained: evaluating needs neither them nor the folder training ran in.
+    shutil.rmtree(extra)
+    monkeypatch.chdir(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["eval", "--model", ".", "--data", str(tone_dataset), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_class"]["yes"]["support"] > 0
 
 
 def test_python_m_kws_shows_help():
