@@ -21,6 +21,10 @@ from kws.stream import Detector, Event, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
+# Blocks waiting for the Detector at most (10 s of audio). A file played --fast waits for the
+# Detector rather than pile up in memory; a microphone's audio thread would only wait once the
+# Detector has fallen 10 s behind, when audio is lost either way.
+QUEUE_BLOCKS = round(10 / BLOCK_SECONDS)
 METER_SECONDS = 0.1  # the level meter is redrawn at most this often
 METER_FLOOR_DB = -60.0  # an empty bar
 METER_WIDTH = 30
@@ -289,10 +293,16 @@ def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
 
 def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | None = None) -> Summary:
     """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C."""
-    blocks: queue.Queue = queue.Queue()
+    blocks: queue.Queue = queue.Queue(QUEUE_BLOCKS)
+    closing = threading.Event()  # set once nothing takes blocks any more: the source must not wait
 
     def callback(indata, frames, time_info, status):
-        blocks.put(indata.copy())  # nothing else on the audio thread: a late callback loses audio
+        if not closing.is_set():
+            blocks.put(indata.copy())  # nothing else on the audio thread: a late callback loses audio
+
+    def finished():
+        if not closing.is_set():
+            blocks.put(None)
 
     consumer = _Consumer(source.samplerate, detector, out)
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
@@ -302,11 +312,17 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
         stream = source.open(
             blocksize=round(BLOCK_SECONDS * source.samplerate),
             callback=callback,
-            finished_callback=lambda: blocks.put(None),
+            finished_callback=finished,
         )
         with stream:
-            while consumer.frames < limit and (block := _next_block(blocks, source)) is not None:
-                consumer.hear(block[: limit - consumer.frames])
+            try:
+                while consumer.frames < limit and (block := _next_block(blocks, source)) is not None:
+                    consumer.hear(block[: limit - consumer.frames])
+            finally:
+                # A source waiting for room in the queue must get it, or closing it would wait forever.
+                closing.set()
+                while not blocks.empty():
+                    blocks.get_nowait()
         consumer.finish()
     except source.errors as error:
         raise ListenError(f"{source.name}: {error}") from None

@@ -11,6 +11,7 @@ import threading
 import time
 import types
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -177,7 +178,9 @@ def test_level_meter_draws_on_a_terminal_and_clears_for_each_detection(tmp_path,
     assert summary.counts["yes"] >= 1 and summary.counts == {**summary.counts, "no": 0, "up": 0, "down": 0}
 
 
-def test_ctrl_c_stops_listening_with_a_summary_and_code_0(words_file, model_args, monkeypatch, capsys):
+# --fast: the file's thread is then waiting for room in a full queue, and must not hang the exit.
+@pytest.mark.parametrize("pace", [[], ["--fast"]])
+def test_ctrl_c_stops_listening_with_a_summary_and_code_0(words_file, model_args, monkeypatch, capsys, pace):
     pushes = 0
     push = Detector.push
 
@@ -190,13 +193,45 @@ def test_ctrl_c_stops_listening_with_a_summary_and_code_0(words_file, model_args
 
     monkeypatch.setattr(Detector, "push", interrupted_push)
     path, _ = words_file
-    assert main(["listen", "--file", str(path), *model_args]) == 0  # in real time: still playing at 1 s
+    monkeypatch.setattr(listen, "QUEUE_BLOCKS", 4)
+    assert main(["listen", "--file", str(path), *pace, *model_args]) == 0  # still playing at 1 s
     out, err = capsys.readouterr()
     assert out.splitlines() == [
         "listened 1.0 s (stopped with Ctrl-C): 0 detections (yes 0, no 0, up 0, down 0)"
     ]
     assert "Traceback" not in err and "interrupted" not in err
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("play ")]
+
+
+def test_a_file_played_fast_waits_for_the_detector_instead_of_piling_up(words_file, tone_export, monkeypatch):
+    path, _ = words_file
+    source = listen.recording(path, realtime=False)
+    sent = heard = 0
+    ahead = []
+
+    def counting_open(*, callback, **settings):
+        def counted(*args):
+            nonlocal sent
+            sent += 1
+            callback(*args)
+
+        return source.open(callback=counted, **settings)
+
+    push = Detector.push
+
+    def slow_push(self, samples):
+        nonlocal heard
+        heard += 1
+        ahead.append(sent - heard)
+        time.sleep(0.002)
+        return push(self, samples)
+
+    monkeypatch.setattr(Detector, "push", slow_push)
+    monkeypatch.setattr(listen, "QUEUE_BLOCKS", 10)
+    model = Model.load(tone_export[0])
+    summary = listen.run(replace(source, open=counting_open), Detector(model), io.StringIO())
+    assert summary.seconds == pytest.approx(sf.info(str(path)).duration, abs=0.01)
+    assert len(ahead) > 50 and 9 <= max(ahead) <= 11  # a full queue, and the block waiting to go in
 
 
 def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
