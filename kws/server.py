@@ -253,6 +253,10 @@ class ApiKeyGuard:
         if scope["type"] not in ("http", "websocket") or scope["path"] == "/health" or self.authorized(scope):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
+            # Accepted first: a close before the handshake reaches the client as a bare HTTP 403.
+            if (await receive())["type"] != "websocket.connect":
+                return  # the client left before its handshake finished
+            await send({"type": "websocket.accept"})
             await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
             return
         detail = "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"

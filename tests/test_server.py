@@ -492,6 +492,7 @@ def test_real_server_stops_reading_an_oversized_body(server):
 
 
 def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, long_recording):
+    from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
     url, _, log = server
@@ -502,6 +503,10 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
         ws.send(END)
         events = [json.loads(message) for message in ws]
     assert events == [event.to_dict() for event in Detector(model).detect(long_recording)]
+    with connect(f"{url.replace('http', 'ws')}/stream?api_key=wrong") as ws:
+        with pytest.raises(ConnectionClosed) as refused:
+            ws.recv()
+    assert (refused.value.rcvd.code, refused.value.rcvd.reason) == (1008, "missing or wrong API key")
     assert httpx2.get(f"{url}/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert httpx2.get(f"{url}/model?api_key={API_KEY}").status_code == 401
     time.sleep(0.5)  # let the access log reach the file
