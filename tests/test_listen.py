@@ -1,6 +1,7 @@
 """`kws listen`: microphone and file share one path (callback, queue, resampling, Detector, printing)."""
 
 import io
+import json
 import os
 import re
 import shutil
@@ -375,17 +376,29 @@ def test_option_mistakes_are_clear_errors(capsys, argv, message):
     assert capsys.readouterr().err == f"kws listen: error: {message}\n"
 
 
-def test_only_listen_imports_sounddevice():
+def test_only_listen_imports_sounddevice(words_file, model_args):
+    # sounddevice fails as it does without PortAudio: detect must work, listen must reach for it.
     script = (
-        "import sys\nfrom kws.cli import main\n"
-        "for argv in (['detect', '--help'], ['listen', '--help']):\n"
-        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-        "print([name for name in sys.modules if 'sounddevice' in name])"
+        "import importlib.abc, json, sys\n"
+        "tried = []\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'sounddevice':\n"
+        "            tried.append(name)\n"
+        "            raise OSError('PortAudio library not found')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from kws.cli import main\n"
+        "detected = main(sys.argv[1:])\n"
+        "before = list(tried)\n"
+        "listened = main(['listen', '--list-devices'])\n"
+        "print(json.dumps([detected, before, listened, tried]))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    assert done.stdout.splitlines()[-1] == "[]"
+    path, _ = words_file
+    command = [sys.executable, "-c", script, "detect", str(path), *model_args]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+    detected, before, listened, tried = json.loads(done.stdout.splitlines()[-1])
+    assert (detected, before) == (0, []) and "detection" in done.stdout
+    assert listened == 2 and tried == ["sounddevice"]
 
 
 def run_checked(command, env, timeout=15):
