@@ -59,6 +59,13 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _hop_ms(text: str) -> float:
     from kws.stream import HOP_MS
 
@@ -306,8 +313,6 @@ def cmd_listen(args) -> int:
         return 0
     if args.fast and not args.file:
         raise UserError("--fast plays a --file faster than real time: give --file AUDIO")
-    if args.seconds is not None and args.seconds <= 0:
-        raise UserError(f"--seconds must be positive, got {args.seconds:g}")
     from kws.runtime import Model
     from kws.stream import Detector, detection_config
 
@@ -355,8 +360,6 @@ def cmd_serve(args) -> int:
         settings = Settings.from_env()
     except ValueError as error:
         raise UserError(str(error)) from None
-    if args.max_seconds is not None and args.max_seconds <= 0:
-        raise UserError(f"--max-seconds must be positive, got {args.max_seconds:g}")
     flags = {
         "model": args.model and str(args.model),
         "max_bytes": args.max_bytes,
@@ -616,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast", action="store_true", help="with --file: as fast as possible, not in real time"
     )
     listen.add_argument(
-        "--seconds", type=float, help="stop after this much audio (default: at Ctrl-C or the end of --file)"
+        "--seconds",
+        type=_seconds,
+        help="stop after this much audio (default: at Ctrl-C or the end of --file)",
     )
     _add_detector_options(listen)
     listen.set_defaults(handler=cmd_listen)
@@ -648,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the HTTP API: POST /detect (a recording -> the JSON of kws detect --json), "
         "WS /stream (live 16-bit PCM -> detection events), /health, /ready, /model, /metrics, docs at /docs. "
         "Set KWS_API_KEY to require a key (X-API-Key or Authorization: Bearer) on all but /health. "
-        "Each flag can also come from its KWS_* variable (KWS_MODEL, KWS_MAX_BYTES, ...).",
+        "--model, --workers, --max-bytes and --max-seconds can also come from KWS_MODEL, KWS_WORKERS, "
+        "KWS_MAX_BYTES and KWS_MAX_SECONDS.",
         epilog="example: kws serve --model runs/s8/export --workers 2; "
         "curl --data-binary @clip.wav localhost:8000/detect",
     )
@@ -670,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-seconds",
-        type=float,
+        type=_seconds,
         help="longest recording POST /detect takes, in seconds (default 60): else 413",
     )
     serve.set_defaults(handler=cmd_serve)

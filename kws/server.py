@@ -137,8 +137,8 @@ class Settings:
                     values[field] = kind(env[name])
                 except ValueError:
                     raise ValueError(f"{name}={env[name]!r}: expected {what}") from None
-                if values[field] <= 0:
-                    raise ValueError(f"{name} must be positive, got {env[name]}")
+                if not 0 < values[field] < float("inf"):
+                    raise ValueError(f"{name} must be a positive number, got {env[name]}")
         return cls(**values)
 
 

@@ -367,13 +367,20 @@ def test_missing_portaudio_says_what_to_install(monkeypatch, tmp_path, capsys):
     ("argv", "message"),
     [
         (["--fast"], "--fast plays a --file faster than real time: give --file AUDIO"),
-        (["--seconds", "0"], "--seconds must be positive, got 0"),
         (["--file", "nowhere.wav"], "nowhere.wav: no such file"),
     ],
 )
 def test_option_mistakes_are_clear_errors(capsys, argv, message):
     assert main(["listen", *argv]) == 2
     assert capsys.readouterr().err == f"kws listen: error: {message}\n"
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_seconds_must_be_a_positive_finite_number(seconds, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["listen", "--seconds", seconds])
+    message = f"argument --seconds: must be a positive number of seconds, got {seconds}"
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_only_listen_imports_sounddevice(words_file, model_args):

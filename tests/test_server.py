@@ -522,6 +522,18 @@ def test_a_port_outside_1_to_65535_is_refused_not_wrapped(port, capsys):
     assert exited.value.code == 2 and f"must be from 1 to 65535, got {port}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seconds", ["0", "nan", "inf"])
+def test_a_recording_limit_must_be_a_positive_finite_number(seconds, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--max-seconds", seconds])
+    message = f"must be a positive number of seconds, got {seconds}"
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setenv("KWS_MAX_SECONDS", seconds)
+    assert main(["serve"]) == 2
+    message = f"KWS_MAX_SECONDS must be a positive number, got {seconds}"
+    assert capsys.readouterr().err == f"kws serve: error: {message}\n"
+
+
 def test_an_address_it_cannot_listen_on_is_a_one_line_error_before_the_workers_start(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
