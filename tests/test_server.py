@@ -130,10 +130,12 @@ def test_detect_equals_kws_detect_json(
 def test_threshold_override_changes_detections(client, model, long_recording):
     data = encode(long_recording)
     low = client.post("/detect?threshold=0.5", content=data).json()["detections"]
-    never = client.post("/detect?threshold=1", content=data).json()["detections"]
+    certain = client.post("/detect?threshold=1", content=data).json()["detections"]
     expected = recording_report(Detector(model, detection_config(model.manifest, 0.5)), [long_recording], "x")
     assert low == expected["detections"] and len(low) >= 4
-    assert never == []  # int8 scores top out at 255/256
+    at_one = recording_report(Detector(model, detection_config(model.manifest, 1.0)), [long_recording], "x")
+    assert certain == at_one["detections"] and len(certain) < len(low)
+    assert all(event["score"] == 1.0 for event in certain)  # only an average of scores that are all 1
 
 
 def test_top_k_limits_the_scores(client, model, clip):
