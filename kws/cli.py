@@ -281,9 +281,12 @@ def cmd_detect(args) -> int:
             print(f"{path}: {report['duration']:.2f} s, {len(found)} detection{'s' * (len(found) != 1)}")
             for event in found:
                 print(f"  {Event(**event)}")
-    if args.json:
-        one_file = len(args.files) == 1 and not args.files[0].is_dir()
-        print(json.dumps(reports[0] if one_file and reports else reports, indent=2))
+    one_file = len(args.files) == 1 and not args.files[0].is_dir()
+    if args.json and one_file and reports:
+        print(json.dumps(reports[0], indent=2))
+    elif args.json and not one_file:
+        print(json.dumps(reports, indent=2))
+    # A single file that failed prints no JSON: its error and the exit status say it all.
     return 1 if failed else 0
 
 

@@ -182,6 +182,10 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     assert all(0 <= d["start"] <= d["end"] <= 1.0 for d in report["detections"])
     assert main(["detect", str(path), "--model", str(tone_export[0]), "--json", "--top-k", "2"]) == 0
     assert json.loads(capsys.readouterr().out) == report
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not audio")
+    assert main(["detect", str(tmp_path / "noise.wav"), "--model", str(tone_export[0]), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("kws detect: skipping ") and "noise.wav" in err
 
 
 def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path, capsys):
