@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(model.keras), config.json, metrics.json, plots and per-epoch checkpoints.",
         epilog="example (the built-in model's recipe, ~40 min on 2 cores): kws train --data "
         "../shared/data/speech_commands --negatives ../shared/data/librispeech "
-        "--words yes,no,up,down,left,right,stop,go --unknown-share 0.4 --epochs 100 --out runs/s8",
+        "--words yes,no,up,down,left,right,stop,go --unknown-share 0.4 --epochs 100 --seed 2 --out runs/s8",
     )
     train.add_argument(
         "--data", type=Path, help=f"Speech Commands folder (default: download it into {DEFAULT_DATA_DIR}/)"

@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from kws import __version__, features, plots
 from kws.c_frontend import write_c_frontend
-from kws.data import SpeechData
+from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
 from kws.runtime import LOGITS, MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
-from kws.stream import DetectionConfig, keywords
+from kws.stream import HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
@@ -263,7 +263,8 @@ def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) 
 def model_card(manifest: dict) -> str:
     """MODEL_CARD.md: what the model is, what it was trained on, and how good it measured."""
     accuracy, sizes, streaming = manifest["accuracy"], manifest["sizes"], manifest["streaming"]
-    detection = manifest["detection"]
+    detection, frontend = manifest["detection"], manifest["frontend"]
+    silence_share, unknown_share = EVALUATION_SHARES
     data, train, model = manifest["training"]["data"], manifest["training"]["train"], manifest["model"]
     counts = manifest["training"].get("clips_per_split", {})
     spotted = keywords(manifest["labels"])
@@ -271,7 +272,8 @@ def model_card(manifest: dict) -> str:
         f"# {manifest['name']}: keyword spotter for {', '.join(spotted)}",
         "",
         f"DS-CNN-{model['size'].upper()} ({sizes['parameters']:,} parameters, {sizes['macs'] / 1e6:.2f} M "
-        f"multiply-accumulates per inference) on 49 x 10 MFCCs of the last second of 16 kHz audio; "
+        f"multiply-accumulates per inference) on {frontend['num_frames']} x {frontend['num_mfcc']} MFCCs "
+        f"of the last second of {frontend['sample_rate'] // 1000} kHz audio; "
         f"labels {', '.join(manifest['labels'])}. Made by kws {manifest['kws_version']} on "
         f"{manifest['created'][:10]}.",
         "",
@@ -304,11 +306,12 @@ def model_card(manifest: dict) -> str:
         f"{' -> '.join(str(r) for r in train['learning_rates'])}, seed {train['seed']}",
         "",
         "## Measured (held-out validation split; the official test set was not used)",
-        f"- Accuracy over {len(manifest['labels'])} classes ({accuracy['examples']} examples, 10 % silence, "
-        f"10 % unknown): float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
+        f"- Accuracy over {len(manifest['labels'])} classes ({accuracy['examples']} examples, "
+        f"{silence_share * 100:g} % silence, {unknown_share * 100:g} % unknown): "
+        f"float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
         "- int8 recall per class: "
         + ", ".join(f"{k} {v:.1%}" for k, v in accuracy["int8_per_class_recall"].items()),
-        f"- Streaming (model every {20 * detection['hop_frames']} ms, scores averaged over "
+        f"- Streaming (model every {HOP_MS * detection['hop_frames']:g} ms, scores averaged over "
         f"{detection['average_ms']:g} ms), default thresholds (calibrated to "
         f"{streaming['target_fa_per_hour']} false accepts per "
         f"hour): recall {streaming['recall']:.1%} of {streaming['keywords']} keywords in a "
