@@ -309,9 +309,11 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, str]:
         raise HTTPException(
             400, "the multipart body holds no file: send the audio as a file field (-F file=@x.wav)"
         )
-    data = await files[0].read()
+    data, name = await files[0].read(), files[0].filename or UPLOAD_NAME
     await form.close()
-    return data, files[0].filename or UPLOAD_NAME
+    if not data:
+        raise HTTPException(400, f"the uploaded file {name!r} is empty: attach a recording")
+    return data, name
 
 
 class StreamSession:

@@ -163,9 +163,12 @@ def test_bad_query_values_get_422(client, clip, query):
     assert client.post(f"/detect?{query}", content=encode(clip)).status_code == 422
 
 
-def test_multipart_without_a_file_gets_400(client):
+def test_multipart_without_a_file_or_with_an_empty_one_gets_400(client):
     response = client.post("/detect", files={"note": (None, "no audio here")})
     assert response.status_code == 400 and "no file" in response.json()["detail"]
+    response = client.post("/detect", files={"file": ("zero.wav", b"", "audio/wav")})
+    assert response.status_code == 400
+    assert response.json()["detail"] == "the uploaded file 'zero.wav' is empty: attach a recording"
 
 
 def test_limits_give_413(export):
