@@ -175,6 +175,8 @@ def cmd_eval(args) -> int:
 
     if args.stream:
         return _eval_stream(args)
+    if args.threshold is not None:
+        raise UserError("--threshold is for --stream: clip accuracy takes each clip's best class")
     classifier, recorded = _load_classifier(args.model)
     examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(SPLIT_NAMES[args.split])
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)

@@ -1,11 +1,12 @@
 """End to end on the real recordings in ../shared/data: train briefly, evaluate, export; the built-in
 model under TFLM."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
-from conftest import shared_validation
+from conftest import need, shared_validation
 
 from kws.cli import main
 
@@ -62,7 +63,9 @@ def real_inputs(shared_data):
 
 
 def test_tflite_micro_gives_litert_answers_on_real_clips(real_inputs):
-    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    need(importlib.util.find_spec("tflite_micro"), "tflite-micro is not installed: pip install -e '.[train]'")
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
     from kws.runtime import Model, resolve
 
     tflite, _ = resolve(None)

@@ -64,6 +64,14 @@ def test_eval_of_the_validation_split_reproduces_training_metrics(tone_run, tone
     assert set(result["per_class"]["yes"]) == {"precision", "recall", "support"}
 
 
+def test_eval_threshold_is_refused_without_stream(tone_run, tone_dataset, capsys):
+    args = ["eval", "--model", str(tone_run[0]), "--data", str(tone_dataset), "--threshold", "0.9"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "kws eval: error: --threshold is for --stream: clip accuracy takes each clip's best class\n"
+    )
+
+
 def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
     run, _ = tone_run
     plot = tmp_path / "plots" / "confusion.png"  # a folder that does not exist yet
