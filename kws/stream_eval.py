@@ -11,6 +11,7 @@ recordings alone, which hold no keyword at all.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -278,18 +279,19 @@ def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[s
     while all false accepts together, on the stream and the real speech, stay within
     ``target_per_hour`` over ``hours``: the budget goes where it buys the most recall.
 
-    Of thresholds with equal recall and false accepts, the lowest. A keyword that fires
-    wrongly even at the highest threshold tried gets that threshold, outside the budget.
+    Of thresholds with equal recall and false accepts, the lowest. The false accepts a
+    keyword makes even at the highest threshold tried are outside the budget: it may spend
+    the budget on what it costs beyond them.
     """
     budget = int(target_per_hour * hours + 1e-9)
     plans = {0: (0.0, {})}  # false accepts spent -> (recall summed, thresholds so far)
     for keyword, rows in sweep_table.items():
+        unavoidable = min(stream_fa + speech_fa for _, _, stream_fa, speech_fa in rows)
         options = {}  # false accepts -> (threshold, recall): the best recall at that cost
         for threshold, recall, stream_fa, speech_fa in rows:
-            cost = stream_fa + speech_fa
+            cost = stream_fa + speech_fa - unavoidable
             if cost <= budget and (cost not in options or recall > options[cost][1]):
                 options[cost] = (threshold, recall)
-        options = options or {0: rows[-1][:2]}
         extended = {}
         for spent, (total, chosen) in plans.items():
             for cost, (threshold, recall) in options.items():
@@ -333,7 +335,15 @@ def stream_test(
     table = sweep(model.labels, stream, scored, speech, config) if det or calibrating else None
     if calibrating:
         hours = stream.hours + (speech.hours if speech else 0.0)
-        config = replace(config, thresholds=calibrate(table, hours, target_per_hour))
+        # A keyword the stream never says would get the lowest threshold without a false
+        # accept, whatever it finds: it keeps the threshold it had.
+        said = {keyword for keyword, _, _ in stream.truth}
+        unsaid = [keyword for keyword in table if keyword not in said]
+        if unsaid:
+            kept = ", ".join(f"{keyword} {config.threshold(keyword):g}" for keyword in unsaid)
+            print(f"not in the test stream, so not calibrated: {kept}", file=sys.stderr)
+        calibrated = calibrate({k: rows for k, rows in table.items() if k in said}, hours, target_per_hour)
+        config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
     if table is not None:
         report["det"] = det_points(table, stream, speech)

@@ -229,6 +229,22 @@ def test_calibrate_to_no_false_accepts_at_all(exported, tmp_path, capsys):
         assert reason in capsys.readouterr().err
 
 
+def test_a_keyword_the_stream_never_says_keeps_its_threshold(exported, tone_dataset, tmp_path, capsys):
+    from kws.cli import main
+
+    out, manifest = exported
+    copy, data = tmp_path / "export", tmp_path / "data"
+    shutil.copytree(out, copy)
+    shutil.copytree(tone_dataset, data)
+    shutil.rmtree(data / "down")
+    assert main(["calibrate", str(copy), "--data", str(data), "--target-fa", "1000"]) == 0
+    kept = manifest["detection"]["thresholds"]["down"]
+    assert f"not in the test stream, so not calibrated: down {kept:g}" in capsys.readouterr().err
+    thresholds = json.loads((copy / "manifest.json").read_text())["detection"]["thresholds"]
+    assert thresholds["down"] == kept
+    assert all(thresholds[k] <= manifest["detection"]["thresholds"][k] for k in ("yes", "no", "up"))
+
+
 def test_model_card_states_the_measured_figures(exported):
     out, manifest = exported
     card = (out / "MODEL_CARD.md").read_text()

@@ -157,6 +157,12 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
     assert stream_eval.calibrate(table, 2.0, 1.0) == {"yes": 0.9, "no": 0.5, "up": 0.99}
     assert stream_eval.calibrate(table, 2.0, 0.1) == {"yes": 0.99, "no": 0.9, "up": 0.99}
     assert stream_eval.calibrate(table, 2.0, 100) == {"yes": 0.5, "no": 0.5, "up": 0.5}
+    # Both fire once even at their top threshold; the budget of one buys "no" its 0.4 more.
+    stubborn = {
+        "yes": [(0.5, 0.9, 3, 0), (0.999, 0.6, 1, 0)],
+        "no": [(0.5, 0.9, 2, 0), (0.999, 0.5, 1, 0)],
+    }
+    assert stream_eval.calibrate(stubborn, 2.1, 0.5) == {"yes": 0.999, "no": 0.5}
 
 
 def test_match_counts_hits_once_and_everything_else_as_false_accepts():
