@@ -45,6 +45,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
 def _per_hour(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -490,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--spec-augment", action="store_true", help="mask random time and MFCC bands while training"
     )
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     train.add_argument(
         "--teacher",
         type=Path,
@@ -712,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=SynthConfig.seed,
         help=f"random seed of the voices (default {SynthConfig.seed})",
     )

@@ -595,6 +595,11 @@ class SpeechData:
         words[rows] = clips.words[plan[rows]]
         return EvaluationSet(audio_out, targets, sources, words)
 
+    def words_without_clips(self, split: str) -> list[str]:
+        """The keywords that have no clip in ``split``."""
+        present = {clip.word for clip in self.clips if clip.split == split}
+        return [word for word in self.config.words if word not in present]
+
     def summary(self) -> dict:
         """What the data is made of, for config.json."""
         counts = {}

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
     Bytes arrive in ``destination.part``, which survives a killed process: the next call
     continues where it stopped.
     """
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError(f"--url {url!r} is not an http:// or https:// address")
     destination = Path(destination)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)

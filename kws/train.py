@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import features, plots
-from kws.data import AugmentConfig, DataConfig, SpeechData, labels_for
+from kws.data import AugmentConfig, DataConfig, DataError, SpeechData, labels_for
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
@@ -67,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"teacher_weight must be from 0 to 1, got {self.teacher_weight}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be from 0 to 2**32 - 1, got {self.seed}")
         if not 0 <= self.ema_momentum < 1:
             raise ValueError(f"ema_momentum must be from 0 to below 1, got {self.ema_momentum}")
 
@@ -184,9 +186,15 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)
+    unheard = data.words_without_clips("training")
+    if unheard:
+        raise DataError(
+            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: each keyword needs a "
+            "folder of clips there (check the spelling in --words)"
+        )
+    config.data_summary = data.summary()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.data_summary = data.summary()
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 
     validation = data.evaluation_set("validation")

@@ -137,6 +137,15 @@ def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, archive):
         server.close()
 
 
+def test_a_url_that_is_not_http_is_a_clear_error(tmp_path, capsys):
+    from kws.cli import main
+
+    assert main(["download", "--dir", str(tmp_path / "data"), "--url", "notaurl"]) == 2
+    assert capsys.readouterr().err == (
+        "kws download: error: --url 'notaurl' is not an http:// or https:// address\n"
+    )
+
+
 def test_a_file_where_the_data_folder_should_be_is_a_clear_error(tmp_path, capsys):
     from kws.cli import main
 

@@ -142,6 +142,19 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # no half-made run folder to trip over
 
 
+def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(tone_dataset, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(tone_dataset), "--words", "yes,nope", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"no training clips of 'nope' in {tone_dataset}" in err and "--words" in err
+    assert not run.exists()  # so the same --out works once the word is fixed
+    for command in (["train", "--data", str(tone_dataset)], ["synth", "--words", "yes"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--seed", "-1", "--out", str(run)])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "--seed: must be a whole number from 0 to" in err
+
+
 def test_ema_ends_each_epoch_on_the_averaged_weights(tone_dataset, tmp_path):
     import keras
     import numpy as np
