@@ -117,15 +117,29 @@ def test_members_outside_the_target_are_refused(tmp_path, evil):
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
 
 
-def test_links_pointing_outside_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    "links",
+    [
+        [("data/passwd", "../../../etc/passwd")],
+        # Each link stays inside, but together they lead a member out of the target.
+        [("a", "b/.."), ("b", "."), ("a/escaped.txt", None)],
+    ],
+)
+def test_links_are_refused(tmp_path, links):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        link = tarfile.TarInfo("data/passwd")
-        link.type, link.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
-        tar.addfile(link)
+        for name, target in links:
+            member = tarfile.TarInfo(name)
+            if target is None:
+                member.size = 5
+                tar.addfile(member, io.BytesIO(b"owned"))
+            else:
+                member.type, member.linkname = tarfile.SYMTYPE, target
+                tar.addfile(member)
     (tmp_path / "link.tar.gz").write_bytes(buffer.getvalue())
-    with pytest.raises(download.DownloadError, match="links outside"):
+    with pytest.raises(download.DownloadError, match="is a link, device or pipe"):
         download.unpack(tmp_path / "link.tar.gz", tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, archive):
