@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="speech without keywords: its held-out speakers fill _unknown_ as in training",
+        help="speech without keywords: its held-out speakers fill _unknown_ as in training "
+        "(only what is given here, never the run's own)",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     evaluate.add_argument(
