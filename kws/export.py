@@ -246,8 +246,10 @@ def recalibrate(
 def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) -> None:
     """The .tflite files (manifest embedded), manifest.json, and the MCU bundle."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = {kind: embed_manifest(tflite, manifest) for kind, tflite in converted.items()}
-    # Sizes are of the files as written, metadata included; recorded in the manifest file only.
+    # Sizes are of the files as written, metadata included; recorded in the manifest file only
+    # (a manifest that knew its own file's size would change that size).
+    sizes = {key: value for key, value in manifest["sizes"].items() if not key.endswith("_bytes")}
+    final = {kind: embed_manifest(tflite, {**manifest, "sizes": sizes}) for kind, tflite in converted.items()}
     for kind, tflite in final.items():
         manifest["sizes"][f"{kind}_bytes"] = len(tflite)
     for kind, tflite in final.items():

@@ -203,7 +203,10 @@ def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
     for keyword, threshold in updated["detection"]["thresholds"].items():
         assert threshold <= manifest["detection"]["thresholds"][keyword]
     tflite = (copy / "model_int8.tflite").read_bytes()
-    assert runtime.embedded_manifest(tflite)["detection"] == updated["detection"]
+    embedded = runtime.embedded_manifest(tflite)
+    assert embedded["detection"] == updated["detection"]
+    assert not [key for key in embedded["sizes"] if key.endswith("_bytes")]  # none gone stale
+    assert updated["sizes"]["int8_bytes"] == len(tflite)
     source = (copy / "model_data.cc").read_text()
     assert f"kws_model_data_len = {len(tflite)};" in source
 
