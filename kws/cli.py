@@ -89,8 +89,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _given(**options) -> dict:
+    """The options given on the command line: the others keep their config's default."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def cmd_train(args) -> int:
-    from kws.data import DEFAULT_WORDS, DataConfig
+    from kws.data import DataConfig
     from kws.model import ModelConfig
     from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
 
@@ -117,17 +122,15 @@ def cmd_train(args) -> int:
         # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
             data_dir=str(Path(data_dir).resolve()),
-            words=args.words or list(DEFAULT_WORDS),
             negatives=[str(p.resolve()) for p in args.negatives],
             extra=[str(p.resolve()) for p in args.extra],
-            silence_share=args.silence_share,
-            unknown_share=args.unknown_share,
+            **_given(words=args.words, silence_share=args.silence_share, unknown_share=args.unknown_share),
         )
         config = RunConfig(
             data=data,
             model=ModelConfig.preset(args.size),
             train=TrainConfig(
-                epochs=args.epochs or 40, seed=args.seed, teachers=tuple(str(run) for run in args.teacher)
+                teachers=tuple(str(run) for run in args.teacher), **_given(epochs=args.epochs, seed=args.seed)
             ),
         )
         config.augment.spec_augment = args.spec_augment
@@ -430,6 +433,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
+    from kws.stream import FA_TARGET_PER_HOUR
     from kws.synth import SynthConfig
 
     parser = argparse.ArgumentParser(
@@ -484,20 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--epochs", type=_positive_int, help="passes over the data (default 40)")
     train.add_argument("--size", choices=["s", "m", "l"], default="s", help="DS-CNN size (default s)")
-    train.add_argument(
-        "--silence-share", type=_share, default=0.1, help="share of _silence_ examples (default 0.1)"
-    )
+    train.add_argument("--silence-share", type=_share, help="share of _silence_ examples (default 0.1)")
     train.add_argument(
         "--unknown-share",
         type=_share,
-        default=0.1,
         help="share of _unknown_ examples (default 0.1, the reference recipe's); with --negatives, 0.4 "
         "(half of it real speech) cut false accepts on unseen speech threefold at no cost in accuracy",
     )
     train.add_argument(
         "--spec-augment", action="store_true", help="mask random time and MFCC bands while training"
     )
-    train.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
+    train.add_argument("--seed", type=_seed, help="random seed (default 0)")
     train.add_argument(
         "--teacher",
         type=Path,
@@ -569,10 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--target-fa",
         type=_per_hour,
-        default=0.5,
+        default=FA_TARGET_PER_HOUR,
         metavar="PER_HOUR",
         help="false accepts per hour, all keywords together, that the thresholds are calibrated to "
-        "(default 0.5)",
+        f"(default {FA_TARGET_PER_HOUR:g})",
     )
     export.set_defaults(handler=cmd_export)
 
@@ -598,9 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--target-fa",
         type=_per_hour,
-        default=0.5,
+        default=FA_TARGET_PER_HOUR,
         metavar="PER_HOUR",
-        help="false accepts per hour, all keywords together (default 0.5; 0: none at all)",
+        help=f"false accepts per hour, all keywords together (default {FA_TARGET_PER_HOUR:g}; 0: none)",
     )
     calibrate.add_argument(
         "--hop-ms", type=_hop_ms, help="run the model every N ms (a multiple of 20; default: the manifest's)"

@@ -35,6 +35,8 @@ from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC, SAMPLE_RATE, mfcc
 SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
 NOISE_FOLDER = "_background_noise_"
+# Of speakers the data set's hash puts in validation, and in test, where no list names a clip.
+HASH_PERCENT = 10.0
 DEFAULT_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SPLITS = ("training", "validation", "testing")
 _MAX_FILES_PER_CLASS = 2**27 - 1  # the constant of the dataset's which_set
@@ -60,8 +62,8 @@ class DataConfig:
     # of _unknown_ training examples made from keyword clips holding only part of the word, or
     # the first half of one keyword joined to the second half of another
     partial_fraction: float = 0.0
-    validation_percent: float = 10.0  # speaker hash, for clips no list names
-    testing_percent: float = 10.0
+    validation_percent: float = HASH_PERCENT  # speaker hash, for clips no list names
+    testing_percent: float = HASH_PERCENT
     negatives_validation_share: float = 0.2  # of negative speakers held out
     noise_validation_share: float = 0.2  # tail of each noise file held out
 
@@ -160,7 +162,10 @@ def is_test_package(root: Path) -> bool:
 
 
 def scan(
-    root: Path, validation_percent: float = 10.0, testing_percent: float = 10.0, split: str | None = None
+    root: Path,
+    validation_percent: float = HASH_PERCENT,
+    testing_percent: float = HASH_PERCENT,
+    split: str | None = None,
 ) -> list[Clip]:
     """Every labelled clip under ``root`` (either layout) with its split, or all in ``split``."""
     root = Path(root)

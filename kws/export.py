@@ -21,14 +21,13 @@ from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import report
 from kws.files import write_bytes, write_json, write_text
 from kws.runtime import LOGITS, MANIFEST_FILE, Model, embed_manifest, quiet_stderr, resolve
-from kws.stream import HOP_MS, DetectionConfig, keywords
+from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
 from kws.train import METRICS_FILE, MODEL_FILE, RunConfig
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL_CARD = "MODEL_CARD.md"
-FA_TARGET_PER_HOUR = 0.5  # openWakeWord's target, for all keywords together
 DET_PLOT = "det_curve.png"
 MODEL_FILES = {
     "int8": "model_int8.tflite",

@@ -34,6 +34,7 @@ from kws.features import (
 
 HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
 TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with this slack
+FA_TARGET_PER_HOUR = 0.5  # false accepts the thresholds are calibrated to: openWakeWord's target
 
 
 @dataclass

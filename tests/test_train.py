@@ -125,11 +125,21 @@ def test_a_run_records_absolute_paths_and_evaluates_without_its_extra_clips(
     assert json.loads(capsys.readouterr().out)["per_class"]["yes"]["support"] > 0
 
 
-def test_python_m_kws_shows_help():
+def test_python_m_kws_shows_help_with_the_configs_defaults():
+    from kws.data import DEFAULT_WORDS, DataConfig
+
     out = subprocess.run(
         [sys.executable, "-m", "kws", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "--negatives DIR" in out.stdout and "--resume RUN" in out.stdout
+    # The help states the defaults the configs hold: left out, an option keeps its config's value.
+    text = " ".join(out.stdout.split())
+    data, train_config = DataConfig("x"), TrainConfig()
+    assert f"(default: {','.join(DEFAULT_WORDS)})" in text
+    assert f"passes over the data (default {train_config.epochs})" in text
+    assert f"random seed (default {train_config.seed})" in text
+    assert f"share of _silence_ examples (default {data.silence_share:g})" in text
+    assert f"share of _unknown_ examples (default {data.unknown_share:g}," in text
 
 
 def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
