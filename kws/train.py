@@ -159,12 +159,19 @@ def _targets(batch: np.ndarray, labels: np.ndarray, teachers: list, config: RunC
     return (1 - weight) * one_hot + weight * taught
 
 
+def _seed_states(model) -> list:
+    """The states of the model's random streams (its Dropout layers' seed generators), which a
+    saved .keras file does not keep: restored on --resume, they draw what the run would have."""
+    return [variable for variable in model.variables if variable.path.endswith("seed_generator_state")]
+
+
 def _save_checkpoint(run_dir: Path, model, state: dict) -> None:
     folder = run_dir / CHECKPOINTS
     folder.mkdir(exist_ok=True)
     name = f"epoch-{state['epochs_done']:04d}"
     with atomic_path(folder / f"{name}.keras") as tmp:
         model.save(tmp)
+    state = {**state, "seed_states": [variable.numpy().tolist() for variable in _seed_states(model)]}
     write_json(folder / f"{name}.json", state)  # written last: marks the checkpoint complete
     for old in sorted(folder.glob("epoch-*.json"))[:-KEEP_CHECKPOINTS]:
         old.with_suffix(".keras").unlink(missing_ok=True)
@@ -204,6 +211,8 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     if checkpoint:
         model = keras.models.load_model(checkpoint[0])
         state = checkpoint[1]
+        for variable, value in zip(_seed_states(model), state.pop("seed_states", []), strict=False):
+            variable.assign(np.array(value, dtype=variable.dtype))
         tqdm.write(f"resuming {run_dir} after epoch {state['epochs_done']}")
     else:
         keras.utils.set_random_seed(config.train.seed)

@@ -94,6 +94,20 @@ def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_p
     assert resumed["history"][:2] == first["history"]
 
 
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tone_dataset, tmp_path):
+    whole = train(run_config(tone_dataset, epochs=3), tmp_path / "whole")
+    # The same run killed after its second epoch: its third checkpoint never got written.
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    for part in (tmp_path / "killed" / "checkpoints").glob("epoch-0003.*"):
+        part.unlink()
+    resumed = train(RunConfig.load(tmp_path / "killed"), tmp_path / "killed", resume=True)
+
+    def figures(metrics):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in metrics["history"]]
+
+    assert figures(resumed) == figures(whole)
+
+
 def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path, capsys):
     run = tmp_path / "cli-run"
     base = ["train", "--data", str(tone_dataset), "--words", ",".join(WORDS), "--out", str(run)]
