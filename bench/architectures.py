@@ -11,10 +11,9 @@ alternating between the models so machine noise hits all alike). Prints one Mark
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import numpy as np
+from infer import latency_us
 
 from kws import features
 from kws.data import DataConfig, SpeechData
@@ -24,19 +23,6 @@ from kws.runtime import Model
 from kws.train import MODEL_FILE, RunConfig, TrainConfig, train
 
 WORDS = ["yes", "no", "up", "down", "left", "right", "stop", "go"]
-ROUNDS, CALLS = 15, 200
-
-
-def latency_us(models: dict[str, Model]) -> dict[str, float]:
-    batch = np.random.default_rng(0).normal(-5, 15, (CALLS, features.NUM_FRAMES, features.NUM_MFCC))
-    prepared = {name: model.prepare(batch) for name, model in models.items()}
-    timings = {name: [] for name in models}
-    for _ in range(ROUNDS):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.raw_scores(prepared[name])
-            timings[name].append((time.perf_counter() - start) / CALLS * 1e6)
-    return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def main() -> None:
@@ -88,6 +74,13 @@ def main() -> None:
             f"| {key} | {row['parameters']:,} | {row['macs'] / 1e6:.2f} M | {row['bytes'] / 1024:.1f} KiB | "
             f"{row['latency_us']:.0f} us | {row['accuracy']:.2%} |"
         )
+    cnn, ds_cnn = rows["standard CNN int8"], rows["DS-CNN int8"]
+    print(
+        f"\nint8, standard CNN / DS-CNN: {cnn['parameters'] / ds_cnn['parameters']:.1f}x the parameters, "
+        f"{cnn['macs'] / ds_cnn['macs']:.1f}x the MACs, {cnn['bytes'] / ds_cnn['bytes']:.1f}x the size, "
+        f"{cnn['latency_us'] / ds_cnn['latency_us']:.1f}x the latency; validation accuracy "
+        f"{100 * (cnn['accuracy'] - ds_cnn['accuracy']):+.2f} points"
+    )
 
 
 if __name__ == "__main__":

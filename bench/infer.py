@@ -21,25 +21,29 @@ ROUNDS = 20
 CALLS_PER_ROUND = 200
 
 
-def median_us(model: Model, prepared: np.ndarray, samples: list[float]) -> None:
-    start = time.perf_counter()
-    model.raw_scores(prepared)
-    samples.append((time.perf_counter() - start) / len(prepared) * 1e6)
+def latency_us(
+    models: dict[str, Model], rounds: int = ROUNDS, calls: int = CALLS_PER_ROUND
+) -> dict[str, float]:
+    """Each model's median microseconds per inference over ``rounds`` of ``calls``, the rounds
+    alternating between the models."""
+    batch = np.random.default_rng(0).normal(-5, 15, (calls, NUM_FRAMES, NUM_MFCC))
+    prepared = {name: model.prepare(batch) for name, model in models.items()}
+    for name, model in models.items():  # warm-up
+        model.raw_scores(prepared[name][:20])
+    timings = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.raw_scores(prepared[name])
+            timings[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: float(np.median(values)) for name, values in timings.items()}
 
 
 def main() -> None:
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else BUILT_IN_MODEL
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     models = {kind: Model(folder / manifest["files"][kind], manifest) for kind in ("int8", "float32")}
-    features = np.random.default_rng(0).normal(-5, 15, (CALLS_PER_ROUND, NUM_FRAMES, NUM_MFCC))
-    prepared = {kind: model.prepare(features) for kind, model in models.items()}
-    timings = {kind: [] for kind in models}
-    for kind, model in models.items():  # warm-up
-        model.raw_scores(prepared[kind][:20])
-    for _ in range(ROUNDS):
-        for kind, model in models.items():
-            median_us(model, prepared[kind], timings[kind])
-    medians = {kind: float(np.median(values)) for kind, values in timings.items()}
+    medians = latency_us(models)
     for kind, value in medians.items():
         print(f"{kind:8s} {value:8.1f} us per inference (median of {ROUNDS} rounds x {CALLS_PER_ROUND})")
     print(f"float32 / int8 time ratio: {medians['float32'] / medians['int8']:.2f}")
