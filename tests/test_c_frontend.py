@@ -135,6 +135,7 @@ def test_silence_sits_on_the_log_floor_and_clamps(build):
     np.testing.assert_array_equal(quantized[0, 1:], ZERO_POINT)
 
 
+@pytest.mark.integration
 def test_real_clips_match_python(build, shared_data):
     root = shared_data / "speech_commands"
     paths = [

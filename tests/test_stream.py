@@ -121,6 +121,11 @@ def test_rules_average_then_threshold_per_keyword():
     assert [(e.label, e.score, round(e.end, 2)) for e in events] == [("yes", 1.0, 0.08)]
     # "no" has its own, higher threshold: 0.85 average does not fire it
     assert feed(rules(config), [[0.15, 0, 0, 0.85]] * 4) == []
+    # Before a window of 5 has filled, the average is over the runs seen, not over 5.
+    warming = DetectionConfig(hop_frames=1, average_ms=100, min_count=2, suppression_ms=0)
+    assert warming.average_count == 5
+    events = feed(rules(warming), [yes, yes])
+    assert [(e.label, e.score, round(e.end, 2)) for e in events] == [("yes", 1.0, 0.04)]
 
 
 def test_rules_wait_for_min_count_and_then_suppress():
@@ -134,7 +139,9 @@ def test_rules_wait_for_min_count_and_then_suppress():
 def test_vectorised_single_keyword_events_equal_the_rules(model):
     audio, _ = tone_recording(["yes", "no", "yes", "up", "no"], gap_s=0.6, seed=3)
     scored = stream_eval.score(model, audio, hop_frames=1)
-    config = DetectionConfig(average_ms=100, min_count=3, suppression_ms=700)
+    # One run every 20 ms and 5 averaged: the sweep must average as the rules do.
+    config = DetectionConfig(hop_frames=1, average_ms=100, min_count=3, suppression_ms=700)
+    assert config.average_count == 5
     for keyword in ("yes", "no"):
         for threshold in (0.3, 0.6, 0.9):
             others = {label: 2.0 for label in model.labels if not label.startswith("_")}
