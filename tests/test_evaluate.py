@@ -39,3 +39,20 @@ def test_without_words_the_report_has_no_other_words():
     )
     assert "other_words" not in result
     assert "other words" not in format_report(result)
+
+
+def test_the_text_report_shows_the_figures_of_the_json_one():
+    # yes: 3 clips, 2 right, 1 taken for up; up: 1 clip, right; no: 2 clips, both taken for yes
+    targets = np.array([2, 2, 2, 4, 3, 3])
+    predictions = np.array([2, 2, 4, 4, 2, 2])
+    result = report(LABELS, targets, predictions)
+    assert result["per_class"]["yes"] == {"precision": 0.5, "recall": 2 / 3, "support": 3}
+    lines = format_report(result).splitlines()
+    assert lines[0] == "accuracy 50.00% on 6 examples"
+    assert lines[1:3] == ["", "class      precision  recall  support"]
+    assert lines[5].split() == ["yes", "50.00%", "66.67%", "3"]
+    assert lines[7].split() == ["up", "50.00%", "100.00%", "1"]
+    confusion = lines[lines.index("confusion (rows: true, columns: predicted)") + 1 :]
+    assert confusion[0].split() == ["_silen", "_unkno", "yes", "no", "up"]
+    assert confusion[3].split() == ["yes", "0", "0", "2", "0", "1"]  # rows are the true class
+    assert confusion[4].split() == ["no", "0", "0", "2", "0", "0"]

@@ -201,6 +201,20 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     assert out == "" and err.startswith("kws detect: skipping ") and "noise.wav" in err
 
 
+def test_a_word_at_the_very_end_fires_in_the_tail_and_is_cut_to_the_recording(model):
+    word = tone(WORD_TONES["up"], seed=1)
+    # Its burst (the middle of the tone) ends the 1 s recording: the averages complete in the tail.
+    recording = np.concatenate([np.zeros(CLIP_SAMPLES // 2, np.float32), word[: CLIP_SAMPLES // 2]])
+    detector = Detector(model, DetectionConfig(default_threshold=0.5))
+    cut = detector.detect(recording)  # events with their times cut to the recording
+    detector.reset()
+    fired = detector.push(recording) + detector.flush()  # as the tail fired them
+    assert [e.label for e in fired] == ["up"] and fired[0].end > 1.0
+    report = recording_report(detector, [recording], "end")
+    assert report["detections"] == [e.to_dict() for e in cut]
+    assert report["detections"][0]["end"] == 1.0 and report["detections"][0]["start"] <= 1.0
+
+
 def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path, capsys):
     up, _ = tone_recording(["up"], gap_s=0.0)
     down, _ = tone_recording(["down"], gap_s=0.0)

@@ -43,8 +43,11 @@ def test_place_trims_centres_and_sets_the_level():
 
 def test_synthesize_writes_one_voice_per_clip_reproducibly(espeak, tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "OTHER_WORDS", ["cat", "yes", "know"])
+    spoken, say = [], synth.say
+    monkeypatch.setattr(synth, "say", lambda word, voice: spoken.append((word, voice)) or say(word, voice))
     config = synth.SynthConfig(per_keyword=3, per_other_word=2, seed=1)
     assert synth.synthesize(["yes", "no"], tmp_path / "a", config) == 3 + 3 + 2
+    assert len({voice for word, voice in spoken if word == "yes"}) == 3  # each clip its own voice
     synth.synthesize(["yes", "no"], tmp_path / "b", config)
     synth.synthesize(["yes", "no"], tmp_path / "c", synth.SynthConfig(3, 2, seed=2))
     clips = D.scan(tmp_path / "a", split="training")
