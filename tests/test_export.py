@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import need
 
 from kws import runtime
 from kws.features import NUM_FRAMES, NUM_MFCC
@@ -114,6 +115,23 @@ def test_c_array_holds_the_int8_model_byte_for_byte(exported):
     assert f"kws_model_data_len = {len(array)};" in source
     header = (out / "kws_frontend.h").read_text()
     assert f"#define KWS_INPUT_ZERO_POINT {exported[1]['input']['zero_point']}" in header
+
+
+def test_the_c_array_and_its_arena_size_compile_for_a_device(exported, tmp_path):
+    out, manifest = exported
+    need(shutil.which("g++"), "g++ is not installed (Debian/Ubuntu: apt-get install g++)")
+    arena = manifest["sizes"]["tflm_arena_bytes"]
+    assert arena and f"#define KWS_ARENA_BYTES {arena}\n" in (out / "model_data.h").read_text()
+    (tmp_path / "main.cc").write_text(
+        '#include <cstdio>\n#include "model_data.h"\n'
+        "alignas(16) static unsigned char arena[KWS_ARENA_BYTES];\n"
+        'int main() { std::printf("%u %zu", kws_model_data_len, sizeof arena); }\n'
+    )
+    program = tmp_path / "main"
+    sources = [str(tmp_path / "main.cc"), str(out / "model_data.cc")]
+    subprocess.run(["g++", "-std=c++11", "-I", str(out), *sources, "-o", str(program)], check=True)
+    printed = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout
+    assert printed == f"{(out / 'model_int8.tflite').stat().st_size} {arena}"
 
 
 def test_tflite_carries_its_manifest_so_it_runs_alone(exported, tmp_path):
