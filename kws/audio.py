@@ -15,7 +15,13 @@ from kws import KwsError
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
-BLOCK_SECONDS = 10.0  # of a recording decoded at a time by ``blocks``
+BLOCK_SECONDS = 10.0  # of a recording decoded at a time
+# Samples (all channels) decoded at a time at most, whatever the rate and channels: 8 MB.
+BLOCK_VALUES = 2**21
+# Under a duration limit, at most this much audio per second of it (stereo at 192 kHz): a few
+# hundred kB of compressed silence at FLAC's 655 kHz and 8 channels would decode to gigabytes.
+MAX_VALUES_PER_SECOND = 2 * 192_000
+UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header gives no length
 
 
 class AudioError(KwsError, ValueError):
@@ -64,25 +70,37 @@ def _decoding(name: str):
         raise AudioError(f"{name}: cannot decode audio ({reason})") from None
 
 
+def _check_size(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
+    """AudioError for a header without a length; TooLong for audio over ``max_seconds`` or, at
+    its rate and channels, over MAX_VALUES_PER_SECOND for each of those seconds."""
+    if file.frames >= UNKNOWN_LENGTH:
+        raise AudioError(f"{name}: its header gives no length (written to a pipe?): encode it again")
+    if max_seconds is None:
+        return
+    seconds = file.frames / file.samplerate
+    if seconds > max_seconds:
+        raise TooLong(f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
+    if file.frames * file.channels > max_seconds * MAX_VALUES_PER_SECOND:
+        raise TooLong(
+            f"{name}: {file.channels} channels at {file.samplerate} Hz for {seconds:.1f} s, more samples "
+            f"than {max_seconds:g} s of stereo at 192 kHz"
+        )
+
+
 def _blocks(
-    source, name: str, block_seconds: float | None, max_seconds: float | None = None
+    source, name: str, block_seconds: float = BLOCK_SECONDS, max_seconds: float | None = None
 ) -> Iterator[np.ndarray]:
-    """The audio of ``source`` at SAMPLE_RATE, decoded ``block_seconds`` at a time (None: at once)."""
+    """The audio of ``source`` at SAMPLE_RATE, decoded ``block_seconds`` (at most BLOCK_VALUES
+    samples) at a time."""
     with _decoding(name), sf.SoundFile(source) as file:
-        if max_seconds is not None and file.frames > max_seconds * file.samplerate:
-            seconds = file.frames / file.samplerate
-            raise TooLong(f"{name}: {seconds:.1f} s of audio, over the {max_seconds:g} s limit")
-        if block_seconds is None:
-            pieces = [file.read(dtype="float32", always_2d=True)]
-        else:
-            frames = max(1, round(block_seconds * file.samplerate))
-            pieces = file.blocks(frames, dtype="float32", always_2d=True)
+        _check_size(file, name, max_seconds)
+        frames = max(1, min(round(block_seconds * file.samplerate), BLOCK_VALUES // file.channels))
         stream, converted = ModelRate(file.samplerate), 0
-        for piece in pieces:
+        for piece in file.blocks(frames, dtype="float32", always_2d=True):
             if not np.isfinite(piece).all():
                 raise AudioError(f"{name}: holds NaN or infinite samples")
             # Float formats can hold values far beyond full scale; a converter would clip them.
-            samples = stream.convert(np.clip(piece, -1.0, 1.0))
+            samples = stream.convert(np.clip(piece, -1.0, 1.0, out=piece))
             converted += len(samples)
             yield samples
         rest = stream.finish()
@@ -103,7 +121,7 @@ def _existing(path: str | Path) -> str:
 
 def load(path: str | Path) -> np.ndarray:
     """Read an audio file as mono float32 samples at SAMPLE_RATE; AudioError if unusable."""
-    return np.concatenate(list(_blocks(_existing(path), str(path), None)))
+    return np.concatenate(list(_blocks(_existing(path), str(path))))
 
 
 def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
@@ -120,10 +138,10 @@ def duration(path: str | Path) -> float:
 
 def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
     """Decode audio file bytes (WAV, FLAC, OGG, ...) like ``load``; TooLong if the header says
-    the recording lasts over ``max_seconds``."""
+    the recording lasts over ``max_seconds``, or holds more samples than that many seconds may."""
     if not data:
         raise AudioError(f"{name}: is empty")
-    return np.concatenate(list(_blocks(io.BytesIO(data), name, None, max_seconds)))
+    return np.concatenate(list(_blocks(io.BytesIO(data), name, max_seconds=max_seconds)))
 
 
 def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:

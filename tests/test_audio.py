@@ -90,6 +90,47 @@ def test_a_duration_limit_refuses_long_audio_from_its_header():
     assert len(audio.decode(buffer.getvalue(), "clip.wav", max_seconds=3)) == 3 * 16000
 
 
+def test_a_duration_limit_also_bounds_the_samples_of_many_channels_at_high_rates():
+    # Compressed silence at a high rate and many channels is small to send and huge to decode.
+    def flac(rate, channels):
+        buffer = io.BytesIO()
+        sf.write(buffer, np.zeros((int(0.4 * rate), channels), np.int16), rate, format="FLAC")
+        return buffer.getvalue()
+
+    message = r"x.flac: 8 channels at 192000 Hz for 0.4 s, more samples than 0.5 s of stereo at 192 kHz"
+    with pytest.raises(audio.TooLong, match=message):
+        audio.decode(flac(192_000, 8), "x.flac", max_seconds=0.5)
+    assert len(audio.decode(flac(192_000, 2), "x.flac", max_seconds=0.5)) == 0.4 * 16000
+
+
+def test_a_flac_header_without_a_length_is_a_clear_error():
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(16000, np.int16), 16000, format="FLAC")
+    data = bytearray(buffer.getvalue())
+    # STREAMINFO's total sample count (the low 36 bits at bytes 18-25) is 0 from a pipe.
+    fields = int.from_bytes(data[18:26], "big")
+    data[18:26] = (fields >> 36 << 36).to_bytes(8, "big")
+    with pytest.raises(audio.AudioError, match="piped.flac: its header gives no length"):
+        audio.decode(bytes(data), "piped.flac", max_seconds=60)
+
+
+def test_decoding_holds_a_bounded_number_of_samples_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "six.flac"
+    sf.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, (48_000 * 3, 6)), 48_000)
+    whole = audio.load(path)
+    read, blocks = [], sf.SoundFile.blocks
+
+    def counted(self, *args, **kwargs):
+        for piece in blocks(self, *args, **kwargs):
+            read.append(piece.size)
+            yield piece
+
+    monkeypatch.setattr(sf.SoundFile, "blocks", counted)
+    monkeypatch.setattr(audio, "BLOCK_VALUES", 60_000)
+    np.testing.assert_array_equal(audio.decode(path.read_bytes(), "six.flac", max_seconds=60), whole)
+    assert len(read) == 15 and max(read) <= 60_000  # 144,000 frames of 6 channels, 10,000 at a time
+
+
 @pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2), (8000, 6)])
 def test_blocks_join_up_to_the_whole_file(tmp_path, rate, channels):
     path = tmp_path / "long.flac"
