@@ -16,7 +16,8 @@ Endpoints (OpenAPI docs at ``/docs``):
 WebSocket protocol of ``/stream``:
 
 - Client -> server, binary messages: 16-bit little-endian PCM, mono, at 16 kHz, in chunks
-  of any size (20 ms = 640 bytes is typical). ``/stream?rate=44100`` announces another
+  of any size up to 256 KiB (20 ms = 640 bytes is typical; a larger message closes the
+  stream with code 1009). ``/stream?rate=44100`` announces another
   sample rate (8000 to 192000 Hz); the server resamples it on the fly.
 - Client -> server, text message ``{"event": "end"}``: the audio is over. The server scores
   the last ~0.8 s, sends what it finds and closes the connection with code 1000.
@@ -80,6 +81,9 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it conf
 UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
 AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
 STREAM_RATES = (8_000, 192_000)  # what ?rate= may announce, in Hz
+# The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
+# would hold every other stream up while it is scored.
+WS_MAX_BYTES = 256 * 1024
 # A minute of audio costs a worker ~0.1 s of CPU; longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
@@ -546,4 +550,6 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # switch interval (5 ms by default) while another holds it; 0.5 ms served 0.2–10 %
     # more requests in 6 of 6 alternating runs of bench/load.py.
     sys.setswitchinterval(GIL_SWITCH_S)
-    uvicorn.run(create_app(settings), host=host, port=port, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES
+    )

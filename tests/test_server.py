@@ -35,7 +35,7 @@ from starlette.websockets import WebSocketDisconnect
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import Model
-from kws.server import Settings, create_app, default_workers
+from kws.server import WS_MAX_BYTES, Settings, create_app, default_workers
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool
 
@@ -508,6 +508,12 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
         ws.send(END)
         events = [json.loads(message) for message in ws]
     assert events == [event.to_dict() for event in Detector(model).detect(long_recording)]
+    # A message over the size limit closes the stream rather than hold the other streams up.
+    with connect(f"{url.replace('http', 'ws')}/stream?api_key={API_KEY}", max_size=None) as ws:
+        ws.send(b"\0" * (WS_MAX_BYTES + 2))
+        with pytest.raises(ConnectionClosed) as too_big:
+            ws.recv(timeout=10)
+    assert too_big.value.rcvd.code == 1009
     with connect(f"{url.replace('http', 'ws')}/stream?api_key=wrong") as ws:
         with pytest.raises(ConnectionClosed) as refused:
             ws.recv()
