@@ -56,7 +56,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 import anyio
 import numpy as np
@@ -131,6 +131,8 @@ class Settings:
             "model": env.get("KWS_MODEL") or None,
             "api_key": env.get("KWS_API_KEY") or None,
         }
+        if values["api_key"] and not (values["api_key"].isascii() and values["api_key"].isprintable()):
+            raise ValueError("KWS_API_KEY must be printable ASCII: clients send it in an HTTP header")
         for field, name, kind, what in (
             ("max_bytes", "KWS_MAX_BYTES", int, "a whole number of bytes"),
             ("max_seconds", "KWS_MAX_SECONDS", float, "a number of seconds"),
@@ -240,7 +242,12 @@ def _presented_keys(scope) -> list[str]:
     if scheme.lower() == "bearer":
         keys.append(token.strip())
     if scope["type"] == "websocket":
-        keys += parse_qs(scope["query_string"].decode("latin-1")).get("api_key", [])
+        # The literal name only: the log filter blanks what follows `api_key=`, and a name
+        # written percent-encoded would carry a working key into the log in clear.
+        for pair in scope["query_string"].decode("latin-1").split("&"):
+            name, _, value = pair.partition("=")
+            if name == "api_key":
+                keys.append(unquote_plus(value))
     return keys
 
 

@@ -327,6 +327,13 @@ def test_api_key_guards_everything_but_health(export):
         with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/stream") as ws:
             ws.receive_text()
         assert refused.value.code == 1008
+        # A name written percent-encoded is no key: the log filter would not blank it.
+        with (
+            pytest.raises(WebSocketDisconnect) as refused,
+            client.websocket_connect(f"/stream?api_%6Bey={API_KEY}") as ws,
+        ):
+            ws.receive_text()
+        assert refused.value.code == 1008
         with client.websocket_connect(f"/stream?api_key={API_KEY}") as ws:
             ws.send_text(END)
             with pytest.raises(WebSocketDisconnect) as ended:
@@ -531,6 +538,13 @@ def test_a_port_outside_1_to_65535_is_refused_not_wrapped(port, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", "--port", port])
     assert exited.value.code == 2 and f"must be from 1 to 65535, got {port}" in capsys.readouterr().err
+
+
+def test_an_api_key_must_be_printable_ascii(capsys, monkeypatch):
+    monkeypatch.setenv("KWS_API_KEY", "clé-1")
+    assert main(["serve"]) == 2
+    message = "KWS_API_KEY must be printable ASCII: clients send it in an HTTP header"
+    assert capsys.readouterr().err == f"kws serve: error: {message}\n"
 
 
 @pytest.mark.parametrize("seconds", ["0", "nan", "inf"])
