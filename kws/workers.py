@@ -52,8 +52,10 @@ def detect(
 
 def _load(path: str | None) -> None:
     global _model
-    # Ctrl-C reaches the whole process group; the server shuts its workers down itself.
+    # Ctrl-C, and a SIGTERM to the whole process group (systemd's default), reach the workers
+    # too: they finish their requests while the server shuts them down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _model = Model.load(path)
 
 

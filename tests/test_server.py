@@ -600,6 +600,11 @@ def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(
         pids = pool.warm_up()
         assert len(pids) == 2  # both processes started and took work from the one queue
         assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
+        # A SIGTERM to the process group reaches the workers: they leave stopping to the server.
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert pool.warm_up() == pids
         os.kill(pids.pop(), signal.SIGKILL)
         time.sleep(0.5)
         assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
