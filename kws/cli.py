@@ -59,18 +59,19 @@ def _per_hour(text: str) -> float:
     return value
 
 
-def _milliseconds(text: str) -> float:
+def _positive(text: str, unit: str) -> float:
     value = float(text)
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text}")
     return value
+
+
+def _milliseconds(text: str) -> float:
+    return _positive(text, "milliseconds")
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+    return _positive(text, "seconds")
 
 
 def _hop_ms(text: str) -> float:

@@ -130,9 +130,7 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
         try:
             return manifest_file.parent / manifest["files"]["int8"], manifest
         except (KeyError, TypeError):
-            raise ModelError(
-                f"{manifest_file} names no int8 model under files.int8: export the run again with kws export"
-            ) from None
+            raise ModelError(f"{manifest_file} names no model under files.int8: {EXPORT_AGAIN}") from None
     if path.suffix != ".tflite":
         raise ModelError(f"--model {path}: expected a .tflite file or a folder made by kws export")
     if not path.exists():
