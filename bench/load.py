@@ -115,7 +115,7 @@ def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             total += int(line.split()[1])
-    # Children are listed per thread: the worker pool's own thread starts the workers.
+    # Children are listed per thread of the process that started them.
     children = [
         int(child)
         for task in Path(f"/proc/{pid}/task").iterdir()

@@ -9,7 +9,8 @@ Endpoints (OpenAPI docs at ``/docs``):
   Query: ``threshold`` in (0, 1] replaces every keyword's threshold, ``top_k`` >= 1 limits
   the class scores of 1 s clips.
 - ``WS /stream``: live audio in, detection events out, one Detector per connection.
-- ``GET /health`` (liveness, always 200), ``GET /ready`` (503 until the model is loaded),
+- ``GET /health`` (liveness, always 200), ``GET /ready`` (503 until the model is loaded, and
+  while no worker process runs and none could be started),
   ``GET /model`` (labels, frontend, detection settings, sizes, accuracy), ``GET /metrics``
   (Prometheus).
 
@@ -74,7 +75,7 @@ from kws.audio import ModelRate
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import Detector, Event, detection_config
-from kws.workers import RequestError, WorkerPool
+from kws.workers import NO_WORKER, RequestError, WorkerPool
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
@@ -444,7 +445,7 @@ def create_app(settings: Settings) -> FastAPI:
         model = await run_in_threadpool(Model.load, settings.model)
         workers = WorkerPool(settings.model, settings.workers)
         try:
-            await run_in_threadpool(workers.warm_up)
+            await workers.start()
             app.state.model, app.state.workers = model, workers
             app.state.streams = anyio.CapacityLimiter(1)
             log.info(
@@ -457,7 +458,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             app.state.model = None
-            await run_in_threadpool(workers.close)
+            await workers.close()
 
     app = FastAPI(
         title="kws",
@@ -483,9 +484,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="readiness: 200 once the model is loaded, else 503")
+    @app.get("/ready", summary="readiness: 503 until the model is loaded or while no worker can start")
     async def ready(request: Request) -> dict:
-        return {"status": "ready", "model": model_of(request).manifest.get("name")}
+        name = model_of(request).manifest.get("name")
+        if request.app.state.workers.failing:
+            raise HTTPException(503, NO_WORKER)
+        return {"status": "ready", "model": name}
 
     @app.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
     async def model_info(request: Request) -> dict:
@@ -552,10 +556,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     """Run the app under uvicorn: one process for HTTP, ``settings.workers`` for detection."""
     import uvicorn
 
-    # Three threads of this process hand every request on: the event loop, and the worker
-    # pool's manager and queue feeder. Under load each waits for the GIL for up to the
-    # switch interval (5 ms by default) while another holds it; 0.5 ms served 0.2–10 %
-    # more requests in 6 of 6 alternating runs of bench/load.py.
+    # The WebSocket streams' work runs in a thread of this process, and while it holds the GIL
+    # the event loop waits up to the switch interval (5 ms by default) to answer anything else.
     sys.setswitchinterval(GIL_SWITCH_S)
     uvicorn.run(
         create_app(settings), host=host, port=port, timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES

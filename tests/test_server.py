@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from starlette.websockets import WebSocketDisconnect
 
+from kws import workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import Model
@@ -595,24 +596,102 @@ def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, fi
 def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
     data = encode(clip)
     expected = recording_report(Detector(model), [clip], "c.wav")
+
+    async def scenario():
+        pool = WorkerPool(str(export), 2)
+        try:
+            pids = await pool.start()
+            assert len(pids) == 2
+            answers = await asyncio.gather(*(pool.detect(data, "c.wav", 60.0, None, None) for _ in range(4)))
+            assert answers == [expected] * 4
+            # A SIGTERM to the process group reaches the workers: they leave stopping to the server.
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert {worker.pid for worker in pool._workers} == pids
+            os.kill(pids.pop(), signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            assert await pool.detect(data, "c.wav", 60.0, None, None) == expected
+            with pytest.raises(RequestError) as refused:
+                await pool.detect(b"RIFF", "c.wav", 60.0, None, None)
+            assert refused.value.status == 415 and "c.wav" in refused.value.detail
+            for _ in range(100):  # the replacement starts in the background
+                if len(pool._workers) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(pool._workers) == 2 and pids < {worker.pid for worker in pool._workers}
+        finally:
+            await pool.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_request_given_up_still_gets_its_answer_read_before_the_next(export, model, clip):
+    """A cancelled request's answer must not reach the request after it on the same worker."""
+    rng = np.random.default_rng(3)
+    long = pcm16(0.1 * rng.standard_normal(40 * SAMPLE_RATE))
+    expected = recording_report(Detector(model), [clip], "c.wav")
+
+    async def scenario():
+        pool = WorkerPool(str(export), 1)
+        try:
+            (pid,) = await pool.start()
+            given_up = asyncio.ensure_future(pool.detect(encode(long), "long.wav", 60.0, None, None))
+            await asyncio.sleep(0.02)
+            given_up.cancel()
+            answer = await pool.detect(encode(clip), "c.wav", 60.0, None, None)
+            return pid, answer, {worker.pid for worker in pool._workers}
+        finally:
+            await pool.close()
+
+    pid, answer, running = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert answer == expected and running == {pid}
+
+
+def test_a_request_goes_to_an_idle_worker_not_behind_a_busy_one(export, clip):
+    rng = np.random.default_rng(4)
+    long = encode(pcm16(0.1 * rng.standard_normal(59 * SAMPLE_RATE)))
+    finished = []
+
+    async def timed(data: bytes, name: str) -> None:
+        await pool.detect(data, name, 60.0, None, None)
+        finished.append(name)
+
+    async def scenario():
+        await pool.start()
+        try:
+            await asyncio.gather(timed(long, "long"), timed(encode(clip), "short"))
+        finally:
+            await pool.close()
+
     pool = WorkerPool(str(export), 2)
-    try:
-        pids = pool.warm_up()
-        assert len(pids) == 2  # both processes started and took work from the one queue
-        assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
-        # A SIGTERM to the process group reaches the workers: they leave stopping to the server.
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)
-        assert pool.warm_up() == pids
-        os.kill(pids.pop(), signal.SIGKILL)
-        time.sleep(0.5)
-        assert asyncio.run(pool.detect(data, "c.wav", 60.0, None, None)) == expected
-        with pytest.raises(RequestError) as refused:
-            asyncio.run(pool.detect(b"RIFF", "c.wav", 60.0, None, None))
-        assert refused.value.status == 415 and "c.wav" in refused.value.detail
-    finally:
-        pool.close()
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert finished == ["short", "long"]
+
+
+def test_without_a_worker_that_can_start_requests_and_ready_get_503_until_one_can(export, clip, monkeypatch):
+    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.2)
+    data = encode(clip)
+
+    def wait_for(client, status: int) -> None:
+        for _ in range(300):
+            if client.get("/ready").status_code == status:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"/ready never said {status}")
+
+    with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
+        pool = client.app.state.workers
+        assert client.post("/detect", content=data).status_code == 200
+        pool.model = str(export / "missing")  # what a replacement will fail to load
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_for(client, 503)
+        refused = client.post("/detect", content=data)
+        assert refused.status_code == 503 and refused.json()["detail"] == workers.NO_WORKER
+        pool.model = str(export)
+        wait_for(client, 200)
+        assert client.post("/detect", content=data).status_code == 200
 
 
 # The Dockerfile
