@@ -28,8 +28,9 @@ _HEADER = Template("""\
 
 /* Usage: every KWS_HOP_SAMPLES new samples (20 ms), call kws_frontend_frame on the latest
  * KWS_WINDOW_SAMPLES samples (16 kHz mono int16). Each call gives one row of the model's
- * KWS_NUM_FRAMES x KWS_NUM_MFCC int8 input; fill it row by row, oldest frame first (shift
- * the rows up by one and write the new frame last to keep a sliding 1 s view).
+ * KWS_NUM_FRAMES x KWS_NUM_MFCC int8 input, oldest frame first: keep the rows in a buffer
+ * of your own (shift them up by one and write the new frame last, for a sliding 1 s view)
+ * and copy it into the input tensor before each run, as TFLM reuses that tensor's memory.
  * The functions keep no state and use about 5 KB of stack; they are safe to call from
  * several threads. */
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+from conftest import REPO
 
-from kws import audio
+from kws import audio, stream
 from kws import features as F
 from kws.c_frontend import write_c_frontend
+from kws.runtime import Model
+from kws.stream import Detector, detection_config
 
 SCALE = 0.55  # MFCC c0 spans about -87..+45: a realistic int8 input quantization
 ZERO_POINT = 30
@@ -193,3 +197,171 @@ def test_source_is_plain_c_with_kws_features_tables(build):
     for band, (first, count) in enumerate(zip(first_bins, counts, strict=True)):
         dense[first : first + count, band] = weights[offsets[band] : offsets[band + 1]]
     np.testing.assert_array_equal(dense, F.MEL_MATRIX)
+
+
+# The README's microcontroller sketch, built against a stand-in for TFLM: the stand-in's
+# Invoke() records the model input (pass 1), LiteRT runs the int8 model on those inputs,
+# and the stand-in hands back its outputs (pass 2). Like TFLM, it reuses the input tensor's
+# memory during Invoke().
+
+TFLM_STANDIN = r"""
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+typedef enum { kTfLiteOk = 0, kTfLiteError = 1 } TfLiteStatus;
+struct TfLiteQuantizationParams { float scale; int32_t zero_point; };
+union TfLitePtrUnion { int8_t *int8; };
+struct TfLiteTensor { TfLitePtrUnion data; TfLiteQuantizationParams params; };
+namespace tflite {
+struct Model {};
+inline const Model *GetModel(const void *) { static Model model; return &model; }
+class MicroOpResolver {};
+template <unsigned N> class MicroMutableOpResolver : public MicroOpResolver {
+ public:
+  TfLiteStatus AddConv2D() { return kTfLiteOk; }
+  TfLiteStatus AddDepthwiseConv2D() { return kTfLiteOk; }
+  TfLiteStatus AddReshape() { return kTfLiteOk; }
+  TfLiteStatus AddMean() { return kTfLiteOk; }
+  TfLiteStatus AddFullyConnected() { return kTfLiteOk; }
+};
+class MicroInterpreter {
+ public:
+  MicroInterpreter(const Model *, const MicroOpResolver &, uint8_t *, size_t) {}
+  TfLiteStatus AllocateTensors() { return kTfLiteOk; }
+  TfLiteStatus Invoke();
+  TfLiteTensor *input(size_t);
+  TfLiteTensor *output(size_t);
+};
+}
+"""
+
+SKETCH_HARNESS = r"""
+#include <stdio.h>
+#include <string.h>
+#include "tensorflow/lite/micro/micro_interpreter.h"
+
+static int8_t input_data[49 * 10], output_data[64];
+static TfLiteTensor input_tensor = {{input_data}, {0.0f, 0}};
+static TfLiteTensor output_tensor = {{output_data}, {OUTPUT_SCALE, OUTPUT_ZERO_POINT}};
+static FILE *inputs, *outputs;
+
+TfLiteStatus tflite::MicroInterpreter::Invoke() {
+  if (inputs) fwrite(input_data, sizeof input_data, 1, inputs);
+  if (outputs && fread(output_data, NUM_OUTPUTS, 1, outputs) != 1) return kTfLiteError;
+  memset(input_data, 0x5a, sizeof input_data);
+  return kTfLiteOk;
+}
+TfLiteTensor *tflite::MicroInterpreter::input(size_t) { return &input_tensor; }
+TfLiteTensor *tflite::MicroInterpreter::output(size_t) { return &output_tensor; }
+
+#include "sketch.cc"
+
+/* audio.raw (int16) record|replay FILE: prints the hop count of each event and its label. */
+int main(int argc, char **argv) {
+  if (argc != 4) return 2;
+  FILE *audio = fopen(argv[1], "rb");
+  if (strcmp(argv[2], "record") == 0) inputs = fopen(argv[3], "wb");
+  else outputs = fopen(argv[3], "rb");
+  if (!audio || !(inputs || outputs) || !kws_setup()) return 1;
+  const int kept = KWS_WINDOW_SAMPLES - KWS_HOP_SAMPLES;
+  int16_t window[KWS_WINDOW_SAMPLES];
+  if (fread(window, sizeof window, 1, audio) != 1) return 1;
+  do {
+    int label = kws_hop(window);
+    if (label >= 0) printf("%d %d\n", hops, label);
+    memmove(window, window + KWS_HOP_SAMPLES, kept * sizeof *window);
+  } while (fread(window + kept, KWS_HOP_SAMPLES * sizeof *window, 1, audio) == 1);
+  fclose(audio);
+  return fclose(inputs ? inputs : outputs);
+}
+"""
+
+
+def readme_sketch() -> str:
+    return re.search(r"```cpp\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+
+
+def test_readme_sketch_holds_the_built_in_models_detection_settings():
+    sketch, manifest = readme_sketch(), Model.load().manifest
+    config = detection_config(manifest)
+    constants = dict(re.findall(r"(\w+) = (\d+)", re.search(r"enum \{(.*?)\}", sketch).group(1)))
+    hop_s = config.hop_frames * F.HOP_SAMPLES / F.SAMPLE_RATE
+    assert constants == {
+        "NUM_LABELS": str(len(manifest["labels"])),
+        "HOP_FRAMES": str(config.hop_frames),
+        "AVERAGE_RUNS": str(config.average_count),
+        "MIN_COUNT": str(config.min_count),
+        "QUIET_RUNS": str(math.ceil(config.suppression_ms / 1000 / hop_s - 1e-6) - 1),
+    }
+    listed = re.search(r"THRESHOLD\[NUM_LABELS\] = \{.*?\n(.*?)\};", sketch, re.S).group(1)
+    thresholds = [float(value.rstrip("f")) for value in re.findall(r"[\d.]+f?", listed)]
+    keywords = set(stream.keywords(manifest["labels"]))
+    assert thresholds == [config.threshold(label) if label in keywords else 2 for label in manifest["labels"]]
+
+
+@pytest.mark.integration
+def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (c++ or g++) on PATH")
+    model = Model.load()
+    (input_scale, input_zero_point), (output_scale, output_zero_point) = (
+        (model.manifest[part]["scale"], model.manifest[part]["zero_point"]) for part in ("input", "output")
+    )
+    write_c_frontend(tmp_path, input_scale, input_zero_point)
+    (tmp_path / "model_data.h").write_text(
+        "#pragma once\n#define KWS_ARENA_BYTES 1\nextern const unsigned char kws_model_data[];\n"
+    )
+    (tmp_path / "tensorflow/lite/micro").mkdir(parents=True)
+    (tmp_path / "tensorflow/lite/micro/micro_interpreter.h").write_text(TFLM_STANDIN)
+    (tmp_path / "tensorflow/lite/micro/micro_mutable_op_resolver.h").write_text(
+        '#pragma once\n#include "micro_interpreter.h"\n'
+    )
+    (tmp_path / "sketch.cc").write_text(readme_sketch())
+    (tmp_path / "main.cc").write_text(SKETCH_HARNESS)
+    defines = [
+        f"-DOUTPUT_SCALE={output_scale!r}f",
+        f"-DOUTPUT_ZERO_POINT={output_zero_point}",
+        f"-DNUM_OUTPUTS={len(model.labels)}",
+    ]
+    binary = tmp_path / "sketch"
+    built = subprocess.run(
+        [compiler, "-std=c++17", "-O2", "-Wall", "-Werror", *defines, "-I", str(tmp_path)]
+        + [str(tmp_path / "main.cc"), str(tmp_path / "kws_frontend.c"), "-o", str(binary), "-lm"],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+
+    # Two of each keyword with a second of quiet around each.
+    root = shared_data / "speech_commands"
+    rng = np.random.default_rng(0)
+    pieces = []
+    for word in WORDS:
+        for path in sorted(path for path in (root / word).iterdir() if audio.is_audio_file(path))[:2]:
+            pieces += [0.002 * rng.standard_normal(F.SAMPLE_RATE), audio.fix_length(audio.load(path))]
+    samples = to_int16(np.concatenate(pieces))
+    samples.tofile(tmp_path / "audio.raw")
+
+    def sketch(mode: str) -> list[tuple[str, float]]:
+        run = subprocess.run(
+            [str(binary), str(tmp_path / "audio.raw"), mode, str(tmp_path / f"{mode}.raw")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        events = [map(int, line.split()) for line in run.stdout.splitlines()]
+        # The stream time at the end of the hops-th frame, as kws.stream counts it.
+        return [
+            (model.labels[label], round(((hops - 1) * F.HOP_SAMPLES + F.WINDOW_SAMPLES) / F.SAMPLE_RATE, 3))
+            for hops, label in events
+        ]
+
+    sketch("record")
+    inputs = np.fromfile(tmp_path / "record.raw", dtype=np.int8).reshape(-1, F.NUM_FRAMES, F.NUM_MFCC)
+    model.raw_scores(inputs).tofile(tmp_path / "replay.raw")
+    fired = sketch("replay")
+
+    expected = [(event.label, round(event.end, 3)) for event in Detector(model).push(samples / 32768)]
+    assert len(expected) >= 12  # most of the 16 keywords
+    assert fired == expected
