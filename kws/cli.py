@@ -31,39 +31,38 @@ def _words(text: str) -> list[str]:
     return words
 
 
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+def _parsed(text: str, kind: type, valid, expected: str):
+    """``text`` as a ``kind`` (int or float) for which ``valid`` holds, else an ArgumentTypeError
+    saying what was ``expected``: argparse would name the type function for a plain ValueError."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
     return value
+
+
+def _share(text: str) -> float:
+    return _parsed(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
+    return _parsed(text, int, lambda v: v >= 1, "a whole number, at least 1")
 
 
 def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text}")
-    return value
+    return _parsed(text, int, lambda v: 0 <= v < 2**32, f"a whole number from 0 to {2**32 - 1}")
 
 
 def _per_hour(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of false accepts per hour, 0 or more, got {text}")
-    return value
+    return _parsed(
+        text, float, lambda v: 0 <= v < float("inf"), "a number of false accepts per hour, 0 or more"
+    )
 
 
 def _positive(text: str, unit: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text}")
-    return value
+    return _parsed(text, float, lambda v: 0 < v < float("inf"), f"a positive number of {unit}")
 
 
 def _milliseconds(text: str) -> float:
@@ -77,17 +76,33 @@ def _seconds(text: str) -> float:
 def _hop_ms(text: str) -> float:
     from kws.stream import HOP_MS
 
-    value = _milliseconds(text)
-    if value % HOP_MS:
-        raise argparse.ArgumentTypeError(f"must be a multiple of the {HOP_MS:g} ms frame hop, got {text}")
-    return value
+    return _parsed(
+        text,
+        float,
+        lambda v: 0 < v < float("inf") and v % HOP_MS == 0,
+        f"a positive multiple of the {HOP_MS:g} ms frame hop",
+    )
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:  # uvicorn would listen on the number modulo 65536
-        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {text}")
-    return value
+    # uvicorn would listen on a larger number modulo 65536
+    return _parsed(text, int, lambda v: 1 <= v <= 65535, "from 1 to 65535")
+
+
+def _threshold(text: str) -> float:
+    return _parsed(text, float, lambda v: 0 < v <= 1, "a score in (0, 1]")
+
+
+def _require_train_extra(purpose: str, *modules: str) -> None:
+    """UserError unless the ``modules`` of the [train] extra are installed: checked before the work
+    that needs them starts, as the base install (`pip install kws`) has neither TensorFlow nor matplotlib."""
+    import importlib.util
+
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(
+            f'{purpose} needs {" and ".join(missing)}, not installed here: pip install "kws[train]"'
+        )
 
 
 def _given(**options) -> dict:
@@ -96,13 +111,14 @@ def _given(**options) -> dict:
 
 
 def cmd_train(args) -> int:
-    from kws.data import DataConfig
+    from kws.data import DataConfig, check_data_dir
     from kws.model import ModelConfig
     from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
 
     if args.resume:
         run_dir = Path(args.resume)
         config = RunConfig.load(run_dir)
+        _require_train_extra("training", "keras", "matplotlib")
         if args.epochs:
             config.train.epochs = args.epochs
         metrics = train(config, run_dir, resume=True)
@@ -120,6 +136,9 @@ def cmd_train(args) -> int:
 
             print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
             data_dir = download_dataset(DEFAULT_DATA_DIR)
+        # Before train() loads TensorFlow: a mistyped --data should not take seconds to report.
+        check_data_dir(Path(data_dir))
+        _require_train_extra("training", "keras", "matplotlib")
         # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
             data_dir=str(Path(data_dir).resolve()),
@@ -158,6 +177,7 @@ def _load_classifier(path: Path):
     if path is not None and path.is_dir() and (path / CONFIG_FILE).exists():
         from kws.train import KerasClassifier
 
+        _require_train_extra(f"scoring the run folder {path} (its Keras model)", "keras")
         classifier = KerasClassifier(path)
         return classifier, asdict(classifier.config.data)
     from kws.runtime import Model
@@ -180,6 +200,13 @@ def _evaluation_data(recorded: dict, data_dir: Path | None, negatives: list[Path
     return SpeechData(DataConfig(**{**recorded, **overrides}))
 
 
+def _model_name(path: Path | None) -> str:
+    """What was scored, for the JSON report: the --model path given, else the built-in model's name."""
+    from kws.runtime import resolve
+
+    return str(path) if path is not None else resolve(None)[1]["name"]
+
+
 def cmd_eval(args) -> int:
     from kws import features
     from kws.evaluate import format_report, report
@@ -188,11 +215,13 @@ def cmd_eval(args) -> int:
         return _eval_stream(args)
     if args.threshold is not None:
         raise UserError("--threshold is for --stream: clip accuracy takes each clip's best class")
+    if args.plot:
+        _require_train_extra("--plot", "matplotlib")
     classifier, recorded = _load_classifier(args.model)
     examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(SPLIT_NAMES[args.split])
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     result = {
-        "model": args.model and str(args.model),
+        "model": _model_name(args.model),
         "data": str(args.data),
         "split": SPLIT_NAMES[args.split],
         **report(classifier.labels, examples.labels, predictions, examples.sources, examples.words),
@@ -212,6 +241,8 @@ def _eval_stream(args) -> int:
     from kws.stream import detection_config
     from kws.stream_eval import format_stream_report, stream_test
 
+    if args.plot:
+        _require_train_extra("--plot", "matplotlib")
     model = Model.load(args.model)
     data = _evaluation_data(model.manifest["training"]["data"], args.data, args.negatives)
     _, result = stream_test(
@@ -222,7 +253,7 @@ def _eval_stream(args) -> int:
 
         plots.det_curve(result["det"], result, args.plot)
     result = {
-        "model": args.model and str(args.model),
+        "model": _model_name(args.model),
         "data": str(args.data),
         **{k: v for k, v in result.items() if k != "det"},
     }
@@ -248,13 +279,6 @@ def cmd_calibrate(args) -> int:
     updated = recalibrate(args.model, data, config, args.target_fa)
     print(format_stream_report(updated["streaming"]))
     return 0
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
-    return value
 
 
 LONG_RECORDING_SECONDS = 600.0  # kws detect shows a progress bar from this length on
@@ -294,6 +318,11 @@ def cmd_detect(args) -> int:
             print(f"{path}: {report['duration']:.2f} s, {len(found)} detection{'s' * (len(found) != 1)}")
             for event in found:
                 print(f"  {Event(**event)}")
+            if args.top_k and "scores" in report:
+                print(
+                    "  scores: "
+                    + ", ".join(f"{label} {score:.4f}" for label, score in report["scores"].items())
+                )
     one_file = len(args.files) == 1 and not args.files[0].is_dir()
     if args.json and one_file and reports:
         print(json.dumps(reports[0], indent=2))
@@ -347,7 +376,11 @@ def cmd_listen(args) -> int:
 def cmd_export(args) -> int:
     from kws.export import export
     from kws.runtime import EXPORT_FOLDER
+    from kws.train import RunConfig
 
+    # export() loads TensorFlow before it reads the run: a wrong RUN should not take seconds to report.
+    RunConfig.load(args.run)
+    _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
     manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
@@ -383,10 +416,23 @@ def cmd_serve(args) -> int:
         "workers": args.workers,
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
+    if args.model is None and settings.model is not None:
+        _check_env_model(settings.model)
     _check_can_listen(args.host, args.port)
     Model.load(settings.model)  # a bad model fails here, once, rather than in every worker
     serve(settings, args.host, args.port)
     return 0
+
+
+def _check_env_model(value: str) -> None:
+    """UserError naming KWS_MODEL if it names no possible model: Model.load's messages would say
+    --model, which the user never passed."""
+    path = Path(value)
+    if not (path.is_dir() or (path.suffix == ".tflite" and path.is_file())):
+        raise UserError(
+            f"KWS_MODEL={value} is neither an export folder nor a .tflite file: "
+            "set KWS_MODEL to one made by `kws export`, unset it, or pass --model"
+        )
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -434,7 +480,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
-    from kws.stream import FA_TARGET_PER_HOUR
+    from kws.stream import FA_TARGET_PER_HOUR, SCORED_CLIP_SECONDS
     from kws.synth import SynthConfig
 
     parser = argparse.ArgumentParser(
@@ -656,7 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio files, or folders: every audio file in them",
     )
     _add_detector_options(detect)
-    detect.add_argument("--top-k", type=_positive_int, help="class scores to list for clips of about 1 s")
+    detect.add_argument(
+        "--top-k",
+        type=_positive_int,
+        metavar="K",
+        help=f"also list the K highest class scores of recordings up to {SCORED_CLIP_SECONDS:g} s long "
+        "(of their most confident window), in the text and the JSON",
+    )
     detect.add_argument(
         "--json", action="store_true", help="one JSON object per file (a list for several or a folder)"
     )

@@ -161,6 +161,18 @@ def is_test_package(root: Path) -> bool:
     return (root / SILENCE).is_dir() or (root / UNKNOWN).is_dir()
 
 
+def check_data_dir(root: Path) -> None:
+    """DataError unless ``root`` is a folder, saying what it is instead."""
+    if root.is_dir():
+        return
+    if root.exists():
+        raise DataError(
+            f"{root} is a file, not a data folder: pass --data DIR, the folder holding one folder "
+            "of clips per word (or the test set package)"
+        )
+    raise DataError(f"data folder {root} does not exist; pass --data DIR or run `kws download`")
+
+
 def scan(
     root: Path,
     validation_percent: float = HASH_PERCENT,
@@ -169,8 +181,7 @@ def scan(
 ) -> list[Clip]:
     """Every labelled clip under ``root`` (either layout) with its split, or all in ``split``."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass --data DIR or run `kws download`")
+    check_data_dir(root)
     package = is_test_package(root)
     validation = _read_list(root, "validation_list.txt")
     testing = _read_list(root, "testing_list.txt")

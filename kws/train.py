@@ -112,7 +112,17 @@ class RunConfig:
         path = Path(run_dir) / CONFIG_FILE
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} is not a kws run folder: it has no {CONFIG_FILE}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"is not valid JSON ({error})"
+        except KeyError as error:
+            problem = f"has no {error} settings"
+        except (TypeError, ValueError) as error:  # a setting of the wrong kind, or out of range
+            problem = f"holds settings kws cannot use ({error})"
+        raise ModelError(
+            f"{path} {problem}: `kws train` writes it; restore the run's copy, or train a new run"
+        ) from None
 
 
 def _batch_progress(total: int, description: str):

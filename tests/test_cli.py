@@ -1,0 +1,169 @@
+"""What a user sees when a command-line value is wrong: one line naming the value and what to do,
+exit status 2, no traceback; and what detect --top-k and eval --json report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import soundfile as sf
+from conftest import make_dataset, tone
+
+from kws.cli import main
+from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE
+
+TRAIN_EXTRA = 'pip install "kws[train]"'
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """The error line of an argument argparse refused (it exits with status 2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (
+            ["detect", "a.wav", "--threshold", "abc"],
+            "argument --threshold: must be a score in (0, 1], got abc",
+        ),
+        (["detect", "a.wav", "--threshold", "2"], "argument --threshold: must be a score in (0, 1], got 2"),
+        (
+            ["detect", "a.wav", "--top-k", "x"],
+            "argument --top-k: must be a whole number, at least 1, got x",
+        ),
+        (["serve", "--port", "abc"], "argument --port: must be from 1 to 65535, got abc"),
+        (["serve", "--workers", "1.5"], "argument --workers: must be a whole number, at least 1, got 1.5"),
+        (
+            ["serve", "--max-seconds", "x"],
+            "argument --max-seconds: must be a positive number of seconds, got x",
+        ),
+        (
+            ["listen", "--seconds", "abc"],
+            "argument --seconds: must be a positive number of seconds, got abc",
+        ),
+        (
+            ["train", "--seed", "abc"],
+            "argument --seed: must be a whole number from 0 to 4294967295, got abc",
+        ),
+        (
+            ["train", "--silence-share", "a"],
+            "argument --silence-share: must be a fraction in [0, 1), got a",
+        ),
+        (
+            ["export", "run", "--target-fa", "abc"],
+            "argument --target-fa: must be a number of false accepts per hour, 0 or more, got abc",
+        ),
+        (
+            ["calibrate", "m", "--hop-ms", "abc"],
+            "argument --hop-ms: must be a positive multiple of the 20 ms frame hop, got abc",
+        ),
+        (
+            ["calibrate", "m", "--average-ms", "abc"],
+            "argument --average-ms: must be a positive number of milliseconds, got abc",
+        ),
+    ],
+)
+def test_an_unparsable_or_out_of_range_option_says_what_it_must_be(argv, error, capsys):
+    assert _usage_error(argv, capsys) == f"kws {argv[0]}: error: {error}"
+
+
+def test_a_bad_kws_model_is_named_as_the_variable_not_as_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KWS_MODEL", str(tmp_path / "nowhere"))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kws serve: error: KWS_MODEL={tmp_path / 'nowhere'} is neither")
+    assert "--model" not in err.split("pass")[0]  # only the advice may mention the flag
+
+
+def test_a_file_given_as_data_folder_is_called_a_file(tmp_path, capsys):
+    clip = tmp_path / "clip.flac"
+    sf.write(clip, tone(400.0), 16000)
+    assert main(["eval", "--data", str(clip)]) == 2
+    assert f"kws eval: error: {clip} is a file, not a data folder: pass --data DIR" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_evaluating(tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["eval", "--data", str(tiny_dataset), "--plot", str(tmp_path / "c.png")]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"kws eval: error: --plot needs matplotlib, not installed here: {TRAIN_EXTRA}"
+    assert out == ""
+
+
+def test_a_run_folder_without_keras_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "keras", None)
+    assert main(["eval", "--model", str(run), "--data", str(tiny_dataset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kws eval: error: scoring the run folder {run} (its Keras model) needs keras")
+    assert err.strip().endswith(TRAIN_EXTRA)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{}", "has no 'data' settings"),
+        ("not json", "is not valid JSON"),
+        ("[]", "holds settings kws cannot use"),
+    ],
+)
+@pytest.mark.parametrize("command", [["export"], ["train", "--resume"]])
+def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(content)
+    assert main([*command, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kws {command[0]}: error: {run / 'config.json'} {problem}")
+    assert "restore the run's copy, or train a new run" in err
+
+
+@pytest.mark.parametrize(
+    "argv, error",
+    [
+        (
+            ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/run"],
+            "data folder {tmp}/nowhere does not exist",
+        ),
+        (["export", "{tmp}/nowhere"], "{tmp}/nowhere is not a kws run folder"),
+    ],
+)
+def test_a_bad_path_is_reported_before_tensorflow_loads(argv, error, tmp_path, monkeypatch, capsys):
+    # Importing either would fail: the error must come before the command needs them.
+    monkeypatch.setitem(sys.modules, "keras", None)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    assert f"kws {argv[0]}: error: {error.format(tmp=tmp_path)}" in capsys.readouterr().err
+
+
+def test_detect_top_k_lists_the_scores_in_the_text_too(tmp_path, capsys):
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, tone(400.0), 16000)
+    assert main(["detect", str(clip), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    scores = [line for line in lines if line.startswith("  scores: ")]
+    assert len(scores) == 1 and scores[0].count(",") == 1  # two labels with their scores
+    assert main(["detect", str(clip)]) == 0
+    assert "scores:" not in capsys.readouterr().out  # only asked for
+
+
+def test_eval_json_names_the_built_in_model(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    assert main(["eval", "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == json.loads((BUILT_IN_MODEL / MANIFEST_FILE).read_text())["name"]
+
+
+def test_training_without_tensorflow_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "keras", None)
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"kws train: error: training needs keras, not installed here: {TRAIN_EXTRA}"
+    assert not (tmp_path / "run").exists()
