@@ -117,6 +117,10 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
             raise ModelError("this kws has no built-in model: pass --model (an export folder or .tflite)")
         path = BUILT_IN_MODEL
     path = Path(path)
+    if not path.exists():
+        raise ModelError(
+            f"--model {path} does not exist (expected a .tflite file or a folder made by kws export)"
+        )
     if path.is_dir():
         manifest_file = path / MANIFEST_FILE
         if not manifest_file.exists() and (path / EXPORT_FOLDER / MANIFEST_FILE).exists():
@@ -133,8 +137,6 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
             raise ModelError(f"{manifest_file} names no model under files.int8: {EXPORT_AGAIN}") from None
     if path.suffix != ".tflite":
         raise ModelError(f"--model {path}: expected a .tflite file or a folder made by kws export")
-    if not path.exists():
-        raise ModelError(f"--model {path} does not exist")
     manifest_file = path.with_name(MANIFEST_FILE)
     if manifest_file.exists():
         return path, _read_manifest(manifest_file)
@@ -193,6 +195,13 @@ class Model:
         expected = (1, features.NUM_FRAMES, features.NUM_MFCC)
         if tuple(self._input["shape"]) != expected:
             raise ModelError(f"{self.source}: input shape {tuple(self._input['shape'])}, expected {expected}")
+        outputs = int(self._output["shape"][-1])
+        if outputs != len(self.labels):
+            raise ModelError(
+                f"{self.source} outputs {outputs} scores but its manifest lists {len(self.labels)} labels: "
+                f"the manifest is another model's; keep each .tflite with the {MANIFEST_FILE} kws export "
+                "wrote beside it"
+            )
 
     @classmethod
     def load(

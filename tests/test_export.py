@@ -10,13 +10,45 @@ import numpy as np
 import pytest
 from conftest import need
 
-from kws import runtime
+from kws import export, runtime
 from kws.features import NUM_FRAMES, NUM_MFCC
 
 
 @pytest.fixture(scope="module")
 def exported(tone_export):
     return tone_export
+
+
+def files_of(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def runs_on_tflm(tflite: bytes, arena_size: int) -> bool:
+    """Whether TFLM's interpreter can run the model in an arena of ``arena_size`` bytes."""
+    from tflite_micro.python.tflite_micro import runtime as tflm
+
+    try:
+        with runtime.quiet_stderr():
+            interpreter = tflm.Interpreter.from_bytes(tflite, arena_size=arena_size)
+            details = interpreter.get_input_details(0)
+            interpreter.set_input(np.zeros(details["shape"], dtype=details["dtype"]), 0)
+            interpreter.invoke()
+    except RuntimeError:
+        return False
+    return True
+
+
+def compile_with(header_dir, tmp_path, *flags):
+    """g++ on a device-like program that sizes its arena with model_data.h's KWS_ARENA_BYTES."""
+    need(shutil.which("g++"), "g++ is not installed (Debian/Ubuntu: apt-get install g++)")
+    (tmp_path / "main.cc").write_text(
+        '#include <cstdio>\n#include "model_data.h"\n'
+        "alignas(16) static unsigned char arena[KWS_ARENA_BYTES];\n"
+        'int main() { std::printf("%u %zu", kws_model_data_len, sizeof arena); }\n'
+    )
+    sources = [str(tmp_path / "main.cc"), str(header_dir / "model_data.cc")]
+    command = ["g++", "-std=c++11", *flags, "-I", str(header_dir), *sources, "-o", str(tmp_path / "main")]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_export_writes_every_file(exported):
@@ -113,25 +145,48 @@ def test_c_array_holds_the_int8_model_byte_for_byte(exported):
     array = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", source))
     assert array == (out / "model_int8.tflite").read_bytes()
     assert f"kws_model_data_len = {len(array)};" in source
+    from ai_edge_litert.interpreter import Interpreter
+
     header = (out / "kws_frontend.h").read_text()
     assert f"#define KWS_INPUT_ZERO_POINT {exported[1]['input']['zero_point']}" in header
+    scale, _ = Interpreter(model_path=str(out / "model_int8.tflite")).get_input_details()[0]["quantization"]
+    written = re.search(r"#define KWS_INPUT_SCALE (\S+)f\n", header).group(1)
+    assert np.float32(written) == np.float32(scale)
 
 
 def test_the_c_array_and_its_arena_size_compile_for_a_device(exported, tmp_path):
     out, manifest = exported
-    need(shutil.which("g++"), "g++ is not installed (Debian/Ubuntu: apt-get install g++)")
     arena = manifest["sizes"]["tflm_arena_bytes"]
     assert arena and f"#define KWS_ARENA_BYTES {arena}\n" in (out / "model_data.h").read_text()
-    (tmp_path / "main.cc").write_text(
-        '#include <cstdio>\n#include "model_data.h"\n'
-        "alignas(16) static unsigned char arena[KWS_ARENA_BYTES];\n"
-        'int main() { std::printf("%u %zu", kws_model_data_len, sizeof arena); }\n'
-    )
-    program = tmp_path / "main"
-    sources = [str(tmp_path / "main.cc"), str(out / "model_data.cc")]
-    subprocess.run(["g++", "-std=c++11", "-I", str(out), *sources, "-o", str(program)], check=True)
-    printed = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout
+    assert compile_with(out, tmp_path).returncode == 0
+    printed = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True, check=True).stdout
     assert printed == f"{(out / 'model_int8.tflite').stat().st_size} {arena}"
+
+
+def test_the_arena_size_is_what_tflm_needs(exported):
+    out, manifest = exported
+    tflite, arena = (out / "model_int8.tflite").read_bytes(), manifest["sizes"]["tflm_arena_bytes"]
+    # TFLM allocates in 16-byte steps; 1 KB less is well past any rounding, and about 4 % of the arena.
+    assert runs_on_tflm(tflite, arena) and not runs_on_tflm(tflite, arena - 1024)
+
+
+def test_without_tflite_micro_the_c_header_stops_a_device_build(exported, tmp_path, monkeypatch):
+    out, _ = exported
+    tflite = (out / "model_int8.tflite").read_bytes()
+    monkeypatch.setitem(sys.modules, "tflite_micro.python.tflite_micro", None)  # as if not installed
+    arena = export.tflm_arena_bytes(tflite)
+    assert arena is None
+    for name, text in zip(("model_data.h", "model_data.cc"), export.c_array(tflite, arena), strict=True):
+        (tmp_path / name).write_text(text)
+    failed = compile_with(tmp_path, tmp_path)
+    assert failed.returncode != 0 and "install tflite-micro" in failed.stderr
+    assert compile_with(tmp_path, tmp_path, "-DKWS_ARENA_BYTES=30000").returncode == 0
+
+
+def test_a_model_tflm_cannot_run_fails_the_export_with_tflms_reason(exported):
+    out, _ = exported
+    with pytest.raises(export.ExportError, match="DEQUANTIZE .* failed to prepare"):
+        export.tflm_arena_bytes((out / "model_float16.tflite").read_bytes())  # float16 weights: not for TFLM
 
 
 def test_tflite_carries_its_manifest_so_it_runs_alone(exported, tmp_path):
@@ -223,10 +278,69 @@ def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
     tflite = (copy / "model_int8.tflite").read_bytes()
     embedded = runtime.embedded_manifest(tflite)
     assert embedded["detection"] == updated["detection"]
-    assert not [key for key in embedded["sizes"] if key.endswith("_bytes")]  # none gone stale
+    # all but the file sizes, which would go stale
+    assert embedded["sizes"] == {
+        key: updated["sizes"][key] for key in ("parameters", "macs", "tflm_arena_bytes")
+    }
     assert updated["sizes"]["int8_bytes"] == len(tflite)
     source = (copy / "model_data.cc").read_text()
     assert f"kws_model_data_len = {len(tflite)};" in source
+
+
+def test_calibrate_a_tflite_without_its_manifest_keeps_the_arena(exported, tmp_path):
+    from kws.cli import main
+
+    out, manifest = exported
+    arena = manifest["sizes"]["tflm_arena_bytes"]
+    fresh, older = tmp_path / "fresh", tmp_path / "older"
+    for copy in (fresh, older):
+        shutil.copytree(out, copy)
+        (copy / "manifest.json").unlink()
+    for name in export.MODEL_FILES.values():  # exports that left the arena out of the .tflite
+        tflite = (older / name).read_bytes()
+        embedded = runtime.embedded_manifest(tflite)
+        del embedded["sizes"]["tflm_arena_bytes"]
+        (older / name).write_bytes(runtime.embed_manifest(tflite, embedded))
+    for copy in (fresh, older):
+        assert main(["calibrate", str(copy / "model_int8.tflite"), "--target-fa", "1000"]) == 0
+        assert json.loads((copy / "manifest.json").read_text())["sizes"]["tflm_arena_bytes"] == arena
+        assert f"#define KWS_ARENA_BYTES {arena}\n" in (copy / "model_data.h").read_text()
+        assert f"TFLM tensor arena {arena} bytes" in (copy / "MODEL_CARD.md").read_text()
+
+
+def test_calibrating_a_float_model_file_calibrates_the_int8_model(exported, tmp_path, monkeypatch):
+    from kws.cli import main
+
+    out, _ = exported
+    shutil.copytree(out, tmp_path / "export")
+    real_stream_test, calibrated_on = export.stream_test, []
+
+    def stream_test(model, *args):
+        calibrated_on.append(model.quantized)
+        return real_stream_test(model, *args)
+
+    monkeypatch.setattr(export, "stream_test", stream_test)
+    assert main(["calibrate", str(tmp_path / "export" / "model_float32.tflite"), "--target-fa", "1000"]) == 0
+    assert calibrated_on == [True]
+
+
+def test_a_calibration_that_fails_leaves_the_export_as_it_was(exported, tmp_path, monkeypatch):
+    from kws.data import DataConfig, SpeechData
+    from kws.stream import DetectionConfig
+
+    out, manifest = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    before = files_of(copy)
+
+    def broken_card(manifest):
+        raise RuntimeError("no card")
+
+    monkeypatch.setattr(export, "model_card", broken_card)
+    data = SpeechData(DataConfig(**manifest["training"]["data"]))
+    with pytest.raises(RuntimeError, match="no card"):
+        export.recalibrate(copy, data, DetectionConfig(), 1000)
+    assert files_of(copy) == before
 
 
 def test_calibrate_to_no_false_accepts_at_all(exported, tmp_path, capsys):
@@ -273,3 +387,59 @@ def test_model_card_states_the_measured_figures(exported):
     assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
     assert f"{manifest['sizes']['int8_bytes']:,} bytes" in card
     assert f"recall {manifest['streaming']['recall']:.1%}" in card
+
+
+def test_model_card_of_a_manifest_without_model_counts_says_unknown(exported):
+    _, manifest = exported
+    card = export.model_card({**manifest, "sizes": {**manifest["sizes"], "parameters": None, "macs": None}})
+    assert "(unknown parameters, unknown multiply-accumulates per inference)" in card
+
+
+def test_export_of_a_run_without_metrics_counts_the_model_itself(tone_run, tmp_path):
+    from kws.train import METRICS_FILE
+
+    run, metrics = tone_run
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run, interrupted, ignore=shutil.ignore_patterns(METRICS_FILE))
+    manifest = export.export(interrupted, tmp_path / "out")
+    assert (
+        manifest["sizes"]["parameters"] == metrics["parameters"]
+        and manifest["sizes"]["macs"] == metrics["macs"]
+    )
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert (
+        f"({metrics['parameters']:,} parameters, {metrics['macs'] / 1e6:.2f} M multiply-accumulates" in card
+    )
+
+
+def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
+    from kws.train import CONFIG_FILE, MODEL_FILE
+
+    run, _ = tone_run
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(run / MODEL_FILE, moved)
+    config = json.loads((run / CONFIG_FILE).read_text())
+    config["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError) as error:
+        export.export(moved, tmp_path / "out")
+    assert f'data_dir under "data" in {moved / CONFIG_FILE}' in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, tmp_path):
+    out, manifest = exported
+    shutil.copy(out / "model_int8.tflite", tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "labels": manifest["labels"][:-1]}))
+    tflite = tmp_path / "model_int8.tflite"
+    with pytest.raises(
+        runtime.ModelError, match=f"{re.escape(str(tflite))} outputs 6 scores but its manifest lists 5"
+    ):
+        runtime.Model.load(tflite)
+
+
+def test_a_model_path_that_does_not_exist_says_so(tmp_path):
+    for missing in ("nowhere", "gone.tflite"):
+        with pytest.raises(runtime.ModelError, match=f"{missing} does not exist"):
+            runtime.resolve(tmp_path / missing)
