@@ -20,7 +20,6 @@ import collections
 import logging
 import multiprocessing
 import multiprocessing.util
-import os
 import pickle
 import signal
 import socket
@@ -39,6 +38,7 @@ LENGTH = struct.Struct("!Q")  # each message: its length, then its pickle
 # A process holds the request it works on and the next, so it never waits for the HTTP process
 # to hand that one on: one at a time served 7 % fewer requests (bench/load.py, 2 cores).
 REQUESTS_PER_WORKER = 2
+READY = "ready"  # a worker's first message, once its model is loaded
 NO_WORKER = "no worker process is running and none could be started: see the server log"
 
 
@@ -75,14 +75,14 @@ class WorkerFailed(Exception):
 
 
 def _serve(connection: socket.socket, path: str | None) -> None:
-    """A worker process: load the model, send its pid, then answer requests until the socket closes."""
+    """A worker process: load the model, say it is ready, then answer requests until the socket closes."""
     # Ctrl-C, and a SIGTERM to the whole process group (systemd's default), reach the workers
     # too: they finish their requests while the server shuts them down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     model = Model.load(path)
     with connection, connection.makefile("rb") as incoming:
-        _send(connection, os.getpid())
+        _send(connection, READY)
         while header := incoming.read(LENGTH.size):
             arguments = pickle.loads(incoming.read(LENGTH.unpack(header)[0]))
             try:
@@ -106,7 +106,7 @@ class _Worker:
     """The server's end of one worker process: requests go out in order, answers come back in order."""
 
     def __init__(self, process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.process, self.reader, self.writer, self.pid = process, reader, writer, process.pid
+        self.process, self.reader, self.writer = process, reader, writer
         self.busy = 0  # requests given to it and not answered yet
         self._answers: collections.deque[asyncio.Future] = collections.deque()
         self._reading: asyncio.Task | None = None
@@ -123,7 +123,7 @@ class _Worker:
         multiprocessing.util.Finalize(process, process.kill, exitpriority=0)
         worker = cls(process, *await asyncio.open_connection(sock=ours))
         try:
-            worker.pid = await asyncio.wait_for(worker._receive(), START_TIMEOUT_S)
+            await asyncio.wait_for(worker._receive(), START_TIMEOUT_S)
         except BaseException as error:  # also cancelled, by a server closing while it starts
             worker.stop()
             process.kill()
@@ -136,6 +136,10 @@ class _Worker:
             raise
         worker._reading = asyncio.ensure_future(worker._read_answers())
         return worker
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def send(self, payload: bytes) -> asyncio.Future:
         """Send one request's pickled arguments; the future of its answer (a report or an
