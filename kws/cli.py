@@ -376,10 +376,7 @@ def cmd_listen(args) -> int:
 def cmd_export(args) -> int:
     from kws.export import export
     from kws.runtime import EXPORT_FOLDER
-    from kws.train import RunConfig
 
-    # export() loads TensorFlow before it reads the run: a wrong RUN should not take seconds to report.
-    RunConfig.load(args.run)
     _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
     manifest = export(args.run, out, args.target_fa)
@@ -416,23 +413,11 @@ def cmd_serve(args) -> int:
         "workers": args.workers,
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
-    if args.model is None and settings.model is not None:
-        _check_env_model(settings.model)
     _check_can_listen(args.host, args.port)
-    Model.load(settings.model)  # a bad model fails here, once, rather than in every worker
+    # A bad model fails here, once, rather than in every worker.
+    Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
     serve(settings, args.host, args.port)
     return 0
-
-
-def _check_env_model(value: str) -> None:
-    """UserError naming KWS_MODEL if it names no possible model: Model.load's messages would say
-    --model, which the user never passed."""
-    path = Path(value)
-    if not (path.is_dir() or (path.suffix == ".tflite" and path.is_file())):
-        raise UserError(
-            f"KWS_MODEL={value} is neither an export folder nor a .tflite file: "
-            "set KWS_MODEL to one made by `kws export`, unset it, or pass --model"
-        )
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -169,20 +169,21 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     Besides converting and measuring the model, the export calibrates the Detector's
     per-keyword thresholds to ``target_fa_per_hour`` on the held-out test stream.
     """
-    import keras
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    # The run is checked before keras loads, so that a wrong one is reported at once.
     config = RunConfig.load(run_dir)
     features.check_compatible(config.frontend, str(run_dir))
     if not (run_dir / MODEL_FILE).exists():
         raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE}: train it first")
-    model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
     if not Path(config.data.data_dir).is_dir():
         raise FileNotFoundError(
             f"the run's data {config.data.data_dir} is missing (export calibrates int8 ranges and "
             'measures accuracy on it): put it back there, or set data_dir under "data" in '
             f"{run_dir / CONFIG_FILE} to where it is now"
         )
+    import keras
+
+    model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
     data = SpeechData(config.data)
     validation = data.evaluation_set("validation")
     val_features = features.mfcc(validation.audio)

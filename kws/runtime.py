@@ -106,11 +106,12 @@ def _read_manifest(manifest_file: Path) -> dict:
     return manifest
 
 
-def resolve(path: str | Path | None) -> tuple[Path, dict]:
+def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 
     No path means the model built into the package. The manifest is read from
-    manifest.json beside the model, else from the model's metadata.
+    manifest.json beside the model, else from the model's metadata. ``named`` is how the user
+    gave the path (``--model`` or an environment variable), for the errors.
     """
     if path is None:
         if not (BUILT_IN_MODEL / MANIFEST_FILE).exists():
@@ -119,7 +120,7 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
     path = Path(path)
     if not path.exists():
         raise ModelError(
-            f"--model {path} does not exist (expected a .tflite file or a folder made by kws export)"
+            f"{named} {path} does not exist (expected a .tflite file or a folder made by kws export)"
         )
     if path.is_dir():
         manifest_file = path / MANIFEST_FILE
@@ -136,7 +137,7 @@ def resolve(path: str | Path | None) -> tuple[Path, dict]:
         except (KeyError, TypeError):
             raise ModelError(f"{manifest_file} names no model under files.int8: {EXPORT_AGAIN}") from None
     if path.suffix != ".tflite":
-        raise ModelError(f"--model {path}: expected a .tflite file or a folder made by kws export")
+        raise ModelError(f"{named} {path}: expected a .tflite file or a folder made by kws export")
     manifest_file = path.with_name(MANIFEST_FILE)
     if manifest_file.exists():
         return path, _read_manifest(manifest_file)
@@ -205,9 +206,13 @@ class Model:
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, num_threads: int = 1, reference_kernels: bool = False
+        cls,
+        path: str | Path | None = None,
+        num_threads: int = 1,
+        reference_kernels: bool = False,
+        named: str = "--model",
     ) -> Model:
-        tflite, manifest = resolve(path)
+        tflite, manifest = resolve(path, named)
         return cls(tflite, manifest, num_threads, reference_kernels)
 
     @property
