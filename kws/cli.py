@@ -111,13 +111,14 @@ def _given(**options) -> dict:
 
 
 def cmd_train(args) -> int:
-    from kws.data import DataConfig, check_data_dir
+    from kws.data import DataConfig, check_folders
     from kws.model import ModelConfig
     from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
 
     if args.resume:
         run_dir = Path(args.resume)
         config = RunConfig.load(run_dir)
+        check_folders(config.data)
         _require_train_extra("training", "keras", "matplotlib")
         if args.epochs:
             config.train.epochs = args.epochs
@@ -136,9 +137,6 @@ def cmd_train(args) -> int:
 
             print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
             data_dir = download_dataset(DEFAULT_DATA_DIR)
-        # Before train() loads TensorFlow: a mistyped --data should not take seconds to report.
-        check_data_dir(Path(data_dir))
-        _require_train_extra("training", "keras", "matplotlib")
         # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
             data_dir=str(Path(data_dir).resolve()),
@@ -146,6 +144,9 @@ def cmd_train(args) -> int:
             extra=[str(p.resolve()) for p in args.extra],
             **_given(words=args.words, silence_share=args.silence_share, unknown_share=args.unknown_share),
         )
+        # Before train() loads TensorFlow: a mistyped folder should not take seconds to report.
+        check_folders(data)
+        _require_train_extra("training", "keras", "matplotlib")
         config = RunConfig(
             data=data,
             model=ModelConfig.preset(args.size),

@@ -173,6 +173,20 @@ def check_data_dir(root: Path) -> None:
     raise DataError(f"data folder {root} does not exist; pass --data DIR or run `kws download`")
 
 
+def check_folders(config: DataConfig) -> None:
+    """DataError naming the first folder of ``config`` that is missing: the data, the negatives
+    and the extra clips are checked before any is read."""
+    check_data_dir(Path(config.data_dir))
+    for folder in map(Path, config.negatives):
+        if not folder.is_dir():
+            raise DataError(f"--negatives folder {folder} does not exist")
+    for folder in map(Path, config.extra):
+        if not folder.is_dir():
+            raise DataError(
+                f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
+            )
+
+
 def scan(
     root: Path,
     validation_percent: float = HASH_PERCENT,
@@ -298,8 +312,6 @@ class NegativeBank:
         paths = []
         for folder in folders:
             folder = Path(folder)
-            if not folder.is_dir():
-                raise DataError(f"--negatives folder {folder} does not exist")
             found = sorted(p for p in folder.rglob("*") if audio.is_audio_file(p))
             if not found:
                 raise DataError(f"--negatives folder {folder} holds no audio files")
@@ -427,13 +439,10 @@ class SpeechData:
         self.config = config
         self.root = Path(config.data_dir)
         self.labels = labels_for(config.words)
+        check_folders(config)
         self.clips = scan(self.root, config.validation_percent, config.testing_percent)
-        for folder in map(Path, config.extra):
-            if not folder.is_dir():
-                raise DataError(
-                    f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
-                )
-            self.clips += scan(folder, split="training")
+        for folder in config.extra:
+            self.clips += scan(Path(folder), split="training")
         self.package = is_test_package(self.root)
         self._loaded: dict[str, SplitClips] = {}
         self._noise: NoiseBank | None = None

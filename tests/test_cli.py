@@ -135,6 +135,14 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
             ["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/run"],
             "data folder {tmp}/nowhere does not exist",
         ),
+        (
+            ["train", "--data", "{tmp}", "--negatives", "{tmp}/speech", "--out", "{tmp}/run"],
+            "--negatives folder {tmp}/speech does not exist",
+        ),
+        (
+            ["train", "--data", "{tmp}", "--extra", "{tmp}/synth", "--out", "{tmp}/run"],
+            "--extra folder {tmp}/synth does not exist",
+        ),
         (["export", "{tmp}/nowhere"], "{tmp}/nowhere is not a kws run folder"),
     ],
 )
