@@ -314,14 +314,14 @@ class KerasClassifier:
     """A trained run folder as a classifier: features -> class probabilities."""
 
     def __init__(self, run_dir: Path):
-        import keras
-
         self.run_dir = Path(run_dir)
         self.config = RunConfig.load(self.run_dir)
         features.check_compatible(self.config.frontend, str(self.run_dir))
         model_file = self.run_dir / MODEL_FILE
         if not model_file.exists():
             raise FileNotFoundError(f"{self.run_dir} has no {MODEL_FILE} yet: train at least one epoch")
+        import keras  # after the checks, which need not wait the seconds it takes
+
         self.model = keras.models.load_model(model_file, compile=False)
         self.labels = self.config.labels
 

@@ -144,6 +144,7 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
             "--extra folder {tmp}/synth does not exist",
         ),
         (["export", "{tmp}/nowhere"], "{tmp}/nowhere is not a kws run folder"),
+        (["eval", "--model", "{tmp}", "--data", "{tmp}"], "{tmp}/config.json is not valid JSON"),
     ],
 )
 def test_a_bad_path_is_reported_before_tensorflow_loads(argv, error, tmp_path):
@@ -152,6 +153,7 @@ def test_a_bad_path_is_reported_before_tensorflow_loads(argv, error, tmp_path):
         "import sys; from kws.cli import main; code = main(sys.argv[1:]); "
         "print(code, 'tensorflow' in sys.modules, 'keras' in sys.modules)"
     )
+    (tmp_path / "config.json").write_text("not json")  # a corrupt run folder, for eval
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["2", "False", "False"]
