@@ -16,10 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, __version__, features, plots
-from kws.c_frontend import write_c_frontend
+from kws.c_frontend import c_frontend_sources
 from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import report
-from kws.files import write_bytes, write_json, write_text
+from kws.files import json_text, write_files
 from kws.model import count_macs
 from kws.runtime import LOGITS, MANIFEST_FILE, Model, ModelError, embed_manifest, quiet_stderr, resolve
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
@@ -291,8 +291,8 @@ def recalibrate(
 def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) -> None:
     """The .tflite files (manifest embedded), manifest.json, and the MCU bundle.
 
-    Every file's content is made before the first is written, so that a failure leaves the
-    folder's files as they were rather than some new and some old.
+    Every file's content is made before any is written, and they are written as one set, so
+    that a failure leaves the folder's files as they were rather than some new and some old.
     """
     # Sizes are of the files as written, metadata included; recorded in the manifest file only
     # (a manifest that knew its own file's size would change that size).
@@ -300,14 +300,17 @@ def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict) 
     final = {kind: embed_manifest(tflite, {**manifest, "sizes": sizes}) for kind, tflite in converted.items()}
     manifest["sizes"].update({f"{kind}_bytes": len(tflite) for kind, tflite in final.items()})
     header, source = c_array(final["int8"], manifest["sizes"]["tflm_arena_bytes"])
-    texts = {"model_data.h": header, "model_data.cc": source, MODEL_CARD: model_card(manifest)}
-    # Written first: it cannot make its texts without writing them, but checks its values before.
-    write_c_frontend(out_dir, manifest["input"]["scale"], manifest["input"]["zero_point"])
-    for kind, tflite in final.items():
-        write_bytes(out_dir / MODEL_FILES[kind], tflite)
-    write_json(out_dir / MANIFEST_FILE, manifest)
-    for name, text in texts.items():
-        write_text(out_dir / name, text)
+    write_files(
+        out_dir,
+        {
+            **{MODEL_FILES[kind]: tflite for kind, tflite in final.items()},
+            MANIFEST_FILE: json_text(manifest),
+            "model_data.h": header,
+            "model_data.cc": source,
+            MODEL_CARD: model_card(manifest),
+            **c_frontend_sources(manifest["input"]["scale"], manifest["input"]["zero_point"]),
+        },
+    )
 
 
 def model_card(manifest: dict) -> str:

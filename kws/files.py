@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from contextlib import contextmanager
@@ -26,15 +27,26 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
+    """Write ``contents`` (file name -> bytes or text) into ``folder`` as one set.
+
+    Every file is written under its temporary name before the first replaces its target, so a
+    failure while writing (a full disk) leaves the folder's files as they were, not some new
+    and some old.
+    """
+    with contextlib.ExitStack() as renames:
+        for name, data in contents.items():
+            tmp = renames.enter_context(atomic_path(Path(folder) / name))
+            if isinstance(data, str):
+                tmp.write_text(data)
+            else:
+                tmp.write_bytes(data)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+def json_text(data) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def write_json(path: str | Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json_text(data))

@@ -13,7 +13,8 @@ from conftest import REPO
 
 from kws import audio, stream
 from kws import features as F
-from kws.c_frontend import write_c_frontend
+from kws.c_frontend import c_frontend_sources
+from kws.files import write_files
 from kws.runtime import Model
 from kws.stream import Detector, detection_config
 
@@ -62,7 +63,8 @@ def build(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C compiler (cc or gcc) on PATH")
     out = tmp_path_factory.mktemp("c_frontend")
-    header, source = write_c_frontend(out, SCALE, ZERO_POINT)
+    write_files(out, c_frontend_sources(SCALE, ZERO_POINT))
+    header, source = out / "kws_frontend.h", out / "kws_frontend.c"
     (out / "main.c").write_text(HARNESS)
     binary = out / "frontend"
     # -Wdouble-promotion: a Cortex-M4F has single-precision hardware only, so no double may sneak in.
@@ -308,7 +310,7 @@ def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
     (input_scale, input_zero_point), (output_scale, output_zero_point) = (
         (model.manifest[part]["scale"], model.manifest[part]["zero_point"]) for part in ("input", "output")
     )
-    write_c_frontend(tmp_path, input_scale, input_zero_point)
+    write_files(tmp_path, c_frontend_sources(input_scale, input_zero_point))
     (tmp_path / "model_data.h").write_text(
         "#pragma once\n#define KWS_ARENA_BYTES 1\nextern const unsigned char kws_model_data[];\n"
     )

@@ -1,10 +1,12 @@
 """Export of a trained run: the three .tflite files, manifest, MCU bundle, TensorFlow-free runtime."""
 
+import errno
 import json
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,6 +341,28 @@ def test_a_calibration_that_fails_leaves_the_export_as_it_was(exported, tmp_path
     monkeypatch.setattr(export, "model_card", broken_card)
     data = SpeechData(DataConfig(**manifest["training"]["data"]))
     with pytest.raises(RuntimeError, match="no card"):
+        export.recalibrate(copy, data, DetectionConfig(), 1000)
+    assert files_of(copy) == before
+
+
+def test_a_disk_that_fills_while_writing_leaves_the_export_as_it_was(exported, tmp_path, monkeypatch):
+    from kws.data import DataConfig, SpeechData
+    from kws.stream import DetectionConfig
+
+    out, manifest = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    before = files_of(copy)
+    write_text = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):  # the model card is written after the models
+        if path.name.endswith(export.MODEL_CARD):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    data = SpeechData(DataConfig(**manifest["training"]["data"]))
+    with pytest.raises(OSError, match="No space left"):
         export.recalibrate(copy, data, DetectionConfig(), 1000)
     assert files_of(copy) == before
 
