@@ -87,6 +87,18 @@ def _check_size(file: sf.SoundFile, name: str, max_seconds: float | None) -> Non
         )
 
 
+def _checked(file: sf.SoundFile, frames: int, name: str) -> Iterator[np.ndarray]:
+    """The file's samples at its own rate, (frames, channels) float32 blocks of ``frames``,
+    as a microphone gives them: NaN refused, and clipped to full scale."""
+    if not file.frames:
+        raise AudioError(f"{name}: holds no audio samples")
+    for block in file.blocks(frames, dtype="float32", always_2d=True):
+        if not np.isfinite(block).all():
+            raise AudioError(f"{name}: holds NaN or infinite samples")
+        # Float formats can hold values far beyond full scale; a converter would clip them.
+        yield np.clip(block, -1.0, 1.0, out=block)
+
+
 def _blocks(
     source, name: str, block_seconds: float = BLOCK_SECONDS, max_seconds: float | None = None
 ) -> Iterator[np.ndarray]:
@@ -96,17 +108,12 @@ def _blocks(
         _check_size(file, name, max_seconds)
         frames = max(1, min(round(block_seconds * file.samplerate), BLOCK_VALUES // file.channels))
         stream, converted = ModelRate(file.samplerate), 0
-        for piece in file.blocks(frames, dtype="float32", always_2d=True):
-            if not np.isfinite(piece).all():
-                raise AudioError(f"{name}: holds NaN or infinite samples")
-            # Float formats can hold values far beyond full scale; a converter would clip them.
-            samples = stream.convert(np.clip(piece, -1.0, 1.0, out=piece))
+        for block in _checked(file, frames, name):
+            samples = stream.convert(block)
             converted += len(samples)
             yield samples
         rest = stream.finish()
         yield rest
-        if not file.frames:
-            raise AudioError(f"{name}: holds no audio samples")
         if not converted + len(rest):
             raise AudioError(
                 f"{name}: too short to hold a sample at {SAMPLE_RATE} Hz (its rate is {file.samplerate} Hz)"
@@ -130,10 +137,24 @@ def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndar
     return _blocks(_existing(path), str(path), seconds)
 
 
+def native_blocks(path: str | Path, frames: int) -> Iterator[np.ndarray]:
+    """A file's audio at its own rate and channels, ``frames`` at a time ((frames, channels)
+    float32), checked and clipped as ``load``'s is: what a microphone would deliver."""
+    name = str(path)
+    with _decoding(name), sf.SoundFile(_existing(path)) as file:
+        _check_size(file, name, None)
+        yield from _checked(file, frames, name)
+
+
+def info(path: str | Path):
+    """A file's header (``samplerate``, ``channels``, ``duration``); AudioError if unusable."""
+    with _decoding(str(path)):
+        return sf.info(_existing(path))
+
+
 def duration(path: str | Path) -> float:
     """Seconds of audio in a file, from its header."""
-    with _decoding(str(path)):
-        return sf.info(_existing(path)).duration
+    return info(path).duration
 
 
 def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:

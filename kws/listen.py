@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
+from kws import audio
 from kws.audio import AudioError, ModelRate
 from kws.stream import Detector, Event, keywords
 
@@ -116,11 +116,12 @@ class FileInputStream:
     A thread calls ``callback(block, frames, None, None)`` with float32 blocks of shape
     (``blocksize``, channels) at the file's own rate, each when a microphone would have
     finished recording it (``realtime``) or as fast as the consumer takes them, then
-    ``finished_callback()`` at the end of the file or on ``stop``.
+    ``finished_callback()`` at the end of the file or on ``stop``. Audio that ``kws detect``
+    would refuse (NaN, a decoding error midway) ends the play, and ``close`` raises its AudioError.
     """
 
     def __init__(self, path, *, blocksize: int, callback, finished_callback=None, realtime: bool = True):
-        info = sf.info(str(path))
+        info = audio.info(path)
         self.path = path
         self.samplerate = info.samplerate
         self.channels = info.channels
@@ -130,18 +131,20 @@ class FileInputStream:
         self._finished_callback = finished_callback
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._error: AudioError | None = None
 
     def _play(self) -> None:
         started = time.monotonic()
         sent = 0
         try:
-            with sf.SoundFile(str(self.path)) as recording:
-                for block in recording.blocks(self.blocksize, dtype="float32", always_2d=True):
-                    sent += len(block)
-                    due = started + sent / self.samplerate if self.realtime else 0.0
-                    if self._stopping.wait(max(0.0, due - time.monotonic())):
-                        break
-                    self._callback(block, len(block), None, None)
+            for block in audio.native_blocks(self.path, self.blocksize):
+                sent += len(block)
+                due = started + sent / self.samplerate if self.realtime else 0.0
+                if self._stopping.wait(max(0.0, due - time.monotonic())):
+                    break
+                self._callback(block, len(block), None, None)
+        except AudioError as error:
+            self._error = error
         finally:
             if self._finished_callback:
                 self._finished_callback()
@@ -158,6 +161,8 @@ class FileInputStream:
 
     def close(self) -> None:
         self.stop()
+        if self._error is not None:
+            raise self._error
 
     def __enter__(self) -> FileInputStream:
         self.start()
@@ -190,12 +195,7 @@ def microphone(wanted: str | None = None) -> Source:
 
 def recording(path: str | Path, realtime: bool = True) -> Source:
     """An audio file played through the microphone's code path, in real time or as fast as possible."""
-    if not Path(path).is_file():
-        raise AudioError(f"{path}: no such file")
-    try:
-        rate = sf.info(str(path)).samplerate
-    except Exception as error:  # soundfile raises several types for undecodable input
-        raise AudioError(f"{path}: cannot decode audio ({error})") from None
+    rate = audio.info(path).samplerate
     return Source(str(path), rate, functools.partial(FileInputStream, path, realtime=realtime))
 
 

@@ -113,6 +113,30 @@ def test_seconds_stops_listening_after_that_much_audio(words_file, model_args, t
     assert out.splitlines()[-1] == f"listened 3.0 s: {count} detection{'s' * (count > 1)} ({counts})"
 
 
+def test_listen_clips_and_refuses_audio_as_detect_does(words_file, model_args, tmp_path, capsys):
+    # A float file may hold values far beyond full scale, or NaN: both commands must read it alike.
+    samples, rate = sf.read(words_file[0], dtype="float32")
+    loud, broken = tmp_path / "loud.wav", tmp_path / "nan.wav"
+    sf.write(loud, 1000 * samples, rate, subtype="FLOAT")
+    samples[rate, 0] = np.nan
+    sf.write(broken, samples, rate, subtype="FLOAT")
+
+    assert main(["detect", str(loud), "--json", *model_args]) == 0
+    found = json.loads(capsys.readouterr().out)["detections"]
+    assert main(["listen", "--file", str(loud), "--fast", *model_args]) == 0
+    printed = events(capsys.readouterr().out)
+    assert found and [event[2] for event in printed] == [event["label"] for event in found]
+    for (start, end, _, score), event in zip(printed, found, strict=True):
+        assert (start, end, score) == pytest.approx(
+            (event["start"], event["end"], event["score"]), abs=PRINT_ROUNDING
+        )
+
+    assert main(["detect", str(broken), *model_args]) == 1
+    assert capsys.readouterr().err == f"kws detect: skipping {broken}: holds NaN or infinite samples\n"
+    assert main(["listen", "--file", str(broken), "--fast", *model_args]) == 2
+    assert capsys.readouterr().err.endswith(f"kws listen: error: {broken}: holds NaN or infinite samples\n")
+
+
 def play(path, realtime, stop_after=None):
     """Blocks a FileInputStream hands to its callback, the seconds it took, and whether it finished."""
     blocks, finished = [], threading.Event()
