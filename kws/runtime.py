@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from kws import KwsError, features
+from kws.stream import detection_config
 
 MANIFEST_FILE = "manifest.json"
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
@@ -170,6 +171,12 @@ class Model:
         missing = [key for key in ("labels", "frontend") if key not in manifest]
         if missing:
             raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
+        try:  # checked here so that a bad manifest fails at load, not in every Detector made later
+            detection_config(manifest)
+        except (TypeError, ValueError) as error:
+            raise ModelError(
+                f"{self.source}: its manifest's detection settings are unusable ({error}): {EXPORT_AGAIN}"
+            ) from None
         self.manifest = manifest
         self.labels: list[str] = manifest["labels"]
         self.output_values = manifest.get("output", {}).get("values", PROBABILITIES)

@@ -54,8 +54,19 @@ class DetectionConfig:
     thresholds: dict[str, float] = field(default_factory=dict)  # per keyword, overriding the default
 
     def __post_init__(self):
-        if self.hop_frames < 1:
-            raise ValueError(f"hop_frames must be at least 1, got {self.hop_frames}")
+        for name, low in (("hop_frames", 1), ("min_count", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
+        for name in ("average_ms", "suppression_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a number of milliseconds, got {value!r}")
+        for label, value in {"default_threshold": self.default_threshold, **self.thresholds}.items():
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(
+                    f"the threshold of {label} must be a number, 0 or more (above 1: never), got {value!r}"
+                )
 
     def threshold(self, label: str) -> float:
         return self.thresholds.get(label, self.default_threshold)

@@ -467,6 +467,28 @@ def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, 
         runtime.Model.load(tflite)
 
 
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"hop_frames": 0}, "hop_frames must be a whole number of at least 1, got 0"),
+        ({"average_ms": -1}, "average_ms must be a number of milliseconds, got -1"),
+        (
+            {"thresholds": {"yes": "high"}},
+            "the threshold of yes must be a number, 0 or more (above 1: never), got 'high'",
+        ),
+        ({"window_ms": 500}, "unexpected keyword argument 'window_ms'"),
+    ],
+)
+def test_a_manifest_with_unusable_detection_settings_fails_at_load(exported, tmp_path, change, problem):
+    out, manifest = exported
+    shutil.copy(out / "model_int8.tflite", tmp_path)
+    detection = {**manifest["detection"], **change}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "detection": detection}))
+    with pytest.raises(runtime.ModelError, match="detection settings are unusable") as raised:
+        runtime.Model.load(tmp_path / "model_int8.tflite")
+    assert problem in str(raised.value) and str(raised.value).endswith(runtime.EXPORT_AGAIN)
+
+
 def test_a_model_path_that_does_not_exist_says_so(tmp_path):
     for missing in ("nowhere", "gone.tflite"):
         with pytest.raises(runtime.ModelError, match=f"{missing} does not exist"):
