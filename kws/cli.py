@@ -213,18 +213,23 @@ def cmd_eval(args) -> int:
     from kws.evaluate import format_report, report
 
     if args.stream:
+        if args.split is not None:
+            raise UserError(
+                "--split is for clip accuracy: the test stream is always built from validation clips"
+            )
         return _eval_stream(args)
+    split = SPLIT_NAMES[args.split or "test"]
     if args.threshold is not None:
         raise UserError("--threshold is for --stream: clip accuracy takes each clip's best class")
     if args.plot:
         _require_train_extra("--plot", "matplotlib")
     classifier, recorded = _load_classifier(args.model)
-    examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(SPLIT_NAMES[args.split])
+    examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(split)
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),
-        "split": SPLIT_NAMES[args.split],
+        "split": split,
         **report(classifier.labels, examples.labels, predictions, examples.sources, examples.words),
     }
     if args.plot:
@@ -256,6 +261,7 @@ def _eval_stream(args) -> int:
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),
+        "split": "validation",
         **{k: v for k, v in result.items() if k != "det"},
     }
     print(json.dumps(result, indent=2) if args.json else format_stream_report(result))
@@ -563,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--split",
         choices=sorted(SPLIT_NAMES),
-        default="test",
-        help="which split of a Speech Commands folder (default test; a test package is all test)",
+        help="which split of a Speech Commands folder to score clips of (default test; a test package is "
+        "all test); --stream always builds its stream from validation clips",
     )
     evaluate.add_argument(
         "--negatives",

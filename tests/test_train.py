@@ -72,6 +72,21 @@ def test_eval_threshold_is_refused_without_stream(tone_run, tone_dataset, capsys
     )
 
 
+def test_eval_stream_measures_the_exports_stream_and_refuses_a_split(tone_export, tone_dataset, capsys):
+    out, manifest = tone_export
+    args = ["eval", "--stream", "--model", str(out), "--data", str(tone_dataset)]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    recorded = manifest["streaming"]  # measured by the export at the same thresholds, on the same data
+    assert result["split"] == "validation" and result["keywords"] == recorded["keywords"] > 0
+    assert (result["recall"], result["false_accepts"]) == (recorded["recall"], recorded["false_accepts"])
+    assert main([*args, "--split", "test"]) == 2
+    assert capsys.readouterr().err == (
+        "kws eval: error: --split is for clip accuracy: "
+        "the test stream is always built from validation clips\n"
+    )
+
+
 def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
     run, _ = tone_run
     plot = tmp_path / "plots" / "confusion.png"  # a folder that does not exist yet
