@@ -79,6 +79,8 @@ def test_frames_of_a_signal_are_the_frames_mfcc_computes():
     assert view.shape == (count, F.WINDOW_SAMPLES) and not view.flags.writeable
     np.testing.assert_array_equal(view[-1], signal[(count - 1) * F.HOP_SAMPLES :][: F.WINDOW_SAMPLES])
     np.testing.assert_array_equal(F.frame_features(view), F.mfcc(signal))
+    with pytest.raises(ValueError, match=f"{len(signal)} samples hold {count} frames, not {count + 1}"):
+        F.frames(signal, count + 1)  # a view past the signal's end would read foreign memory
 
 
 def test_silent_frames_get_the_silence_features_and_leave_the_others_alone():
