@@ -270,8 +270,7 @@ class _Consumer:
 
     def finish(self) -> None:
         """The end of the audio: drain the resampler, then let the Detector's averages complete."""
-        events = self.detector.push(self.to_model_rate.finish()) + self.detector.flush()
-        self.report([event.clamped(self.seconds) for event in events])
+        self.report(self.detector.push(self.to_model_rate.finish()) + self.detector.flush())
 
     def report(self, events: list[Event]) -> None:
         for event in events:

@@ -333,8 +333,6 @@ class StreamSession:
 
     def __init__(self, model: Model, rate: int):
         self.detector = Detector(model)
-        self.rate = rate
-        self.received = 0  # samples at ``rate``, for the stream's duration
         self._odd_byte = b""  # half a sample that a message split
         self._to_model_rate = ModelRate(rate)
 
@@ -343,14 +341,11 @@ class StreamSession:
         whole = len(data) - len(data) % 2
         self._odd_byte = data[whole:]
         samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768
-        self.received += len(samples)
         return self.detector.push(self._to_model_rate.convert(samples))
 
     def finish(self) -> list[Event]:
-        """The events of the stream's last audio, with times cut to the stream, as Detector.detect does."""
-        events = self.detector.push(self._to_model_rate.finish())
-        duration = self.received / self.rate
-        return [event.clamped(duration) for event in events + self.detector.flush()]
+        """The events of the stream's last audio, as Detector.detect ends a recording."""
+        return self.detector.push(self._to_model_rate.finish()) + self.detector.flush()
 
 
 def _stream_rate(text: str | None) -> int | None:

@@ -14,7 +14,6 @@ random pieces gives identical events.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -222,32 +221,42 @@ class Detector:
         self.labels = model.labels
         self._scores = ScoreStream(model, self.config.hop_frames)
         self._rules = EventRules(self.labels, self.config)
+        self._samples = 0
 
     def reset(self) -> None:
         self._scores.reset()
         self._rules.reset()
+        self._samples = 0
+
+    @property
+    def seconds(self) -> float:
+        """Audio pushed since the start (or ``reset``)."""
+        return self._samples / SAMPLE_RATE
 
     def score(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Event]]:
         """The model runs the samples complete (end times, class probabilities) and their events."""
+        self._samples += len(samples)
         ends, probabilities = self._scores.push(samples)
         return ends, probabilities, self._rules.update(ends, probabilities)
+
+    def score_tail(self) -> tuple[np.ndarray, np.ndarray, list[Event]]:
+        """``score`` for the end of the stream: silence that lets the averages over the last audio
+        complete. Its events' times are cut to the audio pushed."""
+        tail_ms = self.config.average_ms + HOP_MS * self.config.hop_frames * (self.config.min_count + 1)
+        ends, probabilities = self._scores.push(np.zeros(int(SAMPLE_RATE * tail_ms / 1000), np.float32))
+        events = self._rules.update(ends, probabilities)
+        return ends, probabilities, [event.clamped(self.seconds) for event in events]
 
     def push(self, samples: np.ndarray) -> list[Event]:
         return self.score(samples)[2]
 
-    def tail(self) -> np.ndarray:
-        """Silence that lets the averages over the last audio complete at the end of a stream."""
-        tail_ms = self.config.average_ms + HOP_MS * self.config.hop_frames * (self.config.min_count + 1)
-        return np.zeros(int(SAMPLE_RATE * tail_ms / 1000), np.float32)
-
     def flush(self) -> list[Event]:
-        return self.push(self.tail())
+        return self.score_tail()[2]
 
     def detect(self, audio: np.ndarray) -> list[Event]:
-        """All events of one recording, from a fresh start; times stay within the recording."""
+        """All events of one recording, from a fresh start."""
         self.reset()
-        duration = len(audio) / SAMPLE_RATE
-        return [event.clamped(duration) for event in self.push(audio) + self.flush()]
+        return self.push(audio) + self.flush()
 
 
 SCORED_CLIP_SECONDS = 1.5
@@ -265,22 +274,21 @@ def recording_report(
     same however the recording is cut into blocks.
     """
     detector.reset()
-    probabilities, events, samples = [], [], 0
-    tail = detector.tail()
-    for block in itertools.chain(blocks, [tail]):
+    probabilities, events = [], []
+    for block in blocks:
         _, scores, found = detector.score(block)
         probabilities.append(scores)
         events += found
-        if block is not tail:
-            samples += len(block)
-            if progress is not None:
-                progress.update(len(block) / SAMPLE_RATE)
-    probabilities = np.concatenate(probabilities)
-    duration = samples / SAMPLE_RATE
+        if progress is not None:
+            progress.update(len(block) / SAMPLE_RATE)
+    _, scores, found = detector.score_tail()
+    probabilities = np.concatenate([*probabilities, scores])
+    events += found
+    duration = detector.seconds
     report = {
         "file": name,
         "duration": round(duration, 3),
-        "detections": [event.clamped(duration).to_dict() for event in events],
+        "detections": [event.to_dict() for event in events],
         "model": {
             "name": detector.model.manifest.get("name"),
             "version": detector.model.manifest.get("kws_version"),
