@@ -126,7 +126,7 @@ def real_speech(data: SpeechData) -> np.ndarray:
 def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring") -> Scored:
     """Run the streaming frontend and model over ``audio`` once, exactly as ``Detector.push`` does.
 
-    Without the Detector's end-of-stream tail: a test stream ends in speech or noise, not a keyword.
+    Without the Detector's end-of-stream tail, so a keyword that ends the audio may go unfound.
     """
     stream = ScoreStream(model, hop_frames)
     ends, probabilities = [], []
