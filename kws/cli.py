@@ -731,7 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: one per CPU core, no more than a container's CPU quota)",
     )
     serve.add_argument(
-        "--max-bytes", type=_positive_int, help="largest request body, in bytes (default 10000000): else 413"
+        "--max-bytes",
+        type=_positive_int,
+        help="largest request body, in bytes (default 10,000,000): else 413",
     )
     serve.add_argument(
         "--max-seconds",

@@ -134,18 +134,19 @@ class Settings:
         }
         if values["api_key"] and not (values["api_key"].isascii() and values["api_key"].isprintable()):
             raise ValueError("KWS_API_KEY must be printable ASCII: clients send it in an HTTP header")
+        # Worded as the --max-bytes, --max-seconds and --workers options of `kws serve` are.
         for field, name, kind, what in (
-            ("max_bytes", "KWS_MAX_BYTES", int, "a whole number of bytes"),
-            ("max_seconds", "KWS_MAX_SECONDS", float, "a number of seconds"),
-            ("workers", "KWS_WORKERS", int, "a whole number"),
+            ("max_bytes", "KWS_MAX_BYTES", int, "a whole number, at least 1"),
+            ("max_seconds", "KWS_MAX_SECONDS", float, "a positive number of seconds"),
+            ("workers", "KWS_WORKERS", int, "a whole number, at least 1"),
         ):
             if env.get(name):
                 try:
                     values[field] = kind(env[name])
                 except ValueError:
-                    raise ValueError(f"{name}={env[name]!r}: expected {what}") from None
-                if not 0 < values[field] < float("inf"):
-                    raise ValueError(f"{name} must be a positive number, got {env[name]}")
+                    values[field] = None
+                if values[field] is None or not 0 < values[field] < float("inf"):
+                    raise ValueError(f"{name} must be {what}, got {env[name]}")
         return cls(**values)
 
 

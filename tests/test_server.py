@@ -550,16 +550,37 @@ def test_an_api_key_must_be_printable_ascii(capsys, monkeypatch):
     assert capsys.readouterr().err == f"kws serve: error: {message}\n"
 
 
-@pytest.mark.parametrize("seconds", ["0", "nan", "inf"])
-def test_a_recording_limit_must_be_a_positive_finite_number(seconds, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max-seconds", "0", "a positive number of seconds"),
+        ("--max-seconds", "nan", "a positive number of seconds"),
+        ("--max-seconds", "inf", "a positive number of seconds"),
+        ("--max-bytes", "1e6", "a whole number, at least 1"),
+        ("--workers", "0", "a whole number, at least 1"),
+        ("--workers", "1.5", "a whole number, at least 1"),
+    ],
+)
+def test_a_limit_is_refused_in_the_same_words_as_option_or_variable(
+    flag, value, expected, capsys, monkeypatch
+):
     with pytest.raises(SystemExit) as exited:
-        main(["serve", "--max-seconds", seconds])
-    message = f"must be a positive number of seconds, got {seconds}"
-    assert exited.value.code == 2 and message in capsys.readouterr().err
-    monkeypatch.setenv("KWS_MAX_SECONDS", seconds)
+        main(["serve", flag, value])
+    assert exited.value.code == 2 and f"{flag}: must be {expected}, got {value}\n" in capsys.readouterr().err
+    variable = "KWS_" + flag.removeprefix("--").replace("-", "_").upper()
+    monkeypatch.setenv(variable, value)
     assert main(["serve"]) == 2
-    message = f"KWS_MAX_SECONDS must be a positive number, got {seconds}"
-    assert capsys.readouterr().err == f"kws serve: error: {message}\n"
+    assert capsys.readouterr().err == f"kws serve: error: {variable} must be {expected}, got {value}\n"
+
+
+def test_serve_help_states_the_settings_defaults(capsys):
+    from kws.server import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"largest request body, in bytes (default {DEFAULT_MAX_BYTES:,})" in text
+    assert f"longest recording POST /detect takes, in seconds (default {DEFAULT_MAX_SECONDS:g})" in text
 
 
 def test_an_address_it_cannot_listen_on_is_a_one_line_error_before_the_workers_start(capsys):
