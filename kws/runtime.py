@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from kws import KwsError, features
 from kws.stream import detection_config
@@ -55,12 +56,6 @@ def quantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * np.float32(scale)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32; subtracting the row's maximum keeps exp() finite."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def embedded_manifest(tflite: bytes) -> dict | None:
@@ -261,7 +256,7 @@ class Model:
             values = dequantize(raw, *self._output["quantization"])
         else:
             values = raw.astype(np.float32)
-        return softmax(values) if self.output_values == LOGITS else values
+        return softmax(values, axis=-1) if self.output_values == LOGITS else values
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """(n, NUM_FRAMES, NUM_MFCC) or one (NUM_FRAMES, NUM_MFCC) -> (n, labels) probabilities."""

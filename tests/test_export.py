@@ -139,7 +139,9 @@ def test_a_manifest_without_output_values_is_an_export_with_the_softmax_inside(e
     batch = np.random.default_rng(0).normal(size=(4, NUM_FRAMES, NUM_MFCC)).astype(np.float32)
     older = {key: value for key, value in manifest.items() if key != "output"}
     passed_through = runtime.Model(tflite, older).scores(batch)  # this model's logits, as they are
-    np.testing.assert_allclose(runtime.softmax(passed_through), runtime.Model(tflite, manifest).scores(batch))
+    np.testing.assert_allclose(
+        runtime.softmax(passed_through, axis=-1), runtime.Model(tflite, manifest).scores(batch)
+    )
     with pytest.raises(runtime.ModelError, match="output.values is 'log_probabilities'"):
         runtime.Model(tflite, {**manifest, "output": {**manifest["output"], "values": "log_probabilities"}})
 
