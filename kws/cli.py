@@ -116,6 +116,25 @@ def cmd_train(args) -> int:
     from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
 
     if args.resume:
+        given = {
+            "--out": args.out,
+            "--data": args.data,
+            "--words": args.words,
+            "--negatives": args.negatives,
+            "--extra": args.extra,
+            "--size": args.size,
+            "--silence-share": args.silence_share,
+            "--unknown-share": args.unknown_share,
+            "--spec-augment": args.spec_augment or None,
+            "--seed": args.seed,
+            "--teacher": args.teacher,
+        }
+        changes = [flag for flag, value in given.items() if value not in (None, [])]
+        if changes:
+            raise UserError(
+                f"{', '.join(changes)} cannot change a run being resumed: it goes on with the settings in "
+                f"its config.json (only --epochs may be given); start a new run with --out to change them"
+            )
         run_dir = Path(args.resume)
         config = RunConfig.load(run_dir)
         check_folders(config.data)
@@ -149,7 +168,7 @@ def cmd_train(args) -> int:
         _require_train_extra("training", "keras", "matplotlib")
         config = RunConfig(
             data=data,
-            model=ModelConfig.preset(args.size),
+            model=ModelConfig.preset(args.size or "s"),
             train=TrainConfig(
                 teachers=tuple(str(run) for run in args.teacher), **_given(epochs=args.epochs, seed=args.seed)
             ),
@@ -526,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. from `kws synth` (repeatable)",
     )
     train.add_argument("--epochs", type=_positive_int, help="passes over the data (default 40)")
-    train.add_argument("--size", choices=["s", "m", "l"], default="s", help="DS-CNN size (default s)")
+    train.add_argument("--size", choices=["s", "m", "l"], help="DS-CNN size (default s)")
     train.add_argument("--silence-share", type=_share, help="share of _silence_ examples (default 0.1)")
     train.add_argument(
         "--unknown-share",

@@ -130,6 +130,11 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     assert "validation accuracy" in capsys.readouterr().out
     assert main([*base, "--epochs", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
+    # A setting the resumed run would not use is refused, not silently dropped.
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--seed", "3", "--size", "m"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "kws train: error: --size, --seed cannot change a run being resumed: it goes on with the settings"
+    )
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
 
