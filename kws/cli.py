@@ -276,7 +276,8 @@ def _eval_stream(args) -> int:
     if args.plot:
         from kws import plots
 
-        plots.det_curve(result["det"], result, args.plot)
+        thresholds = "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"
+        plots.det_curve(result["det"], result, args.plot, thresholds)
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),

@@ -423,8 +423,8 @@ class EvaluationSet:
     words: np.ndarray  # (n,) the word of each clip's folder, "" for noise and negative speech
 
 
-# Sources of examples in an epoch's plan besides clip rows (which are >= 0).
 EVALUATION_SHARES = (0.1, 0.1)  # _silence_, _unknown_ in validation and test sets
+# Sources of examples in an epoch's plan besides clip rows (which are >= 0).
 _NEGATIVE = -1
 _SILENCE = -2
 _PARTIAL = -3

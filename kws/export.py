@@ -249,7 +249,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
         },
     }
     write_artifacts(out_dir, converted, manifest)
-    plots.det_curve(streaming["det"], streaming, out_dir / DET_PLOT)
+    plots.det_curve(streaming["det"], streaming, out_dir / DET_PLOT, "calibrated thresholds")
     steps.update()
     steps.close()
     return json.loads((out_dir / MANIFEST_FILE).read_text())
@@ -284,7 +284,7 @@ def recalibrate(
     if manifest["sizes"].get("tflm_arena_bytes") is None:  # older exports left it out of the .tflite
         manifest["sizes"]["tflm_arena_bytes"] = tflm_arena_bytes(converted["int8"])
     write_artifacts(folder, converted, manifest)
-    plots.det_curve(streaming["det"], streaming, folder / DET_PLOT)
+    plots.det_curve(streaming["det"], streaming, folder / DET_PLOT, "calibrated thresholds")
     return manifest
 
 
@@ -343,7 +343,9 @@ def model_card(manifest: dict) -> str:
         "",
         "## Training data",
         f"- Keyword clips: {data['data_dir']} (training split: "
-        + ", ".join(f"{k} {v}" for k, v in counts.get("training", {}).items() if not k.startswith("_"))
+        + ", ".join(
+            f"{word} {count}" for word, count in counts.get("training", {}).items() if word in spotted
+        )
         + ")",
         f"- `_unknown_`: {data['unknown_share']:.0%} of examples; other words, "
         + (

@@ -1,4 +1,4 @@
-"""PNG plots of training curves and confusion matrices (matplotlib, written atomically)."""
+"""PNG plots of training curves, confusion matrices and DET curves (matplotlib, written atomically)."""
 
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ def confusion(result: dict, path: Path, title: str = "confusion") -> None:
     plt.close(fig)
 
 
-def det_curve(points: list[dict], operating: dict, path: Path) -> None:
-    """Miss rate against false accepts per hour as one threshold sweeps all keywords (log x)."""
+def det_curve(points: list[dict], operating: dict, path: Path, operating_label: str) -> None:
+    """Miss rate against false accepts per hour as one threshold sweeps all keywords (log x), and
+    the ``operating`` point the thresholds in use give."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     miss = [100 * (1 - p["recall"]) for p in points]
@@ -80,7 +81,7 @@ def det_curve(points: list[dict], operating: dict, path: Path) -> None:
         [max(floor, operating["false_accepts_per_hour"])],
         [100 * (1 - operating["recall"])],
         "o",
-        label="calibrated thresholds",
+        label=operating_label,
     )
     ax.set_xscale("log")
     ax.set(xlabel="false accepts per hour", ylabel="miss rate (%)", title="DET: every keyword, one threshold")

@@ -74,7 +74,7 @@ from kws import __version__
 from kws.audio import ModelRate
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
-from kws.stream import Detector, Event, detection_config
+from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config
 from kws.workers import NO_WORKER, RequestError, WorkerPool
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
@@ -168,7 +168,9 @@ class Report(BaseModel):
     detections: list[Detection]
     model: ModelName
     scores: dict[str, float] | None = Field(
-        None, description="clips up to 1.5 s only: class scores of the best window, highest first"
+        None,
+        description=f"clips up to {SCORED_CLIP_SECONDS:g} s only: "
+        "class scores of the best window, highest first",
     )
 
 
