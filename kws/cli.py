@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -245,6 +246,17 @@ def cmd_eval(args) -> int:
     classifier, recorded = _load_classifier(args.model)
     examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(split)
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
+    missing = [
+        label
+        for index, label in enumerate(classifier.labels)
+        if not label.startswith("_") and not (examples.labels == index).any()
+    ]
+    if missing:
+        print(
+            f"kws eval: warning: the {split} split of {args.data} holds no clips of {', '.join(missing)}: "
+            "its accuracy says nothing about them (--split validation scores the validation list)",
+            file=sys.stderr,
+        )
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),
@@ -817,12 +829,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
+    except BrokenPipeError:  # `kws detect ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        return 0
     except (KwsError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nkws {args.command}: interrupted", file=sys.stderr)
+        print(f"\nkws {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130
+
+
+def _how_to_go_on(args) -> str:
+    """For an interrupted training run: the command that continues it."""
+    from kws.train import CONFIG_FILE
+
+    if args.command != "train":
+        return ""
+    run = args.resume or args.out
+    if run is None or not (Path(run) / CONFIG_FILE).exists():
+        return ""
+    return f"; continue it with: kws train --resume {run}"
 
 
 if __name__ == "__main__":

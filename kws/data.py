@@ -231,7 +231,7 @@ def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
     Returns the audio and the indices of ``paths`` that were kept.
     """
     rows, kept = [], []
-    for index, path in enumerate(tqdm(paths, desc=description, unit="clip", leave=False)):
+    for index, path in enumerate(tqdm(paths, desc=description, unit="clip", leave=False, disable=None)):
         try:
             samples = audio.fix_length(audio.load(path))
         except audio.AudioError as error:
@@ -272,7 +272,7 @@ def _random_windows(tracks: list[np.ndarray], rng: np.random.Generator, count: i
 
 def _load_tracks(paths, description: str) -> list[np.ndarray]:
     tracks = []
-    for path in tqdm(paths, desc=description, unit="file", leave=False):
+    for path in tqdm(paths, desc=description, unit="file", leave=False, disable=None):
         try:
             tracks.append(_to_int16(audio.load(path)))
         except audio.AudioError as error:
@@ -602,7 +602,8 @@ class SpeechData:
             raise DataError(f"{self.root} is a test set package: every clip is in split 'testing'")
         clips = self.split_audio(split)
         if not len(clips.samples):
-            raise DataError(f"no {split} clips in {self.root}")
+            others = ", ".join(f"--split {name}" for name in SPLITS if name not in (split, "training"))
+            raise DataError(f"no {split} clips in {self.root}: score another split ({others})")
         if self.package:
             plan = np.arange(len(clips.samples))
             audio_out = to_float(clips.samples)

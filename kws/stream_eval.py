@@ -131,7 +131,8 @@ def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring
     stream = ScoreStream(model, hop_frames)
     ends, probabilities = [], []
     step = 10 * SAMPLE_RATE
-    for start in tqdm(range(0, len(audio), step), desc=description, unit="10s", leave=False):
+    progress = tqdm(range(0, len(audio), step), desc=description, unit="10s", leave=False, disable=None)
+    for start in progress:
         chunk_ends, chunk_probabilities = stream.push(audio[start : start + step])
         ends.append(chunk_ends)
         probabilities.append(chunk_probabilities)

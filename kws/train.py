@@ -131,7 +131,8 @@ def _batch_progress(total: int, description: str):
 
     class BatchProgress(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.bar = tqdm(total=total, desc=description, unit="batch", leave=False)
+            # Passing bars only on a terminal (disable=None): in a log they are noise.
+            self.bar = tqdm(total=total, desc=description, unit="batch", leave=False, disable=None)
 
         def on_train_batch_end(self, batch, logs=None):
             self.bar.update(1)

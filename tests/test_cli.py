@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from conftest import make_dataset, tone
 
-from kws.cli import main
+from kws.cli import SPLIT_NAMES, main
 from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE
 
 TRAIN_EXTRA = 'pip install "kws[train]"'
@@ -178,9 +178,50 @@ def test_eval_json_names_the_built_in_model(tmp_path, capsys):
     assert result["model"] == json.loads((BUILT_IN_MODEL / MANIFEST_FILE).read_text())["name"]
 
 
+def test_eval_warns_of_keywords_its_split_does_not_hold(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    lists = data / "testing_list.txt"
+    lists.write_text("".join(line for line in lists.read_text().splitlines(True) if line.startswith("yes/")))
+    for split, missing in (("validation", "up, down"), ("test", "no, up, down")):
+        assert main(["eval", "--data", str(data), "--split", split]) == 0
+        warning = f"kws eval: warning: the {SPLIT_NAMES[split]} split of {data} holds no clips of {missing}, "
+        assert warning + "left, right, stop, go:" in capsys.readouterr().err
+
+
 def test_training_without_tensorflow_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "keras", None)
     assert main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"kws train: error: training needs keras, not installed here: {TRAIN_EXTRA}"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_training_run_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    import kws.train
+
+    data = make_dataset(tmp_path / "data", speakers_per_word=2, words=("yes", "no"))
+    run = tmp_path / "run"
+
+    def interrupted(config, run_dir, resume=False):
+        (run_dir / "config.json").parent.mkdir(parents=True)
+        (run_dir / "config.json").write_text("{}")  # what train() writes before its first epoch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kws.train, "train", interrupted)
+    assert main(["train", "--data", str(data), "--words", "yes,no", "--out", str(run)]) == 130
+    assert (
+        capsys.readouterr().err == f"\nkws train: interrupted; continue it with: kws train --resume {run}\n"
+    )
+
+
+def test_output_cut_short_by_its_reader_is_no_error(tmp_path):
+    for index in range(400):  # more lines than a pipe's buffer holds
+        sf.write(tmp_path / f"{index:03}.wav", tone(400.0), 16000)
+    files = sorted(str(path) for path in tmp_path.glob("*.wav"))
+    detect = subprocess.Popen(
+        [sys.executable, "-m", "kws", "detect", *files], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert detect.stdout.readline().startswith(files[0].encode())
+    detect.stdout.close()  # as `| head -1` does
+    assert detect.wait(timeout=120) == 0
+    assert detect.stderr.read() == b""
