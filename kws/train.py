@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kws import features, plots
+from kws import KwsError, features, plots
 from kws.data import AugmentConfig, DataConfig, DataError, SpeechData, labels_for
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
@@ -201,6 +201,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
     import keras
 
+    run_dir = Path(run_dir)
+    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if checkpoint and config.train.epochs < checkpoint[1]["epochs_done"]:
+        done = checkpoint[1]["epochs_done"]
+        raise KwsError(f"{run_dir} has trained {done} epochs already: resume it with --epochs {done} or more")
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)
@@ -211,14 +216,12 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             "folder of clips there (check the spelling in --words)"
         )
     config.data_summary = data.summary()
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 
     validation = data.evaluation_set("validation")
     val_features = features.mfcc(validation.audio)
 
-    checkpoint = _latest_checkpoint(run_dir) if resume else None
     if checkpoint:
         model = keras.models.load_model(checkpoint[0])
         state = checkpoint[1]

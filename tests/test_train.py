@@ -137,6 +137,12 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     )
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+    # Fewer epochs than it has trained would leave config.json saying what the model is not.
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "has trained 2 epochs already: resume it with --epochs 2 or more\n"
+    )
+    assert RunConfig.load(run).train.epochs == 2
 
 
 def test_a_run_records_absolute_paths_and_evaluates_without_its_extra_clips(
