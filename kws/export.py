@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import io
 import json
-import os
 import re
 import sys
 from dataclasses import asdict
@@ -25,8 +24,6 @@ from kws.runtime import LOGITS, MANIFEST_FILE, Model, ModelError, embed_manifest
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
 from kws.train import CONFIG_FILE, MODEL_FILE, RunConfig
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODEL_CARD = "MODEL_CARD.md"
 DET_PLOT = "det_curve.png"

@@ -28,7 +28,9 @@ from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
 from kws.runtime import ModelError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our output
+os.environ.setdefault(
+    "TF_CPP_MIN_LOG_LEVEL", "3"
+)  # TensorFlow's start-up chatter (a CUDA "error" on a CPU) hides ours
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
