@@ -328,7 +328,7 @@ def cmd_detect(args) -> int:
 
     from kws import audio
     from kws.runtime import Model
-    from kws.stream import Detector, Event, detection_config, recording_report
+    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config, recording_report
 
     model = Model.load(args.model)
     detector = Detector(model, detection_config(model.manifest, args.threshold))
@@ -362,6 +362,8 @@ def cmd_detect(args) -> int:
                     "  scores: "
                     + ", ".join(f"{label} {score:.4f}" for label, score in report["scores"].items())
                 )
+            elif args.top_k:
+                print(f"  scores: none, as the recording is over {SCORED_CLIP_SECONDS:g} s long")
     one_file = len(args.files) == 1 and not args.files[0].is_dir()
     if args.json and one_file and reports:
         print(json.dumps(reports[0], indent=2))
@@ -730,8 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k",
         type=_positive_int,
         metavar="K",
-        help=f"also list the K highest class scores of recordings up to {SCORED_CLIP_SECONDS:g} s long "
-        "(of their most confident window), in the text and the JSON",
+        help=f"list the K highest class scores of recordings up to {SCORED_CLIP_SECONDS:g} s long (of "
+        "their most confident window) in the text; the JSON lists all of them, or these K",
     )
     detect.add_argument(
         "--json", action="store_true", help="one JSON object per file (a list for several or a folder)"

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import soundfile as sf
 from conftest import make_dataset, tone
@@ -169,6 +170,10 @@ def test_detect_top_k_lists_the_scores_in_the_text_too(tmp_path, capsys):
     assert len(scores) == 1 and scores[0].count(",") == 1  # two labels with their scores
     assert main(["detect", str(clip)]) == 0
     assert "scores:" not in capsys.readouterr().out  # only asked for
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(tone(400.0), 3), 16000)
+    assert main(["detect", str(long), "--top-k", "2"]) == 0
+    assert "  scores: none, as the recording is over 1.5 s long" in capsys.readouterr().out.splitlines()
 
 
 def test_eval_json_names_the_built_in_model(tmp_path, capsys):
