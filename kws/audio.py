@@ -121,6 +121,8 @@ def _blocks(
 
 
 def _existing(path: str | Path) -> str:
+    if Path(path).is_dir():
+        raise AudioError(f"{path}: a folder, not an audio file")
     if not Path(path).is_file():
         raise AudioError(f"{path}: no such file")
     return str(path)

@@ -392,6 +392,7 @@ def test_missing_portaudio_says_what_to_install(monkeypatch, tmp_path, capsys):
     [
         (["--fast"], "--fast plays a --file faster than real time: give --file AUDIO"),
         (["--file", "nowhere.wav"], "nowhere.wav: no such file"),
+        (["--file", "."], ".: a folder, not an audio file"),
     ],
 )
 def test_option_mistakes_are_clear_errors(capsys, argv, message):
