@@ -16,6 +16,7 @@ from kws import KwsError, features
 from kws.stream import detection_config
 
 MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"  # a training run's settings, in its folder
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
 EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
 BUILT_IN_MODEL = Path(__file__).parent / "models" / "default"  # used when no --model is given
@@ -123,9 +124,10 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         if not manifest_file.exists() and (path / EXPORT_FOLDER / MANIFEST_FILE).exists():
             manifest_file = path / EXPORT_FOLDER / MANIFEST_FILE  # a run folder, exported in place
         if not manifest_file.exists():
+            trained = (path / CONFIG_FILE).exists()
             raise ModelError(
-                f"{path} holds no {MANIFEST_FILE}: pass a folder made by `kws export`, "
-                f"or export this run first with `kws export {path}`"
+                f"{path} holds no {MANIFEST_FILE}: pass a folder made by `kws export`"
+                + (f", or export this run first with `kws export {path}`" if trained else "")
             )
         manifest = _read_manifest(manifest_file)
         try:

@@ -26,13 +26,11 @@ from kws.data import AugmentConfig, DataConfig, DataError, SpeechData, labels_fo
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
-from kws.runtime import ModelError
+from kws.runtime import CONFIG_FILE, ModelError
 
-os.environ.setdefault(
-    "TF_CPP_MIN_LOG_LEVEL", "3"
-)  # TensorFlow's start-up chatter (a CUDA "error" on a CPU) hides ours
+# TensorFlow's C++ logging hides our output, and says "CUDA error" on every machine without a GPU.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"

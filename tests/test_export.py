@@ -495,3 +495,12 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path):
     for missing in ("nowhere", "gone.tflite"):
         with pytest.raises(runtime.ModelError, match=f"{missing} does not exist"):
             runtime.resolve(tmp_path / missing)
+
+
+def test_a_folder_without_a_model_is_told_to_export_only_if_it_is_a_run(tmp_path):
+    with pytest.raises(runtime.ModelError) as raised:
+        runtime.resolve(tmp_path)
+    assert str(raised.value) == f"{tmp_path} holds no manifest.json: pass a folder made by `kws export`"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(runtime.ModelError, match=f"or export this run first with `kws export {tmp_path}`"):
+        runtime.resolve(tmp_path)
