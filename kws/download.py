@@ -93,12 +93,16 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
             if isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500:
                 raise DownloadError(f"{url}: the server answered {error.code} {error.reason}") from None
+            have = part.stat().st_size if part.exists() else 0
             if attempt == attempts:
+                again = f"resume from the {have:,} bytes in {part}" if have else "try again"
                 raise DownloadError(
-                    f"{url}: download failed {attempts} times ({error}); run the command again to "
-                    f"resume from the {part.stat().st_size if part.exists() else 0:,} bytes in {part}"
+                    f"{url}: download failed {attempts} times ({error}); run the command again to {again}"
                 ) from None
-            tqdm.write(f"connection lost ({error}); resuming in {attempt} s", file=sys.stderr)
+            what = (
+                f"connection lost ({error}); resuming" if have else f"cannot connect ({error}); trying again"
+            )
+            tqdm.write(f"{what} in {attempt} s", file=sys.stderr)
             time.sleep(attempt)
     if sha256:
         actual = _sha256(part)

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import socket
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,6 +150,17 @@ def test_a_missing_file_on_the_server_is_a_clear_error(tmp_path, archive):
             download.fetch(server.url.replace(".tar.gz", ".zip"), tmp_path / "x.zip", None)
     finally:
         server.close()
+
+
+def test_a_server_that_refuses_connections_is_not_said_to_have_lost_one(tmp_path, capsys):
+    with socket.socket() as unused:  # a port on 127.0.0.1 that nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x.tar.gz"
+    with pytest.raises(download.DownloadError) as failed:
+        download.fetch(url, tmp_path / "x.tar.gz", None, attempts=2)
+    assert str(failed.value).endswith("run the command again to try again")  # no bytes to resume from
+    assert "cannot connect (" in capsys.readouterr().err and not (tmp_path / "x.tar.gz.part").exists()
 
 
 def test_a_url_that_is_not_http_is_a_clear_error(tmp_path, capsys):
