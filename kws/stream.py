@@ -99,6 +99,11 @@ class Event:
     start: float  # seconds since the stream began: the model window that fired
     end: float
 
+    @classmethod
+    def fired(cls, label: str, score: float, end: float) -> Event:
+        """The event of the model window that ends at ``end`` (s): its 1 s, cut at the stream's start."""
+        return cls(label, score, max(0.0, end - CLIP_SAMPLES / SAMPLE_RATE), end)
+
     def to_dict(self) -> dict:
         return {
             "label": self.label,
@@ -183,7 +188,11 @@ class EventRules:
         self._last_event_end = -np.inf
 
     def update(self, ends: np.ndarray, scores: np.ndarray) -> list[Event]:
-        """The events of the next model runs: their end times (s) and class probabilities."""
+        """The events of the next model runs: their end times (s) and class probabilities.
+
+        stream_eval.keyword_events repeats these rules with array operations for one keyword, to
+        sweep thresholds fast; a test holds the two equal.
+        """
         count, runs = self.config.average_count, len(ends)
         if runs == 0:
             return []
@@ -206,9 +215,7 @@ class EventRules:
                 continue
             best = int(np.argmax(margin[run]))
             self._last_event_end = end
-            window = CLIP_SAMPLES / SAMPLE_RATE
-            label = self.labels[self.keywords[best]]
-            events.append(Event(label, float(average[run, best]), max(0.0, end - window), end))
+            events.append(Event.fired(self.labels[self.keywords[best]], float(average[run, best]), end))
         return events
 
 

@@ -209,11 +209,10 @@ def keyword_events(
     eligible = np.flatnonzero((index + 1 >= config.min_count) & (average >= threshold))
     events, position = [], 0
     suppression = config.suppression_ms / 1000
-    clip = CLIP_SAMPLES / SAMPLE_RATE
     while position < len(eligible):
         i = eligible[position]
         end = float(scored.ends[i])
-        events.append(Event(keyword, float(average[i]), max(0.0, end - clip), end))
+        events.append(Event.fired(keyword, float(average[i]), end))
         position = int(np.searchsorted(scored.ends[eligible], end + suppression - TIME_EPSILON))
     return events
 
