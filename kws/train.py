@@ -223,23 +223,10 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     val_features = features.mfcc(validation.audio)
 
     if checkpoint:
-        model = keras.models.load_model(checkpoint[0])
-        state = checkpoint[1]
-        for variable, value in zip(_seed_states(model), state.pop("seed_states", []), strict=False):
-            variable.assign(np.array(value, dtype=variable.dtype))
+        model, state = _resumed(*checkpoint)
         tqdm.write(f"resuming {run_dir} after epoch {state['epochs_done']}")
     else:
-        keras.utils.set_random_seed(config.train.seed)
-        model = build(config.model, len(config.labels))
-        model.compile(
-            optimizer=keras.optimizers.Adam(
-                config.train.learning_rates[0],
-                use_ema=config.train.ema_momentum > 0,
-                ema_momentum=config.train.ema_momentum,
-            ),
-            loss="categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+        model = _new_model(config)
         state = {"epochs_done": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "seconds": 0.0}
 
     def epoch_data(epoch: int):
@@ -294,6 +281,39 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             state["epochs_done"] = epoch + 1
             _save_checkpoint(run_dir, model, state)
             epochs.set_postfix(val_acc=f"{val_accuracy:.2%}", best=f"{state['best_accuracy']:.2%}")
+    return _final_metrics(run_dir, config, state, validation, val_features)
+
+
+def _new_model(config: RunConfig):
+    import keras
+
+    keras.utils.set_random_seed(config.train.seed)
+    model = build(config.model, len(config.labels))
+    model.compile(
+        optimizer=keras.optimizers.Adam(
+            config.train.learning_rates[0],
+            use_ema=config.train.ema_momentum > 0,
+            ema_momentum=config.train.ema_momentum,
+        ),
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _resumed(model_file: Path, state: dict):
+    """The checkpoint's model, with the random generators' states it was saved with, and its state."""
+    import keras
+
+    model = keras.models.load_model(model_file)
+    for variable, value in zip(_seed_states(model), state.pop("seed_states", []), strict=False):
+        variable.assign(np.array(value, dtype=variable.dtype))
+    return model, state
+
+
+def _final_metrics(run_dir: Path, config: RunConfig, state: dict, validation, val_features) -> dict:
+    """metrics.json and the plots, from the best epoch's model."""
+    import keras
 
     best = keras.models.load_model(run_dir / MODEL_FILE)
     predictions = best.predict(val_features, batch_size=1000, verbose=0).argmax(axis=1)
