@@ -193,7 +193,7 @@ def _load_classifier(path: Path):
 
     A run folder is scored with its Keras model (TensorFlow); an export folder or .tflite with LiteRT.
     """
-    from kws.train import CONFIG_FILE
+    from kws.runtime import CONFIG_FILE
 
     if path is not None and path.is_dir() and (path / CONFIG_FILE).exists():
         from kws.train import KerasClassifier
@@ -844,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _how_to_go_on(args) -> str:
     """For an interrupted training run: the command that continues it."""
-    from kws.train import CONFIG_FILE
+    from kws.runtime import CONFIG_FILE
 
     if args.command != "train":
         return ""
