@@ -33,13 +33,18 @@ from kws.stream import Detector, detection_config, recording_report
 log = logging.getLogger("uvicorn.error")
 START_TIMEOUT_S = 60.0
 RESTART_DELAY_S = 5.0  # between attempts to start a process in place of one that died
-STOP_TIMEOUT_S = 10.0  # for a process to finish its request once the server closes
+STOP_TIMEOUT_S = 10.0  # for a process to finish its requests once the server closes
+# A process scans audio 100 times faster than it lasts or more (a minute of 192 kHz stereo FLAC
+# takes 0.55 s): one that has not answered within the duration limit, twice over (it may hold a
+# request ahead of this one), plus this much, is stuck, and is killed.
+STUCK_AFTER_S = 30.0
 LENGTH = struct.Struct("!Q")  # each message: its length, then its pickle
 # A process holds the request it works on and the next, so it never waits for the HTTP process
 # to hand that one on: one at a time served 7 % fewer requests (bench/load.py, 2 cores).
 REQUESTS_PER_WORKER = 2
 READY = "ready"  # a worker's first message, once its model is loaded
-NO_WORKER = "no worker process is running and none could be started: see the server log"
+NO_WORKER = "no worker process is running and none could be started: try again later"
+SHUTTING_DOWN = "the server is shutting down: try again"
 
 
 class RequestError(Exception):
@@ -67,7 +72,14 @@ def detect(
 
 
 class WorkerDied(Exception):
-    """A worker process went away (killed, out of memory, a crash in native code)."""
+    """A worker process went away (killed, out of memory, a crash in native code).
+
+    ``running``: the request it was working on, rather than one waiting behind it.
+    """
+
+    def __init__(self, running: bool = False):
+        super().__init__(running)
+        self.running = running
 
 
 class WorkerFailed(Exception):
@@ -105,8 +117,9 @@ def _send(connection: socket.socket, value) -> None:
 class _Worker:
     """The server's end of one worker process: requests go out in order, answers come back in order."""
 
-    def __init__(self, process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, process, kill_at_exit, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.process, self.reader, self.writer = process, reader, writer
+        self._kill_at_exit = kill_at_exit
         self.busy = 0  # requests given to it and not answered yet
         self._answers: collections.deque[asyncio.Future] = collections.deque()
         self._reading: asyncio.Task | None = None
@@ -120,18 +133,24 @@ class _Worker:
         theirs.close()
         # The processes ignore SIGTERM, which is what multiprocessing ends its children with
         # when the server exits without closing the pool (a crash): kill them first instead.
-        multiprocessing.util.Finalize(process, process.kill, exitpriority=0)
-        worker = cls(process, *await asyncio.open_connection(sock=ours))
+        kill_at_exit = multiprocessing.util.Finalize(process, process.kill, exitpriority=0)
+        worker = cls(process, kill_at_exit, *await asyncio.open_connection(sock=ours))
         try:
             await asyncio.wait_for(worker._receive(), START_TIMEOUT_S)
         except BaseException as error:  # also cancelled, by a server closing while it starts
             worker.stop()
+            if isinstance(error, WorkerDied):
+                process.join(1.0)  # it is exiting: its own exit code, not the kill's
             process.kill()
-            process.join()
-            if isinstance(error, (WorkerDied, asyncio.TimeoutError)):
+            worker.reap()
+            if isinstance(error, WorkerDied):
                 raise RuntimeError(
-                    f"a worker process did not start within {START_TIMEOUT_S:.0f} s "
-                    f"(exit code {process.exitcode}): its error is above"
+                    f"a worker process exited while loading its model (exit code {process.exitcode}): "
+                    "its error is above"
+                ) from None
+            if isinstance(error, asyncio.TimeoutError):
+                raise RuntimeError(
+                    f"a worker process did not load its model within {START_TIMEOUT_S:.0f} s"
                 ) from None
             raise
         worker._reading = asyncio.ensure_future(worker._read_answers())
@@ -141,10 +160,18 @@ class _Worker:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def answering(self) -> bool:
+        """False once its socket has closed, which may be well before its process has ended."""
+        return self._reading is not None and not self._reading.done()
+
     def send(self, payload: bytes) -> asyncio.Future:
         """Send one request's pickled arguments; the future of its answer (a report or an
         exception), or of WorkerDied."""
         answer = asyncio.get_running_loop().create_future()
+        if not self.answering:
+            answer.set_exception(WorkerDied())
+            return answer
         self._answers.append(answer)
         self.writer.writelines([LENGTH.pack(len(payload)), payload])
         return answer
@@ -155,8 +182,10 @@ class _Worker:
                 answer = await self._receive()
                 self._answers.popleft().set_result(answer)
         except WorkerDied:
+            running = True
             while self._answers:
-                self._answers.popleft().set_exception(WorkerDied())
+                self._answers.popleft().set_exception(WorkerDied(running))
+                running = False
 
     async def _receive(self):
         try:
@@ -166,8 +195,18 @@ class _Worker:
             raise WorkerDied from None
 
     def stop(self) -> None:
-        """Close the socket: the process ends after the requests it was given."""
+        """Close the socket: the process ends, answering nothing more."""
         self.writer.close()
+
+    def finish(self) -> None:
+        """Send no more requests: the process answers those it was given, then ends."""
+        self.writer.write_eof()
+
+    def reap(self) -> None:
+        """Wait for the ended process, then drop its exit hook, which would hold it (and the two
+        pipes of its Popen) for as long as the server runs."""
+        self.process.join()
+        self._kill_at_exit.cancel()
 
     def stop_reading(self) -> None:
         if self._reading is not None:
@@ -213,10 +252,12 @@ class WorkerPool:
             raise failed[0]
         return {worker.pid for worker in self._workers}
 
-    async def detect(self, *args) -> dict:
-        """``detect(model, *args)`` in a worker process; if its process dies, once more in another
-        before the request gets 503."""
-        payload = pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
+    async def detect(
+        self, data: bytes, name: str, max_seconds: float, threshold: float | None, top_k: int | None
+    ) -> dict:
+        """``detect(model, ...)`` in a worker process. A request that waited behind one whose
+        process died goes to another; the one the process died on gets 503."""
+        payload = pickle.dumps((data, name, max_seconds, threshold, top_k), pickle.HIGHEST_PROTOCOL)
         for _ in range(2):
             worker = await self._free()
             answer = worker.send(payload)
@@ -224,16 +265,27 @@ class WorkerPool:
             try:
                 # A request whose client goes away is cancelled, but its worker still answers
                 # it: only then is it free again, and the next answer is the next request's.
-                result = await asyncio.shield(answer)
-            except WorkerDied:
+                result = await asyncio.wait_for(asyncio.shield(answer), STUCK_AFTER_S + 2 * max_seconds)
+            except WorkerDied as died:
+                if died.running:  # it may be what killed the process: not given a second one
+                    raise RequestError(
+                        503, "the worker process running this request died: try again"
+                    ) from None
                 continue
+            except asyncio.TimeoutError:
+                worker.process.kill()  # _died replaces it; the request it held behind this one goes on
+                raise RequestError(503, "no answer in time from a stuck worker process: try again") from None
             if isinstance(result, Exception):
-                raise result
+                # Raised afresh: the answer itself would keep, in its traceback, this frame, which
+                # holds it and the request's bytes, a cycle only the garbage collector frees.
+                raise type(result)(*result.args)
             return result
         raise RequestError(503, "a worker process died twice in a row: try again")
 
     async def _free(self) -> _Worker:
         """The process to give a request to, in the order the requests came."""
+        if self._closed:
+            raise RequestError(503, SHUTTING_DOWN)
         if self.failing:
             raise RequestError(503, NO_WORKER)
         if not self._waiting:
@@ -251,11 +303,11 @@ class WorkerPool:
                 self._hand_on()
             raise
         if worker is None:
-            raise RequestError(503, NO_WORKER)
+            raise RequestError(503, SHUTTING_DOWN if self._closed else NO_WORKER)
         return worker
 
     def _least_busy(self) -> _Worker | None:
-        free = [worker for worker in self._workers if worker.busy < REQUESTS_PER_WORKER]
+        free = [worker for worker in self._workers if worker.busy < REQUESTS_PER_WORKER and worker.answering]
         return min(free, key=lambda worker: worker.busy, default=None)
 
     def _hand_on(self) -> None:
@@ -271,8 +323,9 @@ class WorkerPool:
 
     def _answered(self, worker: _Worker, answer: asyncio.Future) -> None:
         worker.busy -= 1
-        if not answer.cancelled() and answer.exception() is not None and worker.process.is_alive():
-            worker.process.kill()  # it broke the protocol: end it, and _died replaces it
+        broke = not answer.cancelled() and answer.exception() is not None and not self._closed
+        if broke and worker.process.is_alive():
+            worker.process.kill()  # its socket failed: end it, and _died replaces it
         self._hand_on()
 
     def _add(self, worker: _Worker) -> None:
@@ -285,7 +338,7 @@ class WorkerPool:
         asyncio.get_running_loop().remove_reader(worker.process.sentinel)
         self._workers.discard(worker)
         worker.stop()
-        worker.process.join()
+        worker.reap()
         if self._closed:
             return
         code = worker.process.exitcode
@@ -298,7 +351,7 @@ class WorkerPool:
         while True:
             try:
                 worker = await _Worker.start(self._context, self.model)
-            except RuntimeError as error:
+            except Exception as error:  # also OSError: out of file descriptors, or memory to spawn
                 self._start_failed = True
                 if self.failing:  # tell the requests waiting for a process
                     while self._waiting:
@@ -313,17 +366,24 @@ class WorkerPool:
                 return
 
     async def close(self) -> None:
-        """Stop restarting and end every process once it has answered what it was given."""
+        """Stop restarting, refuse the requests still waiting, and end every process once it has
+        answered what it was given."""
         self._closed = True
         for restart in self._restarts:
             restart.cancel()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
         workers, self._workers = list(self._workers), set()
         for worker in workers:
             asyncio.get_running_loop().remove_reader(worker.process.sentinel)
-            worker.stop()
+            worker.finish()
         await asyncio.to_thread(_join, [worker.process for worker in workers])
         for worker in workers:
             worker.stop_reading()
+            worker.stop()
+            worker.reap()
 
 
 def _join(processes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import httpx2
@@ -712,6 +714,144 @@ def test_without_a_worker_that_can_start_requests_and_ready_get_503_until_one_ca
         pool.model = str(export)
         wait_for(client, 200)
         assert client.post("/detect", content=data).status_code == 200
+
+
+def pool_scenario(export, size: int, scenario, timeout: float = 120.0):
+    """``scenario(pool)`` with a started pool of ``size`` processes, closed after it."""
+
+    async def run():
+        pool = WorkerPool(str(export), size)
+        await pool.start()
+        try:
+            return await scenario(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(asyncio.wait_for(run(), timeout))
+
+
+async def replaced(pool, dead) -> None:
+    """Wait until the pool runs a process in place of ``dead`` (a killed worker)."""
+    for _ in range(200):  # a replacement starts in the background
+        if dead not in pool._workers and len(pool._workers) == pool.size:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("no replacement process started")
+
+
+def test_a_request_its_process_died_on_gets_503_and_the_one_behind_it_an_answer(export, model, clip):
+    # 10 minutes: long enough (~0.8 s) to be killed while running.
+    long = encode(pcm16(0.1 * np.random.default_rng(5).standard_normal(600 * SAMPLE_RATE)))
+    expected = recording_report(Detector(model), [clip], "c.wav")
+
+    async def scenario(pool):
+        (worker,) = pool._workers
+        running = asyncio.ensure_future(pool.detect(long, "long.wav", 700.0, None, None))
+        behind = asyncio.ensure_future(pool.detect(encode(clip), "c.wav", 60.0, None, None))
+        await asyncio.sleep(0.3)  # both handed to the one process, which works on the first
+        os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(RequestError) as died:
+            await running
+        return died.value, await behind
+
+    died, answer = pool_scenario(export, 1, scenario)
+    assert (died.status, died.detail) == (503, "the worker process running this request died: try again")
+    assert answer == expected  # retried in the replacement, as it may not be what killed the first
+
+
+def test_a_stuck_process_is_killed_and_replaced_and_its_request_gets_503(export, clip, monkeypatch):
+    monkeypatch.setattr(workers, "STUCK_AFTER_S", 0.5)
+
+    async def scenario(pool):
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGSTOP)  # as a process in an endless loop, or swapped out
+        began = time.monotonic()
+        with pytest.raises(RequestError) as stuck:
+            await pool.detect(encode(clip), "c.wav", 1.0, None, None)  # stuck after 0.5 + 2 x 1 s
+        waited = time.monotonic() - began
+        await replaced(pool, worker)
+        return (
+            stuck.value,
+            waited,
+            worker.process.exitcode,
+            await pool.detect(encode(clip), "c.wav", 1.0, None, None),
+        )
+
+    stuck, waited, exitcode, answer = pool_scenario(export, 1, scenario)
+    assert stuck.status == 503 and "stuck" in stuck.detail and 2.5 <= waited < 10
+    assert exitcode == -signal.SIGKILL and answer["file"] == "c.wav"
+
+
+def test_failed_requests_leave_no_body_behind_for_the_garbage_collector(export):
+    async def scenario(pool):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(8):
+                with pytest.raises(RequestError):  # 415: not audio
+                    await pool.detect(os.urandom(4_000_000), "noise.wav", 60.0, None, None)
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    gc.disable()  # the body must be freed when the request ends, not when a collection runs
+    try:
+        kept = pool_scenario(export, 1, scenario)
+    finally:
+        gc.enable()
+    assert kept < 8_000_000  # the 8 bodies and their pickles would be 64 MB
+
+
+def test_replacing_processes_leaks_no_file_descriptors_and_survives_a_failed_spawn(export, clip, monkeypatch):
+    monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.2)
+    start, failures = workers._Worker.start, []
+
+    async def out_of_descriptors_once(context, path):
+        if not failures:
+            failures.append(1)
+            raise OSError(24, "Too many open files")
+        return await start(context, path)
+
+    async def replace_one(pool) -> None:
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGKILL)
+        await replaced(pool, worker)
+
+    async def scenario(pool):
+        await replace_one(pool)  # the first replacement opens what every later one reuses
+        descriptors = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            await replace_one(pool)
+        monkeypatch.setattr(workers._Worker, "start", staticmethod(out_of_descriptors_once))
+        await replace_one(pool)  # the restart goes on after an OSError
+        answer = await pool.detect(encode(clip), "c.wav", 60.0, None, None)
+        return descriptors, len(os.listdir("/proc/self/fd")), answer, failures
+
+    before, after, answer, failures = pool_scenario(export, 1, scenario)
+    assert failures == [1] and answer["file"] == "c.wav"
+    assert after == before  # each dead process's pipes are closed
+
+
+def test_closing_lets_a_busy_process_finish_and_refuses_what_waits(export, model):
+    long = pcm16(0.1 * np.random.default_rng(6).standard_normal(600 * SAMPLE_RATE))  # ~0.8 s of work
+    expected = recording_report(Detector(model), [long], "long.wav")
+
+    async def scenario():
+        pool = WorkerPool(str(export), 1)
+        await pool.start()
+        (worker,) = pool._workers
+        requests = [
+            asyncio.ensure_future(pool.detect(encode(long), "long.wav", 700.0, None, None)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)  # two handed to the process, the third waiting
+        await pool.close()
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        return results, worker.process.exitcode
+
+    results, exitcode = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert results[:2] == [expected, expected] and exitcode == 0  # answered, not killed
+    assert isinstance(results[2], RequestError) and results[2].status == 503
+    assert results[2].detail == workers.SHUTTING_DOWN
 
 
 # The Dockerfile
