@@ -120,6 +120,7 @@ class _Worker:
     def __init__(self, process, kill_at_exit, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.process, self.reader, self.writer = process, reader, writer
         self._kill_at_exit = kill_at_exit
+        self.stuck = False  # killed for not answering in time
         self.busy = 0  # requests given to it and not answered yet
         self._answers: collections.deque[asyncio.Future] = collections.deque()
         self._reading: asyncio.Task | None = None
@@ -194,6 +195,10 @@ class _Worker:
         except (OSError, asyncio.IncompleteReadError):
             raise WorkerDied from None
 
+    def kill_stuck(self) -> None:
+        self.stuck = True
+        self.process.kill()
+
     def stop(self) -> None:
         """Close the socket: the process ends, answering nothing more."""
         self.writer.close()
@@ -262,19 +267,22 @@ class WorkerPool:
             worker = await self._free()
             answer = worker.send(payload)
             answer.add_done_callback(lambda done, worker=worker: self._answered(worker, done))
+            # A timer rather than wait_for, which makes a task per request. Killing the process
+            # fails its requests with WorkerDied.
+            overdue = asyncio.get_running_loop().call_later(
+                STUCK_AFTER_S + 2 * max_seconds, worker.kill_stuck
+            )
             try:
                 # A request whose client goes away is cancelled, but its worker still answers
                 # it: only then is it free again, and the next answer is the next request's.
-                result = await asyncio.wait_for(asyncio.shield(answer), STUCK_AFTER_S + 2 * max_seconds)
+                result = await asyncio.shield(answer)
             except WorkerDied as died:
                 if died.running:  # it may be what killed the process: not given a second one
-                    raise RequestError(
-                        503, "the worker process running this request died: try again"
-                    ) from None
+                    cause = "got stuck on" if worker.stuck else "died running"
+                    raise RequestError(503, f"the worker process {cause} this request: try again") from None
                 continue
-            except asyncio.TimeoutError:
-                worker.process.kill()  # _died replaces it; the request it held behind this one goes on
-                raise RequestError(503, "no answer in time from a stuck worker process: try again") from None
+            finally:
+                overdue.cancel()
             if isinstance(result, Exception):
                 # Raised afresh: the answer itself would keep, in its traceback, this frame, which
                 # holds it and the request's bytes, a cycle only the garbage collector frees.

@@ -755,7 +755,7 @@ def test_a_request_its_process_died_on_gets_503_and_the_one_behind_it_an_answer(
         return died.value, await behind
 
     died, answer = pool_scenario(export, 1, scenario)
-    assert (died.status, died.detail) == (503, "the worker process running this request died: try again")
+    assert (died.status, died.detail) == (503, "the worker process died running this request: try again")
     assert answer == expected  # retried in the replacement, as it may not be what killed the first
 
 
