@@ -832,6 +832,28 @@ def test_replacing_processes_leaks_no_file_descriptors_and_survives_a_failed_spa
     assert after == before  # each dead process's pipes are closed
 
 
+def test_requests_given_up_while_queued_leave_the_process_free_for_the_next(export, clip):
+    long = encode(pcm16(0.1 * np.random.default_rng(7).standard_normal(300 * SAMPLE_RATE)))
+
+    async def scenario(pool):
+        (worker,) = pool._workers
+        running = [asyncio.ensure_future(pool.detect(long, "long.wav", 400.0, None, None)) for _ in range(2)]
+        await asyncio.sleep(0.05)  # the process holds both: the next ones queue
+        queued = [
+            asyncio.ensure_future(pool.detect(encode(clip), "c.wav", 60.0, None, None)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        for request in queued:  # their clients gave up (a proxy's timeout)
+            request.cancel()
+        later = [pool.detect(encode(clip), "c.wav", 60.0, None, None) for _ in range(4)]
+        answers = await asyncio.gather(*running, *later)
+        return answers, worker.busy, [request.cancelled() for request in queued]
+
+    answers, busy, cancelled = pool_scenario(export, 1, scenario)
+    assert [answer["file"] for answer in answers] == ["long.wav"] * 2 + ["c.wav"] * 4
+    assert busy == 0 and cancelled == [True] * 3
+
+
 def test_closing_lets_a_busy_process_finish_and_refuses_what_waits(export, model):
     long = pcm16(0.1 * np.random.default_rng(6).standard_normal(600 * SAMPLE_RATE))  # ~0.8 s of work
     expected = recording_report(Detector(model), [long], "long.wav")
