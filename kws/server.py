@@ -43,6 +43,7 @@ environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKER
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hmac
@@ -401,6 +402,27 @@ async def _send_events(websocket: WebSocket, metrics: Metrics, events: list[Even
     metrics.count(found)
 
 
+async def _unless_client_leaves(request: Request, work):
+    """The result of ``work``, or ClientDisconnect if the client hangs up first: its request is
+    withdrawn then, and one still queued never reaches a worker process. (uvicorn never cancels
+    a handler whose client left: clients that time out and retry would multiply the work.)"""
+
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done, gone = asyncio.ensure_future(work), asyncio.ensure_future(hung_up())
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not done.done():
+            done.cancel()
+    if not done.done():  # cancelled just now: the client went first
+        raise ClientDisconnect()
+    return done.result()
+
+
 def _model_info(manifest: dict) -> dict:
     return {
         "name": manifest.get("name"),
@@ -525,7 +547,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")
         try:
             workers = request.app.state.workers
-            report = await workers.detect(data, name, settings.max_seconds, threshold, top_k)
+            report = await _unless_client_leaves(
+                request, workers.detect(data, name, settings.max_seconds, threshold, top_k)
+            )
         except RequestError as error:
             raise HTTPException(error.status, error.detail) from None
         metrics.count(report["detections"])

@@ -716,6 +716,53 @@ def test_without_a_worker_that_can_start_requests_and_ready_get_503_until_one_ca
         assert client.post("/detect", content=data).status_code == 200
 
 
+def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, clip):
+    withdrawn, sent = [], []
+
+    class Busy:  # a pool whose processes are all taken: the request waits in its queue
+        async def detect(self, *args):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                withdrawn.append(args[1])
+                raise
+
+    body = encode(clip)
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(0.1)  # while the request waits, its client hangs up
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/detect",
+        "raw_path": b"/detect",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"audio/wav"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
+        pool, client.app.state.workers = client.app.state.workers, Busy()
+        try:
+            asyncio.run(asyncio.wait_for(client.app(scope, receive, send), 10))
+        finally:
+            client.app.state.workers = pool
+    assert withdrawn == ["upload"]  # cancelled: it never reaches a worker process
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400  # read by nobody
+
+
 def pool_scenario(export, size: int, scenario, timeout: float = 120.0):
     """``scenario(pool)`` with a started pool of ``size`` processes, closed after it."""
 
