@@ -332,33 +332,15 @@ def test_calibrating_a_float_model_file_calibrates_the_int8_model(exported, tmp_
     assert calibrated_on == [True]
 
 
-def test_a_calibration_that_fails_leaves_the_export_as_it_was(exported, tmp_path, monkeypatch):
-    from kws.data import DataConfig, SpeechData
-    from kws.stream import DetectionConfig
-
-    out, manifest = exported
-    copy = tmp_path / "export"
-    shutil.copytree(out, copy)
-    before = files_of(copy)
-
+def broken_model_card(monkeypatch):
     def broken_card(manifest):
         raise RuntimeError("no card")
 
     monkeypatch.setattr(export, "model_card", broken_card)
-    data = SpeechData(DataConfig(**manifest["training"]["data"]))
-    with pytest.raises(RuntimeError, match="no card"):
-        export.recalibrate(copy, data, DetectionConfig(), 1000)
-    assert files_of(copy) == before
+    return RuntimeError, "no card"
 
 
-def test_a_disk_that_fills_while_writing_leaves_the_export_as_it_was(exported, tmp_path, monkeypatch):
-    from kws.data import DataConfig, SpeechData
-    from kws.stream import DetectionConfig
-
-    out, manifest = exported
-    copy = tmp_path / "export"
-    shutil.copytree(out, copy)
-    before = files_of(copy)
+def disk_full_at_the_model_card(monkeypatch):
     write_text = Path.write_text
 
     def full_disk(path, text, *args, **kwargs):  # the model card is written after the models
@@ -367,8 +349,21 @@ def test_a_disk_that_fills_while_writing_leaves_the_export_as_it_was(exported, t
         return write_text(path, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_disk)
+    return OSError, "No space left"
+
+
+@pytest.mark.parametrize("fault", [broken_model_card, disk_full_at_the_model_card])
+def test_a_calibration_that_fails_leaves_the_export_as_it_was(fault, exported, tmp_path, monkeypatch):
+    from kws.data import DataConfig, SpeechData
+    from kws.stream import DetectionConfig
+
+    out, manifest = exported
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    before = files_of(copy)
+    error, message = fault(monkeypatch)
     data = SpeechData(DataConfig(**manifest["training"]["data"]))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(error, match=message):
         export.recalibrate(copy, data, DetectionConfig(), 1000)
     assert files_of(copy) == before
 
