@@ -114,7 +114,8 @@ def _given(**options) -> dict:
 def cmd_train(args) -> int:
     from kws.data import DataConfig, check_folders
     from kws.model import ModelConfig
-    from kws.train import CONFIG_FILE, RunConfig, TrainConfig, train
+    from kws.runtime import CONFIG_FILE
+    from kws.train import RunConfig, TrainConfig, train
 
     if args.resume:
         given = {

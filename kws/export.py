@@ -20,10 +20,19 @@ from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import report
 from kws.files import json_text, write_files
 from kws.model import count_macs
-from kws.runtime import LOGITS, MANIFEST_FILE, Model, ModelError, embed_manifest, quiet_stderr, resolve
+from kws.runtime import (
+    CONFIG_FILE,
+    LOGITS,
+    MANIFEST_FILE,
+    Model,
+    ModelError,
+    embed_manifest,
+    quiet_stderr,
+    resolve,
+)
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
-from kws.train import CONFIG_FILE, MODEL_FILE, RunConfig
+from kws.train import MODEL_FILE, RunConfig
 
 MODEL_CARD = "MODEL_CARD.md"
 DET_PLOT = "det_curve.png"

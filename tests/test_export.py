@@ -438,7 +438,8 @@ def test_export_of_a_run_without_metrics_counts_the_model_itself(tone_run, tmp_p
 
 
 def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
-    from kws.train import CONFIG_FILE, MODEL_FILE
+    from kws.runtime import CONFIG_FILE
+    from kws.train import MODEL_FILE
 
     run, _ = tone_run
     moved = tmp_path / "moved"
