@@ -76,7 +76,7 @@ from kws.audio import ModelRate
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config
-from kws.workers import NO_WORKER, RequestError, WorkerPool
+from kws.workers import NO_WORKER, SHUTTING_DOWN, RequestError, WorkerPool
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
@@ -91,6 +91,8 @@ WS_MAX_BYTES = 256 * 1024
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_SECONDS = 60.0
 GIL_SWITCH_S = 0.0005  # the HTTP process's thread switch interval (Python's default: 0.005)
+# How long a stopping server goes on answering the requests it holds; it refuses new ones.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -239,6 +241,35 @@ class RequestMetrics:
             endpoint = scope["path"] if scope["path"] in self.paths else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+class AnswerAtShutdown:
+    """ASGI middleware: an HTTP request still running when uvicorn's graceful shutdown ends
+    (GRACEFUL_SHUTDOWN_S) is cancelled; its client gets 503 "shutting down: try again" rather
+    than a 500, and the log no traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        answering = False
+
+        async def send_noting(message):
+            nonlocal answering
+            answering = answering or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        except asyncio.CancelledError:
+            if answering:  # too late for another status
+                raise
+            # uvicorn cancels a request only at shutdown, never when its client leaves: handled
+            # here, so that the task goes on to send the answer.
+            asyncio.current_task().uncancel()
+            await JSONResponse({"detail": SHUTTING_DOWN}, 503)(scope, receive, send)
 
 
 def _presented_keys(scope) -> list[str]:
@@ -570,6 +601,7 @@ def create_app(settings: Settings) -> FastAPI:
         with contextlib.suppress(WebSocketDisconnect):
             await _converse(websocket, session, metrics)
 
+    app.add_middleware(AnswerAtShutdown)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
     app.add_middleware(RequestMetrics, metrics=metrics, paths={route.path for route in app.routes})
@@ -586,5 +618,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # the event loop waits up to the switch interval (5 ms by default) to answer anything else.
     sys.setswitchinterval(GIL_SWITCH_S)
     uvicorn.run(
-        create_app(settings), host=host, port=port, timeout_graceful_shutdown=5, ws_max_size=WS_MAX_BYTES
+        create_app(settings),
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws_max_size=WS_MAX_BYTES,
     )

@@ -716,30 +716,9 @@ def test_without_a_worker_that_can_start_requests_and_ready_get_503_until_one_ca
         assert client.post("/detect", content=data).status_code == 200
 
 
-def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, clip):
-    withdrawn, sent = [], []
-
-    class Busy:  # a pool whose processes are all taken: the request waits in its queue
-        async def detect(self, *args):
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                withdrawn.append(args[1])
-                raise
-
-    body = encode(clip)
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(0.1)  # while the request waits, its client hangs up
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
+def detect_scope(body: bytes) -> dict:
+    """The ASGI scope of a POST /detect of ``body`` as a WAV file."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -753,14 +732,79 @@ def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, cli
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
+
+
+class Busy:
+    """A pool whose processes are all taken: a request waits in its queue; ``withdrawn`` lists
+    the requests cancelled there."""
+
+    def __init__(self):
+        self.withdrawn = []
+
+    async def detect(self, *args):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.withdrawn.append(args[1])
+            raise
+
+
+def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, clip):
+    sent, busy = [], Busy()
+    body = encode(clip)
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(0.1)  # while the request waits, its client hangs up
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = detect_scope(body)
     with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
-        pool, client.app.state.workers = client.app.state.workers, Busy()
+        pool, client.app.state.workers = client.app.state.workers, busy
         try:
             asyncio.run(asyncio.wait_for(client.app(scope, receive, send), 10))
         finally:
             client.app.state.workers = pool
-    assert withdrawn == ["upload"]  # cancelled: it never reaches a worker process
+    assert busy.withdrawn == ["upload"]  # cancelled: it never reaches a worker process
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400  # read by nobody
+
+
+def test_a_request_running_when_the_graceful_shutdown_ends_gets_503_not_500(export, clip):
+    sent, busy = [], Busy()
+    body = encode(clip)
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # the client waits for its answer
+
+    async def send(message):
+        sent.append(message)
+
+    async def shutdown_cancels(app) -> bool:
+        request = asyncio.ensure_future(app(detect_scope(body), receive, send))
+        await asyncio.sleep(0.2)  # queued for a worker process
+        request.cancel("Task cancelled, timeout graceful shutdown exceeded")  # uvicorn's words
+        await request
+        return request.cancelled()
+
+    with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
+        pool, client.app.state.workers = client.app.state.workers, busy
+        try:
+            cancelled = asyncio.run(asyncio.wait_for(shutdown_cancels(client.app), 10))
+        finally:
+            client.app.state.workers = pool
+        counted = metric_samples(client.get("/metrics").text)
+    assert busy.withdrawn == ["upload"] and not cancelled
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert json.loads(sent[1]["body"]) == {"detail": workers.SHUTTING_DOWN}
+    assert counted[("kws_requests_total", (("endpoint", "/detect"), ("status", "503")))] == 1
 
 
 def pool_scenario(export, size: int, scenario, timeout: float = 120.0):
