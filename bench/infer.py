@@ -1,21 +1,19 @@
 """Median LiteRT latency of one int8 inference, against the float32 model in the same run.
 
-    python bench/infer.py [EXPORT_DIR]   (default: the built-in model)
+    python bench/infer.py [--model EXPORT_DIR]   (default: the built-in model)
 
 Rounds alternate between the two models so that machine noise hits both alike.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from kws.features import NUM_FRAMES, NUM_MFCC
-from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE, Model
+from kws.runtime import Model, ModelError, resolve
 
 ROUNDS = 20
 CALLS_PER_ROUND = 200
@@ -40,9 +38,18 @@ def latency_us(
 
 
 def main() -> None:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else BUILT_IN_MODEL
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    models = {kind: Model(folder / manifest["files"][kind], manifest) for kind in ("int8", "float32")}
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="export folder, with both models (default: the built-in model)")
+    args = parser.parse_args()
+    try:
+        int8, manifest = resolve(args.model)
+    except ModelError as error:
+        parser.error(str(error))
+    if "float32" not in manifest["files"]:
+        parser.error(f"{int8.parent} has no float32 model to compare with: pass a folder made by kws export")
+    models = {kind: Model(int8.parent / manifest["files"][kind], manifest) for kind in ("int8", "float32")}
     medians = latency_us(models)
     for kind, value in medians.items():
         print(f"{kind:8s} {value:8.1f} us per inference (median of {ROUNDS} rounds x {CALLS_PER_ROUND})")

@@ -1,6 +1,6 @@
 """CPU cost of the streaming Detector per second of audio, against a naive detector in the same run.
 
-    python bench/stream.py [MODEL]   (default: the built-in model)
+    python bench/stream.py [--model MODEL]   (default: the built-in model)
 
 The naive detector recomputes the MFCCs of the whole last second at every hop, as a
 detector built from the batch frontend would; ours computes one new frame per hop.
@@ -11,13 +11,13 @@ median of the rounds and, for the detector, the best one.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
 
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, mfcc
-from kws.runtime import Model
+from kws.runtime import Model, ModelError
 from kws.stream import DetectionConfig, Detector, EventRules
 
 SECONDS = 30
@@ -55,7 +55,15 @@ def stream(detector: Detector, audio: np.ndarray, chunk: int = 512) -> None:
 
 
 def main() -> None:
-    model = Model.load(sys.argv[1] if len(sys.argv) > 1 else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="export folder or .tflite (default: the built-in model)")
+    args = parser.parse_args()
+    try:
+        model = Model.load(args.model)
+    except ModelError as error:
+        parser.error(str(error))
     rng = np.random.default_rng(0)
     audio = (0.05 * rng.standard_normal(SECONDS * SAMPLE_RATE)).astype(np.float32)
     default = model.manifest.get("detection", {}).get("hop_frames", 1)
