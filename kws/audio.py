@@ -22,6 +22,9 @@ BLOCK_VALUES = 2**21
 # hundred kB of compressed silence at FLAC's 655 kHz and 8 channels would decode to gigabytes.
 MAX_VALUES_PER_SECOND = 2 * 192_000
 UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header gives no length
+# The lowest sample rate taken: below it, a recording lacks part of the band the MFCCs cover
+# (to 4 kHz) and upsampling it to 16 kHz would only invent samples.
+MIN_SAMPLE_RATE = 8_000
 
 
 class AudioError(KwsError, ValueError):
@@ -70,9 +73,15 @@ def _decoding(name: str):
         raise AudioError(f"{name}: cannot decode audio ({reason})") from None
 
 
-def _check_size(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
-    """AudioError for a header without a length; TooLong for audio over ``max_seconds`` or, at
-    its rate and channels, over MAX_VALUES_PER_SECOND for each of those seconds."""
+def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
+    """AudioError for a header without a length or with a rate under MIN_SAMPLE_RATE; TooLong for
+    audio over ``max_seconds`` or, at its rate and channels, over MAX_VALUES_PER_SECOND for each
+    of those seconds."""
+    if file.samplerate < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
+            "record it again at 16 kHz"
+        )
     if file.frames >= UNKNOWN_LENGTH:
         raise AudioError(f"{name}: its header gives no length (written to a pipe?): encode it again")
     if max_seconds is None:
@@ -105,7 +114,7 @@ def _blocks(
     """The audio of ``source`` at SAMPLE_RATE, decoded ``block_seconds`` (at most BLOCK_VALUES
     samples) at a time."""
     with _decoding(name), sf.SoundFile(source) as file:
-        _check_size(file, name, max_seconds)
+        _check_header(file, name, max_seconds)
         frames = max(1, min(round(block_seconds * file.samplerate), BLOCK_VALUES // file.channels))
         stream, converted = ModelRate(file.samplerate), 0
         for block in _checked(file, frames, name):
@@ -144,7 +153,7 @@ def native_blocks(path: str | Path, frames: int) -> Iterator[np.ndarray]:
     float32), checked and clipped as ``load``'s is: what a microphone would deliver."""
     name = str(path)
     with _decoding(name), sf.SoundFile(_existing(path)) as file:
-        _check_size(file, name, None)
+        _check_header(file, name, None)
         yield from _checked(file, frames, name)
 
 

@@ -72,7 +72,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from kws import __version__
-from kws.audio import ModelRate
+from kws.audio import MIN_SAMPLE_RATE, ModelRate
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config
@@ -82,7 +82,7 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it conf
 
 UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
 AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
-STREAM_RATES = (8_000, 192_000)  # what ?rate= may announce, in Hz
+STREAM_RATES = (MIN_SAMPLE_RATE, 192_000)  # what ?rate= may announce, in Hz
 # The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
 # would hold every other stream up while it is scored.
 WS_MAX_BYTES = 256 * 1024

@@ -71,6 +71,12 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
         audio.load(empty)
     with pytest.raises(audio.AudioError, match="is empty"):
         audio.decode(b"")
+    low = tmp_path / "low.wav"
+    sf.write(low, sine(500, 4000), 4000)
+    with pytest.raises(audio.AudioError, match="low.wav: recorded at 4000 Hz, under the 8000 Hz"):
+        audio.load(low)
+    with pytest.raises(audio.AudioError, match="recorded at 4000 Hz"):  # what kws listen --file plays
+        next(audio.native_blocks(low, 512))
 
 
 def test_non_finite_samples_are_refused(tmp_path):
