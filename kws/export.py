@@ -176,23 +176,11 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     per-keyword thresholds to ``target_fa_per_hour`` on the held-out test stream.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    # The run is checked before keras loads, so that a wrong one is reported at once.
-    config = RunConfig.load(run_dir)
-    features.check_compatible(config.frontend, str(run_dir))
-    if not (run_dir / MODEL_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE}: train it first")
-    if not Path(config.data.data_dir).is_dir():
-        raise FileNotFoundError(
-            f"the run's data {config.data.data_dir} is missing (export calibrates int8 ranges and "
-            'measures accuracy on it): put it back there, or set data_dir under "data" in '
-            f"{run_dir / CONFIG_FILE} to where it is now"
-        )
+    config = checked_run(run_dir)  # before keras loads, so that a wrong run is reported at once
     import keras
 
     model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
     data = SpeechData(config.data)
-    validation = data.evaluation_set("validation")
-    val_features = features.mfcc(validation.audio)
 
     steps = tqdm(total=7, desc="export", unit="step")
     converted = {}
@@ -201,22 +189,11 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
         steps.update()
     converted["int8"] = convert(model, "int8", calibration_features(data, config))
     steps.update()
-
-    # Score every variant on the validation split with the runtime devices and services use.
-    draft = draft_manifest(config)
-    accuracy, variant_reports = {}, {}
-    for kind, tflite in converted.items():
-        runner = Model(tflite, draft)
-        predictions = runner.scores(val_features).argmax(axis=1)
-        variant_reports[kind] = report(
-            config.labels, validation.labels, predictions, validation.sources, validation.words
-        )
-        accuracy[kind] = variant_reports[kind]["accuracy"]
-    int8_model = Model(converted["int8"], draft)
+    accuracy = validation_accuracy(converted, config, data)
     steps.update()
-
     arena = tflm_arena_bytes(converted["int8"])
     steps.update()
+    int8_model = Model(converted["int8"], draft_manifest(config))
     detection, streaming = stream_test(int8_model, data, DetectionConfig(), target_fa_per_hour)
     steps.update()
     manifest = {
@@ -228,15 +205,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
         "frontend": config.frontend,
         "input": int8_model.tensor_spec("input"),
         "output": int8_model.tensor_spec("output"),
-        "accuracy": {
-            "split": "validation",
-            "examples": int(len(validation.labels)),
-            **{kind: round(value, 5) for kind, value in accuracy.items()},
-            "int8_drop_points": round(100 * (accuracy["float32"] - accuracy["int8"]), 3),
-            "int8_per_class_recall": {
-                label: round(row["recall"], 4) for label, row in variant_reports["int8"]["per_class"].items()
-            },
-        },
+        "accuracy": accuracy,
         "sizes": {
             # From the model, not metrics.json: a run whose training was interrupted has none.
             "parameters": int(model.count_params()),
@@ -258,7 +227,45 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     plots.det_curve(streaming["det"], streaming, out_dir / DET_PLOT, "calibrated thresholds")
     steps.update()
     steps.close()
-    return json.loads((out_dir / MANIFEST_FILE).read_text())
+    return json.loads((out_dir / MANIFEST_FILE).read_text())  # as written: JSON's lists, not tuples
+
+
+def checked_run(run_dir: Path) -> RunConfig:
+    """The config of a run that can be exported: its frontend is this kws's, its model and data exist."""
+    config = RunConfig.load(run_dir)
+    features.check_compatible(config.frontend, str(run_dir))
+    if not (run_dir / MODEL_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE}: train it first")
+    if not Path(config.data.data_dir).is_dir():
+        raise FileNotFoundError(
+            f"the run's data {config.data.data_dir} is missing (export calibrates int8 ranges and "
+            'measures accuracy on it): put it back there, or set data_dir under "data" in '
+            f"{run_dir / CONFIG_FILE} to where it is now"
+        )
+    return config
+
+
+def validation_accuracy(converted: dict[str, bytes], config: RunConfig, data: SpeechData) -> dict:
+    """The manifest's accuracy: each model file scored on the validation split by the runtime
+    that devices and services use, and the int8 model's recall per class."""
+    validation = data.evaluation_set("validation")
+    val_features = features.mfcc(validation.audio)
+    reports = {}
+    for kind, tflite in converted.items():
+        predictions = Model(tflite, draft_manifest(config)).scores(val_features).argmax(axis=1)
+        reports[kind] = report(
+            config.labels, validation.labels, predictions, validation.sources, validation.words
+        )
+    accuracy = {kind: result["accuracy"] for kind, result in reports.items()}
+    return {
+        "split": "validation",
+        "examples": int(len(validation.labels)),
+        **{kind: round(value, 5) for kind, value in accuracy.items()},
+        "int8_drop_points": round(100 * (accuracy["float32"] - accuracy["int8"]), 3),
+        "int8_per_class_recall": {
+            label: round(row["recall"], 4) for label, row in reports["int8"]["per_class"].items()
+        },
+    }
 
 
 def streaming_summary(report: dict, target_fa_per_hour: float) -> dict:
