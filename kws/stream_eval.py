@@ -348,9 +348,23 @@ def stream_test(
         calibrated = calibrate({k: rows for k, rows in table.items() if k in said}, hours, target_per_hour)
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
+    if calibrating:
+        _warn_unfound(report, target_per_hour)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
+
+
+def _warn_unfound(report: dict, target_per_hour: float) -> None:
+    """Say which keywords the calibrated thresholds never find: they would never fire."""
+    for keyword, row in report["per_keyword"].items():
+        if row["recall"] == 0:
+            print(
+                f"warning: at {target_per_hour:g} false accepts per hour, the calibrated thresholds find "
+                f"none of the {row['occurrences']} {keyword!r} in the test stream, so it would never fire: "
+                "train longer or on more clips of it, or calibrate to a higher --target-fa",
+                file=sys.stderr,
+            )
 
 
 def format_stream_report(report: dict) -> str:

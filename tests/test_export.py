@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need
+import soundfile as sf
+from conftest import WORD_TONES, need, tone
 
 from kws import export, runtime
 from kws.features import NUM_FRAMES, NUM_MFCC
@@ -403,6 +404,21 @@ def test_a_keyword_the_stream_never_says_keeps_its_threshold(exported, tone_data
     thresholds = json.loads((copy / "manifest.json").read_text())["detection"]["thresholds"]
     assert thresholds["down"] == kept
     assert all(thresholds[k] <= manifest["detection"]["thresholds"][k] for k in ("yes", "no", "up"))
+
+
+def test_a_keyword_the_calibrated_thresholds_never_find_is_named(exported, tone_dataset, tmp_path, capsys):
+    from kws.cli import main
+
+    out, _ = exported
+    copy, data = tmp_path / "export", tmp_path / "data"
+    shutil.copytree(out, copy)
+    shutil.copytree(tone_dataset, data)
+    for clip in (data / "down").iterdir():  # every "down" sounds like "up": never found
+        sf.write(clip, tone(WORD_TONES["up"], seed=int(clip.stem[:2])), 16000)
+    assert main(["calibrate", str(copy), "--data", str(data), "--target-fa", "1000"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "none of the" in warnings[0] and "'down'" in warnings[0]
+    assert json.loads((copy / "manifest.json").read_text())["streaming"]["per_keyword"]["down"]["recall"] == 0
 
 
 def test_model_card_states_the_measured_figures(exported):
