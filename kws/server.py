@@ -246,7 +246,7 @@ class RequestMetrics:
 class AnswerAtShutdown:
     """ASGI middleware: an HTTP request still running when uvicorn's graceful shutdown ends
     (GRACEFUL_SHUTDOWN_S) is cancelled; its client gets 503 "shutting down: try again" rather
-    than a 500, and the log no traceback."""
+    than a 500, and the log gets no traceback."""
 
     def __init__(self, app):
         self.app = app
