@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, audio
-from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC, SAMPLE_RATE, mfcc
+from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
 
 SILENCE = "_silence_"
 UNKNOWN = "_unknown_"
@@ -94,6 +94,10 @@ class AugmentConfig:
     # Speech played up to this much faster or slower (pitch and tempo together), as
     # kws_streaming's `resample` (0.15 in its recipes): speakers differ in both.
     speed: float = 0.0
+    # Above 0: each example heard through a random microphone, whose response over the mel
+    # bands is a sum of the CHANNEL_SHAPES smoothest cosines, each of this many dB (its standard
+    # deviation): the same for every frame, as a microphone's is.
+    channel_db: float = 0.0
     spec_augment: bool = False
     time_masks: int = 2
     time_mask_frames: int = 5  # widest mask
@@ -383,6 +387,22 @@ def speech_extent(
     return first * frame, (last + 1) * frame
 
 
+CHANNEL_SHAPES = 3
+
+
+def channel_response(features: np.ndarray, rng: np.random.Generator, db: float) -> np.ndarray:
+    """The features of each example as a random microphone would give them (AugmentConfig.channel_db).
+
+    A gain over the mel bands is an offset of the log energies, and an offset shaped like the
+    k-th DCT cosine is an offset of MFCC k alone: adding ``a`` to coefficient k adds a cosine of
+    amplitude ``a * sqrt(2 / NUM_MEL_BANDS)`` to the log energies (the DCT is orthonormal).
+    """
+    amplitude = rng.normal(0.0, db * np.log(10) / 10, (len(features), 1, CHANNEL_SHAPES))  # dB -> ln
+    out = features.copy()
+    out[:, :, 1 : 1 + CHANNEL_SHAPES] += amplitude / np.sqrt(2 / NUM_MEL_BANDS)
+    return out
+
+
 def spec_augment(features: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     """Zero random bands of frames and of coefficients (SpecAugment's masking)."""
     out = features.copy()
@@ -588,6 +608,8 @@ class SpeechData:
             part = plan[start : start + _CHUNK]
             batch = self._augment(self._render("training", part, rng), part, rng, augment)
             chunk = mfcc(batch)
+            if augment.channel_db:
+                chunk = channel_response(chunk, rng, augment.channel_db)
             features[start : start + len(part)] = (
                 spec_augment(chunk, rng, augment) if augment.spec_augment else chunk
             )

@@ -8,7 +8,16 @@ import soundfile as sf
 from conftest import make_dataset, tone
 
 from kws import data as D
-from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MFCC
+from kws.features import (
+    CLIP_SAMPLES,
+    FFT_SIZE,
+    MEL_MATRIX,
+    NUM_FRAMES,
+    NUM_MEL_BANDS,
+    NUM_MFCC,
+    SAMPLE_RATE,
+    mfcc,
+)
 
 
 def config(root, **kw):
@@ -147,6 +156,28 @@ def test_spec_augment_zeroes_bands_and_keeps_shape():
     zero_coefficients = (masked == 0).all(axis=1).sum(axis=1)
     assert zero_frames.max() <= 10 and zero_coefficients.max() <= 4
     assert zero_frames.mean() > 1 and zero_coefficients.mean() > 0.5
+
+
+def test_channel_response_is_what_a_microphone_with_that_response_gives():
+    # A microphone whose gain over the bands is a 6 dB cosine shaped like MFCC 2's, applied
+    # to the spectrum of noise, moves MFCC 2 by what channel_response adds for 6 dB, and no
+    # other coefficient by much.
+    noise = np.random.default_rng(0).standard_normal(CLIP_SAMPLES).astype(np.float32) * 0.1
+    centers_hz = MEL_MATRIX.argmax(axis=0) * SAMPLE_RATE / FFT_SIZE
+    fft_hz = np.fft.rfftfreq(CLIP_SAMPLES, 1 / SAMPLE_RATE)
+    band = np.interp(fft_hz, centers_hz, np.arange(NUM_MEL_BANDS))
+    gain_db = 6.0 * np.cos(np.pi * 2 * (band + 0.5) / NUM_MEL_BANDS)
+    heard = np.fft.irfft(np.fft.rfft(noise) * 10 ** (gain_db / 20), CLIP_SAMPLES).astype(np.float32)
+    moved = (mfcc(heard) - mfcc(noise))[2:-2].mean(axis=0)  # the edge frames see the filter wrap
+    expected = 6.0 * np.log(10) / 10 / np.sqrt(2 / NUM_MEL_BANDS)
+    assert moved[2] == pytest.approx(expected, rel=0.1)
+    assert np.abs(np.delete(moved, 2)).max() < 0.1 * expected
+    # channel_response: that offset on MFCC 1-3 alone, the same in every frame, 6 dB apart on average
+    feats = np.random.default_rng(1).normal(size=(4000, NUM_FRAMES, NUM_MFCC)).astype(np.float32)
+    offsets = D.channel_response(feats, np.random.default_rng(2), 6.0) - feats
+    assert np.allclose(offsets, offsets[:, :1], atol=1e-5)
+    assert np.abs(offsets[:, :, [0, *range(1 + D.CHANNEL_SHAPES, NUM_MFCC)]]).max() == 0
+    assert offsets[:, 0, 1 : 1 + D.CHANNEL_SHAPES].std(axis=0) == pytest.approx(expected, rel=0.05)
 
 
 @pytest.mark.parametrize(
