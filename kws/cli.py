@@ -286,7 +286,12 @@ def _eval_stream(args) -> int:
     _, result = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
     )
-    if args.plot:
+    if args.plot and result["recall"] is None:
+        print(
+            f"no {args.plot}: a DET curve needs keywords in the test stream, and it holds none",
+            file=sys.stderr,
+        )
+    elif args.plot:
         from kws import plots
 
         thresholds = "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"

@@ -31,7 +31,7 @@ from kws.runtime import (
     resolve,
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
-from kws.stream_eval import stream_test
+from kws.stream_eval import percent, stream_test
 from kws.train import MODEL_FILE, RunConfig
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -385,7 +385,7 @@ def model_card(manifest: dict) -> str:
         f"- Streaming (model every {HOP_MS * detection['hop_frames']:g} ms, scores averaged over "
         f"{detection['average_ms']:g} ms), default thresholds (calibrated to "
         f"{streaming['target_fa_per_hour']} false accepts per "
-        f"hour): recall {streaming['recall']:.1%} of {streaming['keywords']} keywords in a "
+        f"hour): recall {percent(streaming['recall'])} of {streaming['keywords']} keywords in a "
         f"{streaming['stream_hours']:.2f} h test stream, {streaming['false_accepts_per_hour']:.2f} false "
         "accepts per hour",
     ]

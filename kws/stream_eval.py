@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
-from kws.data import UNKNOWN, SpeechData, to_float
+from kws.data import UNKNOWN, DataError, SpeechData, to_float
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream, keywords
 
@@ -341,6 +341,11 @@ def stream_test(
         # A keyword the stream never says would get the lowest threshold without a false
         # accept, whatever it finds: it keeps the threshold it had.
         said = {keyword for keyword, _, _ in stream.truth}
+        if not said:
+            raise DataError(
+                f"the validation split of {data.root} holds none of the model's keywords "
+                f"({', '.join(table)}): there is nothing to calibrate on; pass data with their clips"
+            )
         unsaid = [keyword for keyword in table if keyword not in said]
         if unsaid:
             kept = ", ".join(f"{keyword} {config.threshold(keyword):g}" for keyword in unsaid)
@@ -371,7 +376,7 @@ def format_stream_report(report: dict) -> str:
     """Human-readable text of a stream test."""
     lines = [
         f"test stream {report['stream_hours']:.2f} h, {report['keywords']} keywords: recall "
-        f"{report['recall']:.1%}, {_false_accepts(report['false_accepts'])} "
+        f"{percent(report['recall'])}, {_false_accepts(report['false_accepts'])} "
         f"({report['false_accepts_per_hour']:.2f} per hour)"
     ]
     if report["false_accepts"]:
@@ -388,12 +393,17 @@ def format_stream_report(report: dict) -> str:
         )
     lines.append(f"{'keyword':<10} {'threshold':>9} {'recall':>7} {'found':>9} {'false accepts':>14}")
     for keyword, row in report["per_keyword"].items():
-        recall = row["recall"] or 0.0
-        found = f"{round(recall * row['occurrences'])}/{row['occurrences']}"
+        found = f"{round((row['recall'] or 0.0) * row['occurrences'])}/{row['occurrences']}"
         lines.append(
-            f"{keyword:<10} {row['threshold']:9.6g} {recall:7.1%} {found:>9} {row['false_accepts']:14d}"
+            f"{keyword:<10} {row['threshold']:9.6g} {percent(row['recall']):>7} {found:>9} "
+            f"{row['false_accepts']:14d}"
         )
     return "\n".join(lines)
+
+
+def percent(recall: float | None) -> str:
+    """A recall as text; "n/a" where the stream said no keyword to find."""
+    return "n/a" if recall is None else f"{recall:.1%}"
 
 
 def _false_accepts(count: int) -> str:

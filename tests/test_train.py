@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import TONE_WORDS as WORDS
+from conftest import make_dataset
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
@@ -85,6 +86,24 @@ def test_eval_stream_measures_the_exports_stream_and_refuses_a_split(tone_export
         "kws eval: error: --split is for clip accuracy: "
         "the test stream is always built from validation clips\n"
     )
+
+
+def test_a_stream_without_the_models_keywords_is_measured_but_not_calibrated_on(
+    tone_export, tmp_path, capsys
+):
+    out, _ = tone_export
+    others = make_dataset(tmp_path / "others", words=("bed", "cat"))  # none of the model's keywords
+    plot = tmp_path / "det.png"
+    args = ["eval", "--stream", "--model", str(out), "--data", str(others)]
+    assert main([*args, "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    assert "test stream" in captured.out and "0 keywords: recall n/a" in captured.out
+    assert "a DET curve needs keywords in the test stream" in captured.err and not plot.exists()
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    assert main(["calibrate", str(copy), "--data", str(others)]) == 2
+    assert "holds none of the model's keywords" in capsys.readouterr().err
+    assert (copy / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
 
 def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
