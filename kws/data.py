@@ -148,17 +148,29 @@ def _clip_key(word: str, path: str | Path) -> str:
     return f"{word}/{Path(path).stem}"
 
 
-def _read_list(root: Path, name: str) -> set[str]:
+def _read_list(root: Path, name: str) -> dict[str, str]:
+    """The clips a split list names: clip key -> the line naming it."""
     path = root / name
     if not path.exists():
-        return set()
-    keys = set()
+        return {}
+    keys = {}
     for line in path.read_text().splitlines():
-        line = line.strip()
+        line = line.strip().removeprefix("./")
         if line:
             word, _, file = line.partition("/")
-            keys.add(_clip_key(word, file))
+            keys[_clip_key(word, file)] = line
     return keys
+
+
+def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: set[str]) -> None:
+    """Say how many lines of a split list name no clip: their clips would go to a split by hash."""
+    missing = [line for key, line in listed.items() if key not in found]
+    if missing:
+        tqdm.write(
+            f"warning: lines of {root / name} that name no clip there: {len(missing)} of {len(listed)} "
+            f"(the first: {missing[0]}); a line is WORD/FILE, the path below {root}",
+            file=sys.stderr,
+        )
 
 
 def is_test_package(root: Path) -> bool:
@@ -226,7 +238,15 @@ def scan(
             f"no audio clips found in {root}: expected one folder per word "
             "(Speech Commands layout) with .wav/.flac/.ogg files"
         )
+    found = {_clip_key(clip.word, clip.path.name) for clip in clips}
+    for name, listed in (("validation_list.txt", validation), ("testing_list.txt", testing)):
+        _warn_unmatched(root, name, listed, found)
     return clips
+
+
+# A clip longer than this loses part of itself to the 1 s the model sees (a few ms over are
+# encoders' padding).
+LONG_CLIP_SAMPLES = CLIP_SAMPLES + SAMPLE_RATE // 20
 
 
 def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
@@ -234,15 +254,24 @@ def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
 
     Returns the audio and the indices of ``paths`` that were kept.
     """
-    rows, kept = [], []
+    rows, kept, long = [], [], []
     for index, path in enumerate(tqdm(paths, desc=description, unit="clip", leave=False, disable=None)):
         try:
-            samples = audio.fix_length(audio.load(path))
+            samples = audio.load(path)
         except audio.AudioError as error:
             tqdm.write(f"skipping {error}", file=sys.stderr)
             continue
-        rows.append(_to_int16(samples))
+        if len(samples) > LONG_CLIP_SAMPLES:
+            long.append((path, len(samples) / SAMPLE_RATE))
+        rows.append(_to_int16(audio.fix_length(samples)))
         kept.append(index)
+    if long:
+        path, seconds = long[0]
+        tqdm.write(
+            f"warning: {description} over 1 s long: {len(long)} (the first: {path}, {seconds:.1f} s); only "
+            "their first second is used, so the word must be in it: cut them to 1 s around the word",
+            file=sys.stderr,
+        )
     if not rows:
         return np.zeros((0, CLIP_SAMPLES), np.int16), kept
     return np.stack(rows), kept

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, features, plots
-from kws.data import AugmentConfig, DataConfig, DataError, SpeechData, labels_for
+from kws.data import NOISE_FOLDER, AugmentConfig, DataConfig, DataError, SpeechData, labels_for
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
@@ -197,6 +198,38 @@ def _latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def _checked_validation(data: SpeechData):
+    """The validation set of data a run can learn from; DataError if it cannot, and a warning
+    for each gap that would leave the model untested or deaf to something."""
+    unheard = data.words_without_clips("training")
+    if unheard:
+        raise DataError(
+            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: each keyword needs a "
+            "folder of clips there (check the spelling in --words)"
+        )
+    if not len(data.split_audio("validation").samples):
+        raise DataError(
+            f"no validation clips in {data.root}: name some in its validation_list.txt (lines WORD/FILE), "
+            f"or give it more speakers (each speaker's clips go to validation with "
+            f"{data.config.validation_percent:g} % chance)"
+        )
+    untested = data.words_without_clips("validation")
+    if untested:
+        tqdm.write(
+            f"warning: no validation clips of {', '.join(map(repr, untested))}: its accuracy goes unmeasured "
+            "and `kws export` cannot calibrate its threshold; name some of its clips in validation_list.txt",
+            file=sys.stderr,
+        )
+    if not data.noise:
+        tqdm.write(
+            f"warning: no background noise in {data.root / NOISE_FOLDER}: the model learns no _silence_ "
+            "and hears no noise in training; put noise recordings there (Speech Commands' six, or your "
+            "own rooms')",
+            file=sys.stderr,
+        )
+    return data.evaluation_set("validation")
+
+
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
     import keras
@@ -209,25 +242,25 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)
-    unheard = data.words_without_clips("training")
-    if unheard:
-        raise DataError(
-            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: each keyword needs a "
-            "folder of clips there (check the spelling in --words)"
-        )
+    validation = _checked_validation(data)
+    val_features = features.mfcc(validation.audio)
     config.data_summary = data.summary()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, config.to_dict())
-
-    validation = data.evaluation_set("validation")
-    val_features = features.mfcc(validation.audio)
 
     if checkpoint:
         model, state = _resumed(*checkpoint)
         tqdm.write(f"resuming {run_dir} after epoch {state['epochs_done']}")
     else:
         model = _new_model(config)
-        state = {"epochs_done": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "seconds": 0.0}
+        state = {
+            "epochs_done": 0,
+            "history": [],
+            "best_accuracy": -1.0,
+            "best_val_loss": np.inf,
+            "best_epoch": 0,
+            "seconds": 0.0,
+        }
 
     def epoch_data(epoch: int):
         rng = np.random.default_rng([config.train.seed, epoch])
@@ -274,8 +307,12 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                     "seconds": round(time.perf_counter() - started, 2),
                 }
             )
-            if val_accuracy > state["best_accuracy"]:
+            val_loss = state["history"][-1]["val_loss"]
+            # Of epochs equally accurate (a small validation set reaches 100 % early), the
+            # surest: the lowest validation loss.
+            if (val_accuracy, -val_loss) > (state["best_accuracy"], -state.get("best_val_loss", np.inf)):
                 state["best_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
+                state["best_val_loss"] = val_loss
                 with atomic_path(run_dir / MODEL_FILE) as tmp:
                     model.save(tmp)
             state["epochs_done"] = epoch + 1

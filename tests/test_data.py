@@ -148,6 +148,24 @@ def test_time_shift_moves_audio_by_at_most_the_limit():
     assert (shifted.sum(axis=1) == 1).all()
 
 
+def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dataset, capsys):
+    listed = (tiny_dataset / "validation_list.txt").read_text().splitlines()
+    (tiny_dataset / "validation_list.txt").write_text(
+        "\n".join([f"./{listed[0]}", *listed[1:], "yes/not_here.wav", "music/x.wav"])
+    )
+    sf.write(tiny_dataset / "yes" / "30yesab_nohash_0.wav", tone(400.0, seconds=3.0), 16000)
+    clips = D.scan(tiny_dataset)
+    err = capsys.readouterr().err
+    assert "name no clip there: 2 of" in err and "(the first: yes/not_here.wav)" in err
+    validation = {f"{clip.word}/{clip.path.name}" for clip in clips if clip.split == "validation"}
+    assert listed[0] in validation and set(listed) <= validation  # "./" before a line is the same path
+    D.load_clips([clip.path for clip in clips if clip.word == "yes"], "training clips")
+    err = capsys.readouterr().err
+    assert (
+        "warning: training clips over 1 s long: 1 (the first:" in err and "30yesab_nohash_0.wav, 3.0 s" in err
+    )
+
+
 def test_spec_augment_zeroes_bands_and_keeps_shape():
     feats = np.ones((50, NUM_FRAMES, NUM_MFCC), np.float32)
     masked = D.spec_augment(feats, np.random.default_rng(0), D.AugmentConfig(spec_augment=True))

@@ -12,6 +12,7 @@ from conftest import make_dataset
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
+from kws.data import DataError
 from kws.features import NUM_FRAMES, NUM_MFCC
 from kws.runtime import ModelError
 from kws.train import RunConfig, TrainConfig, train
@@ -114,6 +115,36 @@ def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("accuracy ") and "confusion (rows: true" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_of_equally_accurate_epochs_the_one_with_the_lowest_validation_loss_is_kept(tone_run):
+    _, metrics = tone_run
+    history = metrics["history"]
+    best = max(history, key=lambda epoch: (epoch["val_accuracy"], -epoch["val_loss"]))
+    tied = [epoch for epoch in history if epoch["val_accuracy"] == best["val_accuracy"]]
+    assert len(tied) > 1  # the tone data set reaches 100 % before its last epoch
+    assert metrics["best_epoch"] == best["epoch"] != tied[0]["epoch"]
+
+
+def test_data_without_validation_clips_is_refused_before_the_run_folder_exists(tiny_dataset, tmp_path):
+    (tiny_dataset / "validation_list.txt").write_text("")
+    config = run_config(tiny_dataset, epochs=1)
+    config.data.validation_percent = 0
+    with pytest.raises(DataError, match="no validation clips in .*validation_list.txt"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # so the same command can run again once the data is fixed
+
+
+def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_dataset, tmp_path, capsys):
+    lines = (tiny_dataset / "validation_list.txt").read_text().splitlines()
+    (tiny_dataset / "validation_list.txt").write_text("\n".join(line for line in lines if "down" not in line))
+    shutil.rmtree(tiny_dataset / "_background_noise_")
+    config = run_config(tiny_dataset, epochs=1)
+    config.data.validation_percent = 0
+    train(config, tmp_path / "run")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 2
+    assert "no validation clips of 'down'" in warnings[0] and "no background noise" in warnings[1]
 
 
 def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_path):
