@@ -24,6 +24,7 @@ from kws.runtime import (
     CONFIG_FILE,
     LOGITS,
     MANIFEST_FILE,
+    MODEL_FILE,
     Model,
     ModelError,
     embed_manifest,
@@ -32,7 +33,7 @@ from kws.runtime import (
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import percent, stream_test
-from kws.train import MODEL_FILE, RunConfig
+from kws.train import RunConfig, latest_checkpoint
 
 MODEL_CARD = "MODEL_CARD.md"
 DET_PLOT = "det_curve.png"
@@ -177,6 +178,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = checked_run(run_dir)  # before keras loads, so that a wrong run is reported at once
+    progress = training_progress(run_dir, config)
     import keras
 
     model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
@@ -219,6 +221,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
             "data": asdict(config.data),
             "augment": asdict(config.augment),
             "train": asdict(config.train),
+            **progress,
             "clips_per_split": config.data_summary.get("clips_per_split", {}),
             "negatives": config.data_summary.get("negatives", {}),
         },
@@ -243,6 +246,22 @@ def checked_run(run_dir: Path) -> RunConfig:
             f"{run_dir / CONFIG_FILE} to where it is now"
         )
     return config
+
+
+def training_progress(run_dir: Path, config: RunConfig) -> dict:
+    """The epochs a run has trained and its best one, from its last checkpoint; a warning if
+    fewer than its config's (training goes on, or was stopped)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:  # runs from before checkpoints were kept
+        return {}
+    done, best = checkpoint[1]["epochs_done"], checkpoint[1]["best_epoch"]
+    if done < config.train.epochs:
+        tqdm.write(
+            f"warning: {run_dir} has trained {done} of its {config.train.epochs} epochs (training goes on, "
+            f"or was stopped): this exports its best so far, epoch {best}; export again once it is done",
+            file=sys.stderr,
+        )
+    return {"epochs_trained": done, "best_epoch": best}
 
 
 def validation_accuracy(converted: dict[str, bytes], config: RunConfig, data: SpeechData) -> dict:
@@ -373,7 +392,7 @@ def model_card(manifest: dict) -> str:
         ),
         f"- `_silence_`: {data['silence_share']:.0%} of examples, background noise from near silence "
         "to full level",
-        f"- Recipe: {train['epochs']} epochs, batch {train['batch_size']}, Adam, learning rates "
+        f"- Recipe: {_epochs(manifest['training'])}, batch {train['batch_size']}, Adam, learning rates "
         f"{' -> '.join(str(r) for r in train['learning_rates'])}, seed {train['seed']}",
         "",
         "## Measured (held-out validation split; the official test set was not used)",
@@ -401,10 +420,18 @@ def model_card(manifest: dict) -> str:
         "- Thresholds: " + ", ".join(f"{k} {v}" for k, v in manifest["detection"]["thresholds"].items()),
         "",
         "## Limits",
-        "- Trained on short, isolated words read by volunteers; other accents, far-field microphones and "
-        "loud noise will lower recall.",
+        "- Trained on short, isolated words in 1 s clips; voices, accents, far-field microphones and "
+        "noise unlike the training clips' will lower recall.",
         "- Words it never heard can still be taken for keywords; the false-accept figures above are the "
         "best guide to how often.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _epochs(training: dict) -> str:
+    planned, done = training["train"]["epochs"], training.get("epochs_trained")
+    if done is None:  # exported before the manifest recorded it
+        return f"{planned} epochs"
+    trained = f"{planned} epochs" if done == planned else f"{done} of {planned} planned epochs"
+    return f"{trained} (best: epoch {training['best_epoch']})"

@@ -17,6 +17,7 @@ from kws.stream import detection_config
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # a training run's settings, in its folder
+MODEL_FILE = "model.keras"  # a training run's best model, in its folder
 METADATA_NAME = "kws_manifest"  # the manifest's copy inside each exported .tflite
 EXPORT_FOLDER = "export"  # where `kws export RUN` writes by default
 BUILT_IN_MODEL = Path(__file__).parent / "models" / "default"  # used when no --model is given
@@ -103,6 +104,17 @@ def _read_manifest(manifest_file: Path) -> dict:
     return manifest
 
 
+def _warn_if_stale(run_dir: Path, manifest_file: Path) -> None:
+    """Say so when a run's model is newer than its export, which is what runs (training went on)."""
+    model_file = run_dir / MODEL_FILE
+    if model_file.exists() and model_file.stat().st_mtime > manifest_file.stat().st_mtime:
+        print(
+            f"warning: {manifest_file.parent} is older than {model_file}, which training has replaced "
+            f"since: run `kws export {run_dir}` to use the newer model",
+            file=sys.stderr,
+        )
+
+
 def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 
@@ -123,6 +135,7 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         manifest_file = path / MANIFEST_FILE
         if not manifest_file.exists() and (path / EXPORT_FOLDER / MANIFEST_FILE).exists():
             manifest_file = path / EXPORT_FOLDER / MANIFEST_FILE  # a run folder, exported in place
+            _warn_if_stale(path, manifest_file)
         if not manifest_file.exists():
             trained = (path / CONFIG_FILE).exists()
             raise ModelError(

@@ -27,12 +27,11 @@ from kws.data import NOISE_FOLDER, AugmentConfig, DataConfig, DataError, SpeechD
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
-from kws.runtime import CONFIG_FILE, ModelError
+from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError
 
 # TensorFlow's C++ logging hides our output, and says "CUDA error" on every machine without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -190,7 +189,9 @@ def _save_checkpoint(run_dir: Path, model, state: dict) -> None:
         old.unlink()
 
 
-def _latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The last complete checkpoint of a run: its model file and its state (epochs_done,
+    best_epoch, history, ...); None before the first epoch ends."""
     for state_file in sorted((run_dir / CHECKPOINTS).glob("epoch-*.json"), reverse=True):
         model_file = state_file.with_suffix(".keras")
         if model_file.exists():
@@ -235,7 +236,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     import keras
 
     run_dir = Path(run_dir)
-    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint and config.train.epochs < checkpoint[1]["epochs_done"]:
         done = checkpoint[1]["epochs_done"]
         raise KwsError(f"{run_dir} has trained {done} epochs already: resume it with --epochs {done} or more")

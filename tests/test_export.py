@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -115,7 +116,7 @@ def test_exported_models_end_with_logits_and_the_runtime_applies_the_softmax(
 
     from kws.data import DataConfig, SpeechData
     from kws.features import mfcc
-    from kws.train import MODEL_FILE
+    from kws.runtime import MODEL_FILE
 
     out, manifest = exported
     assert manifest["output"]["values"] == runtime.LOGITS
@@ -428,6 +429,7 @@ def test_model_card_states_the_measured_figures(exported):
     assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
     assert f"{manifest['sizes']['int8_bytes']:,} bytes" in card
     assert f"recall {manifest['streaming']['recall']:.1%}" in card
+    assert f"Recipe: 6 epochs (best: epoch {manifest['training']['best_epoch']})," in card
 
 
 def test_model_card_of_a_manifest_without_model_counts_says_unknown(exported):
@@ -436,26 +438,49 @@ def test_model_card_of_a_manifest_without_model_counts_says_unknown(exported):
     assert "(unknown parameters, unknown multiply-accumulates per inference)" in card
 
 
-def test_export_of_a_run_without_metrics_counts_the_model_itself(tone_run, tmp_path):
+def test_export_of_an_unfinished_run_says_so_and_counts_the_model_itself(tone_run, tmp_path, capsys):
+    from kws.runtime import CONFIG_FILE
     from kws.train import METRICS_FILE
 
     run, metrics = tone_run
     interrupted = tmp_path / "interrupted"
     shutil.copytree(run, interrupted, ignore=shutil.ignore_patterns(METRICS_FILE))
+    config = json.loads((interrupted / CONFIG_FILE).read_text())
+    config["train"]["epochs"] = 10  # stopped after 6 of 10
+    (interrupted / CONFIG_FILE).write_text(json.dumps(config))
     manifest = export.export(interrupted, tmp_path / "out")
+    best = metrics["best_epoch"]
+    assert "has trained 6 of its 10 epochs" in capsys.readouterr().err
+    assert (manifest["training"]["epochs_trained"], manifest["training"]["best_epoch"]) == (6, best)
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert f"Recipe: 6 of 10 planned epochs (best: epoch {best})" in card
     assert (
         manifest["sizes"]["parameters"] == metrics["parameters"]
         and manifest["sizes"]["macs"] == metrics["macs"]
     )
-    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert (
         f"({metrics['parameters']:,} parameters, {metrics['macs'] / 1e6:.2f} M multiply-accumulates" in card
     )
 
 
+def test_a_run_trained_on_after_its_export_is_flagged(tone_export, tmp_path, capsys):
+    from kws.runtime import CONFIG_FILE, EXPORT_FOLDER, MODEL_FILE
+
+    out, _ = tone_export
+    run = tmp_path / "run"
+    shutil.copytree(out, run / EXPORT_FOLDER)
+    (run / CONFIG_FILE).write_text("{}")
+    (run / MODEL_FILE).write_bytes(b"a model saved before the export")
+    os.utime(run / MODEL_FILE, (1, 1))
+    runtime.resolve(run)
+    assert capsys.readouterr().err == ""
+    (run / MODEL_FILE).touch()  # training saved a better model after the export
+    assert runtime.resolve(run)[0] == run / EXPORT_FOLDER / "model_int8.tflite"  # still what runs
+    assert f"run `kws export {run}` to use the newer model" in capsys.readouterr().err
+
+
 def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
-    from kws.runtime import CONFIG_FILE
-    from kws.train import MODEL_FILE
+    from kws.runtime import CONFIG_FILE, MODEL_FILE
 
     run, _ = tone_run
     moved = tmp_path / "moved"
