@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kws import KwsError, features, plots
+from kws import KwsError, audio, features, plots
 from kws.data import NOISE_FOLDER, AugmentConfig, DataConfig, DataError, SpeechData, labels_for
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
@@ -199,14 +199,22 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def _why_no_clips(folder: Path) -> str:
+    if not folder.is_dir():
+        return "each keyword needs a folder of clips there (check the spelling in --words)"
+    if not any(audio.is_audio_file(path) for path in folder.iterdir()):
+        return f"{folder} holds no audio files"
+    return f"the lists or the speaker hash put every clip in {folder} in validation or test"
+
+
 def _checked_validation(data: SpeechData):
     """The validation set of data a run can learn from; DataError if it cannot, and a warning
     for each gap that would leave the model untested or deaf to something."""
     unheard = data.words_without_clips("training")
     if unheard:
         raise DataError(
-            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: each keyword needs a "
-            "folder of clips there (check the spelling in --words)"
+            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: "
+            + _why_no_clips(data.root / unheard[0])
         )
     if not len(data.split_audio("validation").samples):
         raise DataError(

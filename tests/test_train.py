@@ -248,6 +248,14 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     err = capsys.readouterr().err
     assert f"no training clips of 'nope' in {tone_dataset}" in err and "--words" in err
     assert not run.exists()  # so the same --out works once the word is fixed
+    data = tmp_path / "data"
+    shutil.copytree(tone_dataset, data)
+    (data / "radio").mkdir()  # made, but not filled yet
+    assert main(["train", "--data", str(data), "--words", "yes,radio", "--out", str(run)]) == 2
+    assert (
+        f"no training clips of 'radio' in {data}: {data / 'radio'} holds no audio files"
+        in capsys.readouterr().err
+    )
     for command in (["train", "--data", str(tone_dataset)], ["synth", "--words", "yes"]):
         with pytest.raises(SystemExit) as exited:
             main([*command, "--seed", "-1", "--out", str(run)])
