@@ -246,6 +246,12 @@ def cmd_eval(args) -> int:
         _require_train_extra("--plot", "matplotlib")
     classifier, recorded = _load_classifier(args.model)
     examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(split)
+    if not len(examples.labels):
+        keywords = [label for label in classifier.labels if not label.startswith("_")]
+        raise UserError(
+            f"the {split} split of {args.data} holds none of the model's keywords ({', '.join(keywords)}): "
+            "there is nothing to score; pass data with their clips"
+        )
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     missing = [
         label

@@ -89,7 +89,7 @@ def test_eval_stream_measures_the_exports_stream_and_refuses_a_split(tone_export
     )
 
 
-def test_a_stream_without_the_models_keywords_is_measured_but_not_calibrated_on(
+def test_data_without_the_models_keywords_is_measured_as_a_stream_but_not_scored_or_calibrated_on(
     tone_export, tmp_path, capsys
 ):
     out, _ = tone_export
@@ -100,6 +100,8 @@ def test_a_stream_without_the_models_keywords_is_measured_but_not_calibrated_on(
     captured = capsys.readouterr()
     assert "test stream" in captured.out and "0 keywords: recall n/a" in captured.out
     assert "a DET curve needs keywords in the test stream" in captured.err and not plot.exists()
+    assert main(["eval", "--model", str(out), "--data", str(others), "--split", "validation"]) == 2
+    assert "holds none of the model's keywords (yes, no, up, down)" in capsys.readouterr().err
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
     assert main(["calibrate", str(copy), "--data", str(others)]) == 2
