@@ -105,6 +105,8 @@ class AugmentConfig:
     freq_mask_coefficients: int = 2
 
     def __post_init__(self):
+        if not self.channel_db >= 0:
+            raise ValueError(f"channel_db must be 0 or more, got {self.channel_db}")
         if not 0 <= self.speed < 1:
             raise ValueError(
                 f"speed must be from 0 to below 1 (0.15: up to 15 % faster or slower), got {self.speed}"

@@ -199,9 +199,10 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _why_no_clips(folder: Path) -> str:
+def _why_no_clips(root: Path, word: str) -> str:
+    folder = root / word
     if not folder.is_dir():
-        return "each keyword needs a folder of clips there (check the spelling in --words)"
+        return f"no folder {word!r} there (check the spelling in --words)"
     if not any(audio.is_audio_file(path) for path in folder.iterdir()):
         return f"{folder} holds no audio files"
     return f"the lists or the speaker hash put every clip in {folder} in validation or test"
@@ -212,21 +213,25 @@ def _checked_validation(data: SpeechData):
     for each gap that would leave the model untested or deaf to something."""
     unheard = data.words_without_clips("training")
     if unheard:
+        reasons = "; ".join(_why_no_clips(data.root, word) for word in unheard)
+        raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
+    if not data.split_audio("validation").keyword.any():
         raise DataError(
-            f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: "
-            + _why_no_clips(data.root / unheard[0])
-        )
-    if not len(data.split_audio("validation").samples):
-        raise DataError(
-            f"no validation clips in {data.root}: name some in its validation_list.txt (lines WORD/FILE), "
+            f"no validation clips of any keyword in {data.root}: name some in its validation_list.txt "
+            "(lines WORD/FILE), "
             f"or give it more speakers (each speaker's clips go to validation with "
             f"{data.config.validation_percent:g} % chance)"
         )
     untested = data.words_without_clips("validation")
     if untested:
         tqdm.write(
-            f"warning: no validation clips of {', '.join(map(repr, untested))}: its accuracy goes unmeasured "
-            "and `kws export` cannot calibrate its threshold; name some of its clips in validation_list.txt",
+            f"warning: no validation clips of {', '.join(map(repr, untested))}: "
+            + (
+                "its accuracy goes unmeasured and `kws export` cannot calibrate its threshold"
+                if len(untested) == 1
+                else "their accuracy goes unmeasured and `kws export` cannot calibrate their thresholds"
+            )
+            + "; name some clips of each in validation_list.txt",
             file=sys.stderr,
         )
     if not data.noise:
@@ -319,7 +324,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             val_loss = state["history"][-1]["val_loss"]
             # Of epochs equally accurate (a small validation set reaches 100 % early), the
             # surest: the lowest validation loss.
-            if (val_accuracy, -val_loss) > (state["best_accuracy"], -state.get("best_val_loss", np.inf)):
+            if (val_accuracy, -val_loss) > (state["best_accuracy"], -state["best_val_loss"]):
                 state["best_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
                 state["best_val_loss"] = val_loss
                 with atomic_path(run_dir / MODEL_FILE) as tmp:
@@ -354,6 +359,8 @@ def _resumed(model_file: Path, state: dict):
     model = keras.models.load_model(model_file)
     for variable, value in zip(_seed_states(model), state.pop("seed_states", []), strict=False):
         variable.assign(np.array(value, dtype=variable.dtype))
+    if "best_val_loss" not in state:  # checkpoints from before ties were broken by the loss
+        state["best_val_loss"] = state["history"][state["best_epoch"] - 1]["val_loss"]
     return model, state
 
 

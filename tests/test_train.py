@@ -128,13 +128,15 @@ def test_of_equally_accurate_epochs_the_one_with_the_lowest_validation_loss_is_k
     assert metrics["best_epoch"] == best["epoch"] != tied[0]["epoch"]
 
 
-def test_data_without_validation_clips_is_refused_before_the_run_folder_exists(tiny_dataset, tmp_path):
-    (tiny_dataset / "validation_list.txt").write_text("")
-    config = run_config(tiny_dataset, epochs=1)
-    config.data.validation_percent = 0
-    with pytest.raises(DataError, match="no validation clips in .*validation_list.txt"):
-        train(config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # so the same command can run again once the data is fixed
+def test_data_without_validation_clips_of_keywords_is_refused_before_the_run_folder(tiny_dataset, tmp_path):
+    listed = (tiny_dataset / "validation_list.txt").read_text().splitlines()
+    for kept in ([], [line for line in listed if line.startswith("bed/")]):  # none, or other words only
+        (tiny_dataset / "validation_list.txt").write_text("\n".join(kept))
+        config = run_config(tiny_dataset, epochs=1)
+        config.data.validation_percent = 0
+        with pytest.raises(DataError, match="no validation clips of any keyword in .*validation_list.txt"):
+            train(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # so the same command can run again once the data is fixed
 
 
 def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_dataset, tmp_path, capsys):
@@ -154,11 +156,18 @@ def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_p
     first = train(run_config(tone_dataset, epochs=2), run)
     # A checkpoint whose state file never got written (killed mid-save) is ignored.
     (run / "checkpoints" / "epoch-0003.keras").write_bytes(b"half")
+    # A checkpoint of an older kws, which kept no best validation loss.
+    state_file = run / "checkpoints" / "epoch-0002.json"
+    state = json.loads(state_file.read_text())
+    del state["best_val_loss"]
+    state_file.write_text(json.dumps(state))
     config = RunConfig.load(run)
     config.train.epochs = 3
     resumed = train(config, run, resume=True)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == first["history"]
+    best = max(resumed["history"], key=lambda epoch: (epoch["val_accuracy"], -epoch["val_loss"]))
+    assert resumed["best_epoch"] == best["epoch"]
 
 
 def test_a_resumed_run_trains_as_the_uninterrupted_one(tone_dataset, tmp_path):
@@ -253,11 +262,10 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     data = tmp_path / "data"
     shutil.copytree(tone_dataset, data)
     (data / "radio").mkdir()  # made, but not filled yet
-    assert main(["train", "--data", str(data), "--words", "yes,radio", "--out", str(run)]) == 2
-    assert (
-        f"no training clips of 'radio' in {data}: {data / 'radio'} holds no audio files"
-        in capsys.readouterr().err
-    )
+    assert main(["train", "--data", str(data), "--words", "yes,radio,nope", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"no training clips of 'radio', 'nope' in {data}: {data / 'radio'} holds no audio files; " in err
+    assert "no folder 'nope' there (check the spelling in --words)" in err
     for command in (["train", "--data", str(tone_dataset)], ["synth", "--words", "yes"]):
         with pytest.raises(SystemExit) as exited:
             main([*command, "--seed", "-1", "--out", str(run)])
