@@ -467,9 +467,10 @@ def cmd_serve(args) -> int:
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
     _check_can_listen(args.host, args.port)
-    # A bad model fails here, once, rather than in every worker.
-    Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
-    serve(settings, args.host, args.port)
+    # A bad model fails here, once, rather than in every worker; the server and its workers all
+    # load the file resolved here, so each runs the same model and its warnings come once.
+    model = Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
+    serve(replace(settings, model=model.source), args.host, args.port)
     return 0
 
 
@@ -728,8 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect = commands.add_parser(
         "detect",
         help="find keywords in audio files",
-        description="Run the streaming Detector over audio files (any format and sample rate soundfile "
-        "reads, any length), or every audio file in folders, and print each detection with its time.",
+        description="Run the streaming Detector over audio files (any format soundfile reads, any sample "
+        "rate from 8 kHz, any length), or every audio file in folders, and print each detection with its "
+        "time.",
         epilog="examples: kws detect recording.wav --json;  kws detect recordings/",
     )
     detect.add_argument(

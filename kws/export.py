@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import re
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -179,9 +181,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = checked_run(run_dir)  # before keras loads, so that a wrong run is reported at once
     progress = training_progress(run_dir, config)
-    import keras
-
-    model = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
+    model, digest = _load_trained(run_dir)
     data = SpeechData(config.data)
 
     steps = tqdm(total=7, desc="export", unit="step")
@@ -222,6 +222,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
             "augment": asdict(config.augment),
             "train": asdict(config.train),
             **progress,
+            "model_sha256": digest,
             "clips_per_split": config.data_summary.get("clips_per_split", {}),
             "negatives": config.data_summary.get("negatives", {}),
         },
@@ -231,6 +232,19 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     steps.update()
     steps.close()
     return json.loads((out_dir / MANIFEST_FILE).read_text())  # as written: JSON's lists, not tuples
+
+
+def _load_trained(run_dir: Path):
+    """A run's Keras model and the SHA-256 of the very bytes loaded (training may replace the file
+    meanwhile): the digest tells later whether the run's model is still the one exported."""
+    import keras
+
+    content = (run_dir / MODEL_FILE).read_bytes()
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / MODEL_FILE
+        copy.write_bytes(content)
+        model = keras.models.load_model(copy, compile=False)
+    return model, hashlib.sha256(content).hexdigest()
 
 
 def checked_run(run_dir: Path) -> RunConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -104,13 +105,19 @@ def _read_manifest(manifest_file: Path) -> dict:
     return manifest
 
 
-def _warn_if_stale(run_dir: Path, manifest_file: Path) -> None:
-    """Say so when a run's model is newer than its export, which is what runs (training went on)."""
+def model_digest(model_file: Path) -> str:
+    """SHA-256 of a run's model file: what its export records, to tell when training replaced it."""
+    return hashlib.sha256(model_file.read_bytes()).hexdigest()
+
+
+def _warn_if_stale(run_dir: Path, manifest: dict) -> None:
+    """Say so when a run's model is not the one its export was made from (training went on)."""
+    exported = manifest.get("training", {}).get("model_sha256")
     model_file = run_dir / MODEL_FILE
-    if model_file.exists() and model_file.stat().st_mtime > manifest_file.stat().st_mtime:
+    if exported and model_file.exists() and model_digest(model_file) != exported:
         print(
-            f"warning: {manifest_file.parent} is older than {model_file}, which training has replaced "
-            f"since: run `kws export {run_dir}` to use the newer model",
+            f"warning: {run_dir / EXPORT_FOLDER} was exported from an earlier {model_file}, which training "
+            f"has replaced since: run `kws export {run_dir}` to use the newer model",
             file=sys.stderr,
         )
 
@@ -135,7 +142,6 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         manifest_file = path / MANIFEST_FILE
         if not manifest_file.exists() and (path / EXPORT_FOLDER / MANIFEST_FILE).exists():
             manifest_file = path / EXPORT_FOLDER / MANIFEST_FILE  # a run folder, exported in place
-            _warn_if_stale(path, manifest_file)
         if not manifest_file.exists():
             trained = (path / CONFIG_FILE).exists()
             raise ModelError(
@@ -143,6 +149,8 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
                 + (f", or export this run first with `kws export {path}`" if trained else "")
             )
         manifest = _read_manifest(manifest_file)
+        if manifest_file.parent != path:
+            _warn_if_stale(path, manifest)
         try:
             return manifest_file.parent / manifest["files"]["int8"], manifest
         except (KeyError, TypeError):

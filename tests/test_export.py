@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -463,20 +462,20 @@ def test_export_of_an_unfinished_run_says_so_and_counts_the_model_itself(tone_ru
     )
 
 
-def test_a_run_trained_on_after_its_export_is_flagged(tone_export, tmp_path, capsys):
-    from kws.runtime import CONFIG_FILE, EXPORT_FOLDER, MODEL_FILE
+def test_a_run_trained_on_after_its_export_is_flagged(tone_run, tone_export, tmp_path, capsys):
+    from kws.runtime import EXPORT_FOLDER, MODEL_FILE
 
-    out, _ = tone_export
-    run = tmp_path / "run"
-    shutil.copytree(out, run / EXPORT_FOLDER)
-    (run / CONFIG_FILE).write_text("{}")
-    (run / MODEL_FILE).write_bytes(b"a model saved before the export")
-    os.utime(run / MODEL_FILE, (1, 1))
+    run = tmp_path / "run"  # a copy: new file times, same contents
+    shutil.copytree(tone_run[0], run)
+    shutil.copytree(tone_export[0], run / EXPORT_FOLDER)
+    assert tone_export[1]["training"]["model_sha256"] == runtime.model_digest(run / MODEL_FILE)
     runtime.resolve(run)
     assert capsys.readouterr().err == ""
-    (run / MODEL_FILE).touch()  # training saved a better model after the export
+    (run / MODEL_FILE).write_bytes(b"a better model, saved after the export")
     assert runtime.resolve(run)[0] == run / EXPORT_FOLDER / "model_int8.tflite"  # still what runs
     assert f"run `kws export {run}` to use the newer model" in capsys.readouterr().err
+    runtime.resolve(run / EXPORT_FOLDER)  # the export folder itself: no run to compare with
+    assert capsys.readouterr().err == ""
 
 
 def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
