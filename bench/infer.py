@@ -47,7 +47,7 @@ def main() -> None:
         int8, manifest = resolve(args.model)
     except ModelError as error:
         parser.error(str(error))
-    if "float32" not in manifest["files"]:
+    if not (int8.parent / manifest.get("files", {}).get("float32", "-")).is_file():
         parser.error(f"{int8.parent} has no float32 model to compare with: pass a folder made by kws export")
     models = {kind: Model(int8.parent / manifest["files"][kind], manifest) for kind in ("int8", "float32")}
     medians = latency_us(models)

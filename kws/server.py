@@ -4,7 +4,7 @@ Endpoints (OpenAPI docs at ``/docs``):
 
 - ``POST /detect``: one recording, as the raw request body (``audio/wav``, ``audio/flac``,
   ``audio/ogg``, ``application/octet-stream``) or as the file field of a multipart form;
-  any format soundfile reads, any sample rate, mono or multichannel. Answers the JSON of
+  any format soundfile reads, any sample rate from 8 kHz, mono or multichannel. Answers the JSON of
   ``kws detect --json``; its ``file`` is the multipart file name, else ``"upload"``.
   Query: ``threshold`` in (0, 1] replaces every keyword's threshold, ``top_k`` >= 1 limits
   the class scores of 1 s clips.
@@ -266,9 +266,8 @@ class AnswerAtShutdown:
         except asyncio.CancelledError:
             if answering:  # too late for another status
                 raise
-            # uvicorn cancels a request only at shutdown, never when its client leaves: handled
-            # here, so that the task goes on to send the answer.
-            asyncio.current_task().uncancel()
+            # uvicorn cancels a request only at shutdown, never when its client leaves; caught
+            # here, the cancellation ends the request's work, and the task goes on to answer.
             await JSONResponse({"detail": SHUTTING_DOWN}, 503)(scope, receive, send)
 
 

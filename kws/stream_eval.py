@@ -332,24 +332,25 @@ def stream_test(
     Returns the config measured and the report (with "det" points when asked or calibrating).
     """
     stream, speech_audio = build_stream(data), real_speech(data)
+    calibrating = target_per_hour is not None  # 0 is a target too: no false accept at all
+    said = {keyword for keyword, _, _ in stream.truth}
+    if calibrating and not said:
+        raise DataError(
+            f"the validation split of {data.root} holds none of the model's keywords "
+            f"({', '.join(keywords(model.labels))}): there is nothing to calibrate on; pass data with "
+            "their clips"
+        )
     scored = score(model, stream.audio, config.hop_frames, "test stream")
     speech = score(model, speech_audio, config.hop_frames, "real speech") if len(speech_audio) else None
-    calibrating = target_per_hour is not None  # 0 is a target too: no false accept at all
     table = sweep(model.labels, stream, scored, speech, config) if det or calibrating else None
     if calibrating:
         hours = stream.hours + (speech.hours if speech else 0.0)
         # A keyword the stream never says would get the lowest threshold without a false
         # accept, whatever it finds: it keeps the threshold it had.
-        said = {keyword for keyword, _, _ in stream.truth}
-        if not said:
-            raise DataError(
-                f"the validation split of {data.root} holds none of the model's keywords "
-                f"({', '.join(table)}): there is nothing to calibrate on; pass data with their clips"
-            )
         unsaid = [keyword for keyword in table if keyword not in said]
         if unsaid:
             kept = ", ".join(f"{keyword} {config.threshold(keyword):g}" for keyword in unsaid)
-            print(f"not in the test stream, so not calibrated: {kept}", file=sys.stderr)
+            tqdm.write(f"not in the test stream, so not calibrated: {kept}", file=sys.stderr)
         calibrated = calibrate({k: rows for k, rows in table.items() if k in said}, hours, target_per_hour)
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
@@ -364,7 +365,7 @@ def _warn_unfound(report: dict, target_per_hour: float) -> None:
     """Say which keywords the calibrated thresholds never find: they would never fire."""
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:
-            print(
+            tqdm.write(
                 f"warning: at {target_per_hour:g} false accepts per hour, the calibrated thresholds find "
                 f"none of the {row['occurrences']} {keyword!r} in the test stream, so it would never fire: "
                 "train longer or on more clips of it, or calibrate to a higher --target-fa",

@@ -38,7 +38,7 @@ from kws import workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import Model
-from kws.server import WS_MAX_BYTES, Settings, create_app, default_workers
+from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, create_app, default_workers
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool
 
@@ -584,6 +584,41 @@ def test_serve_help_states_the_settings_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"largest request body, in bytes (default {DEFAULT_MAX_BYTES:,})" in text
     assert f"longest recording POST /detect takes, in seconds (default {DEFAULT_MAX_SECONDS:g})" in text
+
+
+def test_serve_resolves_the_model_once_for_the_server_and_its_workers(export, tmp_path, monkeypatch, capsys):
+    from kws.runtime import CONFIG_FILE, EXPORT_FOLDER, MODEL_FILE
+
+    run = tmp_path / "run"  # a run trained on after its export: loading it warns
+    shutil.copytree(export, run / EXPORT_FOLDER)
+    (run / CONFIG_FILE).write_text("{}")
+    (run / MODEL_FILE).write_bytes(b"newer than the export")
+    served = []
+    monkeypatch.setattr("kws.server.serve", lambda settings, host, port: served.append(settings))
+    assert main(["serve", "--model", str(run), "--port", str(free_port())]) == 0
+    assert served[0].model == str(run / EXPORT_FOLDER / "model_int8.tflite")  # what every process loads
+    assert capsys.readouterr().err.count("warning:") == 1
+
+
+def test_a_request_cancelled_after_its_answer_began_is_not_answered_again():
+    sent = []
+
+    async def answering_slowly(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    async def shutdown_cancels() -> bool:
+        request = asyncio.ensure_future(AnswerAtShutdown(answering_slowly)(detect_scope(b""), None, send))
+        await asyncio.sleep(0.1)
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        return request.cancelled()
+
+    assert asyncio.run(shutdown_cancels())  # the cancellation goes on to uvicorn
+    assert [message["type"] for message in sent] == ["http.response.start"]
 
 
 def test_an_address_it_cannot_listen_on_is_a_one_line_error_before_the_workers_start(capsys):
