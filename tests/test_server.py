@@ -785,61 +785,65 @@ class Busy:
             raise
 
 
-def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, clip):
-    sent, busy = [], Busy()
-    body = encode(clip)
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+class Upload:
+    """One POST /detect of ``body`` over raw ASGI, its messages kept in ``sent``; its client hangs
+    up ``leaves_after`` seconds after sending it, or (None) waits for the answer."""
 
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(0.1)  # while the request waits, its client hangs up
+    def __init__(self, body: bytes, leaves_after: float | None):
+        self.body, self.leaves_after, self.sent = body, leaves_after, []
+        self.unsent = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive(self):
+        if self.unsent:
+            return self.unsent.pop(0)
+        await asyncio.sleep(3600 if self.leaves_after is None else self.leaves_after)
         return {"type": "http.disconnect"}
 
-    async def send(message):
-        sent.append(message)
+    async def send(self, message):
+        self.sent.append(message)
 
-    scope = detect_scope(body)
+    def to(self, app):
+        return app(detect_scope(self.body), self.receive, self.send)
+
+
+@contextlib.contextmanager
+def busy_app(export):
+    """The app, started, with a Busy pool in place of its worker processes: (client, pool)."""
+    busy = Busy()
     with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
         pool, client.app.state.workers = client.app.state.workers, busy
         try:
-            asyncio.run(asyncio.wait_for(client.app(scope, receive, send), 10))
+            yield client, busy
         finally:
             client.app.state.workers = pool
+
+
+def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, clip):
+    upload = Upload(encode(clip), leaves_after=0.1)  # while the request waits, its client hangs up
+    with busy_app(export) as (client, busy):
+        asyncio.run(asyncio.wait_for(upload.to(client.app), 10))
     assert busy.withdrawn == ["upload"]  # cancelled: it never reaches a worker process
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400  # read by nobody
+    assert (
+        upload.sent[0]["type"] == "http.response.start" and upload.sent[0]["status"] == 400
+    )  # read by nobody
 
 
 def test_a_request_running_when_the_graceful_shutdown_ends_gets_503_not_500(export, clip):
-    sent, busy = [], Busy()
-    body = encode(clip)
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await asyncio.sleep(3600)  # the client waits for its answer
-
-    async def send(message):
-        sent.append(message)
+    upload = Upload(encode(clip), leaves_after=None)
 
     async def shutdown_cancels(app) -> bool:
-        request = asyncio.ensure_future(app(detect_scope(body), receive, send))
+        request = asyncio.ensure_future(upload.to(app))
         await asyncio.sleep(0.2)  # queued for a worker process
         request.cancel("Task cancelled, timeout graceful shutdown exceeded")  # uvicorn's words
         await request
         return request.cancelled()
 
-    with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
-        pool, client.app.state.workers = client.app.state.workers, busy
-        try:
-            cancelled = asyncio.run(asyncio.wait_for(shutdown_cancels(client.app), 10))
-        finally:
-            client.app.state.workers = pool
+    with busy_app(export) as (client, busy):
+        cancelled = asyncio.run(asyncio.wait_for(shutdown_cancels(client.app), 10))
         counted = metric_samples(client.get("/metrics").text)
     assert busy.withdrawn == ["upload"] and not cancelled
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
-    assert json.loads(sent[1]["body"]) == {"detail": workers.SHUTTING_DOWN}
+    assert upload.sent[0]["type"] == "http.response.start" and upload.sent[0]["status"] == 503
+    assert json.loads(upload.sent[1]["body"]) == {"detail": workers.SHUTTING_DOWN}
     assert counted[("kws_requests_total", (("endpoint", "/detect"), ("status", "503")))] == 1
 
 
