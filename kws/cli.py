@@ -320,14 +320,14 @@ def cmd_calibrate(args) -> int:
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
-    _, manifest = resolve(args.model)
+    model, manifest = resolve(args.model)
     config = detection_config(manifest)
     if args.hop_ms is not None:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
     data = _evaluation_data(manifest["training"]["data"], args.data, args.negatives or None)
-    updated = recalibrate(args.model, data, config, args.target_fa)
+    updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
     return 0
 
@@ -467,8 +467,8 @@ def cmd_serve(args) -> int:
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
     _check_can_listen(args.host, args.port)
-    # A bad model fails here, once, rather than in every worker; the server and its workers all
-    # load the file resolved here, so each runs the same model and its warnings come once.
+    # A bad model fails here, once, rather than in every worker; the server and its workers load
+    # the .tflite resolved here, so that a run folder's warnings come once, not once per process.
     model = Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
     serve(replace(settings, model=model.source), args.host, args.port)
     return 0

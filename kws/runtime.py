@@ -110,11 +110,17 @@ def model_digest(model_file: Path) -> str:
     return hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
-def _warn_if_stale(run_dir: Path, manifest: dict) -> None:
+def _warn_if_stale(run_dir: Path, manifest_file: Path, manifest: dict) -> None:
     """Say so when a run's model is not the one its export was made from (training went on)."""
-    exported = manifest.get("training", {}).get("model_sha256")
     model_file = run_dir / MODEL_FILE
-    if exported and model_file.exists() and model_digest(model_file) != exported:
+    if not model_file.exists():
+        return
+    exported = (manifest.get("training") or {}).get("model_sha256")
+    if exported:
+        stale = model_digest(model_file) != exported
+    else:  # exports from before the digest was recorded: the file times are all there is
+        stale = model_file.stat().st_mtime > manifest_file.stat().st_mtime
+    if stale:
         print(
             f"warning: {run_dir / EXPORT_FOLDER} was exported from an earlier {model_file}, which training "
             f"has replaced since: run `kws export {run_dir}` to use the newer model",
@@ -150,7 +156,7 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
             )
         manifest = _read_manifest(manifest_file)
         if manifest_file.parent != path:
-            _warn_if_stale(path, manifest)
+            _warn_if_stale(path, manifest_file, manifest)
         try:
             return manifest_file.parent / manifest["files"]["int8"], manifest
         except (KeyError, TypeError):

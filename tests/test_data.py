@@ -196,6 +196,8 @@ def test_channel_response_is_what_a_microphone_with_that_response_gives():
     assert np.allclose(offsets, offsets[:, :1], atol=1e-5)
     assert np.abs(offsets[:, :, [0, *range(1 + D.CHANNEL_SHAPES, NUM_MFCC)]]).max() == 0
     assert offsets[:, 0, 1 : 1 + D.CHANNEL_SHAPES].std(axis=0) == pytest.approx(expected, rel=0.05)
+    with pytest.raises(ValueError, match="channel_db must be 0 or more"):
+        D.AugmentConfig(channel_db=-1.0)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -463,19 +464,46 @@ def test_export_of_an_unfinished_run_says_so_and_counts_the_model_itself(tone_ru
 
 
 def test_a_run_trained_on_after_its_export_is_flagged(tone_run, tone_export, tmp_path, capsys):
-    from kws.runtime import EXPORT_FOLDER, MODEL_FILE
+    from kws.runtime import EXPORT_FOLDER, MANIFEST_FILE, MODEL_FILE
 
-    run = tmp_path / "run"  # a copy: new file times, same contents
+    run = tmp_path / "run"
     shutil.copytree(tone_run[0], run)
     shutil.copytree(tone_export[0], run / EXPORT_FOLDER)
     assert tone_export[1]["training"]["model_sha256"] == runtime.model_digest(run / MODEL_FILE)
+    later = (run / EXPORT_FOLDER / MANIFEST_FILE).stat().st_mtime + 60
+    os.utime(run / MODEL_FILE, (later, later))  # newer than the export, as a copy can make it
     runtime.resolve(run)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == ""  # the same model: the digest says so, whatever the times
     (run / MODEL_FILE).write_bytes(b"a better model, saved after the export")
     assert runtime.resolve(run)[0] == run / EXPORT_FOLDER / "model_int8.tflite"  # still what runs
     assert f"run `kws export {run}` to use the newer model" in capsys.readouterr().err
     runtime.resolve(run / EXPORT_FOLDER)  # the export folder itself: no run to compare with
     assert capsys.readouterr().err == ""
+    # An export from before the digest was recorded: the file times decide.
+    manifest = json.loads((run / EXPORT_FOLDER / MANIFEST_FILE).read_text())
+    manifest["training"] = None
+    (run / EXPORT_FOLDER / MANIFEST_FILE).write_text(json.dumps(manifest))
+    os.utime(run / MODEL_FILE, (1, 1))
+    runtime.resolve(run)
+    assert capsys.readouterr().err == ""
+    (run / MODEL_FILE).touch()
+    runtime.resolve(run)
+    assert "to use the newer model" in capsys.readouterr().err
+
+
+def test_calibrating_a_run_resolves_it_once(tone_run, tone_export, tmp_path, monkeypatch, capsys):
+    from kws.cli import main
+    from kws.runtime import EXPORT_FOLDER, MODEL_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(tone_run[0], run)
+    shutil.copytree(tone_export[0], run / EXPORT_FOLDER)
+    (run / MODEL_FILE).write_bytes(b"a better model, saved after the export")
+    given = []
+    monkeypatch.setattr("kws.export.recalibrate", lambda model, *rest: given.append(model) or tone_export[1])
+    assert main(["calibrate", str(run)]) == 0
+    assert given == [run / EXPORT_FOLDER / "model_int8.tflite"]
+    assert capsys.readouterr().err.count("warning:") == 1
 
 
 def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):

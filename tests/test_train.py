@@ -15,7 +15,7 @@ from kws.cli import main
 from kws.data import DataError
 from kws.features import NUM_FRAMES, NUM_MFCC
 from kws.runtime import ModelError
-from kws.train import RunConfig, TrainConfig, train
+from kws.train import RunConfig, TrainConfig, _resumed, latest_checkpoint, train
 
 
 def test_run_folder_holds_model_config_metrics_and_plots(tone_run):
@@ -90,7 +90,7 @@ def test_eval_stream_measures_the_exports_stream_and_refuses_a_split(tone_export
 
 
 def test_data_without_the_models_keywords_is_measured_as_a_stream_but_not_scored_or_calibrated_on(
-    tone_export, tmp_path, capsys
+    tone_export, tmp_path, capsys, monkeypatch
 ):
     out, _ = tone_export
     others = make_dataset(tmp_path / "others", words=("bed", "cat"))  # none of the model's keywords
@@ -104,6 +104,7 @@ def test_data_without_the_models_keywords_is_measured_as_a_stream_but_not_scored
     assert "holds none of the model's keywords (yes, no, up, down)" in capsys.readouterr().err
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
+    monkeypatch.setattr("kws.stream_eval.score", None)  # refused before any scoring
     assert main(["calibrate", str(copy), "--data", str(others)]) == 2
     assert "holds none of the model's keywords" in capsys.readouterr().err
     assert (copy / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
@@ -161,6 +162,8 @@ def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_p
     state = json.loads(state_file.read_text())
     del state["best_val_loss"]
     state_file.write_text(json.dumps(state))
+    _, backfilled = _resumed(*latest_checkpoint(run))
+    assert backfilled["best_val_loss"] == first["history"][first["best_epoch"] - 1]["val_loss"]
     config = RunConfig.load(run)
     config.train.epochs = 3
     resumed = train(config, run, resume=True)
