@@ -309,6 +309,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             )
             probabilities = model.predict(val_features, batch_size=1000, verbose=0)
             val_accuracy = float((probabilities.argmax(axis=1) == validation.labels).mean())
+            val_loss = _cross_entropy(probabilities, validation.labels)
             state["seconds"] += time.perf_counter() - started
             state["history"].append(
                 {
@@ -316,12 +317,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                     "learning_rate": config.train.learning_rate(epoch),
                     "loss": float(fit.history["loss"][-1]),
                     "accuracy": float(fit.history["accuracy"][-1]),
-                    "val_loss": _cross_entropy(probabilities, validation.labels),
+                    "val_loss": val_loss,
                     "val_accuracy": val_accuracy,
                     "seconds": round(time.perf_counter() - started, 2),
                 }
             )
-            val_loss = state["history"][-1]["val_loss"]
             # Of epochs equally accurate (a small validation set reaches 100 % early), the
             # surest: the lowest validation loss.
             if (val_accuracy, -val_loss) > (state["best_accuracy"], -state["best_val_loss"]):
