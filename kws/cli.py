@@ -232,6 +232,7 @@ def _model_name(path: Path | None) -> str:
 def cmd_eval(args) -> int:
     from kws import features
     from kws.evaluate import format_report, report
+    from kws.stream import keywords
 
     if args.stream:
         if args.split is not None:
@@ -247,16 +248,16 @@ def cmd_eval(args) -> int:
     classifier, recorded = _load_classifier(args.model)
     examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(split)
     if not len(examples.labels):
-        keywords = [label for label in classifier.labels if not label.startswith("_")]
         raise UserError(
-            f"the {split} split of {args.data} holds none of the model's keywords ({', '.join(keywords)}): "
-            "there is nothing to score; pass data with their clips"
+            f"the {split} split of {args.data} holds none of the model's keywords "
+            f"({', '.join(keywords(classifier.labels))}): there is nothing to score; pass data with "
+            "their clips"
         )
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
     missing = [
         label
-        for index, label in enumerate(classifier.labels)
-        if not label.startswith("_") and not (examples.labels == index).any()
+        for label in keywords(classifier.labels)
+        if not (examples.labels == classifier.labels.index(label)).any()
     ]
     if missing:
         print(
