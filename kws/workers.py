@@ -314,6 +314,13 @@ class WorkerPool:
             raise RequestError(503, SHUTTING_DOWN if self._closed else NO_WORKER)
         return worker
 
+    def _refuse_waiting(self) -> None:
+        """Hand every waiting request None: no process will take it (503)."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _least_busy(self) -> _Worker | None:
         free = [worker for worker in self._workers if worker.busy < REQUESTS_PER_WORKER and worker.answering]
         return min(free, key=lambda worker: worker.busy, default=None)
@@ -362,10 +369,7 @@ class WorkerPool:
             except Exception as error:  # also OSError: out of file descriptors, or memory to spawn
                 self._start_failed = True
                 if self.failing:  # tell the requests waiting for a process
-                    while self._waiting:
-                        waiter = self._waiting.popleft()
-                        if not waiter.done():
-                            waiter.set_result(None)
+                    self._refuse_waiting()
                 log.error("%s; trying again in %.0f s", error, RESTART_DELAY_S)
                 await asyncio.sleep(RESTART_DELAY_S)
             else:
@@ -379,10 +383,7 @@ class WorkerPool:
         self._closed = True
         for restart in self._restarts:
             restart.cancel()
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._refuse_waiting()
         workers, self._workers = list(self._workers), set()
         for worker in workers:
             asyncio.get_running_loop().remove_reader(worker.process.sentinel)
