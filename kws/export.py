@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import io
 import json
 import re
@@ -30,6 +29,7 @@ from kws.runtime import (
     Model,
     ModelError,
     embed_manifest,
+    model_digest,
     quiet_stderr,
     resolve,
 )
@@ -244,7 +244,7 @@ def _load_trained(run_dir: Path):
         copy = Path(folder) / MODEL_FILE
         copy.write_bytes(content)
         model = keras.models.load_model(copy, compile=False)
-    return model, hashlib.sha256(content).hexdigest()
+    return model, model_digest(content)
 
 
 def checked_run(run_dir: Path) -> RunConfig:

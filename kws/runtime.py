@@ -105,9 +105,9 @@ def _read_manifest(manifest_file: Path) -> dict:
     return manifest
 
 
-def model_digest(model_file: Path) -> str:
+def model_digest(content: bytes) -> str:
     """SHA-256 of a run's model file: what its export records, to tell when training replaced it."""
-    return hashlib.sha256(model_file.read_bytes()).hexdigest()
+    return hashlib.sha256(content).hexdigest()
 
 
 def _warn_if_stale(run_dir: Path, manifest_file: Path, manifest: dict) -> None:
@@ -117,7 +117,7 @@ def _warn_if_stale(run_dir: Path, manifest_file: Path, manifest: dict) -> None:
         return
     exported = (manifest.get("training") or {}).get("model_sha256")
     if exported:
-        stale = model_digest(model_file) != exported
+        stale = model_digest(model_file.read_bytes()) != exported
     else:  # exports from before the digest was recorded: the file times are all there is
         stale = model_file.stat().st_mtime > manifest_file.stat().st_mtime
     if stale:

@@ -469,7 +469,7 @@ def test_a_run_trained_on_after_its_export_is_flagged(tone_run, tone_export, tmp
     run = tmp_path / "run"
     shutil.copytree(tone_run[0], run)
     shutil.copytree(tone_export[0], run / EXPORT_FOLDER)
-    assert tone_export[1]["training"]["model_sha256"] == runtime.model_digest(run / MODEL_FILE)
+    assert tone_export[1]["training"]["model_sha256"] == runtime.model_digest((run / MODEL_FILE).read_bytes())
     later = (run / EXPORT_FOLDER / MANIFEST_FILE).stat().st_mtime + 60
     os.utime(run / MODEL_FILE, (later, later))  # newer than the export, as a copy can make it
     runtime.resolve(run)
