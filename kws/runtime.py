@@ -186,12 +186,14 @@ class Model:
         manifest: dict,
         num_threads: int = 1,
         reference_kernels: bool = False,
+        source: str | None = None,
     ):
         """``reference_kernels``: TFLite's reference ops instead of XNNPACK; slower, but they round
-        as TFLite Micro does, which makes outputs comparable bit for bit with a device."""
+        as TFLite Micro does, which makes outputs comparable bit for bit with a device.
+        ``source``: where ``tflite`` bytes came from, for messages."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        self.source = "<bytes>" if isinstance(tflite, bytes) else str(tflite)
+        self.source = source or ("<bytes>" if isinstance(tflite, bytes) else str(tflite))
         missing = [key for key in ("labels", "frontend") if key not in manifest]
         if missing:
             raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
@@ -210,12 +212,15 @@ class Model:
                 f"{LOGITS!r} or {PROBABILITIES!r}: {EXPORT_AGAIN}"
             )
         features.check_compatible(manifest["frontend"], self.source)
-        content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
+        # Kept so that other processes can run exactly this model, whatever happens to its file later.
+        self.content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
         try:
             with quiet_stderr():
                 self._interpreter = Interpreter(
-                    model_content=content, num_threads=num_threads, experimental_op_resolver_type=resolver
+                    model_content=self.content,
+                    num_threads=num_threads,
+                    experimental_op_resolver_type=resolver,
                 )
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:

@@ -35,7 +35,7 @@ everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Be
 WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
 query value is blanked out of uvicorn's logs.
 
-Processes: this one answers HTTP and WebSockets; ``workers`` more, each with its own model,
+Processes: this one answers HTTP and WebSockets; ``workers`` more, each with a copy of its model,
 run POST /detect from one queue (kws.workers). Settings come from ``Settings`` or the
 environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKERS``,
 ``KWS_API_KEY``).
@@ -497,7 +497,7 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         model = await run_in_threadpool(Model.load, settings.model)
-        workers = WorkerPool(settings.model, settings.workers)
+        workers = WorkerPool(model, settings.workers)
         try:
             await workers.start()
             app.state.model, app.state.workers = model, workers

@@ -86,13 +86,13 @@ class WorkerFailed(Exception):
     """detect() raised something other than RequestError in a worker: a defect, answered 500."""
 
 
-def _serve(connection: socket.socket, path: str | None) -> None:
+def _serve(connection: socket.socket, content: bytes, manifest: dict, source: str) -> None:
     """A worker process: load the model, say it is ready, then answer requests until the socket closes."""
     # Ctrl-C, and a SIGTERM to the whole process group (systemd's default), reach the workers
     # too: they finish their requests while the server shuts them down itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    model = Model.load(path)
+    model = Model(content, manifest, source=source)
     with connection, connection.makefile("rb") as incoming:
         _send(connection, READY)
         while header := incoming.read(LENGTH.size):
@@ -126,10 +126,11 @@ class _Worker:
         self._reading: asyncio.Task | None = None
 
     @classmethod
-    async def start(cls, context, path: str | None) -> _Worker:
-        """A new process with its model loaded; RuntimeError when it does not come up."""
+    async def start(cls, context, model: Model) -> _Worker:
+        """A new process running ``model``; RuntimeError when it does not come up."""
         ours, theirs = socket.socketpair()
-        process = context.Process(target=_serve, args=(theirs, path), daemon=True, name="kws-worker")
+        arguments = (theirs, model.content, model.manifest, model.source)
+        process = context.Process(target=_serve, args=arguments, daemon=True, name="kws-worker")
         process.start()
         theirs.close()
         # The processes ignore SIGTERM, which is what multiprocessing ends its children with
@@ -219,7 +220,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """``size`` processes, each with its own model, taking detections from one queue.
+    """``size`` processes, each with its own copy of ``model``, taking detections from one queue.
 
     Each process holds up to REQUESTS_PER_WORKER requests, so that it starts on the next
     the moment it answers one, without waiting for the HTTP process to hand it on; a request
@@ -228,7 +229,9 @@ class WorkerPool:
     and /ready says 503; attempts go on every RESTART_DELAY_S.
     """
 
-    def __init__(self, model: str | None, size: int):
+    def __init__(self, model: Model, size: int):
+        # The model itself, not its path: a process started in place of a dead one runs what the
+        # others run (and /model describes), even if the file was exported again since.
         self.model, self.size = model, size
         # spawn, not fork: a forked child would inherit the server's event loop and sockets.
         self._context = multiprocessing.get_context("spawn")

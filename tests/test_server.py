@@ -37,7 +37,7 @@ from starlette.websockets import WebSocketDisconnect
 from kws import workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.runtime import Model
+from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, create_app, default_workers
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool
@@ -651,12 +651,12 @@ def test_default_workers_follow_a_containers_cpu_quota(tmp_path, monkeypatch, fi
     assert default_workers(tmp_path) == expected
 
 
-def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(export, model, clip):
+def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(model, clip):
     data = encode(clip)
     expected = recording_report(Detector(model), [clip], "c.wav")
 
     async def scenario():
-        pool = WorkerPool(str(export), 2)
+        pool = WorkerPool(model, 2)
         try:
             pids = await pool.start()
             assert len(pids) == 2
@@ -684,14 +684,14 @@ def test_worker_processes_answer_like_the_detector_and_a_killed_one_is_replaced(
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
-def test_a_request_given_up_still_gets_its_answer_read_before_the_next(export, model, clip):
+def test_a_request_given_up_still_gets_its_answer_read_before_the_next(model, clip):
     """A cancelled request's answer must not reach the request after it on the same worker."""
     rng = np.random.default_rng(3)
     long = pcm16(0.1 * rng.standard_normal(40 * SAMPLE_RATE))
     expected = recording_report(Detector(model), [clip], "c.wav")
 
     async def scenario():
-        pool = WorkerPool(str(export), 1)
+        pool = WorkerPool(model, 1)
         try:
             (pid,) = await pool.start()
             given_up = asyncio.ensure_future(pool.detect(encode(long), "long.wav", 60.0, None, None))
@@ -706,7 +706,7 @@ def test_a_request_given_up_still_gets_its_answer_read_before_the_next(export, m
     assert answer == expected and running == {pid}
 
 
-def test_a_request_goes_to_an_idle_worker_not_behind_a_busy_one(export, clip):
+def test_a_request_goes_to_an_idle_worker_not_behind_a_busy_one(model, clip):
     rng = np.random.default_rng(4)
     long = encode(pcm16(0.1 * rng.standard_normal(59 * SAMPLE_RATE)))
     finished = []
@@ -722,7 +722,7 @@ def test_a_request_goes_to_an_idle_worker_not_behind_a_busy_one(export, clip):
         finally:
             await pool.close()
 
-    pool = WorkerPool(str(export), 2)
+    pool = WorkerPool(model, 2)
     asyncio.run(asyncio.wait_for(scenario(), 120))
     assert finished == ["short", "long"]
 
@@ -738,18 +738,45 @@ def test_without_a_worker_that_can_start_requests_and_ready_get_503_until_one_ca
             time.sleep(0.1)
         raise AssertionError(f"/ready never said {status}")
 
+    start = workers._Worker.start
+
+    async def start_unless_broken(context, model):
+        if broken:
+            raise RuntimeError("a worker process exited while loading its model")
+        return await start(context, model)
+
+    broken = False
+    monkeypatch.setattr(workers._Worker, "start", staticmethod(start_unless_broken))
     with TestClient(create_app(Settings(model=str(export), workers=1))) as client:
         pool = client.app.state.workers
         assert client.post("/detect", content=data).status_code == 200
-        pool.model = str(export / "missing")  # what a replacement will fail to load
+        broken = True
         (worker,) = pool._workers
         os.kill(worker.pid, signal.SIGKILL)
         wait_for(client, 503)
         refused = client.post("/detect", content=data)
         assert refused.status_code == 503 and refused.json()["detail"] == workers.NO_WORKER
-        pool.model = str(export)
+        broken = False
         wait_for(client, 200)
         assert client.post("/detect", content=data).status_code == 200
+
+
+def test_a_replacement_process_runs_the_model_the_server_loaded_not_a_newer_export(export, clip, tmp_path):
+    served = tmp_path / "export"
+    shutil.copytree(export, served)
+    data = encode(clip)
+    with fresh_client(served, workers=1) as client:
+        before = client.post("/detect", content=data).json()
+        for built_in in BUILT_IN_MODEL.iterdir():  # the folder exported again while it serves
+            shutil.copy(built_in, served / built_in.name)
+        pool = client.app.state.workers
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGKILL)
+        asyncio.run(replaced(pool, worker))
+        after = client.post("/detect", content=data).json()
+        labels = client.get("/model").json()["labels"]
+    assert before["detections"] and after == before
+    assert labels == Model.load(export).labels != Model.load(served).labels
 
 
 def detect_scope(body: bytes) -> dict:
@@ -847,11 +874,11 @@ def test_a_request_running_when_the_graceful_shutdown_ends_gets_503_not_500(expo
     assert counted[("kws_requests_total", (("endpoint", "/detect"), ("status", "503")))] == 1
 
 
-def pool_scenario(export, size: int, scenario, timeout: float = 120.0):
+def pool_scenario(model, size: int, scenario, timeout: float = 120.0):
     """``scenario(pool)`` with a started pool of ``size`` processes, closed after it."""
 
     async def run():
-        pool = WorkerPool(str(export), size)
+        pool = WorkerPool(model, size)
         await pool.start()
         try:
             return await scenario(pool)
@@ -870,7 +897,7 @@ async def replaced(pool, dead) -> None:
     raise AssertionError("no replacement process started")
 
 
-def test_a_request_its_process_died_on_gets_503_and_the_one_behind_it_an_answer(export, model, clip):
+def test_a_request_its_process_died_on_gets_503_and_the_one_behind_it_an_answer(model, clip):
     # 10 minutes: long enough (~0.8 s) to be killed while running.
     long = encode(pcm16(0.1 * np.random.default_rng(5).standard_normal(600 * SAMPLE_RATE)))
     expected = recording_report(Detector(model), [clip], "c.wav")
@@ -885,12 +912,12 @@ def test_a_request_its_process_died_on_gets_503_and_the_one_behind_it_an_answer(
             await running
         return died.value, await behind
 
-    died, answer = pool_scenario(export, 1, scenario)
+    died, answer = pool_scenario(model, 1, scenario)
     assert (died.status, died.detail) == (503, "the worker process died running this request: try again")
     assert answer == expected  # retried in the replacement, as it may not be what killed the first
 
 
-def test_a_stuck_process_is_killed_and_replaced_and_its_request_gets_503(export, clip, monkeypatch):
+def test_a_stuck_process_is_killed_and_replaced_and_its_request_gets_503(model, clip, monkeypatch):
     monkeypatch.setattr(workers, "STUCK_AFTER_S", 0.5)
 
     async def scenario(pool):
@@ -908,12 +935,12 @@ def test_a_stuck_process_is_killed_and_replaced_and_its_request_gets_503(export,
             await pool.detect(encode(clip), "c.wav", 1.0, None, None),
         )
 
-    stuck, waited, exitcode, answer = pool_scenario(export, 1, scenario)
+    stuck, waited, exitcode, answer = pool_scenario(model, 1, scenario)
     assert stuck.status == 503 and "stuck" in stuck.detail and 2.5 <= waited < 10
     assert exitcode == -signal.SIGKILL and answer["file"] == "c.wav"
 
 
-def test_failed_requests_leave_no_body_behind_for_the_garbage_collector(export):
+def test_failed_requests_leave_no_body_behind_for_the_garbage_collector(model):
     async def scenario(pool):
         tracemalloc.start()
         try:
@@ -927,21 +954,21 @@ def test_failed_requests_leave_no_body_behind_for_the_garbage_collector(export):
 
     gc.disable()  # the body must be freed when the request ends, not when a collection runs
     try:
-        kept = pool_scenario(export, 1, scenario)
+        kept = pool_scenario(model, 1, scenario)
     finally:
         gc.enable()
     assert kept < 8_000_000  # the 8 bodies and their pickles would be 64 MB
 
 
-def test_replacing_processes_leaks_no_file_descriptors_and_survives_a_failed_spawn(export, clip, monkeypatch):
+def test_replacing_processes_leaks_no_file_descriptors_and_survives_a_failed_spawn(model, clip, monkeypatch):
     monkeypatch.setattr(workers, "RESTART_DELAY_S", 0.2)
     start, failures = workers._Worker.start, []
 
-    async def out_of_descriptors_once(context, path):
+    async def out_of_descriptors_once(context, model):
         if not failures:
             failures.append(1)
             raise OSError(24, "Too many open files")
-        return await start(context, path)
+        return await start(context, model)
 
     async def replace_one(pool) -> None:
         (worker,) = pool._workers
@@ -958,12 +985,12 @@ def test_replacing_processes_leaks_no_file_descriptors_and_survives_a_failed_spa
         answer = await pool.detect(encode(clip), "c.wav", 60.0, None, None)
         return descriptors, len(os.listdir("/proc/self/fd")), answer, failures
 
-    before, after, answer, failures = pool_scenario(export, 1, scenario)
+    before, after, answer, failures = pool_scenario(model, 1, scenario)
     assert failures == [1] and answer["file"] == "c.wav"
     assert after == before  # each dead process's pipes are closed
 
 
-def test_requests_given_up_while_queued_leave_the_process_free_for_the_next(export, clip):
+def test_requests_given_up_while_queued_leave_the_process_free_for_the_next(model, clip):
     long = encode(pcm16(0.1 * np.random.default_rng(7).standard_normal(300 * SAMPLE_RATE)))
 
     async def scenario(pool):
@@ -980,17 +1007,17 @@ def test_requests_given_up_while_queued_leave_the_process_free_for_the_next(expo
         answers = await asyncio.gather(*running, *later)
         return answers, worker.busy, [request.cancelled() for request in queued]
 
-    answers, busy, cancelled = pool_scenario(export, 1, scenario)
+    answers, busy, cancelled = pool_scenario(model, 1, scenario)
     assert [answer["file"] for answer in answers] == ["long.wav"] * 2 + ["c.wav"] * 4
     assert busy == 0 and cancelled == [True] * 3
 
 
-def test_closing_lets_a_busy_process_finish_and_refuses_what_waits(export, model):
+def test_closing_lets_a_busy_process_finish_and_refuses_what_waits(model):
     long = pcm16(0.1 * np.random.default_rng(6).standard_normal(600 * SAMPLE_RATE))  # ~0.8 s of work
     expected = recording_report(Detector(model), [long], "long.wav")
 
     async def scenario():
-        pool = WorkerPool(str(export), 1)
+        pool = WorkerPool(model, 1)
         await pool.start()
         (worker,) = pool._workers
         requests = [
