@@ -27,6 +27,9 @@ SPEECH_STRETCH_S = (4.0, 12.0)
 SPEECH_EVERY = 6  # a stretch of negative speech after about every 6 clips
 NOISE_GAIN = (10**-3.0, 10**-1.0)  # background bed level range (noise peak ~0.001 .. 0.1)
 CLIP_GAIN_DB = (-6.0, 6.0)
+# Under this many clips of a keyword, one clip moves its recall by over 5 points, and its
+# threshold is tuned to a handful of speakers: calibration says so.
+FEW_CLIPS = 20
 # Steps of 0.005 up to 0.99, then of a tenth of a decade of 1 - threshold up to 1 - 1e-6: the
 # thresholds that keep false accepts rare lie close to 1, where softmax scores still resolve.
 THRESHOLD_GRID = np.concatenate([np.arange(60, 198) / 200, np.round(1 - 10 ** -np.arange(2.0, 6.01, 0.1), 8)])
@@ -355,14 +358,27 @@ def stream_test(
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
     if calibrating:
-        _warn_unfound(report, target_per_hour)
+        _warn_about_thresholds(report, target_per_hour)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
-def _warn_unfound(report: dict, target_per_hour: float) -> None:
-    """Say which keywords the calibrated thresholds never find: they would never fire."""
+def _warn_about_thresholds(report: dict, target_per_hour: float) -> None:
+    """Say which calibrated thresholds rest on few clips, and which never find their keyword."""
+    thin = {
+        k: row["occurrences"]
+        for k, row in report["per_keyword"].items()
+        if 0 < row["occurrences"] < FEW_CLIPS
+    }
+    if thin:
+        tqdm.write(
+            "warning: the thresholds of "
+            + ", ".join(f"{keyword!r} ({count} clips)" for keyword, count in thin.items())
+            + " rest on few clips in the test stream, so they may not hold for other speakers: give "
+            f"the validation split {FEW_CLIPS} or more clips of each keyword, from several speakers",
+            file=sys.stderr,
+        )
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:
             tqdm.write(
