@@ -271,10 +271,12 @@ class WorkerPool:
             answer = worker.send(payload)
             answer.add_done_callback(lambda done, worker=worker: self._answered(worker, done))
             # A timer rather than wait_for, which makes a task per request. Killing the process
-            # fails its requests with WorkerDied.
+            # fails its requests with WorkerDied. The answer stops the timer, not this coroutine:
+            # a request whose client gave up is still the process's, which may be stuck on it.
             overdue = asyncio.get_running_loop().call_later(
                 STUCK_AFTER_S + 2 * max_seconds, worker.kill_stuck
             )
+            answer.add_done_callback(lambda done, overdue=overdue: overdue.cancel())
             try:
                 # A request whose client goes away is cancelled, but its worker still answers
                 # it: only then is it free again, and the next answer is the next request's.
@@ -284,8 +286,6 @@ class WorkerPool:
                     cause = "got stuck on" if worker.stuck else "died running"
                     raise RequestError(503, f"the worker process {cause} this request: try again") from None
                 continue
-            finally:
-                overdue.cancel()
             if isinstance(result, Exception):
                 # Raised afresh: the answer itself would keep, in its traceback, this frame, which
                 # holds it and the request's bytes, a cycle only the garbage collector frees.

@@ -940,6 +940,22 @@ def test_a_stuck_process_is_killed_and_replaced_and_its_request_gets_503(model, 
     assert exitcode == -signal.SIGKILL and answer["file"] == "c.wav"
 
 
+def test_a_process_stuck_on_a_request_its_client_gave_up_is_still_killed(model, clip, monkeypatch):
+    monkeypatch.setattr(workers, "STUCK_AFTER_S", 0.5)
+
+    async def scenario(pool):
+        (worker,) = pool._workers
+        os.kill(worker.pid, signal.SIGSTOP)
+        given_up = asyncio.ensure_future(pool.detect(encode(clip), "c.wav", 1.0, None, None))
+        await asyncio.sleep(0.2)
+        given_up.cancel()  # a client's timeout, shorter than the 2.5 s the process is given
+        await replaced(pool, worker)
+        return worker.process.exitcode, await pool.detect(encode(clip), "c.wav", 1.0, None, None)
+
+    exitcode, answer = pool_scenario(model, 1, scenario, timeout=30)
+    assert exitcode == -signal.SIGKILL and answer["file"] == "c.wav"
+
+
 def test_failed_requests_leave_no_body_behind_for_the_garbage_collector(model):
     async def scenario(pool):
         tracemalloc.start()
