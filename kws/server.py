@@ -278,8 +278,8 @@ def _presented_keys(scope) -> list[str]:
     if scheme.lower() == "bearer":
         keys.append(token.strip())
     if scope["type"] == "websocket":
-        # The literal name only: the log filter blanks what follows `api_key=`, and a name
-        # written percent-encoded would carry a working key into the log in clear.
+        # The literal name only, the one the docs give: a key under another spelling is refused
+        # (and still blanked out of the log by RedactApiKey).
         for pair in scope["query_string"].decode("latin-1").split("&"):
             name, _, value = pair.partition("=")
             if name == "api_key":
@@ -312,16 +312,22 @@ class ApiKeyGuard:
 
 
 class RedactApiKey(logging.Filter):
-    """Blank ``api_key=`` query values out of log records: uvicorn logs request paths with their query."""
+    """Blank ``api_key=`` query values out of log records: uvicorn logs request paths with their query.
 
-    pattern = re.compile(r"(api_key=)[^&\s\"]*")
+    The name is matched decoded too: a key sent as ``api%5Fkey=`` is refused, but it may be the
+    right key all the same."""
+
+    pair = re.compile(r"(?<=[?&])([^=&\s\"]*)=([^&\s\"]*)")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                self.pattern.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args
-            )
+            record.args = tuple(self._redact(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
+
+    def _redact(self, text: str) -> str:
+        return self.pair.sub(
+            lambda pair: f"{pair[1]}=***" if unquote_plus(pair[1]) == "api_key" else pair[0], text
+        )
 
 
 REDACT_API_KEY = RedactApiKey()

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -507,6 +508,24 @@ def test_real_server_stops_reading_an_oversized_body(server):
                 for piece in chunks:
                     connection.sendall(piece)
             assert connection.recv(100).startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize(
+    "path, logged",
+    [
+        ("/stream?api_key=s3cr3t", "/stream?api_key=***"),
+        ("/stream?rate=8000&api%5Fkey=s3cr3t%2Bk%3Dy&x=1", "/stream?rate=8000&api%5Fkey=***&x=1"),
+        ("/stream?%61pi_key=s3cr3t", "/stream?%61pi_key=***"),
+        ("/stream?my_api_key=s3cr3t&api_keys=1", "/stream?my_api_key=s3cr3t&api_keys=1"),
+    ],
+)
+def test_the_log_filter_blanks_api_keys_under_any_spelling_of_their_name(path, logged):
+    from kws.server import REDACT_API_KEY
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, "", 0, '%s - "WebSocket %s" %s', ("c", path, 1), None
+    )
+    assert REDACT_API_KEY.filter(record) and record.args == ("c", logged, 1)
 
 
 def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, long_recording):
