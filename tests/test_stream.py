@@ -1,6 +1,7 @@
 """The streaming Detector: chunking never changes events, incremental equals naive, the event rules."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,17 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     (tmp_path / "empty").mkdir()
     assert main(["detect", str(tmp_path / "empty"), "--model", str(tone_export[0])]) == 1
     assert "a folder with no audio files" in capsys.readouterr().err
+
+
+def test_detect_finds_every_format_libsndfile_reads_in_a_folder(tone_export, tmp_path, capsys):
+    up, _ = tone_recording(["up"], gap_s=0.0)
+    names = ["a.w64", "b.rf64", "c.caf", "d.AIFF", "e.au"]
+    for name in names:
+        sf.write(tmp_path / name, up[:CLIP_SAMPLES], SAMPLE_RATE)
+    assert main(["detect", str(tmp_path), "--model", str(tone_export[0]), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [Path(r["file"]).name for r in reports] == names
+    assert all(max(r["scores"], key=r["scores"].get) == "up" for r in reports)
 
 
 def test_detect_says_what_is_wrong_in_one_line_and_exits_2(tmp_path, capsys):
