@@ -3,6 +3,7 @@ stream gives Detector.detect's events, auth, metrics, a real server process, and
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gc
@@ -508,6 +509,20 @@ def test_real_server_stops_reading_an_oversized_body(server):
                 for piece in chunks:
                     connection.sendall(piece)
             assert connection.recv(100).startswith(b"HTTP/1.1 413")
+
+
+def test_the_readmes_websocket_client_streams_a_float_file(server, model, long_recording, tmp_path, capsys):
+    url, _, _ = server
+    example = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    sf.write(tmp_path / "talk.wav", long_recording, SAMPLE_RATE, subtype="FLOAT")
+    stream_url = url.replace("http", "ws") + f"/stream?api_key={API_KEY}&"
+    example = example.replace('"talk.wav"', repr(str(tmp_path / "talk.wav")))
+    example = example.replace("ws://localhost:8000/stream?", stream_url)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
+    pcm = (np.clip(long_recording.astype(np.float32), -1, 1) * 32767).astype("<i2")
+    expected = [event.to_dict() for event in Detector(model).detect(pcm.astype(np.float32) / 32768)]
+    assert printed == expected and len(expected) >= 3
 
 
 @pytest.mark.parametrize(
