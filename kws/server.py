@@ -30,7 +30,8 @@ WebSocket protocol of ``/stream``:
   message other than the end event, 1013 while the model is still loading.
 
 Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
-recordings over ``max_seconds`` get 413 before they are decoded. With ``KWS_API_KEY`` set,
+recordings over ``max_seconds`` get 413 before they are decoded, headers over
+MAX_HEADER_BYTES get 400 as they arrive. With ``KWS_API_KEY`` set,
 everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Bearer``;
 WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
 query value is blanked out of uvicorn's logs.
@@ -93,6 +94,9 @@ DEFAULT_MAX_SECONDS = 60.0
 GIL_SWITCH_S = 0.0005  # the HTTP process's thread switch interval (Python's default: 0.005)
 # How long a stopping server goes on answering the requests it holds; it refuses new ones.
 GRACEFUL_SHUTDOWN_S = 5
+# The request line and headers, at most (nginx's default buffers hold 32 kB). uvicorn's h11
+# parser enforces it, answering 400; httptools, its faster default, buffers headers without end.
+MAX_HEADER_BYTES = 32 * 1024
 
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -628,4 +632,6 @@ def serve(settings: Settings, host: str, port: int) -> None:
         port=port,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         ws_max_size=WS_MAX_BYTES,
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )

@@ -543,6 +543,21 @@ def test_the_log_filter_blanks_api_keys_under_any_spelling_of_their_name(path, l
     assert REDACT_API_KEY.filter(record) and record.args == ("c", logged, 1)
 
 
+def test_real_server_refuses_oversized_headers_before_holding_them(server):
+    from kws.server import MAX_HEADER_BYTES
+
+    url, process, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+        with contextlib.suppress(ConnectionError):  # the server hangs up before the last megabytes
+            for _ in range(64):  # 64 MB of a header that never ends
+                connection.sendall(b"a" * (1 << 20))
+        assert connection.recv(100).startswith(b"HTTP/1.1 400")
+    padding = {"X-Padding": "a" * (MAX_HEADER_BYTES // 2)}
+    assert httpx2.get(f"{url}/health", headers=padding).status_code == 200 and process.poll() is None
+
+
 def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, long_recording):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
