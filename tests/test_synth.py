@@ -64,6 +64,30 @@ def test_synthesize_writes_one_voice_per_clip_reproducibly(espeak, tmp_path, mon
     assert {c.path.name for c in other_seed}.isdisjoint(c.path.name for c in clips)
 
 
+def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "OTHER_WORDS", ["cat"])
+    monkeypatch.setattr(synth, "variants", lambda: ["en-us+m1"])
+    said = []
+
+    def say(word, voice):
+        said.append(word)
+        if len(said) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the third of four clips is spoken
+        return np.full(4000, 0.1, np.float32)
+
+    monkeypatch.setattr(synth, "say", say)
+    out = tmp_path / "synth"
+    out.mkdir()  # as a user may make it first
+    with pytest.raises(KeyboardInterrupt):
+        synth.synthesize(["yes"], out, synth.SynthConfig(per_keyword=4, per_other_word=4))
+    assert list(tmp_path.iterdir()) == [out] and not any(out.iterdir())
+    assert (
+        main(["synth", "--words", "yes", "--out", str(out), "--per-keyword", "2", "--per-other-word", "1"])
+        == 0
+    )
+    assert sorted(path.parent.name for path in out.rglob("*.wav")) == ["cat", "yes", "yes"]
+
+
 def test_an_unknown_voice_is_a_synth_error(espeak):
     reason = "could not say 'yes' as zz-nowhere\\+m1: Error: The specified espeak-ng voice does not exist"
     with pytest.raises(synth.SynthError, match=reason):
