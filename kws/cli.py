@@ -321,6 +321,7 @@ def cmd_calibrate(args) -> int:
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
+    _require_train_extra("calibrate (it redraws the export's DET curve)", "matplotlib")
     model, manifest = resolve(args.model)
     config = detection_config(manifest)
     if args.hop_ms is not None:

@@ -4,6 +4,7 @@ exit status 2, no traceback; and what detect --top-k and eval --json report."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -191,6 +192,17 @@ def test_eval_warns_of_keywords_its_split_does_not_hold(tmp_path, capsys):
         assert main(["eval", "--data", str(data), "--split", split]) == 0
         warning = f"kws eval: warning: the {SPLIT_NAMES[split]} split of {data} holds no clips of {missing}, "
         assert warning + "left, right, stop, go:" in capsys.readouterr().err
+
+
+def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    scored = []
+    monkeypatch.setattr("kws.stream_eval.stream_test", lambda *args, **kwargs: scored.append(args))
+    copy = shutil.copytree(BUILT_IN_MODEL, tmp_path / "export")
+    assert main(["calibrate", str(copy)]) == 2
+    need = "calibrate (it redraws the export's DET curve) needs matplotlib, not installed here"
+    assert capsys.readouterr().err.strip() == f"kws calibrate: error: {need}: {TRAIN_EXTRA}"
+    assert scored == []
 
 
 def test_training_without_tensorflow_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
