@@ -149,14 +149,18 @@ def _cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
 
 
-def _load_teachers(config: RunConfig) -> list[KerasClassifier]:
-    teachers = [KerasClassifier(Path(folder)) for folder in config.train.teachers]
-    for teacher in teachers:
-        if teacher.labels != config.labels:
+def _load_teachers(config: RunConfig) -> list[tuple[KerasClassifier, list[int]]]:
+    """Each teacher run, and which of its scores is each of this run's labels (a teacher may
+    have been given the same words in another order)."""
+    teachers = []
+    for folder in config.train.teachers:
+        teacher = KerasClassifier(Path(folder))
+        if sorted(teacher.labels) != sorted(config.labels):
             raise ModelError(
                 f"teacher {teacher.run_dir} has the labels {teacher.labels}, this run {config.labels}: "
                 "a teacher must be trained on the same words"
             )
+        teachers.append((teacher, [teacher.labels.index(label) for label in config.labels]))
     return teachers
 
 
@@ -165,7 +169,7 @@ def _targets(batch: np.ndarray, labels: np.ndarray, teachers: list, config: RunC
     one_hot = np.eye(len(config.labels), dtype=np.float32)[labels]
     if not teachers:
         return one_hot
-    taught = np.mean([teacher.scores(batch) for teacher in teachers], axis=0)
+    taught = np.mean([teacher.scores(batch)[:, columns] for teacher, columns in teachers], axis=0)
     weight = config.train.teacher_weight
     return (1 - weight) * one_hot + weight * taught
 

@@ -345,11 +345,33 @@ def test_teacher_targets_mix_the_label_with_the_teachers_mean(tone_dataset):
     config = run_config(tone_dataset, epochs=1)
     config.data.words = ["a", "b"]  # labels: _silence_, _unknown_, a, b
     config.train.teacher_weight = 0.25
-    teachers = [Teacher([0.5, 0.5, 0, 0]), Teacher([0, 0.5, 0.5, 0])]
+    in_order = [0, 1, 2, 3]
+    teachers = [(Teacher([0.5, 0.5, 0, 0]), in_order), (Teacher([0, 0.5, 0.5, 0]), in_order)]
     batch, labels = np.zeros((2, NUM_FRAMES, NUM_MFCC)), np.array([3, 0])
     targets = _targets(batch, labels, teachers, config)
     np.testing.assert_allclose(targets, [[0.0625, 0.125, 0.0625, 0.75], [0.8125, 0.125, 0.0625, 0.0]])
     np.testing.assert_array_equal(_targets(batch, labels, [], config), np.eye(4)[labels])
+    # The second teacher trained on "b,a": its labels are _silence_, _unknown_, b, a.
+    reordered = [teachers[0], (Teacher([0, 0.5, 0, 0.5]), [0, 1, 3, 2])]
+    np.testing.assert_allclose(_targets(batch, labels, reordered, config), targets)
+
+
+def test_a_teacher_with_the_same_words_in_another_order_is_read_in_this_runs_order(
+    tone_run, tone_dataset, tmp_path
+):
+    import shutil
+
+    from kws.train import _load_teachers
+
+    run, _ = tone_run
+    shutil.copytree(run, tmp_path / "teacher")
+    raw = json.loads((run / "config.json").read_text())
+    raw["data"]["words"] = raw["data"]["words"][::-1]
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(raw))
+    config = run_config(tone_dataset, epochs=1)
+    config.train.teachers = (str(tmp_path / "teacher"),)
+    ((teacher, columns),) = _load_teachers(config)
+    assert [teacher.labels[column] for column in columns] == config.labels != teacher.labels
 
 
 def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path):
