@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,17 @@ def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:
 
 def is_audio_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
+
+
+def audio_files_under(folder: Path) -> list[Path]:
+    """Every audio file in ``folder`` and its subfolders, sorted. Linked folders are followed (data
+    sets are often linked in), each real folder once: a link to a parent would go round for ever."""
+    found, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        found += [path for path in (Path(root, name) for name in names) if is_audio_file(path)]
+    return sorted(found)

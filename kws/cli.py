@@ -388,7 +388,8 @@ def cmd_detect(args) -> int:
 
 
 def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
-    """Each FILE, and every audio file under each folder (sorted); and how many folders held none."""
+    """Each FILE, and every audio file under each folder (sorted), each file once however many
+    ways it was named; and how many folders held none."""
     from kws import audio
 
     found, empty = [], 0
@@ -396,13 +397,16 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
         if not path.is_dir():
             found.append(path)
             continue
-        inside = sorted(p for p in path.rglob("*") if audio.is_audio_file(p))
+        inside = audio.audio_files_under(path)
         if not inside:
             suffixes = " ".join(audio.AUDIO_SUFFIXES)
             print(f"kws detect: skipping {path}: a folder with no audio files ({suffixes})", file=sys.stderr)
             empty += 1
         found += inside
-    return found, empty
+    once = {}
+    for path in found:
+        once.setdefault(path.resolve(), path)
+    return list(once.values()), empty
 
 
 def cmd_listen(args) -> int:

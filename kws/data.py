@@ -347,7 +347,7 @@ class NegativeBank:
         paths = []
         for folder in folders:
             folder = Path(folder)
-            found = sorted(p for p in folder.rglob("*") if audio.is_audio_file(p))
+            found = audio.audio_files_under(folder)
             if not found:
                 raise DataError(f"--negatives folder {folder} holds no audio files")
             paths += found
