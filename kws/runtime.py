@@ -110,10 +110,16 @@ def model_digest(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def _warn_if_stale(run_dir: Path, manifest_file: Path, manifest: dict) -> None:
-    """Say so when a run's model is not the one its export was made from (training went on)."""
+def _warn_if_stale(manifest_file: Path, manifest: dict) -> None:
+    """Say so when an export in a run's folder was made from an earlier model of the run than the
+    one it holds now (training went on)."""
+    run_dir = manifest_file.parent.parent
     model_file = run_dir / MODEL_FILE
-    if not model_file.exists():
+    if (
+        manifest_file.parent.name != EXPORT_FOLDER
+        or not (run_dir / CONFIG_FILE).exists()
+        or not model_file.exists()
+    ):
         return
     exported = (manifest.get("training") or {}).get("model_sha256")
     if exported:
@@ -155,8 +161,9 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
                 + (f", or export this run first with `kws export {path}`" if trained else "")
             )
         manifest = _read_manifest(manifest_file)
-        if manifest_file.parent != path:
-            _warn_if_stale(path, manifest_file, manifest)
+        # Folders only: the commands that resolve a model once hand its .tflite on to be loaded
+        # again, which must not warn a second time.
+        _warn_if_stale(manifest_file, manifest)
         try:
             return manifest_file.parent / manifest["files"]["int8"], manifest
         except (KeyError, TypeError):
