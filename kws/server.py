@@ -513,11 +513,12 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.model, app.state.workers = model, workers
             app.state.streams = anyio.CapacityLimiter(1)
             log.info(
-                "kws %s serving model %s (%s labels) with %d worker processes",
+                "kws %s serving model %s (%s labels) with %d worker process%s",
                 __version__,
                 model.manifest.get("name"),
                 len(model.labels),
                 settings.workers,
+                "es" * (settings.workers != 1),
             )
             yield
         finally:
