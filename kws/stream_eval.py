@@ -365,7 +365,17 @@ def stream_test(
 
 
 def _warn_about_thresholds(report: dict, target_per_hour: float) -> None:
-    """Say which calibrated thresholds rest on few clips, and which never find their keyword."""
+    """Say when the audio is too short for the target, which calibrated thresholds rest on few
+    clips, and which never find their keyword."""
+    hours = report["stream_hours"] + report.get("real_speech", {}).get("hours", 0.0)
+    if 0 < target_per_hour * hours < 1:
+        tqdm.write(
+            f"warning: the test stream and real speech last {hours:.2f} h, too short to measure "
+            f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "
+            "thresholds let none through and may miss keywords they need not: add validation clips, "
+            "and keyword-free speech with --negatives",
+            file=sys.stderr,
+        )
     thin = {
         k: row["occurrences"]
         for k, row in report["per_keyword"].items()

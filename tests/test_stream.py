@@ -173,20 +173,27 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
     assert stream_eval.calibrate(stubborn, 2.1, 0.5) == {"yes": 0.999, "no": 0.5}
 
 
-def test_calibration_names_thresholds_that_rest_on_few_clips_and_keywords_never_found(capsys):
+def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywords_never_found(capsys):
     few = stream_eval.FEW_CLIPS - 1
     report = {
+        "stream_hours": 1.5,
+        "real_speech": {"hours": 0.5},
         "per_keyword": {
             "yes": {"occurrences": few, "recall": 0.9},
             "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0},
             "up": {"occurrences": 0, "recall": None},  # not in the stream: nothing was calibrated
-        }
+        },
     }
-    stream_eval._warn_about_thresholds(report, 0.5)
+    stream_eval._warn_about_thresholds(report, 0.5)  # 2 h: long enough for one false accept
     thin, never = capsys.readouterr().err.splitlines()
     assert thin.startswith(f"warning: the thresholds of 'yes' ({few} clips) rest on few clips")
     assert "'no'" not in thin and "'up'" not in thin
     assert f"none of the {stream_eval.FEW_CLIPS} 'no'" in never and "never fire" in never
+    stream_eval._warn_about_thresholds(report, 0.4)  # 2.5 h would be
+    short = capsys.readouterr().err.splitlines()[0]
+    assert short.startswith("warning: the test stream and real speech last 2.00 h, too short to measure 0.4")
+    stream_eval._warn_about_thresholds(report, 0)  # no false accept at all: what any length measures
+    assert len(capsys.readouterr().err.splitlines()) == 2
 
 
 def test_match_counts_hits_once_and_everything_else_as_false_accepts():
