@@ -77,9 +77,9 @@ def _decoding(name: str):
 
 
 def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
-    """AudioError for a header without a length or with a rate under MIN_SAMPLE_RATE; TooLong for
-    audio over ``max_seconds`` or, at its rate and channels, over MAX_VALUES_PER_SECOND for each
-    of those seconds."""
+    """AudioError for a header without a length, with no samples or with a rate under
+    MIN_SAMPLE_RATE; TooLong for audio over ``max_seconds`` or, at its rate and channels, over
+    MAX_VALUES_PER_SECOND for each of those seconds."""
     if file.samplerate < MIN_SAMPLE_RATE:
         raise AudioError(
             f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
@@ -87,6 +87,8 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> N
         )
     if file.frames >= UNKNOWN_LENGTH:
         raise AudioError(f"{name}: its header gives no length (written to a pipe?): encode it again")
+    if not file.frames:
+        raise AudioError(f"{name}: holds no audio samples")
     if max_seconds is None:
         return
     seconds = file.frames / file.samplerate
@@ -102,8 +104,6 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> N
 def _checked(file: sf.SoundFile, frames: int, name: str) -> Iterator[np.ndarray]:
     """The file's samples at its own rate, (frames, channels) float32 blocks of ``frames``,
     as a microphone gives them: NaN refused, and clipped to full scale."""
-    if not file.frames:
-        raise AudioError(f"{name}: holds no audio samples")
     for block in file.blocks(frames, dtype="float32", always_2d=True):
         if not np.isfinite(block).all():
             raise AudioError(f"{name}: holds NaN or infinite samples")
@@ -161,9 +161,12 @@ def native_blocks(path: str | Path, frames: int) -> Iterator[np.ndarray]:
 
 
 def info(path: str | Path):
-    """A file's header (``samplerate``, ``channels``, ``duration``); AudioError if unusable."""
+    """A file's header (``samplerate``, ``channels``, ``duration``); AudioError if unusable, as
+    ``load`` would find it before decoding a sample."""
     with _decoding(str(path)):
-        return sf.info(_existing(path))
+        header = sf.info(_existing(path))
+    _check_header(header, str(path), None)
+    return header
 
 
 def duration(path: str | Path) -> float:

@@ -135,6 +135,13 @@ def test_listen_clips_and_refuses_audio_as_detect_does(words_file, model_args, t
     assert capsys.readouterr().err == f"kws detect: skipping {broken}: holds NaN or infinite samples\n"
     assert main(["listen", "--file", str(broken), "--fast", *model_args]) == 2
     assert capsys.readouterr().err.endswith(f"kws listen: error: {broken}: holds NaN or infinite samples\n")
+    # What the header tells is refused before listening starts.
+    empty, narrow = tmp_path / "empty.wav", tmp_path / "6k.wav"
+    sf.write(empty, np.zeros(0, np.float32), rate)
+    sf.write(narrow, samples[:6000, 0], 6000)
+    for path, reason in ((empty, "holds no audio samples"), (narrow, "recorded at 6000 Hz")):
+        assert main(["listen", "--file", str(path), "--fast", *model_args]) == 2
+        assert capsys.readouterr().err.startswith(f"kws listen: error: {path}: {reason}")
 
 
 def play(path, realtime, stop_after=None):
