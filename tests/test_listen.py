@@ -144,6 +144,18 @@ def test_listen_clips_and_refuses_audio_as_detect_does(words_file, model_args, t
         assert capsys.readouterr().err.startswith(f"kws listen: error: {path}: {reason}")
 
 
+def test_listen_plays_an_mp3_without_the_decoders_complaints(model_args, tmp_path, capfd):
+    mp3 = tmp_path / "words.mp3"
+    samples, _ = tone_recording(["yes", "no", "up", "down"])
+    sf.write(mp3, samples, SAMPLE_RATE, format="MP3")  # at 16 kHz, where it complained
+    assert main(["detect", str(mp3), "--json", *model_args]) == 0
+    found = [event["label"] for event in json.loads(capfd.readouterr().out)["detections"]]
+    assert main(["listen", "--file", str(mp3), "--fast", *model_args]) == 0
+    out, err = capfd.readouterr()
+    assert [event[2] for event in events(out)] == found and found
+    assert "mpg123" not in err  # its reads of a few milliseconds made libmpg123 log errors
+
+
 def play(path, realtime, stop_after=None):
     """Blocks a FileInputStream hands to its callback, the seconds it took, and whether it finished."""
     blocks, finished = [], threading.Event()
