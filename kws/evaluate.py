@@ -73,8 +73,12 @@ def format_report(result: dict) -> str:
     width = max(9, *(len(label) for label in labels))
     lines = [f"accuracy {result['accuracy']:.2%} on {result['examples']} examples", ""]
     lines.append(f"{'class':<{width}}  precision  recall  support")
-    for label, row in result["per_class"].items():
-        lines.append(f"{label:<{width}}  {row['precision']:9.2%}  {row['recall']:6.2%}  {row['support']:7d}")
+    # The JSON gives 0 where a class was never predicted (precision) or never present (recall).
+    predicted = np.asarray(result["confusion"]["matrix"]).sum(axis=0)
+    for (label, row), guessed in zip(result["per_class"].items(), predicted, strict=True):
+        precision = f"{row['precision']:9.2%}" if guessed else f"{'n/a':>9}"
+        recall = f"{row['recall']:6.2%}" if row["support"] else f"{'n/a':>6}"
+        lines.append(f"{label:<{width}}  {precision}  {recall}  {row['support']:7d}")
     if "accuracy_by_source" in result:
         lines += ["", "accuracy by where examples come from:"]
         for source, row in result["accuracy_by_source"].items():

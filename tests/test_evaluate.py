@@ -52,6 +52,8 @@ def test_the_text_report_shows_the_figures_of_the_json_one():
     assert lines[1:3] == ["", "class      precision  recall  support"]
     assert lines[5].split() == ["yes", "50.00%", "66.67%", "3"]
     assert lines[7].split() == ["up", "50.00%", "100.00%", "1"]
+    assert lines[6].split() == ["no", "n/a", "0.00%", "2"]  # never predicted: no precision to give
+    assert lines[3].split() == ["_silence_", "n/a", "n/a", "0"]  # never present, never predicted
     confusion = lines[lines.index("confusion (rows: true, columns: predicted)") + 1 :]
     assert confusion[0].split() == ["_silen", "_unkno", "yes", "no", "up"]
     assert confusion[3].split() == ["yes", "0", "0", "2", "0", "1"]  # rows are the true class
