@@ -246,7 +246,8 @@ def cmd_eval(args) -> int:
     if args.plot:
         _require_train_extra("--plot", "matplotlib")
     classifier, recorded = _load_classifier(args.model)
-    examples = _evaluation_data(recorded, args.data, args.negatives).evaluation_set(split)
+    data = _evaluation_data(recorded, args.data, args.negatives)
+    examples = data.evaluation_set(split)
     if not len(examples.labels):
         raise UserError(
             f"the {split} split of {args.data} holds none of the model's keywords "
@@ -260,9 +261,11 @@ def cmd_eval(args) -> int:
         if not (examples.labels == classifier.labels.index(label)).any()
     ]
     if missing:
+        other_split = split != "validation" and not data.package  # a test package has no other
         print(
             f"kws eval: warning: the {split} split of {args.data} holds no clips of {', '.join(missing)}: "
-            "its accuracy says nothing about them (--split validation scores the validation list)",
+            "its accuracy says nothing about them"
+            + (" (--split validation scores the validation list)" if other_split else ""),
             file=sys.stderr,
         )
     result = {

@@ -188,10 +188,19 @@ def test_eval_warns_of_keywords_its_split_does_not_hold(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
     lists = data / "testing_list.txt"
     lists.write_text("".join(line for line in lists.read_text().splitlines(True) if line.startswith("yes/")))
-    for split, missing in (("validation", "up, down"), ("test", "no, up, down")):
+    hint = " (--split validation scores the validation list)"
+    for split, missing, end in (("validation", "up, down", "\n"), ("test", "no, up, down", hint)):
         assert main(["eval", "--data", str(data), "--split", split]) == 0
         warning = f"kws eval: warning: the {SPLIT_NAMES[split]} split of {data} holds no clips of {missing}, "
-        assert warning + "left, right, stop, go:" in capsys.readouterr().err
+        assert (
+            warning + "left, right, stop, go: its accuracy says nothing about them" + end
+            in capsys.readouterr().err
+        )
+    package = tmp_path / "package"  # the official test set's layout: no other split to point to
+    shutil.copytree(data / "yes", package / "yes")
+    shutil.copytree(data / "_background_noise_", package / "_silence_")
+    assert main(["eval", "--data", str(package)]) == 0
+    assert capsys.readouterr().err.endswith("its accuracy says nothing about them\n")
 
 
 def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch, capsys):
