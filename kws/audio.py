@@ -135,8 +135,10 @@ def _blocks(
 def _existing(path: str | Path) -> str:
     if Path(path).is_dir():
         raise AudioError(f"{path}: a folder, not an audio file")
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise AudioError(f"{path}: no such file")
+    if not Path(path).is_file():  # a device or a pipe: no length to read ahead, no rewinding
+        raise AudioError(f"{path}: not a regular file; save the audio to a file first")
     return str(path)
 
 

@@ -159,6 +159,8 @@ def test_blocks_refuse_bad_audio_where_they_find_it(tmp_path):
         list(pieces)
     with pytest.raises(audio.AudioError, match="missing.wav: no such file"):
         audio.blocks(tmp_path / "missing.wav")
+    with pytest.raises(audio.AudioError, match="/dev/null: not a regular file"):
+        audio.load("/dev/null")
     (tmp_path / "text.wav").write_text("not audio")
     with pytest.raises(audio.AudioError, match="text.wav: cannot decode"):
         audio.duration(tmp_path / "text.wav")
