@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,19 +29,21 @@ def atomic_path(path: str | Path):
 
 
 @contextmanager
-def atomic_folder(path: str | Path):
-    """Yield a temporary folder to fill; it becomes ``path`` (absent or empty) only if the block
-    succeeds, and is removed if it fails or is interrupted: no half-filled ``path`` is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+def emptied_on_failure(folder: str | Path):
+    """Make ``folder`` (absent or empty) and yield it; if the block fails or is interrupted, empty
+    it again, so that no half-filled folder is left to pass for a whole one. Filled in place, not
+    renamed into place: ``folder`` may be a link or a mount point, and keeps the usual permissions."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
-        if path.exists():
-            path.rmdir()
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield folder
+    except BaseException:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        raise
 
 
 def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:

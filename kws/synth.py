@@ -9,7 +9,6 @@ class: a model trained on synthetic negatives alone learned "robot voice = unkno
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.files import atomic_folder
+from kws.files import emptied_on_failure
 
 ESPEAK = "espeak-ng"
 # espeak-ng's English accents; its mbrola voices need packages Debian does not install with it.
@@ -181,21 +180,20 @@ def synthesize(keywords: list[str], out: Path, config: SynthConfig) -> int:
     plan += [(word, config.per_other_word) for word in other_words(keywords)]
     tasks = [(word, index) for word, count in plan for index in range(count)]
 
-    def write(task: tuple[str, int], folder: Path) -> None:
+    def write(task: tuple[str, int]) -> None:
         word, index = task
         # Each clip's own seed, so that a clip does not change when others are added.
         rng = np.random.default_rng([config.seed, index, *word.encode()])
         voice = _voice(rng, names)
         clip = place(say(word, voice), rng)
-        sf.write(folder / word / f"{voice.speaker}_nohash_{index}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
+        sf.write(out / word / f"{voice.speaker}_nohash_{index}.wav", clip, SAMPLE_RATE, subtype="PCM_16")
 
-    # The clips appear in ``out`` all at once: an interrupted run leaves none to train on unnoticed.
-    with atomic_folder(out) as folder:
+    # An interrupted run leaves no clips behind, that a later training could take for all of them.
+    with emptied_on_failure(out):
         for word, _ in plan:
-            (folder / word).mkdir()
+            (out / word).mkdir(exist_ok=True)
         # espeak-ng runs as its own process: threads are enough to keep every core busy.
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            written = pool.map(write, tasks, itertools.repeat(folder))
-            for _ in tqdm(written, total=len(tasks), desc="synthesizing", unit="clip"):
+            for _ in tqdm(pool.map(write, tasks), total=len(tasks), desc="synthesizing", unit="clip"):
                 pass
     return len(tasks)

@@ -72,7 +72,7 @@ def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path,
     def say(word, voice):
         said.append(word)
         if len(said) == 4:
-            raise KeyboardInterrupt  # Ctrl-C while the third of four clips is spoken
+            raise KeyboardInterrupt  # Ctrl-C while the fourth of eight clips is spoken
         return np.full(4000, 0.1, np.float32)
 
     monkeypatch.setattr(synth, "say", say)
