@@ -101,14 +101,23 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> N
         )
 
 
-def _checked(file: sf.SoundFile, frames: int, name: str) -> Iterator[np.ndarray]:
+def _decode_frames(file: sf.SoundFile, seconds: float = BLOCK_SECONDS) -> int:
+    """Frames to decode at a time: ``seconds`` of the file, at most BLOCK_VALUES samples."""
+    return max(1, min(round(seconds * file.samplerate), BLOCK_VALUES // file.channels))
+
+
+def _checked(
+    file: sf.SoundFile, frames: int, name: str, decode_frames: int | None = None
+) -> Iterator[np.ndarray]:
     """The file's samples at its own rate, (frames, channels) float32 blocks of ``frames``,
-    as a microphone gives them: NaN refused, and clipped to full scale."""
-    for block in file.blocks(frames, dtype="float32", always_2d=True):
-        if not np.isfinite(block).all():
-            raise AudioError(f"{name}: holds NaN or infinite samples")
-        # Float formats can hold values far beyond full scale; a converter would clip them.
-        yield np.clip(block, -1.0, 1.0, out=block)
+    as a microphone gives them: NaN refused, and clipped to full scale. Decoded
+    ``decode_frames`` (a multiple of ``frames``) at a time, then cut."""
+    for decoded in file.blocks(decode_frames or frames, dtype="float32", always_2d=True):
+        for block in (decoded[start : start + frames] for start in range(0, len(decoded), frames)):
+            if not np.isfinite(block).all():
+                raise AudioError(f"{name}: holds NaN or infinite samples")
+            # Float formats can hold values far beyond full scale; a converter would clip them.
+            yield np.clip(block, -1.0, 1.0, out=block)
 
 
 def _blocks(
@@ -118,7 +127,7 @@ def _blocks(
     samples) at a time."""
     with _decoding(name), sf.SoundFile(source) as file:
         _check_header(file, name, max_seconds)
-        frames = max(1, min(round(block_seconds * file.samplerate), BLOCK_VALUES // file.channels))
+        frames = _decode_frames(file, block_seconds)
         stream, converted = ModelRate(file.samplerate), 0
         for block in _checked(file, frames, name):
             samples = stream.convert(block)
@@ -159,11 +168,9 @@ def native_blocks(path: str | Path, frames: int) -> Iterator[np.ndarray]:
     name = str(path)
     with _decoding(name), sf.SoundFile(_existing(path)) as file:
         _check_header(file, name, None)
-        # Decoded in blocks as large as load's, then cut: libmpg123 logs a decoding error on
-        # stderr for many reads of a few milliseconds (the audio comes out right all the same).
-        large = max(1, min(round(BLOCK_SECONDS * file.samplerate), BLOCK_VALUES // file.channels) // frames)
-        for block in _checked(file, large * frames, name):
-            yield from (block[start : start + frames] for start in range(0, len(block), frames))
+        # Decoded in blocks as large as load's: libmpg123 logs a decoding error on stderr for
+        # many reads of a few milliseconds (the audio comes out right all the same).
+        yield from _checked(file, frames, name, max(1, _decode_frames(file) // frames) * frames)
 
 
 def info(path: str | Path):

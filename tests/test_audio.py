@@ -157,6 +157,10 @@ def test_blocks_refuse_bad_audio_where_they_find_it(tmp_path):
     assert len(next(pieces)) == 8000  # the first half second is usable
     with pytest.raises(audio.AudioError, match="nan.wav: holds NaN"):
         list(pieces)
+    played = []  # as listen --file plays it, 50 ms at a time: up to the block holding the NaN
+    with pytest.raises(audio.AudioError, match="nan.wav: holds NaN"):
+        played.extend(audio.native_blocks(path, 800))
+    assert len(played) == 20000 // 800
     with pytest.raises(audio.AudioError, match="missing.wav: no such file"):
         audio.blocks(tmp_path / "missing.wav")
     with pytest.raises(audio.AudioError, match="/dev/null: not a regular file"):
