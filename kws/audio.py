@@ -216,5 +216,7 @@ def audio_files_under(folder: Path) -> list[Path]:
             folders.clear()
             continue
         seen.add(real)
+        # Real folders before links, so that a folder also linked beside it keeps its own name.
+        folders.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
         found += [path for path in (Path(root, name) for name in names) if is_audio_file(path)]
     return sorted(found)

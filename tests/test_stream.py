@@ -253,12 +253,20 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     sf.write(tmp_path / "elsewhere" / "up.flac", up[:CLIP_SAMPLES], SAMPLE_RATE)
     (folder / "linked").symlink_to(tmp_path / "elsewhere")  # followed
     (folder / "b" / "loop").symlink_to(folder)  # followed once
+    (folder / "alias").symlink_to(folder / "real")  # made first, so listed first here
+    (folder / "real").mkdir()
+    sf.write(folder / "real" / "down.wav", down[:CLIP_SAMPLES], SAMPLE_RATE)  # found under its own name
     again = folder / "b" / ".." / "up.wav"  # a file named twice is scored once
     assert main(["detect", str(folder), str(again), "--model", str(tone_export[0]), "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
-    paths = [folder / "b" / "down.flac", folder / "linked" / "up.flac", folder / "up.wav"]
+    paths = [
+        folder / "b" / "down.flac",
+        folder / "linked" / "up.flac",
+        folder / "real" / "down.wav",
+        folder / "up.wav",
+    ]
     assert reports == [recording_report(Detector(model), [load(path)], str(path)) for path in paths]
-    assert [max(r["scores"], key=r["scores"].get) for r in reports] == ["down", "up", "up"]
+    assert [max(r["scores"], key=r["scores"].get) for r in reports] == ["down", "up", "down", "up"]
     (tmp_path / "empty").mkdir()
     assert main(["detect", str(tmp_path / "empty"), "--model", str(tone_export[0])]) == 1
     assert "a folder with no audio files" in capsys.readouterr().err
