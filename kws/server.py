@@ -30,8 +30,8 @@ WebSocket protocol of ``/stream``:
   message other than the end event, 1013 while the model is still loading.
 
 Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
-recordings over ``max_seconds`` get 413 before they are decoded, headers over
-MAX_HEADER_BYTES get 400 as they arrive. With ``KWS_API_KEY`` set,
+recordings over ``max_seconds`` get 413 before they are decoded, and headers still
+unfinished once MAX_HEADER_BYTES of them wait get 400. With ``KWS_API_KEY`` set,
 everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Bearer``;
 WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
 query value is blanked out of uvicorn's logs.
@@ -94,8 +94,9 @@ DEFAULT_MAX_SECONDS = 60.0
 GIL_SWITCH_S = 0.0005  # the HTTP process's thread switch interval (Python's default: 0.005)
 # How long a stopping server goes on answering the requests it holds; it refuses new ones.
 GRACEFUL_SHUTDOWN_S = 5
-# The request line and headers, at most (nginx's default buffers hold 32 kB). uvicorn's h11
-# parser enforces it, answering 400; httptools, its faster default, buffers headers without end.
+# Of a request line and headers still unfinished, the most held (nginx's default buffers hold
+# 32 kB): uvicorn's h11 parser answers 400 beyond it. A head that arrives whole in one read may
+# be larger; memory stays bounded. httptools, uvicorn's faster default, buffers headers without end.
 MAX_HEADER_BYTES = 32 * 1024
 
 
@@ -283,7 +284,7 @@ def _presented_keys(scope) -> list[str]:
         keys.append(token.strip())
     if scope["type"] == "websocket":
         # The literal name only, the one the docs give: a key under another spelling is refused
-        # (and still blanked out of the log by RedactApiKey).
+        # (RedactApiKey still blanks it from the log, whatever the case or percent-encoding).
         for pair in scope["query_string"].decode("latin-1").split("&"):
             name, _, value = pair.partition("=")
             if name == "api_key":
@@ -318,8 +319,8 @@ class ApiKeyGuard:
 class RedactApiKey(logging.Filter):
     """Blank ``api_key=`` query values out of log records: uvicorn logs request paths with their query.
 
-    The name is matched decoded too: a key sent as ``api%5Fkey=`` is refused, but it may be the
-    right key all the same."""
+    The name is matched decoded and in any case: a key sent as ``api%5Fkey=`` or ``API_KEY=`` is
+    refused, but it may be the right key all the same."""
 
     pair = re.compile(r"(?<=[?&])([^=&\s\"]*)=([^&\s\"]*)")
 
@@ -330,7 +331,7 @@ class RedactApiKey(logging.Filter):
 
     def _redact(self, text: str) -> str:
         return self.pair.sub(
-            lambda pair: f"{pair[1]}=***" if unquote_plus(pair[1]) == "api_key" else pair[0], text
+            lambda pair: f"{pair[1]}=***" if unquote_plus(pair[1]).lower() == "api_key" else pair[0], text
         )
 
 

@@ -531,6 +531,7 @@ def test_the_readmes_websocket_client_streams_a_float_file(server, model, long_r
         ("/stream?api_key=s3cr3t", "/stream?api_key=***"),
         ("/stream?rate=8000&api%5Fkey=s3cr3t%2Bk%3Dy&x=1", "/stream?rate=8000&api%5Fkey=***&x=1"),
         ("/stream?%61pi_key=s3cr3t", "/stream?%61pi_key=***"),
+        ("/stream?API_KEY=s3cr3t", "/stream?API_KEY=***"),
         ("/stream?my_api_key=s3cr3t&api_keys=1", "/stream?my_api_key=s3cr3t&api_keys=1"),
     ],
 )
