@@ -280,6 +280,11 @@ def sweep(
     return table
 
 
+def false_accept_budget(target_per_hour: float, hours: float) -> int:
+    """The false accepts a target allows over ``hours``: whole ones, as a stream has."""
+    return int(target_per_hour * hours + 1e-9)
+
+
 def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[str, float]:
     """Per keyword, the threshold that finds the most keywords (mean recall over keywords)
     while all false accepts together, on the stream and the real speech, stay within
@@ -289,7 +294,7 @@ def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[s
     keyword makes even at the highest threshold tried are outside the budget: it may spend
     the budget on what it costs beyond them.
     """
-    budget = int(target_per_hour * hours + 1e-9)
+    budget = false_accept_budget(target_per_hour, hours)
     plans = {0: (0.0, {})}  # false accepts spent -> (recall summed, thresholds so far)
     for keyword, rows in sweep_table.items():
         unavoidable = min(stream_fa + speech_fa for _, _, stream_fa, speech_fa in rows)
@@ -358,17 +363,16 @@ def stream_test(
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
     if calibrating:
-        _warn_about_thresholds(report, target_per_hour)
+        _warn_about_thresholds(report, target_per_hour, hours)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
-def _warn_about_thresholds(report: dict, target_per_hour: float) -> None:
-    """Say when the audio is too short for the target, which calibrated thresholds rest on few
-    clips, and which never find their keyword."""
-    hours = report["stream_hours"] + report.get("real_speech", {}).get("hours", 0.0)
-    if 0 < target_per_hour * hours < 1:
+def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -> None:
+    """Say when the ``hours`` calibrated on are too short for the target, which calibrated
+    thresholds rest on few clips, and which never find their keyword."""
+    if target_per_hour > 0 and not false_accept_budget(target_per_hour, hours):
         tqdm.write(
             f"warning: the test stream and real speech last {hours:.2f} h, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "

@@ -176,23 +176,22 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
 def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywords_never_found(capsys):
     few = stream_eval.FEW_CLIPS - 1
     report = {
-        "stream_hours": 1.5,
-        "real_speech": {"hours": 0.5},
         "per_keyword": {
             "yes": {"occurrences": few, "recall": 0.9},
             "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0},
             "up": {"occurrences": 0, "recall": None},  # not in the stream: nothing was calibrated
         },
     }
-    stream_eval._warn_about_thresholds(report, 0.5)  # 2 h: long enough for one false accept
+    stream_eval._warn_about_thresholds(report, 0.5, 2.0)  # long enough for one false accept
     thin, never = capsys.readouterr().err.splitlines()
     assert thin.startswith(f"warning: the thresholds of 'yes' ({few} clips) rest on few clips")
     assert "'no'" not in thin and "'up'" not in thin
     assert f"none of the {stream_eval.FEW_CLIPS} 'no'" in never and "never fire" in never
-    stream_eval._warn_about_thresholds(report, 0.4)  # 2.5 h would be
+    stream_eval._warn_about_thresholds(report, 0.5, 1.9996)  # a budget of none, as calibrate() has
+    assert stream_eval.false_accept_budget(0.5, 1.9996) == 0
     short = capsys.readouterr().err.splitlines()[0]
-    assert short.startswith("warning: the test stream and real speech last 2.00 h, too short to measure 0.4")
-    stream_eval._warn_about_thresholds(report, 0)  # no false accept at all: what any length measures
+    assert short.startswith("warning: the test stream and real speech last 2.00 h, too short to measure 0.5")
+    stream_eval._warn_about_thresholds(report, 0, 0.5)  # no false accept at all: what any length measures
     assert len(capsys.readouterr().err.splitlines()) == 2
 
 
