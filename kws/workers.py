@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import multiprocessing
 import multiprocessing.util
@@ -269,14 +270,13 @@ class WorkerPool:
         for _ in range(2):
             worker = await self._free()
             answer = worker.send(payload)
-            answer.add_done_callback(lambda done, worker=worker: self._answered(worker, done))
             # A timer rather than wait_for, which makes a task per request. Killing the process
             # fails its requests with WorkerDied. The answer stops the timer, not this coroutine:
             # a request whose client gave up is still the process's, which may be stuck on it.
             overdue = asyncio.get_running_loop().call_later(
                 STUCK_AFTER_S + 2 * max_seconds, worker.kill_stuck
             )
-            answer.add_done_callback(lambda done, overdue=overdue: overdue.cancel())
+            answer.add_done_callback(functools.partial(self._answered, worker, overdue))
             try:
                 # A request whose client goes away is cancelled, but its worker still answers
                 # it: only then is it free again, and the next answer is the next request's.
@@ -339,7 +339,8 @@ class WorkerPool:
                 worker.busy += 1
                 waiter.set_result(worker)
 
-    def _answered(self, worker: _Worker, answer: asyncio.Future) -> None:
+    def _answered(self, worker: _Worker, overdue: asyncio.TimerHandle, answer: asyncio.Future) -> None:
+        overdue.cancel()
         worker.busy -= 1
         broke = not answer.cancelled() and answer.exception() is not None and not self._closed
         if broke and worker.process.is_alive():
