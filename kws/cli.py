@@ -402,8 +402,10 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
             continue
         inside = audio.audio_files_under(path)
         if not inside:
-            suffixes = " ".join(audio.AUDIO_SUFFIXES)
-            print(f"kws detect: skipping {path}: a folder with no audio files ({suffixes})", file=sys.stderr)
+            print(
+                f"kws detect: skipping {path}: a folder with no audio files ({audio.AUDIO_SUFFIX_TEXT})",
+                file=sys.stderr,
+            )
             empty += 1
         found += inside
     once = {}
@@ -678,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a long held-out test stream and held-out real speech, choose the per-keyword "
         "thresholds that find the most keywords while all their false accepts together meet a target, "
         "and store them (and the measured recall and false accepts per hour) in the model's manifest; "
-        "listen, detect and serve use them.",
+        "listen, detect and serve use them. Redraws the export's DET curve, so it needs the [train] "
+        "extra's matplotlib.",
         epilog="example: kws calibrate runs/s8/export --target-fa 0.25",
     )
     calibrate.add_argument("model", type=Path, help="export folder or .tflite")

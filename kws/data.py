@@ -238,7 +238,7 @@ def scan(
     if not clips:
         raise DataError(
             f"no audio clips found in {root}: expected one folder per word "
-            f"(Speech Commands layout) with audio files ({' '.join(audio.AUDIO_SUFFIXES)})"
+            f"(Speech Commands layout) with audio files ({audio.AUDIO_SUFFIX_TEXT})"
         )
     found = {_clip_key(clip.word, clip.path.name) for clip in clips}
     for name, listed in (("validation_list.txt", validation), ("testing_list.txt", testing)):
