@@ -675,8 +675,8 @@ class SpeechData:
         return EvaluationSet(audio_out, targets, sources, words)
 
     def words_without_clips(self, split: str) -> list[str]:
-        """The keywords that have no clip in ``split``."""
-        present = {clip.word for clip in self.clips if clip.split == split}
+        """The keywords that have no clip in ``split`` that could be read."""
+        present = set(self.split_audio(split).words)
         return [word for word in self.config.words if word not in present]
 
     def summary(self) -> dict:

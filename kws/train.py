@@ -203,13 +203,19 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _why_no_clips(root: Path, word: str) -> str:
-    folder = root / word
+def _why_no_clips(data: SpeechData, word: str) -> str:
+    folder = data.root / word
     if not folder.is_dir():
         return f"no folder {word!r} there (check the spelling in --words)"
     if not any(audio.is_audio_file(path) for path in folder.iterdir()):
         return f"{folder} holds no audio files"
-    return f"the lists or the speaker hash put every clip in {folder} in validation or test"
+    unread = sum(clip.word == word and clip.split == "training" for clip in data.clips)
+    if unread:
+        return f"none of the {unread} training clips in {folder} could be read (each is named above)"
+    return (
+        f"the lists or the speaker hash put every clip in {folder} in validation or test (each "
+        "speaker's clips, named by what comes before _nohash_, go to one split: record several speakers)"
+    )
 
 
 def _checked_validation(data: SpeechData):
@@ -217,7 +223,7 @@ def _checked_validation(data: SpeechData):
     for each gap that would leave the model untested or deaf to something."""
     unheard = data.words_without_clips("training")
     if unheard:
-        reasons = "; ".join(_why_no_clips(data.root, word) for word in unheard)
+        reasons = "; ".join(_why_no_clips(data, word) for word in unheard)
         raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
     if not data.split_audio("validation").keyword.any():
         raise DataError(

@@ -269,6 +269,12 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     err = capsys.readouterr().err
     assert f"no training clips of 'radio', 'nope' in {data}: {data / 'radio'} holds no audio files; " in err
     assert "no folder 'nope' there (check the spelling in --words)" in err
+    for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
+        clip.write_text("not audio")
+    assert main(["train", "--data", str(data), "--words", "yes,up", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"no training clips of 'up' in {data}: none of the " in err and "could be read" in err
+    assert not run.exists()
     for command in (["train", "--data", str(tone_dataset)], ["synth", "--words", "yes"]):
         with pytest.raises(SystemExit) as exited:
             main([*command, "--seed", "-1", "--out", str(run)])
