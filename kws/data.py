@@ -155,8 +155,14 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
     path = root / name
     if not path.exists():
         return {}
+    try:
+        text = path.read_text(
+            encoding="utf-8-sig"
+        )  # a byte-order mark, as Windows editors write, is no part of a line
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: save it as UTF-8, one WORD/FILE a line") from None
     keys = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip().removeprefix("./")
         if line:
             word, _, file = line.partition("/")
@@ -196,6 +202,8 @@ def check_folders(config: DataConfig) -> None:
     and the extra clips are checked before any is read."""
     check_data_dir(Path(config.data_dir))
     for folder in map(Path, config.negatives):
+        if folder.is_file():
+            raise DataError(f"--negatives {folder} is a file: pass the folder that holds it")
         if not folder.is_dir():
             raise DataError(f"--negatives folder {folder} does not exist")
     for folder in map(Path, config.extra):

@@ -166,6 +166,24 @@ def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dat
     )
 
 
+def test_split_lists_are_read_as_utf8_with_or_without_a_byte_order_mark(tiny_dataset):
+    lists = tiny_dataset / "validation_list.txt"
+    listed = lists.read_text()
+    before = {clip.path: clip.split for clip in D.scan(tiny_dataset)}
+    lists.write_text(listed, encoding="utf-8-sig")  # as Windows editors save it
+    assert {clip.path: clip.split for clip in D.scan(tiny_dataset)} == before
+    lists.write_text(listed, encoding="utf-16")
+    with pytest.raises(D.DataError, match="validation_list.txt is not UTF-8 text: save it as UTF-8"):
+        D.scan(tiny_dataset)
+
+
+def test_negatives_given_as_a_file_are_called_a_file(tiny_dataset, tmp_path):
+    clip = tmp_path / "speech.flac"
+    sf.write(clip, tone(300.0), 16000)
+    with pytest.raises(D.DataError, match=f"--negatives {clip} is a file: pass the folder that holds it"):
+        D.check_folders(config(tiny_dataset, negatives=[str(clip)]))
+
+
 def test_spec_augment_zeroes_bands_and_keeps_shape():
     feats = np.ones((50, NUM_FRAMES, NUM_MFCC), np.float32)
     masked = D.spec_augment(feats, np.random.default_rng(0), D.AugmentConfig(spec_augment=True))
