@@ -303,9 +303,10 @@ def _eval_stream(args) -> int:
         )
     elif args.plot:
         from kws import plots
+        from kws.files import write_files
 
         thresholds = "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"
-        plots.det_curve(result["det"], result, args.plot, thresholds)
+        write_files(args.plot.parent, {args.plot.name: plots.det_curve(result["det"], result, thresholds)})
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from kws.files import atomic_path
+
+DPI = 110
 
 
 def _figure():
@@ -20,7 +23,7 @@ def _figure():
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
 
 
 def training_curves(history: list[dict], path: Path) -> None:
@@ -67,9 +70,10 @@ def confusion(result: dict, path: Path, title: str = "confusion") -> None:
     plt.close(fig)
 
 
-def det_curve(points: list[dict], operating: dict, path: Path, operating_label: str) -> None:
-    """Miss rate against false accepts per hour as one threshold sweeps all keywords (log x), and
-    the ``operating`` point the thresholds in use give."""
+def det_curve(points: list[dict], operating: dict, operating_label: str) -> bytes:
+    """The PNG of miss rate against false accepts per hour as one threshold sweeps all keywords
+    (log x), and the ``operating`` point the thresholds in use give. Bytes, not a file: an export
+    writes it in one set with the files it describes."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     miss = [100 * (1 - p["recall"]) for p in points]
@@ -87,5 +91,7 @@ def det_curve(points: list[dict], operating: dict, path: Path, operating_label: 
     ax.set(xlabel="false accepts per hour", ylabel="miss rate (%)", title="DET: every keyword, one threshold")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    _save(fig, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    return png.getvalue()

@@ -354,7 +354,17 @@ def disk_full_at_the_model_card(monkeypatch):
     return OSError, "No space left"
 
 
-@pytest.mark.parametrize("fault", [broken_model_card, disk_full_at_the_model_card])
+def interrupted_drawing_the_det_curve(monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C during the last step: the DET curve
+
+    monkeypatch.setattr(export.plots, "det_curve", interrupted)
+    return KeyboardInterrupt, None
+
+
+@pytest.mark.parametrize(
+    "fault", [broken_model_card, disk_full_at_the_model_card, interrupted_drawing_the_det_curve]
+)
 def test_a_calibration_that_fails_leaves_the_export_as_it_was(fault, exported, tmp_path, monkeypatch):
     from kws.data import DataConfig, SpeechData
     from kws.stream import DetectionConfig
