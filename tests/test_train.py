@@ -120,6 +120,14 @@ def test_eval_text_and_plot(tone_run, tone_dataset, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_stream_draws_the_det_curve(tone_export, tone_dataset, tmp_path, capsys):
+    plot = tmp_path / "plots" / "det.png"  # a folder that does not exist yet
+    args = ["eval", "--stream", "--model", str(tone_export[0]), "--data", str(tone_dataset)]
+    assert main([*args, "--plot", str(plot)]) == 0
+    assert "test stream" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_of_equally_accurate_epochs_the_one_with_the_lowest_validation_loss_is_kept(tone_run):
     _, metrics = tone_run
     history = metrics["history"]
