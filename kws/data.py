@@ -374,13 +374,37 @@ class NegativeBank:
             )
             for part in ("training", "held_out")
         }
+        named = ", ".join(map(str, folders))
+        if not any(self.tracks.values()):
+            raise DataError(
+                f"--negatives {named}: none of its {len(paths)} audio files could be read "
+                "(each is named above)"
+            )
+        for part, use in (
+            ("training", "training"),
+            ("held_out", "validation and the real-speech false accepts"),
+        ):
+            if not self.tracks[part] and (part == "training" or validation_share > 0):
+                tqdm.write(
+                    f"warning: --negatives {named} leaves no speech for {use}: it holds "
+                    f"{len(speakers)} speaker(s); give it several, each in a folder of "
+                    "its own (LibriSpeech layout: SPEAKER/CHAPTER/FILE)",
+                    file=sys.stderr,
+                )
+
+    def has(self, split: str) -> bool:
+        """Whether ``split`` has negative speech to draw windows from."""
+        return bool(self.tracks[self._part(split)])
 
     def seconds(self, part: str) -> float:
         return sum(len(t) for t in self.tracks[part]) / SAMPLE_RATE
 
     def windows(self, rng: np.random.Generator, count: int, split: str) -> np.ndarray:
-        part = "training" if split == "training" else "held_out"
-        return to_float(_random_windows(self.tracks[part], rng, count))
+        return to_float(_random_windows(self.tracks[self._part(split)], rng, count))
+
+    @staticmethod
+    def _part(split: str) -> str:
+        return "training" if split == "training" else "held_out"
 
 
 def shift_rows(batch: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -550,7 +574,8 @@ class SpeechData:
         n_partial = 0 if evaluation else round(n_unknown * self.config.partial_fraction)
         n_unknown -= n_partial
         n_words = n_unknown
-        if self.negatives:
+        negatives = bool(self.negatives) and self.negatives.has(split)
+        if negatives:
             n_words = n_unknown - round(n_unknown * self.config.negatives_fraction)
         if evaluation:
             n_words = min(n_words, len(word_rows))
@@ -558,7 +583,7 @@ class SpeechData:
         else:
             n_words = n_words if len(word_rows) else 0
             words = rng.choice(word_rows, size=n_words) if n_words else word_rows[:0]
-        n_negative = n_unknown - n_words if self.negatives else 0
+        n_negative = n_unknown - n_words if negatives else 0
         fillers = [
             np.full(n, code)
             for n, code in ((n_negative, _NEGATIVE), (n_silence, _SILENCE), (n_partial, _PARTIAL))

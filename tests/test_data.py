@@ -177,6 +177,21 @@ def test_split_lists_are_read_as_utf8_with_or_without_a_byte_order_mark(tiny_dat
         D.scan(tiny_dataset)
 
 
+def test_negatives_that_give_no_speech_are_refused_or_named(tiny_dataset, negatives_dir, capsys):
+    kept = D.NegativeBank([str(negatives_dir)], validation_share=0.2).speakers["training"][0]
+    broken = sorted(negatives_dir.rglob("*.flac"), key=lambda path: D.speaker_id(path) == kept)
+    for path in broken[:-2]:  # one training speaker left that can be read: none held out
+        path.write_text("not audio")
+    cfg = config(tiny_dataset, negatives=[str(negatives_dir)])
+    examples = D.SpeechData(cfg).evaluation_set("validation")
+    assert "leaves no speech for validation" in capsys.readouterr().err
+    assert "negative speech" not in set(examples.sources)  # not windows of silence called speech
+    for path in broken[-2:]:
+        path.write_text("not audio")
+    with pytest.raises(D.DataError, match="none of its 10 audio files could be read"):
+        D.SpeechData(cfg).evaluation_set("validation")
+
+
 def test_negatives_given_as_a_file_are_called_a_file(tiny_dataset, tmp_path):
     clip = tmp_path / "speech.flac"
     sf.write(clip, tone(300.0), 16000)
