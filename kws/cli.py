@@ -139,6 +139,13 @@ def cmd_train(args) -> int:
             )
         run_dir = Path(args.resume)
         config = RunConfig.load(run_dir)
+        folders = [config.data.data_dir, *config.data.negatives, *config.data.extra]
+        moved = next((folder for folder in folders if not Path(folder).is_dir()), None)
+        if moved:  # check_folders would advise --data, which a resumed run does not take
+            raise UserError(
+                f"{moved} is not there: the run reads its folders from {run_dir / CONFIG_FILE}; "
+                'if they moved, set their new paths under "data" there (data_dir, negatives, extra)'
+            )
         check_folders(config.data)
         _require_train_extra("training", "keras", "matplotlib")
         if args.epochs:

@@ -206,6 +206,12 @@ def check_folders(config: DataConfig) -> None:
             raise DataError(f"--negatives {folder} is a file: pass the folder that holds it")
         if not folder.is_dir():
             raise DataError(f"--negatives folder {folder} does not exist")
+        held = [name for name in (*config.words, NOISE_FOLDER) if (folder / name).is_dir()]
+        if held:  # every file under it would be taken for speech without keywords
+            raise DataError(
+                f"--negatives {folder} holds {', '.join(held)}: it looks like the Speech Commands folder; "
+                "--negatives wants speech without the keywords, such as LibriSpeech"
+            )
     for folder in map(Path, config.extra):
         if not folder.is_dir():
             raise DataError(

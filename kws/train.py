@@ -23,7 +23,16 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, audio, features, plots
-from kws.data import NOISE_FOLDER, AugmentConfig, DataConfig, DataError, SpeechData, labels_for
+from kws.data import (
+    NOISE_FOLDER,
+    SILENCE,
+    UNKNOWN,
+    AugmentConfig,
+    DataConfig,
+    DataError,
+    SpeechData,
+    labels_for,
+)
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs
@@ -221,6 +230,11 @@ def _why_no_clips(data: SpeechData, word: str) -> str:
 def _checked_validation(data: SpeechData):
     """The validation set of data a run can learn from; DataError if it cannot, and a warning
     for each gap that would leave the model untested or deaf to something."""
+    if data.package:
+        raise DataError(
+            f"{data.root} has a {SILENCE} or {UNKNOWN} folder, so it reads as the official test set "
+            "package, whose every clip is a test clip: rename that folder to train on this data"
+        )
     unheard = data.words_without_clips("training")
     if unheard:
         reasons = "; ".join(_why_no_clips(data, word) for word in unheard)

@@ -215,6 +215,33 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
         "has trained 2 epochs already: resume it with --epochs 2 or more\n"
     )
     assert RunConfig.load(run).train.epochs == 2
+    # Its data moved: where to say so, as --data is not taken here.
+    moved = run.with_name("moved-run")
+    shutil.copytree(run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(moved), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gone'} is not there: the run reads its folders from {moved / 'config.json'}" in err
+    assert "--data" not in err
+
+
+def test_data_read_as_a_test_package_or_given_as_negatives_is_refused_for_training(
+    tone_dataset, tmp_path, capsys
+):
+    run = tmp_path / "r"
+    data = tmp_path / "data"
+    shutil.copytree(tone_dataset, data)
+    assert main(["train", "--data", str(data), "--negatives", str(data), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"--negatives {data} holds yes, no, up, down, _background_noise_: it looks like the" in err
+    (data / "_unknown_").mkdir()  # as a user might gather their other words
+    assert main(["train", "--data", str(data), "--words", ",".join(WORDS), "--out", str(run)]) == 2
+    assert "has a _silence_ or _unknown_ folder, so it reads as the official test set package" in (
+        capsys.readouterr().err
+    )
+    assert not run.exists()
 
 
 def test_a_run_records_absolute_paths_and_evaluates_without_its_extra_clips(
