@@ -155,6 +155,8 @@ def cmd_train(args) -> int:
         if not args.out:
             raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
         run_dir = Path(args.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} is a file: a run is a folder; pick another --out")
         if (run_dir / CONFIG_FILE).exists():
             raise UserError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
@@ -451,6 +453,8 @@ def cmd_export(args) -> int:
 
     _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: an export is a folder; pick another --out")
     manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
     arena = (

@@ -305,6 +305,7 @@ def to_float(samples: np.ndarray) -> np.ndarray:
 def _random_windows(tracks: list[np.ndarray], rng: np.random.Generator, count: int) -> np.ndarray:
     """``count`` random CLIP_SAMPLES windows of int16 tracks, tracks chosen by length."""
     out = np.zeros((count, CLIP_SAMPLES), np.int16)
+    tracks = [track for track in tracks if len(track)]  # a recording of a few samples leaves none to train on
     if count == 0 or not tracks:
         return out
     lengths = np.array([len(t) for t in tracks], dtype=np.float64)

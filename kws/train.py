@@ -214,7 +214,12 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 
 def _why_no_clips(data: SpeechData, word: str) -> str:
     folder = data.root / word
+    if folder.is_symlink() and not folder.exists():
+        return f"{folder} links to {os.readlink(folder)}, which does not exist"
     if not folder.is_dir():
+        named = [path.name for path in data.root.iterdir() if path.name.lower() == word.lower()]
+        if named:
+            return f"no folder {word!r} there, but {named[0]!r} (folder names are case-sensitive)"
         return f"no folder {word!r} there (check the spelling in --words)"
     if not any(audio.is_audio_file(path) for path in folder.iterdir()):
         return f"{folder} holds no audio files"
@@ -263,6 +268,14 @@ def _checked_validation(data: SpeechData):
             f"warning: no background noise in {data.root / NOISE_FOLDER}: the model learns no _silence_ "
             "and hears no noise in training; put noise recordings there (Speech Commands' six, or your "
             "own rooms')",
+            file=sys.stderr,
+        )
+    training = data.split_audio("training")
+    if training.keyword.all() and not data.negatives:
+        tqdm.write(
+            "warning: no other words and no --negatives: the model learns no _unknown_ and will take "
+            f"any word for a keyword; add folders of other words to {data.root}, or speech without "
+            "the keywords with --negatives (LibriSpeech)",
             file=sys.stderr,
         )
     return data.evaluation_set("validation")

@@ -214,6 +214,16 @@ def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch
     assert scored == []
 
 
+def test_export_to_a_file_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "export"
+    out.write_text("")
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"kws export: error: --out {out} is a file: an export is a folder; pick another --out"
+    )
+
+
 def test_training_without_tensorflow_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "keras", None)
     assert main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")]) == 2

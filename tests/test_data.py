@@ -192,6 +192,13 @@ def test_negatives_that_give_no_speech_are_refused_or_named(tiny_dataset, negati
         D.SpeechData(cfg).evaluation_set("validation")
 
 
+def test_a_noise_recording_too_short_to_split_gives_silent_windows_not_a_crash(tmp_path):
+    sf.write(tmp_path / "tick.wav", np.full(1, 0.5, np.float32), 16000)
+    noise = D.NoiseBank(tmp_path, held_out_share=0.2)
+    windows = noise.windows(np.random.default_rng(0), 3, "training")  # its training part is empty
+    assert windows.shape == (3, CLIP_SAMPLES) and not windows.any()
+
+
 def test_negatives_given_as_a_file_are_called_a_file(tiny_dataset, tmp_path):
     clip = tmp_path / "speech.flac"
     sf.write(clip, tone(300.0), 16000)

@@ -158,6 +158,13 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(warnings) == 2
     assert "no validation clips of 'down'" in warnings[0] and "no background noise" in warnings[1]
+    for other in ("bed", "cat"):  # nothing left to learn _unknown_ from
+        shutil.rmtree(tiny_dataset / other)
+    train(config, tmp_path / "run2")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings[-1].startswith(
+        "warning: no other words and no --negatives: the model learns no _unknown_"
+    )
 
 
 def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_path):
@@ -304,6 +311,18 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     err = capsys.readouterr().err
     assert f"no training clips of 'radio', 'nope' in {data}: {data / 'radio'} holds no audio files; " in err
     assert "no folder 'nope' there (check the spelling in --words)" in err
+    (data / "Radio").mkdir()
+    (data / "gone").symlink_to(tmp_path / "nowhere")
+    assert main(["train", "--data", str(data), "--words", "yes,radio2,gone", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'gone'} links to {tmp_path / 'nowhere'}, which does not exist" in err
+    shutil.rmtree(data / "radio")
+    assert main(["train", "--data", str(data), "--words", "yes,radio", "--out", str(run)]) == 2
+    assert "no folder 'radio' there, but 'Radio' (folder names are case-sensitive)" in capsys.readouterr().err
+    run.write_text("")
+    assert main(["train", "--data", str(data), "--out", str(run)]) == 2
+    assert f"--out {run} is a file: a run is a folder" in capsys.readouterr().err
+    run.unlink()
     for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
         clip.write_text("not audio")
     assert main(["train", "--data", str(data), "--words", "yes,up", "--out", str(run)]) == 2
