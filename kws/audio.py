@@ -15,11 +15,9 @@ import soxr
 from kws import KwsError
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 
-# What folders are searched for: libsndfile's formats under their usual names (.w64, .rf64
-# and .caf hold recordings over 4 GB).
-AUDIO_SUFFIX_TEXT = (
-    ".wav .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .w64 .rf64 .caf"  # for messages
-)
+# What folders are searched for, as messages list it: libsndfile's formats under their usual
+# names (.w64, .rf64 and .caf hold recordings over 4 GB).
+AUDIO_SUFFIX_TEXT = ".wav .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .w64 .rf64 .caf"
 AUDIO_SUFFIXES = tuple(AUDIO_SUFFIX_TEXT.split())
 BLOCK_SECONDS = 10.0  # of a recording decoded at a time
 # Samples (all channels) decoded at a time at most, whatever the rate and channels: 8 MB.

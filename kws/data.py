@@ -155,10 +155,8 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
     path = root / name
     if not path.exists():
         return {}
-    try:
-        text = path.read_text(
-            encoding="utf-8-sig"
-        )  # a byte-order mark, as Windows editors write, is no part of a line
+    try:  # utf-8-sig: a byte-order mark, as Windows editors write, is no part of the first line
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text: save it as UTF-8, one WORD/FILE a line") from None
     keys = {}
