@@ -112,7 +112,9 @@ def _given(**options) -> dict:
 
 
 def cmd_train(args) -> int:
-    from kws.data import DataConfig, check_folders
+    from dataclasses import replace
+
+    from kws.data import DataConfig, check_added_folders, check_data_dir, check_folders
     from kws.model import ModelConfig
     from kws.runtime import CONFIG_FILE
     from kws.train import RunConfig, TrainConfig, train
@@ -161,21 +163,22 @@ def cmd_train(args) -> int:
             raise UserError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
             )
-        data_dir = args.data
-        if data_dir is None:
-            from kws.download import DEFAULT_DATA_DIR, download_dataset
-
-            print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
-            data_dir = download_dataset(DEFAULT_DATA_DIR)
         # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
-            data_dir=str(Path(data_dir).resolve()),
+            data_dir=str(args.data.resolve()) if args.data else "",
             negatives=[str(p.resolve()) for p in args.negatives],
             extra=[str(p.resolve()) for p in args.extra],
             **_given(words=args.words, silence_share=args.silence_share, unknown_share=args.unknown_share),
         )
-        # Before train() loads TensorFlow: a mistyped folder should not take seconds to report.
-        check_folders(data)
+        # Before a download of 2.3 GB, and before train() loads TensorFlow: a mistyped word or
+        # folder should not take an hour, or seconds, to report.
+        check_added_folders(data)
+        if args.data is None:
+            from kws.download import DEFAULT_DATA_DIR, download_dataset
+
+            print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
+            data = replace(data, data_dir=str(download_dataset(DEFAULT_DATA_DIR).resolve()))
+        check_data_dir(Path(data.data_dir))
         _require_train_extra("training", "keras", "matplotlib")
         config = RunConfig(
             data=data,

@@ -199,6 +199,11 @@ def check_folders(config: DataConfig) -> None:
     """DataError naming the first folder of ``config`` that is missing: the data, the negatives
     and the extra clips are checked before any is read."""
     check_data_dir(Path(config.data_dir))
+    check_added_folders(config)
+
+
+def check_added_folders(config: DataConfig) -> None:
+    """DataError naming the first of ``config``'s negatives and extra folders that is unusable."""
     for folder in map(Path, config.negatives):
         if folder.is_file():
             raise DataError(f"--negatives {folder} is a file: pass the folder that holds it")

@@ -224,6 +224,17 @@ def test_export_to_a_file_is_refused_before_any_work(tmp_path, capsys):
     )
 
 
+def test_train_without_data_checks_its_words_and_folders_before_downloading(tmp_path, monkeypatch, capsys):
+    downloads = []
+    monkeypatch.setattr("kws.download.download_dataset", lambda *args: downloads.append(args))
+    run = ["train", "--out", str(tmp_path / "run")]
+    assert main([*run, "--words", "yes,_no"]) == 2
+    assert "keyword '_no' may not start with '_'" in capsys.readouterr().err
+    assert main([*run, "--negatives", str(tmp_path / "librispeech")]) == 2
+    assert f"--negatives folder {tmp_path / 'librispeech'} does not exist" in capsys.readouterr().err
+    assert downloads == []
+
+
 def test_training_without_tensorflow_asks_for_the_train_extra(tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "keras", None)
     assert main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run")]) == 2
