@@ -726,11 +726,11 @@ class SpeechData:
         """What the data is made of, for config.json."""
         counts = {}
         for split in SPLITS:
-            clips = [c for c in self.clips if c.split == split]
-            counts[split] = {
-                label: sum(1 for c in clips if self.labels[self.label_of(c.word)] == label)
-                for label in self.labels
-            }
+            if split in self._loaded:  # the clips that could be read
+                labels = self._loaded[split].labels
+            else:  # a split a run never reads (test): the clips its folders hold
+                labels = np.array([self.label_of(c.word) for c in self.clips if c.split == split], np.int64)
+            counts[split] = {label: int((labels == i).sum()) for i, label in enumerate(self.labels)}
         summary = {
             "data_dir": str(self.root.resolve()),
             "layout": "test_package" if self.package else "speech_commands",

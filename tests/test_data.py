@@ -199,6 +199,18 @@ def test_a_noise_recording_too_short_to_split_gives_silent_windows_not_a_crash(t
     assert windows.shape == (3, CLIP_SAMPLES) and not windows.any()
 
 
+def test_the_summary_counts_the_clips_that_could_be_read(tiny_dataset):
+    data = D.SpeechData(config(tiny_dataset))
+    scanned = sum(c.word == "yes" and c.split == "training" for c in data.clips)
+    broken = next(c.path for c in data.clips if c.word == "yes" and c.split == "training")
+    broken.write_text("not audio")
+    data.split_audio("training")
+    counts = data.summary()["clips_per_split"]
+    assert counts["training"]["yes"] == scanned - 1
+    tests = sum(c.split == "testing" for c in data.clips)
+    assert sum(counts["testing"].values()) == tests > 0  # not read: what the folders hold
+
+
 def test_negatives_given_as_a_file_are_called_a_file(tiny_dataset, tmp_path):
     clip = tmp_path / "speech.flac"
     sf.write(clip, tone(300.0), 16000)
