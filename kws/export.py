@@ -39,7 +39,6 @@ from kws.train import RunConfig, latest_checkpoint
 
 MODEL_CARD = "MODEL_CARD.md"
 DET_PLOT = "det_curve.png"
-CALIBRATED = "calibrated thresholds"  # the DET curve's operating point
 MODEL_FILES = {
     "int8": "model_int8.tflite",
     "float16": "model_float16.tflite",
@@ -228,7 +227,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
             "negatives": config.data_summary.get("negatives", {}),
         },
     }
-    write_artifacts(out_dir, converted, manifest, plots.det_curve(streaming["det"], streaming, CALIBRATED))
+    write_artifacts(out_dir, converted, manifest, streaming["det"])
     steps.update()
     steps.close()
     return json.loads((out_dir / MANIFEST_FILE).read_text())  # as written: JSON's lists, not tuples
@@ -329,12 +328,15 @@ def recalibrate(
     manifest["streaming"] = streaming_summary(streaming, target_fa_per_hour)
     if manifest["sizes"].get("tflm_arena_bytes") is None:  # older exports left it out of the .tflite
         manifest["sizes"]["tflm_arena_bytes"] = tflm_arena_bytes(converted["int8"])
-    write_artifacts(folder, converted, manifest, plots.det_curve(streaming["det"], streaming, CALIBRATED))
+    write_artifacts(folder, converted, manifest, streaming["det"])
     return manifest
 
 
-def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict, det_png: bytes) -> None:
-    """The .tflite files (manifest embedded), manifest.json, the MCU bundle and the DET curve.
+def write_artifacts(
+    out_dir: Path, converted: dict[str, bytes], manifest: dict, det_points: list[dict]
+) -> None:
+    """The .tflite files (manifest embedded), manifest.json, the MCU bundle and the DET curve of
+    ``det_points`` with the manifest's calibrated operating point.
 
     Every file's content is made before any is written, and they are written as one set, so
     that a failure leaves the folder's files as they were rather than some new and some old.
@@ -353,7 +355,7 @@ def write_artifacts(out_dir: Path, converted: dict[str, bytes], manifest: dict, 
             "model_data.h": header,
             "model_data.cc": source,
             MODEL_CARD: model_card(manifest),
-            DET_PLOT: det_png,
+            DET_PLOT: plots.det_curve(det_points, manifest["streaming"], "calibrated thresholds"),
             **c_frontend_sources(manifest["input"]["scale"], manifest["input"]["zero_point"]),
         },
     )
