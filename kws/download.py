@@ -77,14 +77,41 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"--url {url!r} is not an http:// or https:// address")
     destination = Path(destination)
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, or no permission
-        raise DownloadError(
-            f"cannot make the folder {destination.parent} ({error.strerror}): pick another --dir"
-        ) from None
     if destination.exists():
         return destination
+    made = _made_folder(destination.parent)
+    try:
+        return _fetch_into(url, destination, sha256, attempts, timeout)
+    except BaseException:
+        # A first run that failed before any byte arrived leaves no empty data folder behind.
+        if made is not None:
+            _remove_empty(destination.parent, up_to=made)
+        raise
+
+
+def _made_folder(folder: Path) -> Path | None:
+    """Make ``folder``; return the topmost folder made here (None if it existed)."""
+    topmost = next((f for f in reversed([folder, *folder.parents]) if not f.exists()), None)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, or no permission
+        raise DownloadError(
+            f"cannot make the folder {folder} ({error.strerror}): pick another --dir"
+        ) from None
+    return topmost
+
+
+def _remove_empty(folder: Path, up_to: Path) -> None:
+    """Remove ``folder`` and its parents up to ``up_to`` while they are empty."""
+    for each in [folder, *folder.parents]:
+        if any(each.iterdir()):
+            return
+        each.rmdir()
+        if each == up_to:
+            return
+
+
+def _fetch_into(url: str, destination: Path, sha256: str | None, attempts: int, timeout: float) -> Path:
     part = destination.with_name(destination.name + ".part")
     for attempt in range(1, attempts + 1):
         try:

@@ -163,6 +163,18 @@ def test_a_server_that_refuses_connections_is_not_said_to_have_lost_one(tmp_path
     assert "cannot connect (" in capsys.readouterr().err and not (tmp_path / "x.tar.gz.part").exists()
 
 
+def test_a_first_download_that_fails_leaves_no_empty_folders(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(download.DownloadError):
+        download.fetch(
+            f"http://127.0.0.1:{port}/x.tar.gz", tmp_path / "kept/data/cache/x.tar.gz", None, attempts=1
+        )
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_a_url_that_is_not_http_is_a_clear_error(tmp_path, capsys):
     from kws.cli import main
 
