@@ -23,6 +23,7 @@ import hashlib
 import math
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +147,9 @@ class Clip:
 
 
 def _clip_key(word: str, path: str | Path) -> str:
-    # Lists name .wav files; a re-encoded copy of the dataset (FLAC) must still match.
-    return f"{word}/{Path(path).stem}"
+    # Lists name .wav files; a re-encoded copy of the dataset (FLAC) must still match. NFC: macOS
+    # writes names decomposed ("e" + accent) where an editor writes "é" whole; the same name to a reader.
+    return unicodedata.normalize("NFC", f"{word}/{Path(path).stem}")
 
 
 def _read_list(root: Path, name: str) -> dict[str, str]:

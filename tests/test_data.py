@@ -1,5 +1,6 @@
 """Data: layouts, splits, shares, negatives, noise levels, augmentation, bad files."""
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,19 @@ def test_split_lists_are_read_as_utf8_with_or_without_a_byte_order_mark(tiny_dat
     lists.write_text(listed, encoding="utf-16")
     with pytest.raises(D.DataError, match="validation_list.txt is not UTF-8 text: save it as UTF-8"):
         D.scan(tiny_dataset)
+
+
+def test_a_list_line_matches_its_clip_whether_names_are_composed_or_decomposed(tiny_dataset, capsys):
+    decomposed, composed = (unicodedata.normalize(form, "café") for form in ("NFD", "NFC"))
+    (tiny_dataset / "yes").rename(tiny_dataset / decomposed)  # as macOS writes file names
+    (tiny_dataset / "validation_list.txt").write_text("")
+    training = [clip.path for clip in D.scan(tiny_dataset) if clip.split == "training"]
+    name = next(path.name for path in training if path.parent.name == decomposed)
+    (tiny_dataset / "validation_list.txt").write_text(f"{composed}/{name}\n")  # as an editor writes it
+    (clip,) = [clip for clip in D.scan(tiny_dataset) if clip.path.name == name]
+    assert (
+        clip.split == "validation" and "validation_list.txt that name no clip" not in capsys.readouterr().err
+    )
 
 
 def test_negatives_that_give_no_speech_are_refused_or_named(tiny_dataset, negatives_dir, capsys):
