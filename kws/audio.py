@@ -149,6 +149,8 @@ def _existing(path: str | Path) -> str:
         raise AudioError(f"{path}: no such file")
     if not Path(path).is_file():  # a device or a pipe: no length to read ahead, no rewinding
         raise AudioError(f"{path}: not a regular file; save the audio to a file first")
+    if not os.access(path, os.R_OK):  # libsndfile would say only "System error"
+        raise AudioError(f"{path}: no permission to read it; check its owner and mode (ls -l)")
     return str(path)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import sys
 import unicodedata
@@ -339,6 +340,8 @@ class NoiseBank:
     """Background noise recordings, each split in time: the head for training, the tail held out."""
 
     def __init__(self, folder: Path, held_out_share: float):
+        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):  # it would look empty
+            raise DataError(f"{folder}: no permission to read the folder; check its owner and mode (ls -ld)")
         paths = sorted(p for p in folder.glob("*") if audio.is_audio_file(p)) if folder.is_dir() else []
         self.names = [p.name for p in paths]
         self.parts: dict[str, list[np.ndarray]] = {"training": [], "held_out": []}

@@ -1,5 +1,6 @@
 """Data: layouts, splits, shares, negatives, noise levels, augmentation, bad files."""
 
+import os
 import unicodedata
 from pathlib import Path
 
@@ -204,6 +205,24 @@ def test_negatives_that_give_no_speech_are_refused_or_named(tiny_dataset, negati
         path.write_text("not audio")
     with pytest.raises(D.DataError, match="none of its 10 audio files could be read"):
         D.SpeechData(cfg).evaluation_set("validation")
+
+
+def test_files_and_folders_without_read_permission_are_named_as_such(tmp_path, monkeypatch):
+    # As a user who is not root: root reads any file whatever its mode.
+    monkeypatch.setattr(os, "access", lambda path, mode: os.stat(path).st_mode & 0o777 != 0)
+    (tmp_path / "noise").mkdir()
+    sf.write(tmp_path / "noise" / "hum.wav", tone(50.0), 16000)
+    (tmp_path / "noise" / "hum.wav").chmod(0)
+    with pytest.raises(
+        D.audio.AudioError, match="hum.wav: no permission to read it; check its owner and mode"
+    ):
+        D.audio.load(tmp_path / "noise" / "hum.wav")
+    (tmp_path / "noise").chmod(0)
+    try:
+        with pytest.raises(D.DataError, match="noise: no permission to read the folder"):
+            D.NoiseBank(tmp_path / "noise", held_out_share=0.2)
+    finally:
+        (tmp_path / "noise").chmod(0o755)
 
 
 def test_a_noise_recording_too_short_to_split_gives_silent_windows_not_a_crash(tmp_path):
