@@ -26,8 +26,6 @@ WORDS = ["yes", "no", "up", "down", "left", "right", "stop", "go"]
 
 
 def main() -> None:
-    import keras
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -36,6 +34,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--out", type=Path, default=Path("runs/architectures"))
     args = parser.parse_args()
+    import keras  # after parsing: --help answers without loading TensorFlow
+
     negatives = args.negatives if args.negatives is not None else ["../shared/data/librispeech"]
     data_config = DataConfig(args.data, words=WORDS, negatives=negatives)
 
