@@ -6,7 +6,9 @@ negative speech, over a bed of held-out background noise. A detection is a hit w
 label matches a keyword whose clip overlaps the detection's 1 s window (give or take
 MATCH_SLACK_S); every other detection, a second one on the same keyword included, is a
 false accept. Real-speech false accepts are counted on the held-out negative speakers'
-recordings alone, which hold no keyword at all.
+recordings alone, which hold no keyword at all. That is the speech the stream holds, scored
+again clean and on its own: the two measures share their audio, so calibration counts the
+stream's hours and false accepts only, and never adds the two.
 """
 
 from __future__ import annotations
@@ -117,13 +119,11 @@ def _noise_bed(data: SpeechData, rng: np.random.Generator, length: int) -> np.nd
 
 
 def real_speech(data: SpeechData) -> np.ndarray:
-    """All held-out negative speech back to back: an hour-scale recording without keywords."""
+    """All held-out negative speech back to back, as a reader goes from one passage to the
+    next: an hour-scale recording without keywords, every second of it speech."""
     if not data.negatives or not data.negatives.tracks["held_out"]:
         return np.zeros(0, np.float32)
-    gap = np.zeros(SAMPLE_RATE // 2, np.float32)
-    return np.concatenate(
-        [part for track in data.negatives.tracks["held_out"] for part in (to_float(track), gap)]
-    )
+    return np.concatenate([to_float(track) for track in data.negatives.tracks["held_out"]])
 
 
 def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring") -> Scored:
@@ -287,8 +287,9 @@ def false_accept_budget(target_per_hour: float, hours: float) -> int:
 
 def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[str, float]:
     """Per keyword, the threshold that finds the most keywords (mean recall over keywords)
-    while all false accepts together, on the stream and the real speech, stay within
-    ``target_per_hour`` over ``hours``: the budget goes where it buys the most recall.
+    while all false accepts on the stream together stay within ``target_per_hour`` over its
+    ``hours``: the budget goes where it buys the most recall. The real speech is not counted:
+    the stream holds it already.
 
     Of thresholds with equal recall and false accepts, the lowest. The false accepts a
     keyword makes even at the highest threshold tried are outside the budget: it may spend
@@ -297,10 +298,10 @@ def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[s
     budget = false_accept_budget(target_per_hour, hours)
     plans = {0: (0.0, {})}  # false accepts spent -> (recall summed, thresholds so far)
     for keyword, rows in sweep_table.items():
-        unavoidable = min(stream_fa + speech_fa for _, _, stream_fa, speech_fa in rows)
+        unavoidable = min(stream_fa for _, _, stream_fa, _ in rows)
         options = {}  # false accepts -> (threshold, recall): the best recall at that cost
-        for threshold, recall, stream_fa, speech_fa in rows:
-            cost = stream_fa + speech_fa - unavoidable
+        for threshold, recall, stream_fa, _ in rows:
+            cost = stream_fa - unavoidable
             if cost <= budget and (cost not in options or recall > options[cost][1]):
                 options[cost] = (threshold, recall)
         extended = {}
@@ -352,29 +353,44 @@ def stream_test(
     speech = score(model, speech_audio, config.hop_frames, "real speech") if len(speech_audio) else None
     table = sweep(model.labels, stream, scored, speech, config) if det or calibrating else None
     if calibrating:
-        hours = stream.hours + (speech.hours if speech else 0.0)
         # A keyword the stream never says would get the lowest threshold without a false
         # accept, whatever it finds: it keeps the threshold it had.
         unsaid = [keyword for keyword in table if keyword not in said]
         if unsaid:
             kept = ", ".join(f"{keyword} {config.threshold(keyword):g}" for keyword in unsaid)
             tqdm.write(f"not in the test stream, so not calibrated: {kept}", file=sys.stderr)
-        calibrated = calibrate({k: rows for k, rows in table.items() if k in said}, hours, target_per_hour)
+        calibrated = calibrate(
+            {k: rows for k, rows in table.items() if k in said}, stream.hours, target_per_hour
+        )
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
     if calibrating:
-        _warn_about_thresholds(report, target_per_hour, hours)
+        _warn_about_thresholds(report, target_per_hour, stream.hours)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
 def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -> None:
-    """Say when the ``hours`` calibrated on are too short for the target, which calibrated
-    thresholds rest on few clips, and which never find their keyword."""
-    if target_per_hour > 0 and not false_accept_budget(target_per_hour, hours):
+    """Say when the ``hours`` calibrated on are too short for the target, when the target was
+    not met, which calibrated thresholds rest on few clips, and which never find their keyword."""
+    budget = false_accept_budget(target_per_hour, hours)
+    if report["false_accepts"] > budget:
+        firing = ", ".join(
+            f"{keyword!r} {row['false_accepts']}"
+            for keyword, row in report["per_keyword"].items()
+            if row["false_accepts"]
+        )
         tqdm.write(
-            f"warning: the test stream and real speech last {hours:.2f} h, too short to measure "
+            f"warning: the calibrated thresholds let {report['false_accepts']} false accepts through on "
+            f"the test stream ({report['false_accepts_per_hour']:g} per hour), over the "
+            f"{target_per_hour:g} per hour asked: some keywords fire wrongly even at the highest "
+            f"threshold tried ({firing}); train longer, or with more --negatives",
+            file=sys.stderr,
+        )
+    if target_per_hour > 0 and not budget:
+        tqdm.write(
+            f"warning: the test stream lasts {hours:.2f} h, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "
             "thresholds let none through and may miss keywords they need not: add validation clips, "
             "and keyword-free speech with --negatives",

@@ -157,7 +157,8 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
     # rows: (threshold, recall, false accepts on the stream, on real speech)
     table = {
         "yes": [(0.5, 0.9, 3, 0), (0.9, 0.8, 1, 0), (0.99, 0.6, 0, 0), (0.999, 0.6, 0, 0)],
-        "no": [(0.5, 0.9, 0, 1), (0.9, 0.5, 0, 0), (0.99, 0.2, 0, 0)],
+        # The real speech's false accepts do not count: the stream holds that speech already.
+        "no": [(0.5, 0.9, 1, 4), (0.9, 0.5, 0, 2), (0.99, 0.2, 0, 0)],
         "up": [(0.5, 0.9, 9, 0), (0.99, 0.7, 5, 0)],  # over these budgets even at its top threshold
     }
     # 1 false accept in 2 h at 0.5 per hour: "no" gains 0.4 with it, "yes" only 0.2
@@ -176,10 +177,11 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
 def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywords_never_found(capsys):
     few = stream_eval.FEW_CLIPS - 1
     report = {
+        "false_accepts": 0,
         "per_keyword": {
-            "yes": {"occurrences": few, "recall": 0.9},
-            "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0},
-            "up": {"occurrences": 0, "recall": None},  # not in the stream: nothing was calibrated
+            "yes": {"occurrences": few, "recall": 0.9, "false_accepts": 0},
+            "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0, "false_accepts": 0},
+            "up": {"occurrences": 0, "recall": None, "false_accepts": 0},  # not in the stream: not calibrated
         },
     }
     stream_eval._warn_about_thresholds(report, 0.5, 2.0)  # long enough for one false accept
@@ -190,9 +192,20 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
     stream_eval._warn_about_thresholds(report, 0.5, 1.9996)  # a budget of none, as calibrate() has
     assert stream_eval.false_accept_budget(0.5, 1.9996) == 0
     short = capsys.readouterr().err.splitlines()[0]
-    assert short.startswith("warning: the test stream and real speech last 2.00 h, too short to measure 0.5")
+    assert short.startswith("warning: the test stream lasts 2.00 h, too short to measure 0.5")
     stream_eval._warn_about_thresholds(report, 0, 0.5)  # no false accept at all: what any length measures
     assert len(capsys.readouterr().err.splitlines()) == 2
+    # "yes" fires twice even at the highest threshold: the target is not met, and it says so.
+    report["per_keyword"]["yes"]["false_accepts"] = report["false_accepts"] = 2
+    report["false_accepts_per_hour"] = 1.0
+    stream_eval._warn_about_thresholds(report, 0.5, 2.0)
+    unmet = capsys.readouterr().err.splitlines()[0]
+    assert unmet.startswith(
+        "warning: the calibrated thresholds let 2 false accepts through on the test stream"
+    )
+    assert (
+        "(1 per hour), over the 0.5 per hour asked" in unmet and "('yes' 2)" in unmet and "'no'" not in unmet
+    )
 
 
 def test_match_counts_hits_once_and_everything_else_as_false_accepts():
