@@ -113,7 +113,9 @@ def _checked(
     """The file's samples at its own rate, (frames, channels) float32 blocks of ``frames``,
     as a microphone gives them: NaN refused, and clipped to full scale. Decoded
     ``decode_frames`` (a multiple of ``frames``) at a time, then cut."""
-    for decoded in file.blocks(decode_frames or frames, dtype="float32", always_2d=True):
+    # Not file.blocks: where a header claims more frames than the file holds (a truncated MP3),
+    # it hands the last block out again instead of stopping.
+    while len(decoded := file.read(decode_frames or frames, dtype="float32", always_2d=True)):
         for block in (decoded[start : start + frames] for start in range(0, len(decoded), frames)):
             if not np.isfinite(block).all():
                 raise AudioError(f"{name}: holds NaN or infinite samples")

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 from kws import audio
+from kws.features import SAMPLE_RATE
 
 
 def sine(freq, rate, seconds=1.0, channels=1):
@@ -124,17 +125,18 @@ def test_decoding_holds_a_bounded_number_of_samples_at_a_time(tmp_path, monkeypa
     path = tmp_path / "six.flac"
     sf.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, (48_000 * 3, 6)), 48_000)
     whole = audio.load(path)
-    read, blocks = [], sf.SoundFile.blocks
+    read, decode = [], sf.SoundFile.read
 
     def counted(self, *args, **kwargs):
-        for piece in blocks(self, *args, **kwargs):
-            read.append(piece.size)
-            yield piece
+        piece = decode(self, *args, **kwargs)
+        read.append(piece.size)
+        return piece
 
-    monkeypatch.setattr(sf.SoundFile, "blocks", counted)
+    monkeypatch.setattr(sf.SoundFile, "read", counted)
     monkeypatch.setattr(audio, "BLOCK_VALUES", 60_000)
     np.testing.assert_array_equal(audio.decode(path.read_bytes(), "six.flac", max_seconds=60), whole)
-    assert len(read) == 15 and max(read) <= 60_000  # 144,000 frames of 6 channels, 10,000 at a time
+    # 144,000 frames of 6 channels, 10,000 at a time, and the empty read that says the end came
+    assert read == [60_000] * 14 + [24_000, 0]
 
 
 @pytest.mark.parametrize("rate,channels", [(16000, 1), (44100, 2), (8000, 6)])
@@ -168,3 +170,17 @@ def test_blocks_refuse_bad_audio_where_they_find_it(tmp_path):
     (tmp_path / "text.wav").write_text("not audio")
     with pytest.raises(audio.AudioError, match="text.wav: cannot decode"):
         audio.duration(tmp_path / "text.wav")
+
+
+def test_a_truncated_mp3_gives_the_audio_it_holds_and_never_repeats_it(tmp_path):
+    t = np.arange(SAMPLE_RATE * 24) / SAMPLE_RATE
+    sweep = (0.3 * np.sin(2 * np.pi * (200 + 20 * t) * t)).astype(np.float32)  # no two seconds alike
+    sf.write(tmp_path / "whole.mp3", sweep, SAMPLE_RATE, format="MP3")
+    whole = (tmp_path / "whole.mp3").read_bytes()
+    (tmp_path / "cut.mp3").write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
+    assert sf.info(tmp_path / "cut.mp3").frames == len(sweep)  # the header still says 24 s
+    samples = audio.load(tmp_path / "cut.mp3")
+    assert 10 * SAMPLE_RATE < len(samples) < 14 * SAMPLE_RATE
+    second = SAMPLE_RATE
+    assert np.abs(samples[-second:] - samples[-11 * second : -10 * second]).max() > 0.1  # not played twice
+    assert sum(len(block) for block in audio.native_blocks(tmp_path / "cut.mp3", 800)) == len(samples)
