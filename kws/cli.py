@@ -446,7 +446,8 @@ def cmd_listen(args) -> int:
         "Ctrl-C to stop",
         file=sys.stderr,
     )
-    print(listen.run(source, detector, sys.stdout, args.seconds))
+    with listen.stopped_by_signals():
+        print(listen.run(source, detector, sys.stdout, args.seconds))
     return 0
 
 
@@ -868,7 +869,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports numpy and scipy: Ctrl-C may come before any command runs
+    except KeyboardInterrupt:
+        print("\nkws: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).

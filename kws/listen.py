@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import queue
+import signal
 import sys
 import threading
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kws import audio
-from kws.audio import AudioError, ModelRate
+from kws.audio import MIN_SAMPLE_RATE, AudioError, ModelRate
 from kws.stream import Detector, Event, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
@@ -32,6 +34,31 @@ METER_WIDTH = 30
 
 class ListenError(AudioError):
     """An audio input that cannot be opened or stops delivering; the message says what exists."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that ends listening as Ctrl-C does: with the summary, and exit code 0."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM (docker stop, systemd) and SIGHUP (a closed terminal) stop ``run`` as Ctrl-C does,
+    instead of killing it before it prints what it heard. Main thread only, as signals are."""
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def import_sounddevice():
@@ -180,17 +207,23 @@ class Source:
     samplerate: float
     open: Callable
     errors: tuple[type[Exception], ...] = ()  # what its stream raises for an input that cannot be used
+    endless: bool = False  # a microphone: its stream ending means the device went away
 
 
 def microphone(wanted: str | None = None) -> Source:
     """The input device ``--device`` names (default: PortAudio's), mono at its own default rate."""
     sd = import_sounddevice()
     device = pick_device(sd, wanted)
-    rate = device["default_samplerate"]
+    name, rate = f"input device {device['index']} {device['name']!r}", device["default_samplerate"]
+    if rate < MIN_SAMPLE_RATE:
+        raise ListenError(
+            f"{name} records at {rate:g} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: choose another "
+            "--device (kws listen --list-devices)"
+        )
     stream = functools.partial(
         sd.InputStream, device=device["index"], samplerate=rate, channels=1, dtype="float32"
     )
-    return Source(f"input device {device['index']} {device['name']!r}", rate, stream, (sd.PortAudioError,))
+    return Source(name, rate, stream, (sd.PortAudioError,), endless=True)
 
 
 def recording(path: str | Path, realtime: bool = True) -> Source:
@@ -237,12 +270,14 @@ class Meter:
 class Summary:
     seconds: float  # audio heard
     counts: dict[str, int]  # detections per keyword, every keyword of the model
-    interrupted: bool
+    stopped_by: str | None  # "Ctrl-C" or a signal's name; None when the audio ended
 
     def __str__(self) -> str:
         total = sum(self.counts.values())
         per_keyword = ", ".join(f"{label} {count}" for label, count in self.counts.items())
-        ending = " (stopped with Ctrl-C)" if self.interrupted else ""
+        ending = {None: "", "Ctrl-C": " (stopped with Ctrl-C)"}.get(
+            self.stopped_by, f" (stopped by {self.stopped_by})"
+        )
         return f"listened {self.seconds:.1f} s{ending}: {total} detection{'s' * (total != 1)} ({per_keyword})"
 
 
@@ -278,9 +313,9 @@ class _Consumer:
             print(event, file=self.out, flush=True)
             self.counts[event.label] += 1
 
-    def summary(self, interrupted: bool) -> Summary:
+    def summary(self, stopped_by: str | None) -> Summary:
         counts = {label: self.counts[label] for label in keywords(self.detector.labels)}
-        return Summary(self.seconds, counts, interrupted)
+        return Summary(self.seconds, counts, stopped_by)
 
 
 def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
@@ -306,7 +341,7 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
     consumer = _Consumer(source.samplerate, detector, out)
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
     detector.reset()
-    interrupted = False
+    stopped_by = None
     try:
         stream = source.open(
             blocksize=round(BLOCK_SECONDS * source.samplerate),
@@ -315,7 +350,14 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
         )
         with stream:
             try:
-                while consumer.frames < limit and (block := _next_block(blocks, source)) is not None:
+                while consumer.frames < limit:
+                    if (block := _next_block(blocks, source)) is None:
+                        if source.endless:
+                            raise ListenError(
+                                f"{source.name} stopped delivering audio after {consumer.seconds:.1f} s "
+                                "(unplugged, or its sound server stopped)"
+                            )
+                        break
                     consumer.hear(block[: limit - consumer.frames])
             finally:
                 # A source waiting for room in the queue must get it, or closing it would wait forever.
@@ -325,7 +367,9 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
         consumer.finish()
     except source.errors as error:
         raise ListenError(f"{source.name}: {error}") from None
+    except Stopped as signal_stop:
+        stopped_by = signal_stop.signal_name
     except KeyboardInterrupt:
-        interrupted = True
+        stopped_by = "Ctrl-C"
     consumer.meter.clear()
-    return consumer.summary(interrupted)
+    return consumer.summary(stopped_by)

@@ -543,3 +543,69 @@ def test_microphone_hears_keywords_played_into_pulseaudio(pulseaudio, tmp_path, 
         f"(stopped with Ctrl-C): {len(heard)} detections ({counted(label for label, _ in heard)})"
     )
     assert "Traceback" not in err
+
+
+def test_a_microphone_that_goes_away_is_an_error_not_the_end_of_the_audio(monkeypatch, capsys, model_args):
+    class UnpluggedStream:
+        """Delivers 0.5 s of silence, then ends, as PortAudio does when a USB microphone goes."""
+
+        def __init__(self, callback, finished_callback, blocksize, **settings):
+            self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
+
+        def __enter__(self):
+            for _ in range(10):
+                self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, None)
+            self.finished()
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+    fake_sounddevice(monkeypatch, DEVICES, stream=UnpluggedStream)
+    assert main(["listen", "--device", "usb", *model_args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith(
+        "kws listen: error: input device 2 'USB Mic: Audio (hw:1,0)' stopped delivering audio after 0.5 s "
+        "(unplugged, or its sound server stopped)\n"
+    )
+
+
+def test_a_microphone_under_8_khz_is_refused(monkeypatch, capsys):
+    fake_sounddevice(monkeypatch, [dict(DEVICES[2], default_samplerate=4000.0)])
+    assert main(["listen"]) == 2
+    assert capsys.readouterr().err == (
+        "kws listen: error: input device 0 'USB Mic: Audio (hw:1,0)' records at 4000 Hz, under the 8000 Hz "
+        "the model needs: choose another --device (kws listen --list-devices)\n"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_listening_with_a_summary_and_code_0(
+    words_file, model_args, monkeypatch, capsys, signum
+):
+    pushes, push = 0, Detector.push
+
+    def signalled_push(self, samples):
+        nonlocal pushes
+        pushes += 1
+        if pushes == 20:
+            os.kill(os.getpid(), signum)  # as docker stop or a closed terminal would
+        return push(self, samples)
+
+    monkeypatch.setattr(Detector, "push", signalled_push)
+    before = signal.getsignal(signum)
+    assert main(["listen", "--file", str(words_file[0]), "--fast", *model_args]) == 0
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().out.splitlines() == [
+        f"listened 1.0 s (stopped by {name}): 0 detections (yes 0, no 0, up 0, down 0)"
+    ]
+    assert signal.getsignal(signum) == before  # given back once listening ends
+
+
+def test_ctrl_c_before_a_command_starts_is_no_traceback(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt  # while numpy and scipy load
+
+    monkeypatch.setattr("kws.cli.build_parser", interrupted)
+    assert main(["listen"]) == 130
+    assert capsys.readouterr().err == "\nkws: interrupted\n"
