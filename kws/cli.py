@@ -115,6 +115,7 @@ def cmd_train(args) -> int:
     from dataclasses import replace
 
     from kws.data import DataConfig, check_added_folders, check_data_dir, check_folders
+    from kws.files import check_out_folder
     from kws.model import ModelConfig
     from kws.runtime import CONFIG_FILE
     from kws.train import RunConfig, TrainConfig, train
@@ -157,8 +158,7 @@ def cmd_train(args) -> int:
         if not args.out:
             raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
         run_dir = Path(args.out)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"--out {run_dir} is a file: a run is a folder; pick another --out")
+        check_out_folder(run_dir, "a run")
         if (run_dir / CONFIG_FILE).exists():
             raise UserError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
@@ -453,12 +453,18 @@ def cmd_listen(args) -> int:
 
 def cmd_export(args) -> int:
     from kws.export import export
-    from kws.runtime import EXPORT_FOLDER
+    from kws.files import check_out_folder
+    from kws.runtime import EXPORT_FOLDER, MANIFEST_FILE
 
     _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: an export is a folder; pick another --out")
+    check_out_folder(out, "an export")
+    others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if others and not (out / MANIFEST_FILE).exists():  # an export replaces files of its names
+        raise UserError(
+            f"--out {out} holds other files ({', '.join(others[:3])}{', ...' * (len(others) > 3)}) and no "
+            f"{MANIFEST_FILE}: export into a new or empty folder, or over an earlier export"
+        )
     manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
     arena = (

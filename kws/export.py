@@ -182,6 +182,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     config = checked_run(run_dir)  # before keras loads, so that a wrong run is reported at once
     progress = training_progress(run_dir, config)
     model, digest = _load_trained(run_dir)
+    _check_outputs(model, config, run_dir)
     data = SpeechData(config.data)
 
     steps = tqdm(total=7, desc="export", unit="step")
@@ -238,12 +239,30 @@ def _load_trained(run_dir: Path):
     meanwhile): the digest tells later whether the run's model is still the one exported."""
     import keras
 
-    content = (run_dir / MODEL_FILE).read_bytes()
+    path = run_dir / MODEL_FILE
+    content = path.read_bytes()
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / MODEL_FILE
         copy.write_bytes(content)
-        model = keras.models.load_model(copy, compile=False)
+        try:
+            model = keras.models.load_model(copy, compile=False)
+        except Exception as error:  # Keras raises several types for a damaged file; its words name the copy
+            raise ExportError(
+                f"{path} is not a readable Keras model ({type(error).__name__}): restore it, or retrain "
+                f"(`kws train --resume {run_dir}` goes on from its last checkpoint)"
+            ) from None
     return model, model_digest(content)
+
+
+def _check_outputs(model, config: RunConfig, run_dir: Path) -> None:
+    """ExportError unless the model has a score for each label its run's config lists."""
+    outputs = model.output_shape[-1]
+    if outputs != len(config.labels):
+        raise ExportError(
+            f"{run_dir / MODEL_FILE} outputs {outputs} scores but {run_dir / CONFIG_FILE} lists "
+            f"{len(config.labels)} labels ({', '.join(config.labels)}): the model is another run's; put "
+            "back this run's model.keras, or export the run it came from"
+        )
 
 
 def checked_run(run_dir: Path) -> RunConfig:

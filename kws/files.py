@@ -6,8 +6,32 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from kws import KwsError
+
+
+def check_out_folder(folder: str | Path, what: str) -> None:
+    """KwsError unless ``folder`` is, or can be made as, a folder this process can write in
+    (``what`` says what goes there: "a run"). Checked before long work, which would otherwise
+    fail only when it writes its results."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise KwsError(f"--out {folder} is a file: {what} is a folder; pick another --out")
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    if not existing.is_dir():
+        raise KwsError(
+            f"--out {folder}: {existing} is a file, so no folder can be made in it; pick another --out"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:  # no permission, a read-only disk, an immutable folder
+        raise KwsError(
+            f"--out {folder}: cannot write in {existing} ({error.strerror}); pick another --out"
+        ) from None
 
 
 @contextmanager

@@ -119,6 +119,8 @@ class RunConfig:
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
         path = Path(run_dir) / CONFIG_FILE
+        if not Path(run_dir).exists():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist")
         if not path.exists():
             raise FileNotFoundError(f"{run_dir} is not a kws run folder: it has no {CONFIG_FILE}")
         try:
@@ -207,8 +209,23 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     best_epoch, history, ...); None before the first epoch ends."""
     for state_file in sorted((run_dir / CHECKPOINTS).glob("epoch-*.json"), reverse=True):
         model_file = state_file.with_suffix(".keras")
-        if model_file.exists():
-            return model_file, json.loads(state_file.read_text())
+        if model_file.exists() and (state := _checkpoint_state(state_file)) is not None:
+            return model_file, state
+    return None
+
+
+def _checkpoint_state(state_file: Path) -> dict | None:
+    """A checkpoint's state, or None (with a warning) if the file was damaged."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    if isinstance(state, dict) and {"epochs_done", "best_epoch"} <= state.keys():
+        return state
+    tqdm.write(
+        f"warning: skipping the damaged checkpoint {state_file}: it is not the state kws wrote",
+        file=sys.stderr,
+    )
     return None
 
 

@@ -3,7 +3,9 @@ exit status 2, no traceback; and what detect --top-k and eval --json report."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,7 +147,7 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
             ["train", "--data", "{tmp}", "--extra", "{tmp}/synth", "--out", "{tmp}/run"],
             "--extra folder {tmp}/synth does not exist",
         ),
-        (["export", "{tmp}/nowhere"], "{tmp}/nowhere is not a kws run folder"),
+        (["export", "{tmp}/nowhere"], "run folder {tmp}/nowhere does not exist"),
         (["eval", "--model", "{tmp}", "--data", "{tmp}"], "{tmp}/config.json is not valid JSON"),
     ],
 )
@@ -221,6 +223,32 @@ def test_export_to_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert (
         capsys.readouterr().err.strip()
         == f"kws export: error: --out {out} is a file: an export is a folder; pick another --out"
+    )
+
+
+def test_an_export_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "notes.txt" / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"{tmp_path / 'notes.txt'} is a file, so no folder can be made in it; pick another --out"
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "MODEL_CARD.md").write_text("my own notes")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "mine")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kws export: error: --out {tmp_path / 'mine'} holds other files (MODEL_CARD.md) and no "
+        "manifest.json: export into a new or empty folder, or over an earlier export"
+    )
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    assert main(["train", "--out", str(tmp_path / "runs" / "new")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kws train: error: --out {tmp_path / 'runs' / 'new'}: cannot write in {tmp_path} (Read-only file "
+        "system); pick another --out"
     )
 
 

@@ -536,6 +536,44 @@ def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_damaged_or_mismatched_model_keras_is_named_before_any_conversion(tone_run, tmp_path, monkeypatch):
+    from kws.runtime import CONFIG_FILE, MODEL_FILE
+
+    converted = []
+    monkeypatch.setattr(export, "convert", lambda *args: converted.append(args))
+    run = shutil.copytree(tone_run[0], tmp_path / "run")
+    whole = (run / MODEL_FILE).read_bytes()
+    (run / MODEL_FILE).write_bytes(whole[: len(whole) // 2])  # a copy that stopped halfway
+    with pytest.raises(export.ExportError) as error:
+        export.export(run, tmp_path / "out")
+    assert str(error.value).startswith(f"{run / MODEL_FILE} is not a readable Keras model (")
+    assert str(error.value).endswith(f"(`kws train --resume {run}` goes on from its last checkpoint)")
+    (run / MODEL_FILE).write_bytes(whole)
+    config = json.loads((run / CONFIG_FILE).read_text())
+    config["data"]["words"] = config["data"]["words"][:-1]  # another run's config: one label fewer
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+    pattern = r"outputs (\d+) scores but .* lists (\d+) labels \(.*\): the model is another run's"
+    with pytest.raises(export.ExportError, match=pattern) as error:
+        export.export(run, tmp_path / "out")
+    outputs, listed = map(int, re.search(pattern, str(error.value)).groups())
+    assert outputs == listed + 1
+    assert converted == [] and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_state_is_skipped_with_a_warning(tone_run, tmp_path, capsys):
+    from kws.train import latest_checkpoint
+
+    run = shutil.copytree(tone_run[0], tmp_path / "run")
+    model_file, state = latest_checkpoint(run)
+    model_file.with_suffix(".json").write_text('{"epochs_do')  # as a full disk can leave it
+    progress = export.training_progress(run, export.checked_run(run))
+    assert progress["epochs_trained"] == state["epochs_done"] - 1  # the checkpoint before it
+    assert (
+        f"warning: skipping the damaged checkpoint {model_file.with_suffix('.json')}"
+        in capsys.readouterr().err
+    )
+
+
 def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, tmp_path):
     out, manifest = exported
     shutil.copy(out / "model_int8.tflite", tmp_path)
