@@ -14,8 +14,9 @@ from conftest import REPO
 from kws import audio, stream
 from kws import features as F
 from kws.c_frontend import c_frontend_sources
+from kws.export import c_array
 from kws.files import write_files
-from kws.runtime import Model
+from kws.runtime import Model, resolve
 from kws.stream import Detector, detection_config
 
 SCALE = 0.55  # MFCC c0 spans about -87..+45: a realistic int8 input quantization
@@ -268,9 +269,10 @@ int main(int argc, char **argv) {
   const int kept = KWS_WINDOW_SAMPLES - KWS_HOP_SAMPLES;
   int16_t window[KWS_WINDOW_SAMPLES];
   if (fread(window, sizeof window, 1, audio) != 1) return 1;
+  long hops = 0;
   do {
     int label = kws_hop(window);
-    if (label >= 0) printf("%d %d\n", hops, label);
+    if (++hops, label >= 0) printf("%ld %d\n", hops, label);
     memmove(window, window + KWS_HOP_SAMPLES, kept * sizeof *window);
   } while (fread(window + kept, KWS_HOP_SAMPLES * sizeof *window, 1, audio) == 1);
   fclose(audio);
@@ -283,22 +285,30 @@ def readme_sketch() -> str:
     return re.search(r"```cpp\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
 
 
-def test_readme_sketch_holds_the_built_in_models_detection_settings():
-    sketch, manifest = readme_sketch(), Model.load().manifest
+def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_settings():
+    tflite, manifest = resolve(None)
+    header, source = c_array(tflite.read_bytes(), manifest)
     config = detection_config(manifest)
-    constants = dict(re.findall(r"(\w+) = (\d+)", re.search(r"enum \{(.*?)\}", sketch).group(1)))
+    constants = dict(re.findall(r"#define (KWS_\w+) (\d+)", header))
     hop_s = config.hop_frames * F.HOP_SAMPLES / F.SAMPLE_RATE
     assert constants == {
-        "NUM_LABELS": str(len(manifest["labels"])),
-        "HOP_FRAMES": str(config.hop_frames),
-        "AVERAGE_RUNS": str(config.average_count),
-        "MIN_COUNT": str(config.min_count),
-        "QUIET_RUNS": str(math.ceil(config.suppression_ms / 1000 / hop_s - 1e-6) - 1),
+        "KWS_ARENA_BYTES": str(manifest["sizes"]["tflm_arena_bytes"]),
+        "KWS_NUM_LABELS": str(len(manifest["labels"])),
+        "KWS_HOP_FRAMES": str(config.hop_frames),
+        "KWS_AVERAGE_RUNS": str(config.average_count),
+        "KWS_MIN_COUNT": str(config.min_count),
+        "KWS_QUIET_RUNS": str(math.ceil(config.suppression_ms / 1000 / hop_s - 1e-6) - 1),
     }
-    listed = re.search(r"THRESHOLD\[NUM_LABELS\] = \{.*?\n(.*?)\};", sketch, re.S).group(1)
-    thresholds = [float(value.rstrip("f")) for value in re.findall(r"[\d.]+f?", listed)]
+    labels = re.search(r"kws_labels\[KWS_NUM_LABELS\] = \{(.*)\};", source).group(1)
+    assert re.findall(r'"(.*?)"', labels) == manifest["labels"]
+    listed = re.search(r"kws_thresholds\[KWS_NUM_LABELS\] = \{(.*)\};", source).group(1)
+    thresholds = [np.float32(value.strip().rstrip("f")) for value in listed.split(",")]
     keywords = set(stream.keywords(manifest["labels"]))
-    assert thresholds == [config.threshold(label) if label in keywords else 2 for label in manifest["labels"]]
+    assert thresholds == [
+        np.float32(config.threshold(label) if label in keywords else 2) for label in manifest["labels"]
+    ]
+    code = re.sub(r"//.*", "", readme_sketch())
+    assert not re.search(r"\d\.\d", code)  # the README's sketch takes them all from the header
 
 
 @pytest.mark.integration
@@ -311,9 +321,8 @@ def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
         (model.manifest[part]["scale"], model.manifest[part]["zero_point"]) for part in ("input", "output")
     )
     write_files(tmp_path, c_frontend_sources(input_scale, input_zero_point))
-    (tmp_path / "model_data.h").write_text(
-        "#pragma once\n#define KWS_ARENA_BYTES 1\nextern const unsigned char kws_model_data[];\n"
-    )
+    header, source = c_array(model.content, model.manifest)
+    write_files(tmp_path, {"model_data.h": header, "model_data.cc": source})
     (tmp_path / "tensorflow/lite/micro").mkdir(parents=True)
     (tmp_path / "tensorflow/lite/micro/micro_interpreter.h").write_text(TFLM_STANDIN)
     (tmp_path / "tensorflow/lite/micro/micro_mutable_op_resolver.h").write_text(
@@ -329,7 +338,8 @@ def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
     binary = tmp_path / "sketch"
     built = subprocess.run(
         [compiler, "-std=c++17", "-O2", "-Wall", "-Werror", *defines, "-I", str(tmp_path)]
-        + [str(tmp_path / "main.cc"), str(tmp_path / "kws_frontend.c"), "-o", str(binary), "-lm"],
+        + [str(tmp_path / "main.cc"), str(tmp_path / "model_data.cc"), str(tmp_path / "kws_frontend.c")]
+        + ["-o", str(binary), "-lm"],
         capture_output=True,
         text=True,
     )

@@ -181,12 +181,13 @@ def test_the_arena_size_is_what_tflm_needs(exported):
 
 
 def test_without_tflite_micro_the_c_header_stops_a_device_build(exported, tmp_path, monkeypatch):
-    out, _ = exported
+    out, manifest = exported
     tflite = (out / "model_int8.tflite").read_bytes()
     monkeypatch.setitem(sys.modules, "tflite_micro.python.tflite_micro", None)  # as if not installed
     arena = export.tflm_arena_bytes(tflite)
     assert arena is None
-    for name, text in zip(("model_data.h", "model_data.cc"), export.c_array(tflite, arena), strict=True):
+    without = {**manifest, "sizes": {**manifest["sizes"], "tflm_arena_bytes": arena}}
+    for name, text in zip(("model_data.h", "model_data.cc"), export.c_array(tflite, without), strict=True):
         (tmp_path / name).write_text(text)
     failed = compile_with(tmp_path, tmp_path)
     assert failed.returncode != 0 and "install tflite-micro" in failed.stderr
