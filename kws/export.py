@@ -384,13 +384,19 @@ def write_artifacts(
     """The .tflite files (manifest embedded), manifest.json, the MCU bundle and the DET curve of
     ``det_points`` with the manifest's calibrated operating point.
 
-    Every file's content is made before any is written, and they are written as one set, so
-    that a failure leaves the folder's files as they were rather than some new and some old.
+    Every file's content is made before any is written, and they are written as one set
+    (``write_files``), so that a failure leaves the folder's files as they were rather than some
+    new and some old.
     """
     # Sizes are of the files as written, metadata included; recorded in the manifest file only
     # (a manifest that knew its own file's size would change that size).
     sizes = {key: value for key, value in manifest["sizes"].items() if key not in FILE_SIZES}
-    final = {kind: embed_manifest(tflite, {**manifest, "sizes": sizes}) for kind, tflite in converted.items()}
+    final = {}
+    for kind, tflite in converted.items():
+        # Each file's copy describes its own tensors (float in the float files), for a reader of one file.
+        model = Model(tflite, manifest)
+        tensors = {part: model.tensor_spec(part) for part in ("input", "output")}
+        final[kind] = embed_manifest(tflite, {**manifest, "sizes": sizes, **tensors})
     manifest["sizes"].update({f"{kind}_bytes": len(tflite) for kind, tflite in final.items()})
     header, source = c_array(final["int8"], manifest)
     write_files(
@@ -479,6 +485,7 @@ def model_card(manifest: dict) -> str:
             "keywords), so the two lines above are what calibration reached, not an independent test: "
             "expect more false accepts on new audio",
         ]
+    lines += [f"- Calibration warned: {warning}" for warning in streaming.get("warnings", [])]
     lines += [
         "- Thresholds: " + ", ".join(f"{k} {v}" for k, v in manifest["detection"]["thresholds"].items()),
         "",

@@ -75,7 +75,8 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
 
     Every file is written under its temporary name before the first replaces its target, so a
     failure while writing (a full disk) leaves the folder's files as they were, not some new
-    and some old.
+    and some old. The renames that follow are not one step: only a crash in the microseconds
+    they take could leave a mix.
     """
     with contextlib.ExitStack() as renames:
         for name, data in contents.items():

@@ -365,15 +365,17 @@ def stream_test(
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
     if calibrating:
-        _warn_about_thresholds(report, target_per_hour, stream.hours)
+        report["warnings"] = _warn_about_thresholds(report, target_per_hour, stream.hours)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
-def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -> None:
+def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -> list[str]:
     """Say when the ``hours`` calibrated on are too short for the target, when the target was
-    not met, which calibrated thresholds rest on few clips, and which never find their keyword."""
+    not met, which calibrated thresholds rest on few clips, and which never find their keyword;
+    the warnings are returned too, for the manifest and the model card."""
+    warnings = []
     budget = false_accept_budget(target_per_hour, hours)
     if report["false_accepts"] > budget:
         firing = ", ".join(
@@ -381,20 +383,18 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
             for keyword, row in report["per_keyword"].items()
             if row["false_accepts"]
         )
-        tqdm.write(
-            f"warning: the calibrated thresholds let {report['false_accepts']} false accepts through on "
+        warnings.append(
+            f"the calibrated thresholds let {report['false_accepts']} false accepts through on "
             f"the test stream ({report['false_accepts_per_hour']:g} per hour), over the "
             f"{target_per_hour:g} per hour asked: some keywords fire wrongly even at the highest "
-            f"threshold tried ({firing}); train longer, or with more --negatives",
-            file=sys.stderr,
+            f"threshold tried ({firing}); train longer, or with more --negatives"
         )
     if target_per_hour > 0 and not budget:
-        tqdm.write(
-            f"warning: the test stream lasts {hours:.2f} h, too short to measure "
+        warnings.append(
+            f"the test stream lasts {hours:.2f} h, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "
             "thresholds let none through and may miss keywords they need not: add validation clips, "
-            "and keyword-free speech with --negatives",
-            file=sys.stderr,
+            "and keyword-free speech with --negatives"
         )
     thin = {
         k: row["occurrences"]
@@ -402,21 +402,22 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
         if 0 < row["occurrences"] < FEW_CLIPS
     }
     if thin:
-        tqdm.write(
-            "warning: the thresholds of "
+        warnings.append(
+            "the thresholds of "
             + ", ".join(f"{keyword!r} ({count} clips)" for keyword, count in thin.items())
             + " rest on few clips in the test stream, so they may not hold for other speakers: give "
-            f"the validation split {FEW_CLIPS} or more clips of each keyword, from several speakers",
-            file=sys.stderr,
+            f"the validation split {FEW_CLIPS} or more clips of each keyword, from several speakers"
         )
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:
-            tqdm.write(
-                f"warning: at {target_per_hour:g} false accepts per hour, the calibrated thresholds find "
+            warnings.append(
+                f"at {target_per_hour:g} false accepts per hour, the calibrated thresholds find "
                 f"none of the {row['occurrences']} {keyword!r} in the test stream, so it would never fire: "
-                "train longer or on more clips of it, or calibrate to a higher --target-fa",
-                file=sys.stderr,
+                "train longer or on more clips of it, or calibrate to a higher --target-fa"
             )
+    for warning in warnings:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return warnings
 
 
 def format_stream_report(report: dict) -> str:

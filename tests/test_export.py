@@ -79,6 +79,18 @@ def test_export_writes_every_file(exported):
     written = json.loads((out / "manifest.json").read_text())
     file_sizes = {key: written["sizes"].pop(key) for key in export.FILE_SIZES}
     assert embedded == written and file_sizes == {key: sizes[key] for key in export.FILE_SIZES}
+    # The float files' copies describe their own float tensors, not the int8 model's.
+    for kind in ("float16", "float32"):
+        copy = runtime.embedded_manifest((out / f"model_{kind}.tflite").read_bytes())
+        assert {part: (copy[part]["dtype"], copy[part]["scale"]) for part in ("input", "output")} == {
+            "input": ("float32", 0.0),
+            "output": ("float32", 0.0),
+        }
+        assert copy["output"]["values"] == "logits" and {**copy, "input": None, "output": None} == {
+            **written,
+            "input": None,
+            "output": None,
+        }
 
 
 def test_manifest_holds_what_running_the_model_needs(exported):
@@ -431,6 +443,16 @@ def test_a_keyword_the_calibrated_thresholds_never_find_is_named(exported, tone_
     warnings = [line for line in capsys.readouterr().err.splitlines() if "never fire" in line]
     assert len(warnings) == 1 and "none of the" in warnings[0] and "'down'" in warnings[0]
     assert json.loads((copy / "manifest.json").read_text())["streaming"]["per_keyword"]["down"]["recall"] == 0
+
+
+def test_calibration_warnings_are_kept_in_the_manifest_and_the_model_card(exported, tmp_path):
+    from kws.cli import main
+
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    assert main(["calibrate", str(copy), "--target-fa", "0.5"]) == 0  # the tone stream lasts minutes
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (warning,) = [w for w in manifest["streaming"]["warnings"] if w.startswith("the test stream lasts")]
+    assert f"- Calibration warned: {warning}" in (copy / "MODEL_CARD.md").read_text()
 
 
 def test_model_card_states_the_measured_figures(exported):
