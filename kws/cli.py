@@ -471,10 +471,10 @@ def cmd_export(args) -> int:
         f"{sizes['tflm_arena_bytes']:,} B" if sizes["tflm_arena_bytes"] else "unknown (install tflite-micro)"
     )
     drop = accuracy["int8_drop_points"]
+    change = f"{abs(drop):.2f} points {'lost' if drop > 0 else 'gained'}" if round(drop, 2) else "none lost"
     print(
         f"exported {args.run} to {out}: int8 {sizes['int8_bytes']:,} B, TFLM arena {arena}; validation "
-        f"accuracy float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%} "
-        f"({abs(drop):.2f} points {'lost' if drop > 0 else 'gained'})"
+        f"accuracy float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%} ({change})"
     )
     from kws.stream_eval import format_stream_report
 
@@ -546,7 +546,8 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--threshold",
         type=_threshold,
-        help="one threshold for every keyword (default: the model's calibrated thresholds)",
+        help="one threshold for every keyword, from 0 to 1, in place of the model's calibrated ones: "
+        "lower finds more keywords and fires wrongly more often (kws eval --stream measures both)",
     )
 
 

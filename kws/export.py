@@ -501,7 +501,8 @@ def model_card(manifest: dict) -> str:
 
 def _epochs(training: dict) -> str:
     planned, done = training["train"]["epochs"], training.get("epochs_trained")
+    epochs = f"{planned} epoch{'s' * (planned != 1)}"
     if done is None:  # exported before the manifest recorded it
-        return f"{planned} epochs"
-    trained = f"{planned} epochs" if done == planned else f"{done} of {planned} planned epochs"
+        return epochs
+    trained = epochs if done == planned else f"{done} of {planned} planned epochs"
     return f"{trained} (best: epoch {training['best_epoch']})"

@@ -107,16 +107,27 @@ def pick_device(sd, wanted: str | None) -> dict:
         raise _no_input_device(sd)
     if wanted is None:
         return _default_input(sd, devices)
-    if wanted.isdigit():
-        matches = [device for device in devices if device["index"] == int(wanted)]
-    else:
-        matches = [device for device in devices if device["name"].lower() == wanted.lower()] or [
-            device for device in devices if wanted.lower() in device["name"].lower()
-        ]
+    wanted = wanted.strip()
+    matches = _matching(devices, wanted)
     if len(matches) == 1:
         return matches[0]
-    problem = "names several input devices" if matches else "names no input device"
+    outputs = _matching([device for device in _devices(sd) if device not in devices], wanted)
+    if matches:
+        problem = "names several input devices"
+    elif outputs:
+        problem = f"names only outputs, which record nothing ({_names(outputs)})"
+    else:
+        problem = "names no input device"
     raise ListenError(f"--device {wanted!r} {problem}; choose one of: {_names(matches or devices)}")
+
+
+def _matching(devices: list[dict], wanted: str) -> list[dict]:
+    """The devices ``wanted`` names: by index, by whole name, else by a part of the name (any case)."""
+    if wanted.isdigit():
+        return [device for device in devices if device["index"] == int(wanted)]
+    return [device for device in devices if device["name"].lower() == wanted.lower()] or [
+        device for device in devices if wanted.lower() in device["name"].lower()
+    ]
 
 
 def device_table() -> str:

@@ -165,9 +165,12 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         # again, which must not warn a second time.
         _warn_if_stale(manifest_file, manifest)
         try:
-            return manifest_file.parent / manifest["files"]["int8"], manifest
+            model_file = manifest_file.parent / manifest["files"]["int8"]
         except (KeyError, TypeError):
             raise ModelError(f"{manifest_file} names no model under files.int8: {EXPORT_AGAIN}") from None
+        if not model_file.is_file():
+            raise ModelError(f"{model_file}, which {manifest_file} names, is missing: {EXPORT_AGAIN}")
+        return model_file, manifest
     if path.suffix != ".tflite":
         raise ModelError(f"{named} {path}: expected a .tflite file or a folder made by kws export")
     manifest_file = path.with_name(MANIFEST_FILE)

@@ -636,6 +636,15 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path):
             runtime.resolve(tmp_path / missing)
 
 
+def test_an_export_missing_its_int8_model_says_which_file(exported, tmp_path):
+    copy = shutil.copytree(exported[0], tmp_path / "export")
+    (copy / "model_int8.tflite").unlink()
+    with pytest.raises(runtime.ModelError) as error:
+        runtime.resolve(copy)
+    named = f"{copy / 'model_int8.tflite'}, which {copy / 'manifest.json'} names"
+    assert str(error.value) == f"{named}, is missing: {runtime.EXPORT_AGAIN}"
+
+
 def test_a_folder_without_a_model_is_told_to_export_only_if_it_is_a_run(tmp_path):
     with pytest.raises(runtime.ModelError) as raised:
         runtime.resolve(tmp_path)

@@ -333,7 +333,7 @@ def test_list_devices_shows_inputs_with_channels_and_rates(monkeypatch, capsys):
 
 @pytest.mark.parametrize(
     ("wanted", "default_input", "index"),
-    [(None, 2, 2), (None, -1, 0), ("3", -1, 3), ("usb", -1, 2), ("PULSE", -1, 3), ("alc257", -1, 0)],
+    [(None, 2, 2), (None, -1, 0), ("3", -1, 3), ("usb", -1, 2), (" PULSE ", -1, 3), ("alc257", -1, 0)],
 )
 def test_device_is_picked_by_index_or_name(monkeypatch, wanted, default_input, index):
     fake = fake_sounddevice(monkeypatch, DEVICES, default_input)
@@ -365,7 +365,14 @@ def test_device_is_picked_by_index_or_name(monkeypatch, wanted, default_input, i
             "--device 'bluetooth' names no input device; choose one of: 0 'HDA Intel PCH: ALC257 Analog "
             "(hw:0,0)', 2 'USB Mic: Audio (hw:1,0)', 3 'pulse'",
         ),
-        (DEVICES, ["listen", "--device", "1"], "--device '1' names no input device; choose one of: 0 "),
+        (
+            DEVICES,
+            ["listen", "--device", "hdmi"],
+            "--device 'hdmi' names only outputs, which record nothing (1 'HDA Intel PCH: HDMI 0 (hw:0,3)'); "
+            "choose one of: 0 ",
+        ),
+        (DEVICES, ["listen", "--device", "1"], "--device '1' names only outputs, which record nothing (1 "),
+        (DEVICES, ["listen", "--device", "7"], "--device '7' names no input device; choose one of: 0 "),
         (
             DEVICES,
             ["listen", "--device", "hw:"],
