@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from starlette.websockets import WebSocketDisconnect
 
-from kws import workers
+from kws import audio, workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
@@ -511,18 +511,23 @@ def test_real_server_stops_reading_an_oversized_body(server):
             assert connection.recv(100).startswith(b"HTTP/1.1 413")
 
 
-def test_the_readmes_websocket_client_streams_a_float_file(server, model, long_recording, tmp_path, capsys):
+def test_the_readmes_websocket_client_streams_any_file_as_detect_hears_it(
+    server, model, long_recording, tmp_path, capsys
+):
     url, _, _ = server
     example = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    sf.write(tmp_path / "talk.wav", long_recording, SAMPLE_RATE, subtype="FLOAT")
-    stream_url = url.replace("http", "ws") + f"/stream?api_key={API_KEY}&"
-    example = example.replace('"talk.wav"', repr(str(tmp_path / "talk.wav")))
-    example = example.replace("ws://localhost:8000/stream?", stream_url)
-    exec(compile(example, "README.md", "exec"), {})
-    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
-    pcm = (np.clip(long_recording.astype(np.float32), -1, 1) * 32767).astype("<i2")
-    expected = [event.to_dict() for event in Detector(model).detect(pcm.astype(np.float32) / 32768)]
-    assert printed == expected and len(expected) >= 3
+    example = example.replace(
+        "ws://localhost:8000/stream?", url.replace("http", "ws") + f"/stream?api_key={API_KEY}&"
+    )
+    stereo = np.stack([long_recording, long_recording], axis=1)
+    for name, subtype in (("float.wav", "FLOAT"), ("pcm16.wav", "PCM_16")):  # floats read as floats
+        sf.write(tmp_path / name, stereo, SAMPLE_RATE, subtype=subtype)
+        exec(compile(example.replace('"talk.wav"', repr(str(tmp_path / name))), "README.md", "exec"), {})
+        printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
+        # What kws detect finds in the file, to the sample for 16-bit audio (floats are rounded to it).
+        heard = audio.load(tmp_path / name)
+        expected = Detector(model).detect(np.round(heard * 32768) / 32768 if subtype == "FLOAT" else heard)
+        assert printed == [event.to_dict() for event in expected] and len(expected) >= 3
 
 
 @pytest.mark.parametrize(
