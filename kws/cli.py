@@ -202,7 +202,8 @@ def cmd_train(args) -> int:
 
 
 def _load_classifier(path: Path):
-    """A classifier with ``labels`` and ``scores(features)``, and the data settings it was trained with.
+    """A classifier with ``labels`` and ``scores(features)``, and what it was trained on (the
+    manifest's ``training``: ``data`` settings, ``negatives`` speakers).
 
     A run folder is scored with its Keras model (TensorFlow); an export folder or .tflite with LiteRT.
     """
@@ -213,17 +214,21 @@ def _load_classifier(path: Path):
 
         _require_train_extra(f"scoring the run folder {path} (its Keras model)", "keras")
         classifier = KerasClassifier(path)
-        return classifier, asdict(classifier.config.data)
+        config = classifier.config
+        return classifier, {
+            "data": asdict(config.data),
+            "negatives": config.data_summary.get("negatives", {}),
+        }
     from kws.runtime import Model
 
     model = Model.load(path)
-    return model, model.manifest["training"]["data"]
+    return model, model.manifest["training"]
 
 
-def _evaluation_data(recorded: dict, data_dir: Path | None, negatives: list[Path] | None):
-    """The SpeechData a model was trained with (its manifest's or config's ``recorded`` data
-    settings), from ``data_dir`` and ``negatives`` unless they are None. Its ``--extra`` folders
-    are left out: their clips only ever train, and they need not exist where the model is evaluated."""
+def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path] | None):
+    """The SpeechData a model was trained with (its manifest's or run's ``training`` record),
+    from ``data_dir`` and ``negatives`` unless they are None. Its ``--extra`` folders are left
+    out: their clips only ever train, and they need not exist where the model is evaluated."""
     from kws.data import DataConfig, SpeechData
 
     overrides = {"extra": []}
@@ -231,7 +236,20 @@ def _evaluation_data(recorded: dict, data_dir: Path | None, negatives: list[Path
         overrides["data_dir"] = str(data_dir)
     if negatives is not None:
         overrides["negatives"] = [str(p) for p in negatives]
-    return SpeechData(DataConfig(**{**recorded, **overrides}))
+    data = SpeechData(DataConfig(**{**training["data"], **overrides}))
+    if negatives is not None and data.negatives:
+        # Held-out speakers are chosen among the folders given: other folders than training's
+        # can hold out a speaker the model trained on, whose speech is then no test of it.
+        trained = training.get("negatives", {}).get("training", {}).get("speakers", [])
+        seen = sorted(set(data.negatives.speakers["held_out"]) & set(trained))
+        if seen:
+            print(
+                f"warning: speakers {', '.join(seen)} of --negatives are held out here but the model "
+                "trained on them, so its figures on real speech are not a held-out test: pass the "
+                "folders it trained with, or speakers it never heard",
+                file=sys.stderr,
+            )
+    return data
 
 
 def _model_name(path: Path | None) -> str:
@@ -257,8 +275,8 @@ def cmd_eval(args) -> int:
         raise UserError("--threshold is for --stream: clip accuracy takes each clip's best class")
     if args.plot:
         _require_train_extra("--plot", "matplotlib")
-    classifier, recorded = _load_classifier(args.model)
-    data = _evaluation_data(recorded, args.data, args.negatives)
+    classifier, training = _load_classifier(args.model)
+    data = _evaluation_data(training, args.data, args.negatives)
     examples = data.evaluation_set(split)
     if not len(examples.labels):
         raise UserError(
@@ -304,7 +322,7 @@ def _eval_stream(args) -> int:
     if args.plot:
         _require_train_extra("--plot", "matplotlib")
     model = Model.load(args.model)
-    data = _evaluation_data(model.manifest["training"]["data"], args.data, args.negatives)
+    data = _evaluation_data(model.manifest["training"], args.data, args.negatives)
     _, result = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
     )
@@ -344,7 +362,7 @@ def cmd_calibrate(args) -> int:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
-    data = _evaluation_data(manifest["training"]["data"], args.data, args.negatives or None)
+    data = _evaluation_data(manifest["training"], args.data, args.negatives or None)
     updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
     return 0

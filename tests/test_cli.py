@@ -300,3 +300,24 @@ def test_output_cut_short_by_its_reader_is_no_error(tmp_path):
     detect.stdout.close()  # as `| head -1` does
     assert detect.wait(timeout=120) == 0
     assert detect.stderr.read() == b""
+
+
+def test_eval_warns_when_negatives_hold_out_a_speaker_the_model_trained_on(
+    tiny_dataset, negatives_dir, capsys
+):
+    from dataclasses import asdict
+
+    from kws.cli import _evaluation_data
+    from kws.data import DataConfig, NegativeBank
+
+    data = asdict(DataConfig(str(tiny_dataset), words=["yes", "no"]))
+    held_out = NegativeBank([str(negatives_dir)], DataConfig.negatives_validation_share).speakers["held_out"]
+    others = NegativeBank([str(negatives_dir)], 1.0).speakers["held_out"]
+    for trained, warned in ((sorted(set(others) - set(held_out)), False), (held_out, True)):
+        training = {"data": data, "negatives": {"training": {"speakers": trained}}}
+        _evaluation_data(training, None, [negatives_dir])
+        err = capsys.readouterr().err
+        assert (
+            f"warning: speakers {', '.join(held_out)} of --negatives are held out here but the model trained"
+            in err
+        ) == warned
