@@ -282,6 +282,7 @@ class Summary:
     seconds: float  # audio heard
     counts: dict[str, int]  # detections per keyword, every keyword of the model
     stopped_by: str | None  # "Ctrl-C" or a signal's name; None when the audio ended
+    overflows: int = 0  # blocks after which the input had dropped audio
 
     def __str__(self) -> str:
         total = sum(self.counts.values())
@@ -289,7 +290,14 @@ class Summary:
         ending = {None: "", "Ctrl-C": " (stopped with Ctrl-C)"}.get(
             self.stopped_by, f" (stopped by {self.stopped_by})"
         )
-        return f"listened {self.seconds:.1f} s{ending}: {total} detection{'s' * (total != 1)} ({per_keyword})"
+        lost = (
+            f"; audio was lost {self.overflows} time{'s' * (self.overflows != 1)} (the input overflowed: "
+            "the machine fell behind), so later times run early"
+            if self.overflows
+            else ""
+        )
+        detections = f"{total} detection{'s' * (total != 1)} ({per_keyword})"
+        return f"listened {self.seconds:.1f} s{ending}: {detections}{lost}"
 
 
 class _Consumer:
@@ -324,9 +332,9 @@ class _Consumer:
             print(event, file=self.out, flush=True)
             self.counts[event.label] += 1
 
-    def summary(self, stopped_by: str | None) -> Summary:
+    def summary(self, stopped_by: str | None, overflows: int) -> Summary:
         counts = {label: self.counts[label] for label in keywords(self.detector.labels)}
-        return Summary(self.seconds, counts, stopped_by)
+        return Summary(self.seconds, counts, stopped_by, overflows)
 
 
 def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
@@ -341,7 +349,11 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
     blocks: queue.Queue = queue.Queue(QUEUE_BLOCKS)
     closing = threading.Event()  # set once nothing takes blocks any more: the source must not wait
 
+    overflows = 0
+
     def callback(indata, frames, time_info, status):
+        nonlocal overflows
+        overflows += bool(status and status.input_overflow)
         if not closing.is_set():
             blocks.put(indata.copy())  # nothing else on the audio thread: a late callback loses audio
 
@@ -383,4 +395,4 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
     except KeyboardInterrupt:
         stopped_by = "Ctrl-C"
     consumer.meter.clear()
-    return consumer.summary(stopped_by)
+    return consumer.summary(stopped_by, overflows)

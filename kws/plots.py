@@ -88,7 +88,11 @@ def det_curve(points: list[dict], operating: dict, operating_label: str) -> byte
         label=operating_label,
     )
     ax.set_xscale("log")
-    ax.set(xlabel="false accepts per hour", ylabel="miss rate (%)", title="DET: every keyword, one threshold")
+    ax.set(
+        xlabel=f"false accepts per hour (none: drawn at {floor:g})",
+        ylabel="miss rate (%)",
+        title="DET: every keyword, one threshold",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     png = io.BytesIO()

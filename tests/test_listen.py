@@ -616,3 +616,30 @@ def test_ctrl_c_before_a_command_starts_is_no_traceback(monkeypatch, capsys):
     monkeypatch.setattr("kws.cli.build_parser", interrupted)
     assert main(["listen"]) == 130
     assert capsys.readouterr().err == "\nkws: interrupted\n"
+
+
+def test_audio_the_input_dropped_is_reported_in_the_summary(tone_export):
+    class OverflowingStream:
+        """A second of silence in 20 blocks, PortAudio flagging an overflow before two of them."""
+
+        def __init__(self, callback, finished_callback, blocksize, **settings):
+            self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
+
+        def __enter__(self):
+            for index in range(20):
+                status = types.SimpleNamespace(input_overflow=index in (5, 12))
+                self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, status)
+            self.finished()
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+    model = Model.load(tone_export[0])
+    summary = listen.run(
+        listen.Source("a test input", RATE, OverflowingStream), Detector(model), io.StringIO()
+    )
+    assert (summary.seconds, summary.overflows) == (pytest.approx(1.0), 2)
+    assert str(summary).endswith(
+        "; audio was lost 2 times (the input overflowed: the machine fell behind), so later times run early"
+    )
