@@ -21,7 +21,7 @@ from kws.c_frontend import c_float, c_frontend_sources
 from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import report
 from kws.files import json_text, write_files
-from kws.model import count_macs
+from kws.model import count_macs, load_keras
 from kws.runtime import (
     CONFIG_FILE,
     LOGITS,
@@ -262,7 +262,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
 def _load_trained(run_dir: Path):
     """A run's Keras model and the SHA-256 of the very bytes loaded (training may replace the file
     meanwhile): the digest tells later whether the run's model is still the one exported."""
-    import keras
+    keras = load_keras()
 
     path = run_dir / MODEL_FILE
     content = path.read_bytes()

@@ -56,6 +56,31 @@ class ModelConfig:
         return asdict(self)
 
 
+def load_keras():
+    """The keras module, TensorFlow loaded without its C++ start-up notices (oneDNN, no CUDA
+    drivers, CPU features): TF_CPP_MIN_LOG_LEVEL does not reach them, and they say nothing a
+    user can act on. Called where a command first needs TensorFlow; an import that fails shows
+    what it printed."""
+    import sys
+
+    from kws.runtime import quiet_stderr
+
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    failure = None
+    with quiet_stderr() as log:
+        try:
+            import keras
+        except Exception as error:
+            failure = error
+            log.seek(0)
+            printed = log.read().decode(errors="replace")
+    if failure is not None:
+        sys.stderr.write(printed)
+        raise failure
+    return keras
+
+
 def build(config: ModelConfig, num_labels: int):
     """Keras DS-CNN (or its standard-conv twin): (NUM_FRAMES, NUM_MFCC) features -> softmax."""
     import keras

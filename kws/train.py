@@ -35,7 +35,7 @@ from kws.data import (
 )
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
-from kws.model import ModelConfig, build, count_macs
+from kws.model import ModelConfig, build, count_macs, load_keras
 from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError
 
 # TensorFlow's C++ logging hides our output, and says "CUDA error" on every machine without a GPU.
@@ -300,7 +300,7 @@ def _checked_validation(data: SpeechData):
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
-    import keras
+    keras = load_keras()
 
     run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -451,7 +451,7 @@ class KerasClassifier:
         model_file = self.run_dir / MODEL_FILE
         if not model_file.exists():
             raise FileNotFoundError(f"{self.run_dir} has no {MODEL_FILE} yet: train at least one epoch")
-        import keras  # after the checks, which need not wait the seconds it takes
+        keras = load_keras()  # after the checks, which need not wait the seconds it takes
 
         self.model = keras.models.load_model(model_file, compile=False)
         self.labels = self.config.labels

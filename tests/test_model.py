@@ -1,5 +1,8 @@
 """The DS-CNN: ARM's topologies, output shapes, parameter and MAC counts."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -51,3 +54,10 @@ def test_standard_conv_twin_replaces_each_separable_pair_with_a_full_conv():
     kinds = [type(layer).__name__ for layer in model.layers]
     assert "DepthwiseConv2D" not in kinds and kinds.count("Conv2D") == 5
     assert model.count_params() == 151_946 and count_macs(model) == 18_752_640
+
+
+def test_tensorflow_loads_without_its_start_up_notices():
+    # A fresh interpreter: this one may have loaded TensorFlow for other tests.
+    script = "from kws.model import load_keras; print(load_keras().__name__)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "keras\n", "")
