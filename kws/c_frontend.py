@@ -210,12 +210,12 @@ void kws_frontend_frame(const int16_t samples[KWS_WINDOW_SAMPLES], int8_t out[KW
 """)
 
 
-def c_float(value) -> str:
+def _c_float(value) -> str:
     """Shortest literal that reads back as the same float32 (numpy always writes a '.' or an exponent)."""
     return str(np.float32(value)) + "f"
 
 
-def _c_array(values, per_line: int = 8, formatter=c_float) -> str:
+def _c_array(values, per_line: int = 8, formatter=_c_float) -> str:
     items = [formatter(v) for v in np.ravel(values)]
     lines = [", ".join(items[i : i + per_line]) for i in range(0, len(items), per_line)]
     return ",\n".join("    " + line for line in lines)
@@ -261,7 +261,7 @@ def c_frontend_sources(input_scale: float, input_zero_point: int) -> dict[str, s
         hop_samples=F.HOP_SAMPLES,
         num_mfcc=F.NUM_MFCC,
         num_frames=F.NUM_FRAMES,
-        input_scale=c_float(input_scale),
+        input_scale=_c_float(input_scale),
         input_zero_point=int(input_zero_point),
     )
     source = _SOURCE.substitute(
@@ -270,7 +270,7 @@ def c_frontend_sources(input_scale: float, input_zero_point: int) -> dict[str, s
         half_fft_bits=half_fft.bit_length() - 1,
         num_bins=F.NUM_BINS,
         num_mel_bands=F.NUM_MEL_BANDS,
-        log_floor=c_float(F.LOG_FLOOR),
+        log_floor=_c_float(F.LOG_FLOOR),
         window=_c_array(F.WINDOW),
         quarter_cos=_c_array(quarter_cos),
         mel_first_bin=_c_array(first_bins, 16, str),

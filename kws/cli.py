@@ -158,11 +158,11 @@ def cmd_train(args) -> int:
         if not args.out:
             raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
         run_dir = Path(args.out)
-        check_out_folder(run_dir, "a run")
         if (run_dir / CONFIG_FILE).exists():
             raise UserError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
             )
+        check_out_folder(run_dir, "a run")
         # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
         data = DataConfig(
             data_dir=str(args.data.resolve()) if args.data else "",
@@ -245,8 +245,9 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
         if seen:
             print(
                 f"warning: speakers {', '.join(seen)} of --negatives are held out here but the model "
-                "trained on them, so its figures on real speech are not a held-out test: pass the "
-                "folders it trained with, or speakers it never heard",
+                "trained on them (or on speakers of the same name), so the real speech and the test "
+                "stream that holds it, and thresholds calibrated on them, are no held-out test: pass "
+                "the folders it trained with, or speakers it never heard",
                 file=sys.stderr,
             )
     return data
@@ -465,7 +466,8 @@ def cmd_listen(args) -> int:
         file=sys.stderr,
     )
     with listen.stopped_by_signals():
-        print(listen.run(source, detector, sys.stdout, args.seconds))
+        summary = listen.run(source, detector, sys.stdout, args.seconds)
+    print(summary)
     return 0
 
 
@@ -476,13 +478,7 @@ def cmd_export(args) -> int:
 
     _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
-    check_out_folder(out, "an export")
-    others = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    if others and not (out / MANIFEST_FILE).exists():  # an export replaces files of its names
-        raise UserError(
-            f"--out {out} holds other files ({', '.join(others[:3])}{', ...' * (len(others) > 3)}) and no "
-            f"{MANIFEST_FILE}: export into a new or empty folder, or over an earlier export"
-        )
+    check_out_folder(out, "an export", earlier=MANIFEST_FILE)
     manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
     arena = (

@@ -13,13 +13,28 @@ from pathlib import Path
 from kws import KwsError
 
 
-def check_out_folder(folder: str | Path, what: str) -> None:
-    """KwsError unless ``folder`` is, or can be made as, a folder this process can write in
-    (``what`` says what goes there: "a run"). Checked before long work, which would otherwise
-    fail only when it writes its results."""
+def check_out_folder(folder: str | Path, what: str, earlier: str | None = None) -> None:
+    """KwsError unless ``folder`` can take ``what`` ("a run"): absent, empty, or holding an
+    earlier one (its file ``earlier``, when given), where this process can write. Checked
+    before long work, which would otherwise fail only when it writes its results."""
     folder = Path(folder)
+    broken = next(
+        (path for path in [folder, *folder.parents] if path.is_symlink() and not path.exists()), None
+    )
+    if broken is not None:
+        target = os.readlink(broken)
+        raise KwsError(
+            f"--out {folder}: {broken} links to {target}, which does not exist; pick another --out"
+        )
     if folder.exists() and not folder.is_dir():
         raise KwsError(f"--out {folder} is a file: {what} is a folder; pick another --out")
+    others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if others and not (earlier and (folder / earlier).exists()):  # their files would be overwritten
+        listed = ", ".join(others[:3]) + ", ..." * (len(others) > 3)
+        raise KwsError(
+            f"--out {folder} holds other files ({listed}){f' and no {earlier}' if earlier else ''}: {what} "
+            f"goes into a new or empty folder{', or over an earlier one' if earlier else ''}"
+        )
     existing = next(path for path in [folder, *folder.parents] if path.exists())
     if not existing.is_dir():
         raise KwsError(

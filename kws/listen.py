@@ -348,18 +348,25 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
     """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C."""
     blocks: queue.Queue = queue.Queue(QUEUE_BLOCKS)
     closing = threading.Event()  # set once nothing takes blocks any more: the source must not wait
-
     overflows = 0
+
+    def hand_over(block: np.ndarray | None) -> None:
+        # Waits while the queue is full (a file played --fast), but never once closing: a source
+        # stuck here could not be closed.
+        while not closing.is_set():
+            try:
+                blocks.put(block, timeout=0.05)
+                return
+            except queue.Full:
+                continue
 
     def callback(indata, frames, time_info, status):
         nonlocal overflows
         overflows += bool(status and status.input_overflow)
-        if not closing.is_set():
-            blocks.put(indata.copy())  # nothing else on the audio thread: a late callback loses audio
+        hand_over(indata.copy())  # nothing else on the audio thread: a late callback loses audio
 
     def finished():
-        if not closing.is_set():
-            blocks.put(None)
+        hand_over(None)
 
     consumer = _Consumer(source.samplerate, detector, out)
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
@@ -376,6 +383,7 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
                 while consumer.frames < limit:
                     if (block := _next_block(blocks, source)) is None:
                         if source.endless:
+                            consumer.meter.clear()
                             raise ListenError(
                                 f"{source.name} stopped delivering audio after {consumer.seconds:.1f} s "
                                 "(unplugged, or its sound server stopped)"
@@ -383,10 +391,7 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
                         break
                     consumer.hear(block[: limit - consumer.frames])
             finally:
-                # A source waiting for room in the queue must get it, or closing it would wait forever.
                 closing.set()
-                while not blocks.empty():
-                    blocks.get_nowait()
         consumer.finish()
     except source.errors as error:
         raise ListenError(f"{source.name}: {error}") from None

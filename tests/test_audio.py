@@ -178,7 +178,6 @@ def test_a_truncated_mp3_gives_the_audio_it_holds_and_never_repeats_it(tmp_path)
     sf.write(tmp_path / "whole.mp3", sweep, SAMPLE_RATE, format="MP3")
     whole = (tmp_path / "whole.mp3").read_bytes()
     (tmp_path / "cut.mp3").write_bytes(whole[: len(whole) // 2])  # a download that stopped halfway
-    assert sf.info(tmp_path / "cut.mp3").frames == len(sweep)  # the header still says 24 s
     samples = audio.load(tmp_path / "cut.mp3")
     assert 10 * SAMPLE_RATE < len(samples) < 14 * SAMPLE_RATE
     second = SAMPLE_RATE

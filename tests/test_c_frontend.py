@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from kws.c_frontend import c_frontend_sources
 from kws.export import c_array
 from kws.files import write_files
 from kws.runtime import Model, resolve
-from kws.stream import Detector, detection_config
+from kws.stream import DetectionConfig, Detector, EventRules, detection_config
 
 SCALE = 0.55  # MFCC c0 spans about -87..+45: a realistic int8 input quantization
 ZERO_POINT = 30
@@ -302,49 +303,102 @@ def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_s
     labels = re.search(r"kws_labels\[KWS_NUM_LABELS\] = \{(.*)\};", source).group(1)
     assert re.findall(r'"(.*?)"', labels) == manifest["labels"]
     listed = re.search(r"kws_thresholds\[KWS_NUM_LABELS\] = \{(.*)\};", source).group(1)
-    thresholds = [np.float32(value.strip().rstrip("f")) for value in listed.split(",")]
+    thresholds = [float(value) for value in listed.split(",")]
     keywords = set(stream.keywords(manifest["labels"]))
-    assert thresholds == [
-        np.float32(config.threshold(label) if label in keywords else 2) for label in manifest["labels"]
-    ]
+    assert thresholds == [config.threshold(label) if label in keywords else 2 for label in manifest["labels"]]
     code = re.sub(r"//.*", "", readme_sketch())
     assert not re.search(r"\d\.\d", code)  # the README's sketch takes them all from the header
 
 
-@pytest.mark.integration
-def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
+def build_sketch(folder: Path, model: Model, manifest: dict) -> Path:
+    """The README's sketch with the export files ``manifest`` gives, against the TFLM stand-in."""
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler (c++ or g++) on PATH")
-    model = Model.load()
-    (input_scale, input_zero_point), (output_scale, output_zero_point) = (
-        (model.manifest[part]["scale"], model.manifest[part]["zero_point"]) for part in ("input", "output")
-    )
-    write_files(tmp_path, c_frontend_sources(input_scale, input_zero_point))
-    header, source = c_array(model.content, model.manifest)
-    write_files(tmp_path, {"model_data.h": header, "model_data.cc": source})
-    (tmp_path / "tensorflow/lite/micro").mkdir(parents=True)
-    (tmp_path / "tensorflow/lite/micro/micro_interpreter.h").write_text(TFLM_STANDIN)
-    (tmp_path / "tensorflow/lite/micro/micro_mutable_op_resolver.h").write_text(
+    folder.mkdir(parents=True, exist_ok=True)
+    write_files(folder, c_frontend_sources(manifest["input"]["scale"], manifest["input"]["zero_point"]))
+    header, source = c_array(model.content, manifest)
+    write_files(folder, {"model_data.h": header, "model_data.cc": source})
+    (folder / "tensorflow/lite/micro").mkdir(parents=True)
+    (folder / "tensorflow/lite/micro/micro_interpreter.h").write_text(TFLM_STANDIN)
+    (folder / "tensorflow/lite/micro/micro_mutable_op_resolver.h").write_text(
         '#pragma once\n#include "micro_interpreter.h"\n'
     )
-    (tmp_path / "sketch.cc").write_text(readme_sketch())
-    (tmp_path / "main.cc").write_text(SKETCH_HARNESS)
+    (folder / "sketch.cc").write_text(readme_sketch())
+    (folder / "main.cc").write_text(SKETCH_HARNESS)
     defines = [
-        f"-DOUTPUT_SCALE={output_scale!r}f",
-        f"-DOUTPUT_ZERO_POINT={output_zero_point}",
+        f"-DOUTPUT_SCALE={manifest['output']['scale']!r}f",
+        f"-DOUTPUT_ZERO_POINT={manifest['output']['zero_point']}",
         f"-DNUM_OUTPUTS={len(model.labels)}",
     ]
-    binary = tmp_path / "sketch"
+    binary = folder / "sketch"
     built = subprocess.run(
-        [compiler, "-std=c++17", "-O2", "-Wall", "-Werror", *defines, "-I", str(tmp_path)]
-        + [str(tmp_path / "main.cc"), str(tmp_path / "model_data.cc"), str(tmp_path / "kws_frontend.c")]
+        [compiler, "-std=c++17", "-O2", "-Wall", "-Werror", *defines, "-I", str(folder)]
+        + [str(folder / "main.cc"), str(folder / "model_data.cc"), str(folder / "kws_frontend.c")]
         + ["-o", str(binary), "-lm"],
         capture_output=True,
         text=True,
     )
     assert built.returncode == 0, built.stderr
+    return binary
 
+
+def run_sketch(binary: Path, audio_file: Path, mode: str, data_file: Path) -> list[tuple[int, int]]:
+    """(hop count, label index) of each event the sketch fires."""
+    run = subprocess.run(
+        [str(binary), str(audio_file), mode, str(data_file)], capture_output=True, text=True, check=True
+    )
+    return [tuple(map(int, line.split())) for line in run.stdout.splitlines()]
+
+
+def frame_end(hops: int) -> float:
+    """The stream time at the end of the hops-th frame, as kws.stream counts it."""
+    return ((hops - 1) * F.HOP_SAMPLES + F.WINDOW_SAMPLES) / F.SAMPLE_RATE
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"hop_frames": 4, "average_ms": 500.0, "min_count": 3, "suppression_ms": 1500.0},
+        {"hop_frames": 3, "average_ms": 300.0, "min_count": 2, "suppression_ms": 1000.0},
+        {"hop_frames": 4, "average_ms": 250.0, "min_count": 9, "suppression_ms": 600.0},
+        {"hop_frames": 1, "average_ms": 100.0, "min_count": 1, "suppression_ms": 0.0},
+    ],
+)
+def test_readme_sketch_fires_as_the_detectors_rules_on_bursts_of_scores(settings, tmp_path):
+    # Model outputs that make events close together, where averaging, the minimum count and the
+    # quiet after an event decide: the sketch's events must be EventRules' to the hop.
+    model = Model.load()
+    keywords = stream.keywords(model.labels)
+    detection = {**settings, "thresholds": {label: 0.45 for label in keywords}}
+    binary = build_sketch(tmp_path, model, {**model.manifest, "detection": detection})
+    hops = 3000
+    np.zeros(F.WINDOW_SAMPLES + (hops - 1) * F.HOP_SAMPLES, np.int16).tofile(tmp_path / "audio.raw")
+    runs, zero_point = hops // settings["hop_frames"], model.manifest["output"]["zero_point"]
+    rng = np.random.default_rng(1)
+    logits = rng.integers(-20, 20, (runs, len(model.labels))) + zero_point
+    start = 0
+    while start < runs:  # one label ahead of the others for 1-30 runs at a time
+        length = int(rng.integers(1, 30))
+        logits[start : start + length, rng.integers(len(model.labels))] += int(rng.integers(0, 30))
+        start += length
+    logits = np.clip(logits, -128, 127).astype(np.int8)
+    logits.tofile(tmp_path / "replay.raw")
+    fired = run_sketch(binary, tmp_path / "audio.raw", "replay", tmp_path / "replay.raw")
+    ends = np.array(
+        [frame_end(hop) for hop in range(settings["hop_frames"], hops + 1, settings["hop_frames"])]
+    )
+    events = EventRules(model.labels, DetectionConfig(**detection)).update(ends, model.probabilities(logits))
+    assert len(events) >= 20
+    assert [(model.labels[label], round(frame_end(hop), 3)) for hop, label in fired] == [
+        (event.label, round(event.end, 3)) for event in events
+    ]
+
+
+@pytest.mark.integration
+def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
+    model = Model.load()
+    binary = build_sketch(tmp_path, model, model.manifest)
     # Two of each keyword with a second of quiet around each.
     root = shared_data / "speech_commands"
     rng = np.random.default_rng(0)
@@ -356,18 +410,8 @@ def test_readme_sketch_fires_as_the_detector(shared_data, tmp_path):
     samples.tofile(tmp_path / "audio.raw")
 
     def sketch(mode: str) -> list[tuple[str, float]]:
-        run = subprocess.run(
-            [str(binary), str(tmp_path / "audio.raw"), mode, str(tmp_path / f"{mode}.raw")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        events = [map(int, line.split()) for line in run.stdout.splitlines()]
-        # The stream time at the end of the hops-th frame, as kws.stream counts it.
-        return [
-            (model.labels[label], round(((hops - 1) * F.HOP_SAMPLES + F.WINDOW_SAMPLES) / F.SAMPLE_RATE, 3))
-            for hops, label in events
-        ]
+        events = run_sketch(binary, tmp_path / "audio.raw", mode, tmp_path / f"{mode}.raw")
+        return [(model.labels[label], round(frame_end(hops), 3)) for hops, label in events]
 
     sketch("record")
     inputs = np.fromfile(tmp_path / "record.raw", dtype=np.int8).reshape(-1, F.NUM_FRAMES, F.NUM_MFCC)

@@ -238,8 +238,21 @@ def test_an_export_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "mine")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws export: error: --out {tmp_path / 'mine'} holds other files (MODEL_CARD.md) and no "
-        "manifest.json: export into a new or empty folder, or over an earlier export"
+        "manifest.json: an export goes into a new or empty folder, or over an earlier one"
     )
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "mine")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("holds other files (MODEL_CARD.md): a run goes into a new or empty folder")
+    )
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")  # as a disk that is not mounted leaves it
+    for out in (tmp_path / "gone", tmp_path / "gone" / "run"):
+        assert main(["train", "--data", str(tmp_path), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"kws train: error: --out {out}: {tmp_path / 'gone'} links to {tmp_path / 'unmounted'}, which "
+            "does not exist; pick another --out"
+        )
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))

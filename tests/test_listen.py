@@ -1,5 +1,6 @@
 """`kws listen`: microphone and file share one path (callback, queue, resampling, Detector, printing)."""
 
+import functools
 import io
 import json
 import os
@@ -552,23 +553,28 @@ def test_microphone_hears_keywords_played_into_pulseaudio(pulseaudio, tmp_path, 
     assert "Traceback" not in err
 
 
+class EndingStream:
+    """An input stream that delivers ``blocks`` blocks of silence on opening, then ends; PortAudio
+    flags an input overflow before the blocks numbered in ``overflows``."""
+
+    def __init__(self, callback, finished_callback, blocksize, blocks, overflows=(), **settings):
+        self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
+        self.blocks, self.overflows = blocks, overflows
+
+    def __enter__(self):
+        for index in range(self.blocks):
+            status = types.SimpleNamespace(input_overflow=index in self.overflows)
+            self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, status)
+        self.finished()
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
 def test_a_microphone_that_goes_away_is_an_error_not_the_end_of_the_audio(monkeypatch, capsys, model_args):
-    class UnpluggedStream:
-        """Delivers 0.5 s of silence, then ends, as PortAudio does when a USB microphone goes."""
-
-        def __init__(self, callback, finished_callback, blocksize, **settings):
-            self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
-
-        def __enter__(self):
-            for _ in range(10):
-                self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, None)
-            self.finished()
-            return self
-
-        def __exit__(self, *exc_info):
-            pass
-
-    fake_sounddevice(monkeypatch, DEVICES, stream=UnpluggedStream)
+    # 0.5 s of silence, then the end, as PortAudio does when a USB microphone goes.
+    fake_sounddevice(monkeypatch, DEVICES, stream=functools.partial(EndingStream, blocks=10))
     assert main(["listen", "--device", "usb", *model_args]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.endswith(
@@ -619,26 +625,10 @@ def test_ctrl_c_before_a_command_starts_is_no_traceback(monkeypatch, capsys):
 
 
 def test_audio_the_input_dropped_is_reported_in_the_summary(tone_export):
-    class OverflowingStream:
-        """A second of silence in 20 blocks, PortAudio flagging an overflow before two of them."""
-
-        def __init__(self, callback, finished_callback, blocksize, **settings):
-            self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
-
-        def __enter__(self):
-            for index in range(20):
-                status = types.SimpleNamespace(input_overflow=index in (5, 12))
-                self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, status)
-            self.finished()
-            return self
-
-        def __exit__(self, *exc_info):
-            pass
-
     model = Model.load(tone_export[0])
-    summary = listen.run(
-        listen.Source("a test input", RATE, OverflowingStream), Detector(model), io.StringIO()
-    )
+    # A second of silence in 20 blocks, PortAudio flagging an overflow before two of them.
+    stream = functools.partial(EndingStream, blocks=20, overflows=(5, 12))
+    summary = listen.run(listen.Source("a test input", RATE, stream), Detector(model), io.StringIO())
     assert (summary.seconds, summary.overflows) == (pytest.approx(1.0), 2)
     assert str(summary).endswith(
         "; audio was lost 2 times (the input overflowed: the machine fell behind), so later times run early"

@@ -177,7 +177,6 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
 def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywords_never_found(capsys):
     few = stream_eval.FEW_CLIPS - 1
     report = {
-        "false_accepts": 0,
         "per_keyword": {
             "yes": {"occurrences": few, "recall": 0.9, "false_accepts": 0},
             "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0, "false_accepts": 0},
@@ -196,15 +195,20 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
     stream_eval._warn_about_thresholds(report, 0, 0.5)  # no false accept at all: what any length measures
     assert len(capsys.readouterr().err.splitlines()) == 2
     # "yes" fires twice even at the highest threshold: the target is not met, and it says so.
-    report["per_keyword"]["yes"]["false_accepts"] = report["false_accepts"] = 2
-    report["false_accepts_per_hour"] = 1.0
+    report["per_keyword"]["yes"]["false_accepts"] = 2
     stream_eval._warn_about_thresholds(report, 0.5, 2.0)
     unmet = capsys.readouterr().err.splitlines()[0]
     assert unmet.startswith(
         "warning: the calibrated thresholds let 2 false accepts through on the test stream"
     )
-    assert (
-        "(1 per hour), over the 0.5 per hour asked" in unmet and "('yes' 2)" in unmet and "'no'" not in unmet
+    assert "over the 0.5 per hour asked" in unmet and "('yes' 2)" in unmet and "'no'" not in unmet
+    # "up", never said, was not calibrated: its false accepts are its own warning, not the budget's.
+    report["per_keyword"]["yes"]["false_accepts"], report["per_keyword"]["up"]["false_accepts"] = 1, 3
+    stream_eval._warn_about_thresholds(report, 0.5, 2.0)
+    (unsaid,) = [line for line in capsys.readouterr().err.splitlines() if "wrongly" in line]
+    assert unsaid == (
+        "warning: keywords the test stream never says keep the thresholds they had, and fire wrongly on it "
+        "('up' 3): give the validation split clips of them"
     )
 
 
