@@ -395,8 +395,9 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
         warnings.append(
             f"the test stream lasts {hours:.2f} h, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "
-            "thresholds let none through and may miss keywords they need not: add validation clips, "
-            "and keyword-free speech with --negatives"
+            "thresholds let none through and may miss keywords they need not: calibrate on more "
+            "validation clips, or more keyword-free speech (kws calibrate --negatives DIR), or to a "
+            "target this stream can show (kws calibrate --target-fa)"
         )
     thin = {
         k: row["occurrences"]

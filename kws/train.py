@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 METRICS_FILE = "metrics.json"
+# A keyword with under this share of a typical keyword's training clips is warned of.
+SCARCE_SHARE = 0.1
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
@@ -261,6 +264,17 @@ def _checked_validation(data: SpeechData):
     if unheard:
         reasons = "; ".join(_why_no_clips(data, word) for word in unheard)
         raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
+    heard = Counter(data.split_audio("training").words)
+    typical = float(np.median([heard[word] for word in data.config.words]))
+    scarce = {word: heard[word] for word in data.config.words if heard[word] < SCARCE_SHARE * typical}
+    if scarce:
+        tqdm.write(
+            "warning: few training clips of "
+            + ", ".join(f"{word!r} ({count})" for word, count in scarce.items())
+            + f" against {typical:g} for a typical keyword: the model will seldom hear them and may "
+            "never spot them; add clips of them, or leave them out of --words",
+            file=sys.stderr,
+        )
     if not data.split_audio("validation").keyword.any():
         raise DataError(
             f"no validation clips of any keyword in {data.root}: name some in its validation_list.txt "

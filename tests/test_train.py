@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import TONE_WORDS as WORDS
 from conftest import make_dataset
@@ -165,6 +166,26 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     assert warnings[-1].startswith(
         "warning: no other words and no --negatives: the model learns no _unknown_"
     )
+
+
+def test_training_warns_of_a_keyword_with_few_clips(tmp_path, capsys):
+    from kws.data import scan
+
+    dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=40)
+    config = run_config(dataset, epochs=1)
+    training = {
+        word: [c.path for c in scan(dataset) if c.word == word and c.split == "training"]
+        for word in config.data.words
+    }
+    for path in training["up"][1:]:  # one training clip of "up" left, as "off" has 5 in the shared subset
+        path.unlink()
+    typical = np.median([len(paths) if word != "up" else 1 for word, paths in training.items()])
+    train(config, tmp_path / "run")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: few")]
+    assert typical > 20 and warnings == [
+        f"warning: few training clips of 'up' (1) against {typical:g} for a typical keyword: the model "
+        "will seldom hear them and may never spot them; add clips of them, or leave them out of --words"
+    ]
 
 
 def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_path):
