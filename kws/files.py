@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,16 +91,43 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
 
     Every file is written under its temporary name before the first replaces its target, so a
     failure while writing (a full disk) leaves the folder's files as they were, not some new
-    and some old. The renames that follow are not one step: only a crash in the microseconds
-    they take could leave a mix.
+    and some old; and Ctrl-C waits for the renames that follow, so it cannot leave a mix.
     """
-    with contextlib.ExitStack() as renames:
-        for name, data in contents.items():
-            tmp = renames.enter_context(atomic_path(Path(folder) / name))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = {folder / name: folder / f".tmp-{name}" for name in contents}
+    try:
+        for tmp, data in zip(temporary.values(), contents.values(), strict=True):
             if isinstance(data, str):
                 tmp.write_text(data)
             else:
                 tmp.write_bytes(data)
+        with _ctrl_c_deferred():
+            for path, tmp in temporary.items():
+                os.replace(tmp, path)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C (SIGINT) that comes during the block until it ends, then raise it. Only the
+    main thread handles signals: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        if callable(previous):
+            previous(signal.SIGINT, pressed[0])
+        else:
+            raise KeyboardInterrupt
 
 
 def json_text(data) -> str:

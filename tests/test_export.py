@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -391,6 +392,25 @@ def test_a_calibration_that_fails_leaves_the_export_as_it_was(fault, exported, t
     with pytest.raises(error, match=message):
         export.recalibrate(copy, data, DetectionConfig(), 1000)
     assert files_of(copy) == before
+
+
+def test_ctrl_c_while_an_export_is_renamed_into_place_waits_for_the_whole_set(tmp_path, monkeypatch):
+    from kws import files
+
+    for name in "abcd":
+        (tmp_path / name).write_text("old")
+    replace, renamed = os.replace, []
+
+    def interrupted(source, target):
+        renamed.append(target)
+        if len(renamed) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C between two renames
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_files(tmp_path, dict.fromkeys("abcd", "new"))
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "new")
 
 
 def test_calibrate_to_no_false_accepts_at_all(exported, tmp_path, capsys):
