@@ -57,17 +57,19 @@ def _seed(text: str) -> int:
 
 
 def _per_hour(text: str) -> float:
-    return _parsed(
+    value = _parsed(
         text, float, lambda v: 0 <= v < float("inf"), "a number of false accepts per hour, 0 or more"
     )
+    return value + 0.0  # "-0" is 0
 
 
 def _positive(text: str, unit: str) -> float:
     return _parsed(text, float, lambda v: 0 < v < float("inf"), f"a positive number of {unit}")
 
 
-def _milliseconds(text: str) -> float:
-    return _positive(text, "milliseconds")
+def _average_ms(text: str) -> float:
+    # A keyword lasts under a second: a longer average dilutes its scores with what is around it.
+    return _parsed(text, float, lambda v: 0 < v <= 1000, "a number of milliseconds above 0, at most 1000")
 
 
 def _seconds(text: str) -> float:
@@ -80,8 +82,9 @@ def _hop_ms(text: str) -> float:
     return _parsed(
         text,
         float,
-        lambda v: 0 < v < float("inf") and v % HOP_MS == 0,
-        f"a positive multiple of the {HOP_MS:g} ms frame hop",
+        # Over the model's 1 s window, some audio would never be scored.
+        lambda v: 0 < v <= 1000 and v % HOP_MS == 0,
+        f"a multiple of the {HOP_MS:g} ms frame hop, at most 1000 (the model's window)",
     )
 
 
@@ -104,6 +107,18 @@ def _require_train_extra(purpose: str, *modules: str) -> None:
         raise UserError(
             f'{purpose} needs {" and ".join(missing)}, not installed here: pip install "kws[train]"'
         )
+
+
+def _check_plot(path: Path) -> None:
+    """UserError unless ``path`` names a .png file that can be written; checked before the scoring."""
+    from kws.files import check_writable_folder
+
+    _require_train_extra("--plot", "matplotlib")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: name a .png file, as the plot is a PNG image")
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a folder: name a .png file in it")
+    check_writable_folder(path.parent, "--plot", path)
 
 
 def _given(**options) -> dict:
@@ -275,7 +290,7 @@ def cmd_eval(args) -> int:
     if args.threshold is not None:
         raise UserError("--threshold is for --stream: clip accuracy takes each clip's best class")
     if args.plot:
-        _require_train_extra("--plot", "matplotlib")
+        _check_plot(args.plot)
     classifier, training = _load_classifier(args.model)
     data = _evaluation_data(training, args.data, args.negatives)
     examples = data.evaluation_set(split)
@@ -305,13 +320,13 @@ def cmd_eval(args) -> int:
         "split": split,
         **report(classifier.labels, examples.labels, predictions, examples.sources, examples.words),
     }
-    if args.plot:
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if args.plot:  # after the report: a plot that fails to write loses nothing measured
         from kws import plots
 
         name = args.model.name if args.model else "built-in model"
         title = f"{name} on {args.data.name} ({result['split']})"
         plots.confusion(result, args.plot, title)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
 
@@ -321,30 +336,30 @@ def _eval_stream(args) -> int:
     from kws.stream_eval import format_stream_report, stream_test
 
     if args.plot:
-        _require_train_extra("--plot", "matplotlib")
+        _check_plot(args.plot)
     model = Model.load(args.model)
     data = _evaluation_data(model.manifest["training"], args.data, args.negatives)
-    _, result = stream_test(
+    _, measured = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
     )
+    result = {
+        "model": _model_name(args.model),
+        "data": str(args.data),
+        "split": "validation",
+        **{k: v for k, v in measured.items() if k != "det"},
+    }
+    print(json.dumps(result, indent=2) if args.json else format_stream_report(result))
     if args.plot and result["recall"] is None:
         print(
             f"no {args.plot}: a DET curve needs keywords in the test stream, and it holds none",
             file=sys.stderr,
         )
-    elif args.plot:
+    elif args.plot:  # after the report: a plot that fails to write loses nothing measured
         from kws import plots
         from kws.files import write_files
 
         thresholds = "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"
-        write_files(args.plot.parent, {args.plot.name: plots.det_curve(result["det"], result, thresholds)})
-    result = {
-        "model": _model_name(args.model),
-        "data": str(args.data),
-        "split": "validation",
-        **{k: v for k, v in result.items() if k != "det"},
-    }
-    print(json.dumps(result, indent=2) if args.json else format_stream_report(result))
+        write_files(args.plot.parent, {args.plot.name: plots.det_curve(measured["det"], result, thresholds)})
     return 0
 
 
@@ -352,12 +367,15 @@ def cmd_calibrate(args) -> int:
     from dataclasses import replace
 
     from kws.export import recalibrate
+    from kws.files import check_writable_folder
     from kws.runtime import resolve
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
     _require_train_extra("calibrate (it redraws the export's DET curve)", "matplotlib")
     model, manifest = resolve(args.model)
+    advice = "calibrate rewrites the export's files: run it on a copy you can write"
+    check_writable_folder(model.parent, "MODEL", args.model, advice)
     config = detection_config(manifest)
     if args.hop_ms is not None:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
@@ -739,10 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"false accepts per hour, all keywords together (default {FA_TARGET_PER_HOUR:g}; 0: none)",
     )
     calibrate.add_argument(
-        "--hop-ms", type=_hop_ms, help="run the model every N ms (a multiple of 20; default: the manifest's)"
+        "--hop-ms",
+        type=_hop_ms,
+        help="run the model every N ms (a multiple of 20, up to 1000; default: the manifest's)",
     )
     calibrate.add_argument(
-        "--average-ms", type=_milliseconds, help="score averaging window (default: the manifest's)"
+        "--average-ms",
+        type=_average_ms,
+        help="score averaging window, up to 1000 ms (default: the manifest's)",
     )
     calibrate.set_defaults(handler=cmd_calibrate)
 

@@ -19,14 +19,6 @@ def check_out_folder(folder: str | Path, what: str, earlier: str | None = None) 
     earlier one (its file ``earlier``, when given), where this process can write. Checked
     before long work, which would otherwise fail only when it writes its results."""
     folder = Path(folder)
-    broken = next(
-        (path for path in [folder, *folder.parents] if path.is_symlink() and not path.exists()), None
-    )
-    if broken is not None:
-        target = os.readlink(broken)
-        raise KwsError(
-            f"--out {folder}: {broken} links to {target}, which does not exist; pick another --out"
-        )
     if folder.exists() and not folder.is_dir():
         raise KwsError(f"--out {folder} is a file: {what} is a folder; pick another --out")
     others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
@@ -36,18 +28,30 @@ def check_out_folder(folder: str | Path, what: str, earlier: str | None = None) 
             f"--out {folder} holds other files ({listed}){f' and no {earlier}' if earlier else ''}: {what} "
             f"goes into a new or empty folder{', or over an earlier one' if earlier else ''}"
         )
+    check_writable_folder(folder, "--out", folder)
+
+
+def check_writable_folder(folder: str | Path, option: str, value: str | Path, advice: str = "") -> None:
+    """KwsError unless ``folder`` is, or can be made as, a folder this process can write in; the
+    messages name the ``option`` and ``value`` given, and end with ``advice`` (by default, to
+    pick another)."""
+    folder = Path(folder)
+    advice = advice or f"pick another {option}"
+    broken = next(
+        (path for path in [folder, *folder.parents] if path.is_symlink() and not path.exists()), None
+    )
+    if broken is not None:
+        raise KwsError(
+            f"{option} {value}: {broken} links to {os.readlink(broken)}, which does not exist; {advice}"
+        )
     existing = next(path for path in [folder, *folder.parents] if path.exists())
     if not existing.is_dir():
-        raise KwsError(
-            f"--out {folder}: {existing} is a file, so no folder can be made in it; pick another --out"
-        )
+        raise KwsError(f"{option} {value}: {existing} is a file, so no folder can be made in it; {advice}")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:  # no permission, a read-only disk, an immutable folder
-        raise KwsError(
-            f"--out {folder}: cannot write in {existing} ({error.strerror}); pick another --out"
-        ) from None
+        raise KwsError(f"{option} {value}: cannot write in {existing} ({error.strerror}); {advice}") from None
 
 
 @contextmanager

@@ -70,6 +70,12 @@ def build_stream(data: SpeechData, seed: int = 0) -> Stream:
         if speech and position % SPEECH_EVERY == SPEECH_EVERY - 1:
             sequence.append(("speech", speech.pop()))
     sequence += [("speech", stretch) for stretch in speech]
+    if not sequence:
+        raise DataError(
+            f"nothing to build a test stream from: the validation split of {data.root} holds no clips "
+            "(a test set package holds only test clips), and there is no --negatives speech; pass "
+            "Speech Commands data with validation clips"
+        )
 
     pieces, truth, cursor = [], [], 0
     for kind, item in sequence:
@@ -394,8 +400,8 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
     if target_per_hour > 0 and not budget:
         warnings.append(
             f"the test stream lasts {hours:.2f} h, too short to measure "
-            f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so the "
-            "thresholds let none through and may miss keywords they need not: calibrate on more "
+            f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so "
+            "calibration allowed none, and may miss keywords it need not: calibrate on more "
             "validation clips, or more keyword-free speech (kws calibrate --negatives DIR), or to a "
             "target this stream can show (kws calibrate --target-fa)"
         )

@@ -65,11 +65,21 @@ def _usage_error(argv: list[str], capsys) -> str:
         ),
         (
             ["calibrate", "m", "--hop-ms", "abc"],
-            "argument --hop-ms: must be a positive multiple of the 20 ms frame hop, got abc",
+            "argument --hop-ms: must be a multiple of the 20 ms frame hop, at most 1000 (the model's "
+            "window), got abc",
+        ),
+        (
+            ["calibrate", "m", "--hop-ms", "10000"],
+            "argument --hop-ms: must be a multiple of the 20 ms frame hop, at most 1000 (the model's "
+            "window), got 10000",
         ),
         (
             ["calibrate", "m", "--average-ms", "abc"],
-            "argument --average-ms: must be a positive number of milliseconds, got abc",
+            "argument --average-ms: must be a number of milliseconds above 0, at most 1000, got abc",
+        ),
+        (
+            ["calibrate", "m", "--average-ms", "10000"],
+            "argument --average-ms: must be a number of milliseconds above 0, at most 1000, got 10000",
         ),
     ],
 )
@@ -334,3 +344,40 @@ def test_eval_warns_when_negatives_hold_out_a_speaker_the_model_trained_on(
             f"warning: speakers {', '.join(held_out)} of --negatives are held out here but the model trained"
             in err
         ) == warned
+
+
+def test_a_plot_that_cannot_be_written_is_refused_before_any_scoring(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    for plot, message in [
+        (
+            tmp_path / "det.jpg",
+            f"--plot {tmp_path / 'det.jpg'}: name a .png file, as the plot is a PNG image",
+        ),
+        (tmp_path, f"--plot {tmp_path}: name a .png file"),
+        (tmp_path / "x.png", None),  # fine: scoring starts, and stops at the missing data
+        (
+            tmp_path / "notes.txt" / "det.png",
+            f"{tmp_path / 'notes.txt'} is a file, so no folder can be made in it",
+        ),
+    ]:
+        for stream in ([], ["--stream"]):
+            assert main(["eval", *stream, "--data", str(tmp_path / "nowhere"), "--plot", str(plot)]) == 2
+            err = capsys.readouterr().err
+            assert (message or f"data folder {tmp_path / 'nowhere'} does not exist") in err
+
+
+def test_calibrate_refuses_an_export_it_cannot_write_before_scoring(tmp_path, monkeypatch, capsys):
+    from kws.runtime import BUILT_IN_MODEL
+
+    copy = shutil.copytree(BUILT_IN_MODEL, tmp_path / "export")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    monkeypatch.setattr("kws.export.recalibrate", lambda *args: pytest.fail("it scored"))
+    assert main(["calibrate", str(copy)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kws calibrate: error: MODEL {copy}: cannot write in {copy} (Read-only file system); calibrate "
+        "rewrites the export's files: run it on a copy you can write"
+    )

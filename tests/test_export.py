@@ -413,21 +413,35 @@ def test_ctrl_c_while_an_export_is_renamed_into_place_waits_for_the_whole_set(tm
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "new")
 
 
+def test_a_stream_test_on_data_without_validation_clips_says_so(exported, tmp_path, capsys):
+    from kws.cli import main
+
+    package = tmp_path / "package"  # the test set package's layout: every clip a test clip
+    for word in ("_unknown_", "yes"):
+        (package / word).mkdir(parents=True)
+        sf.write(package / word / "a_nohash_0.wav", tone(440.0), 16000)
+    assert main(["eval", "--stream", "--model", str(exported[0]), "--data", str(package)]) == 2
+    err = capsys.readouterr().err
+    assert f"nothing to build a test stream from: the validation split of {package} holds no clips" in err
+    assert "Traceback" not in err
+
+
 def test_calibrate_to_no_false_accepts_at_all(exported, tmp_path, capsys):
     from kws.cli import main
 
     out, manifest = exported
     copy = tmp_path / "export"
     shutil.copytree(out, copy)
-    assert main(["calibrate", str(copy), "--target-fa", "0"]) == 0
+    assert main(["calibrate", str(copy), "--target-fa", "-0"]) == 0
     streaming = json.loads((copy / "manifest.json").read_text())["streaming"]
     assert streaming["target_fa_per_hour"] == 0 and streaming["false_accepts"] == 0
+    assert "calibrated to 0.0 false accepts per hour" in (copy / "MODEL_CARD.md").read_text()  # not -0.0
     for keyword, row in streaming["per_keyword"].items():
         assert row["threshold"] >= manifest["detection"]["thresholds"][keyword]  # stricter than 0.5 / h
     for bad, reason in [
         (["--target-fa", "-1"], "0 or more"),
         (["--hop-ms", "30"], "multiple of the 20 ms"),
-        (["--average-ms", "0"], "positive number of milliseconds"),
+        (["--average-ms", "0"], "milliseconds above 0, at most 1000"),
     ]:
         with pytest.raises(SystemExit):
             main(["calibrate", str(copy), *bad])
