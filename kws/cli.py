@@ -26,9 +26,16 @@ class UserError(KwsError):
 
 
 def _words(text: str) -> list[str]:
-    words = [w.strip() for w in text.split(",") if w.strip()]
+    words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))  # each once, in order
     if not words:
         raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
+    from kws.data import DataError, check_word
+
+    try:
+        for word in words:
+            check_word(word)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return words
 
 
@@ -556,6 +563,8 @@ def _check_can_listen(host: str, port: int) -> None:
 def cmd_synth(args) -> int:
     from kws.synth import SynthConfig, synthesize
 
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file: synthesize into a new folder")
     if args.out.exists() and any(args.out.iterdir()):
         raise UserError(f"{args.out} is not empty: synthesize into a new folder")
     config = SynthConfig(per_keyword=args.per_keyword, per_other_word=args.per_other_word, seed=args.seed)

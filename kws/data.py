@@ -81,8 +81,15 @@ class DataConfig:
         if len(set(self.words)) != len(self.words) or not self.words:
             raise DataError(f"words must be a non-empty list without repeats, got {self.words}")
         for word in self.words:
-            if word.startswith("_"):
-                raise DataError(f"keyword {word!r} may not start with '_' (reserved for classes)")
+            check_word(word)
+
+
+def check_word(word: str) -> None:
+    """DataError unless ``word`` can be a keyword: its clips sit in a folder of that name."""
+    if word.startswith("_"):
+        raise DataError(f"keyword {word!r} may not start with '_' (reserved for classes)")
+    if word.startswith(".") or "/" in word or "\\" in word:
+        raise DataError(f"keyword {word!r} cannot be a folder's name: no / or \\, and no leading '.'")
 
 
 @dataclass
@@ -219,9 +226,22 @@ def check_added_folders(config: DataConfig) -> None:
                 "--negatives wants speech without the keywords, such as LibriSpeech"
             )
     for folder in map(Path, config.extra):
+        if folder.is_file():
+            raise DataError(f"--extra {folder} is a file: pass the folder of word folders that holds it")
         if not folder.is_dir():
             raise DataError(
                 f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
+            )
+        cased = [
+            path.name
+            for path in folder.iterdir()
+            if path.name not in config.words and path.name.lower() in config.words
+        ]
+        if cased:  # its clips would train as _unknown_, against the keyword
+            raise DataError(
+                f"--extra {folder / cased[0]} is not the keyword {cased[0].lower()!r}: folder names are "
+                f"case-sensitive, and its clips would teach the model that {cased[0]!r} is not a keyword; "
+                "rename the folder"
             )
 
 

@@ -60,6 +60,14 @@ def _usage_error(argv: list[str], capsys) -> str:
             "argument --silence-share: must be a fraction in [0, 1), got a",
         ),
         (
+            ["synth", "--words", "yes,a/b", "--out", "x"],
+            "argument --words: keyword 'a/b' cannot be a folder's name: no / or \\, and no leading '.'",
+        ),
+        (
+            ["synth", "--words", "_silence_", "--out", "x"],
+            "argument --words: keyword '_silence_' may not start with '_' (reserved for classes)",
+        ),
+        (
             ["export", "run", "--target-fa", "abc"],
             "argument --target-fa: must be a number of false accepts per hour, 0 or more, got abc",
         ),
@@ -279,8 +287,9 @@ def test_train_without_data_checks_its_words_and_folders_before_downloading(tmp_
     downloads = []
     monkeypatch.setattr("kws.download.download_dataset", lambda *args: downloads.append(args))
     run = ["train", "--out", str(tmp_path / "run")]
-    assert main([*run, "--words", "yes,_no"]) == 2
-    assert "keyword '_no' may not start with '_'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*run, "--words", "yes,_no"])
+    assert "argument --words: keyword '_no' may not start with '_'" in capsys.readouterr().err
     assert main([*run, "--negatives", str(tmp_path / "librispeech")]) == 2
     assert f"--negatives folder {tmp_path / 'librispeech'} does not exist" in capsys.readouterr().err
     assert downloads == []
@@ -380,4 +389,27 @@ def test_calibrate_refuses_an_export_it_cannot_write_before_scoring(tmp_path, mo
     assert capsys.readouterr().err.strip() == (
         f"kws calibrate: error: MODEL {copy}: cannot write in {copy} (Read-only file system); calibrate "
         "rewrites the export's files: run it on a copy you can write"
+    )
+
+
+def test_a_word_given_twice_is_one_word():
+    from kws.cli import _words
+
+    assert _words(" yes,no,yes , up,no") == ["yes", "no", "up"]
+
+
+def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refused(tmp_path, capsys):
+    from kws.data import DataConfig, DataError, check_added_folders
+
+    (tmp_path / "notes.txt").write_text("a file")
+    (tmp_path / "synth" / "Yes").mkdir(parents=True)
+    for extra, message in [
+        ("notes.txt", "is a file: pass the folder of word folders that holds it"),
+        ("synth", "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            check_added_folders(DataConfig(str(tmp_path), words=["yes", "no"], extra=[str(tmp_path / extra)]))
+    assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesize into a new folder"
     )
