@@ -212,11 +212,14 @@ def cmd_train(args) -> int:
         config.augment.spec_augment = args.spec_augment
         metrics = train(config, run_dir)
     validation = metrics["validation"]
-    recall = {label: validation["per_class"][label]["recall"] for label in ("_unknown_", "_silence_")}
+    recall = {
+        label: "n/a" if (value := validation["per_class"][label]["recall"]) is None else f"{value:.2%}"
+        for label in ("_unknown_", "_silence_")
+    }
     print(
         f"run {run_dir}: best epoch {metrics['best_epoch']}, "
         f"validation accuracy {validation['accuracy']:.2%} "
-        f"(_unknown_ recall {recall['_unknown_']:.2%}, _silence_ recall {recall['_silence_']:.2%}); "
+        f"(_unknown_ recall {recall['_unknown_']}, _silence_ recall {recall['_silence_']}); "
         f"{metrics['parameters']:,} parameters, {metrics['macs']:,} MACs, "
         f"{metrics['training_seconds'] / 60:.1f} min"
     )

@@ -24,8 +24,9 @@ def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sour
     hits = np.diag(matrix)
     per_class = {
         label: {
-            "precision": float(hits[i] / predicted[i]) if predicted[i] else 0.0,
-            "recall": float(hits[i] / support[i]) if support[i] else 0.0,
+            # None (JSON null) where undefined: a class never predicted, or never present.
+            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
+            "recall": float(hits[i] / support[i]) if support[i] else None,
             "support": int(support[i]),
         }
         for i, label in enumerate(labels)
@@ -73,11 +74,9 @@ def format_report(result: dict) -> str:
     width = max(9, *(len(label) for label in labels))
     lines = [f"accuracy {result['accuracy']:.2%} on {result['examples']} examples", ""]
     lines.append(f"{'class':<{width}}  precision  recall  support")
-    # The JSON gives 0 where a class was never predicted (precision) or never present (recall).
-    predicted = np.asarray(result["confusion"]["matrix"]).sum(axis=0)
-    for (label, row), guessed in zip(result["per_class"].items(), predicted, strict=True):
-        precision = f"{row['precision']:9.2%}" if guessed else f"{'n/a':>9}"
-        recall = f"{row['recall']:6.2%}" if row["support"] else f"{'n/a':>6}"
+    for label, row in result["per_class"].items():
+        precision = f"{'n/a':>9}" if row["precision"] is None else f"{row['precision']:9.2%}"
+        recall = f"{'n/a':>6}" if row["recall"] is None else f"{row['recall']:6.2%}"
         lines.append(f"{label:<{width}}  {precision}  {recall}  {row['support']:7d}")
     if "accuracy_by_source" in result:
         lines += ["", "accuracy by where examples come from:"]

@@ -341,7 +341,7 @@ def validation_accuracy(converted: dict[str, bytes], config: RunConfig, data: Sp
         "int8_drop_points": round(100 * (accuracy["float32"] - accuracy["int8"]), 3),
         "int8_per_class_recall": {
             # 6 places: rounded again to a tenth of a percent in the model card, 4 would round twice
-            label: round(row["recall"], 6)
+            label: None if row["recall"] is None else round(row["recall"], 6)
             for label, row in reports["int8"]["per_class"].items()
         },
     }
@@ -469,7 +469,7 @@ def model_card(manifest: dict) -> str:
         f"{silence_share * 100:g} % silence, {unknown_share * 100:g} % unknown): "
         f"float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
         "- int8 recall per class: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in accuracy["int8_per_class_recall"].items()),
+        + ", ".join(f"{k} {percent(v)}" for k, v in accuracy["int8_per_class_recall"].items()),
         f"- Streaming (model every {HOP_MS * detection['hop_frames']:g} ms, scores averaged over "
         f"{detection['average_ms']:g} ms), default thresholds (calibrated to "
         f"{streaming['target_fa_per_hour']} false accepts per "

@@ -47,6 +47,9 @@ def test_the_text_report_shows_the_figures_of_the_json_one():
     predictions = np.array([2, 2, 4, 4, 2, 2])
     result = report(LABELS, targets, predictions)
     assert result["per_class"]["yes"] == {"precision": 0.5, "recall": 2 / 3, "support": 3}
+    # Undefined, not 0: "no" was never predicted, _silence_ neither predicted nor present.
+    assert result["per_class"]["no"] == {"precision": None, "recall": 0.0, "support": 2}
+    assert result["per_class"]["_silence_"] == {"precision": None, "recall": None, "support": 0}
     lines = format_report(result).splitlines()
     assert lines[0] == "accuracy 50.00% on 6 examples"
     assert lines[1:3] == ["", "class      precision  recall  support"]
