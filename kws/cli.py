@@ -564,12 +564,10 @@ def _check_can_listen(host: str, port: int) -> None:
 
 
 def cmd_synth(args) -> int:
+    from kws.files import check_out_folder
     from kws.synth import SynthConfig, synthesize
 
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file: synthesize into a new folder")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise UserError(f"{args.out} is not empty: synthesize into a new folder")
+    check_out_folder(args.out, "synthesized speech")
     config = SynthConfig(per_keyword=args.per_keyword, per_other_word=args.per_other_word, seed=args.seed)
     count = synthesize(args.words, args.out, config)
     print(f"{count} clips in {args.out}; train with them: kws train ... --extra {args.out}")

@@ -411,5 +411,6 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
             check_added_folders(DataConfig(str(tmp_path), words=["yes", "no"], extra=[str(tmp_path / extra)]))
     assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesize into a new folder"
+        f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "
+        "another --out"
     )

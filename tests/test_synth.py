@@ -102,7 +102,10 @@ def test_a_word_starting_with_a_dash_is_spoken_not_taken_for_an_option(espeak):
 def test_synth_refuses_a_folder_that_holds_files(tmp_path, capsys):
     (tmp_path / "old.wav").write_bytes(b"")
     assert main(["synth", "--words", "yes", "--out", str(tmp_path)]) == 2
-    assert f"{tmp_path} is not empty" in capsys.readouterr().err
+    assert (
+        f"--out {tmp_path} holds other files (old.wav): synthesized speech goes into a new or empty folder"
+        in (capsys.readouterr().err)
+    )
 
 
 def test_without_espeak_the_error_says_what_to_install(monkeypatch):
