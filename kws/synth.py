@@ -74,7 +74,17 @@ map key box bag plate fork knife spoon bowl
 ok okay alright sure fine great cool nice
 """.split()
 # Words that sound like a keyword: never synthesized as "other" beside it.
-HOMOPHONES = {"no": {"know"}, "right": {"write", "rite", "wright"}, "two": {"to", "too"}, "four": {"for"}}
+# Words espeak-ng says alike: a keyword's other-word clips would teach the model its own sound as
+# _unknown_. Each group holds for every word in it.
+HOMOPHONES = (
+    {"no", "know"},
+    {"right", "write", "rite", "wright"},
+    {"two", "to", "too"},
+    {"four", "for"},
+    {"okay", "ok"},
+    {"son", "sun"},
+    {"new", "knew"},
+)
 
 
 class SynthError(KwsError, RuntimeError):
@@ -122,7 +132,7 @@ def variants() -> list[str]:
 def other_words(keywords: Iterable[str]) -> list[str]:
     """OTHER_WORDS without the keywords and words that sound like them."""
     keywords = set(keywords)
-    excluded = keywords | set().union(*(HOMOPHONES.get(word, set()) for word in keywords))
+    excluded = keywords.union(*(group for group in HOMOPHONES if group & keywords))
     return [word for word in dict.fromkeys(OTHER_WORDS) if word not in excluded]
 
 

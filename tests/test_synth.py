@@ -23,6 +23,9 @@ def test_other_words_leave_out_the_keywords_and_their_homophones():
     assert not {"no", "know", "right", "write", "rite", "wright", "yes"} & set(others)
     assert {"off", "on", "dog", "yellow"} <= set(others)
     assert len(others) == len(set(others)) > 250
+    # Either way round: the keyword "to" leaves out "two", as "two" leaves out "to".
+    assert "two" not in synth.other_words(["to"]) and "to" not in synth.other_words(["two"])
+    assert "ok" not in synth.other_words(["okay"]) and "two" in synth.other_words(["okay"])
 
 
 def test_place_trims_centres_and_sets_the_level():
