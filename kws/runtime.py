@@ -171,6 +171,11 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         if not model_file.is_file():
             raise ModelError(f"{model_file}, which {manifest_file} names, is missing: {EXPORT_AGAIN}")
         return model_file, manifest
+    if path.name == MODEL_FILE:  # a run's Keras model: the run folder is what commands take
+        raise ModelError(
+            f"{named} {path}: pass the run folder {path.parent} (kws eval scores it), or export it first "
+            f"with `kws export {path.parent}`"
+        )
     if path.suffix != ".tflite":
         raise ModelError(f"{named} {path}: expected a .tflite file or a folder made by kws export")
     manifest_file = path.with_name(MANIFEST_FILE)

@@ -670,6 +670,16 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path):
             runtime.resolve(tmp_path / missing)
 
 
+def test_a_runs_keras_file_as_model_is_told_to_pass_the_run_folder(tone_run):
+    run, _ = tone_run
+    with pytest.raises(runtime.ModelError) as error:
+        runtime.resolve(run / runtime.MODEL_FILE)
+    assert str(error.value) == (
+        f"--model {run / runtime.MODEL_FILE}: pass the run folder {run} (kws eval scores it), or export it "
+        f"first with `kws export {run}`"
+    )
+
+
 def test_an_export_missing_its_int8_model_says_which_file(exported, tmp_path):
     copy = shutil.copytree(exported[0], tmp_path / "export")
     (copy / "model_int8.tflite").unlink()
