@@ -29,6 +29,8 @@ def _words(text: str) -> list[str]:
     words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))  # each once, in order
     if not words:
         raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
+    if len({word.casefold() for word in words}) < len(words):  # one folder on a disk that folds case
+        raise argparse.ArgumentTypeError(f"keywords that differ only in letter case: {', '.join(words)}")
     from kws.data import DataError, check_word
 
     try:
@@ -48,7 +50,7 @@ def _parsed(text: str, kind: type, valid, expected: str):
         value = None
     if value is None or not valid(value):
         raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-    return value
+    return value + 0 if kind is float else value  # "-0" would be kept, and shown, as -0.0
 
 
 def _share(text: str) -> float:
@@ -64,19 +66,28 @@ def _seed(text: str) -> int:
 
 
 def _per_hour(text: str) -> float:
-    value = _parsed(
+    return _parsed(
         text, float, lambda v: 0 <= v < float("inf"), "a number of false accepts per hour, 0 or more"
     )
-    return value + 0.0  # "-0" is 0
 
 
 def _positive(text: str, unit: str) -> float:
     return _parsed(text, float, lambda v: 0 < v < float("inf"), f"a positive number of {unit}")
 
 
+def _clip_ms() -> float:
+    """The model's window, in milliseconds."""
+    from kws.features import CLIP_SAMPLES, SAMPLE_RATE
+
+    return 1000 * CLIP_SAMPLES / SAMPLE_RATE
+
+
 def _average_ms(text: str) -> float:
-    # A keyword lasts under a second: a longer average dilutes its scores with what is around it.
-    return _parsed(text, float, lambda v: 0 < v <= 1000, "a number of milliseconds above 0, at most 1000")
+    # A keyword lasts under the window: a longer average dilutes its scores with what is around it.
+    limit = _clip_ms()
+    return _parsed(
+        text, float, lambda v: 0 < v <= limit, f"a number of milliseconds above 0, at most {limit:g}"
+    )
 
 
 def _seconds(text: str) -> float:
@@ -86,12 +97,12 @@ def _seconds(text: str) -> float:
 def _hop_ms(text: str) -> float:
     from kws.stream import HOP_MS
 
+    limit = _clip_ms()  # a hop over the model's window would leave audio never scored
     return _parsed(
         text,
         float,
-        # Over the model's 1 s window, some audio would never be scored.
-        lambda v: 0 < v <= 1000 and v % HOP_MS == 0,
-        f"a multiple of the {HOP_MS:g} ms frame hop, at most 1000 (the model's window)",
+        lambda v: 0 < v <= limit and v % HOP_MS == 0,
+        f"a multiple of the {HOP_MS:g} ms frame hop, at most {limit:g} (the model's window)",
     )
 
 
@@ -120,12 +131,12 @@ def _check_plot(path: Path) -> None:
     """UserError unless ``path`` names a .png file that can be written; checked before the scoring."""
     from kws.files import check_writable_folder
 
-    _require_train_extra("--plot", "matplotlib")
     if path.suffix.lower() != ".png":
         raise UserError(f"--plot {path}: name a .png file, as the plot is a PNG image")
     if path.is_dir():
         raise UserError(f"--plot {path} is a folder: name a .png file in it")
     check_writable_folder(path.parent, "--plot", path)
+    _require_train_extra("--plot", "matplotlib")
 
 
 def _given(**options) -> dict:
@@ -378,13 +389,15 @@ def cmd_calibrate(args) -> int:
 
     from kws.export import recalibrate
     from kws.files import check_writable_folder
-    from kws.runtime import resolve
+    from kws.runtime import BUILT_IN_MODEL, resolve
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
     _require_train_extra("calibrate (it redraws the export's DET curve)", "matplotlib")
-    model, manifest = resolve(args.model)
+    model, manifest = resolve(args.model, named="MODEL")
     advice = "calibrate rewrites the export's files: run it on a copy you can write"
+    if model.parent.resolve() == BUILT_IN_MODEL.resolve():  # an upgrade of kws would undo it
+        raise UserError(f"MODEL {args.model} is the built-in model: {advice} (cp -r {BUILT_IN_MODEL} COPY)")
     check_writable_folder(model.parent, "MODEL", args.model, advice)
     config = detection_config(manifest)
     if args.hop_ms is not None:
@@ -595,7 +608,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
-    from kws.stream import FA_TARGET_PER_HOUR, SCORED_CLIP_SECONDS
+    from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, SCORED_CLIP_SECONDS
     from kws.synth import SynthConfig
 
     parser = argparse.ArgumentParser(
@@ -769,12 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--hop-ms",
         type=_hop_ms,
-        help="run the model every N ms (a multiple of 20, up to 1000; default: the manifest's)",
+        help=f"run the model every N ms (a multiple of {HOP_MS:g}, up to the {_clip_ms():g} ms window; "
+        "default: the manifest's)",
     )
     calibrate.add_argument(
         "--average-ms",
         type=_average_ms,
-        help="score averaging window, up to 1000 ms (default: the manifest's)",
+        help=f"score averaging window, up to {_clip_ms():g} ms (default: the manifest's)",
     )
     calibrate.set_defaults(handler=cmd_calibrate)
 

@@ -232,16 +232,17 @@ def check_added_folders(config: DataConfig) -> None:
             raise DataError(
                 f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
             )
+        folded = {word.casefold(): word for word in config.words}
         cased = [
-            path.name
+            (path.name, folded[path.name.casefold()])
             for path in folder.iterdir()
-            if path.name not in config.words and path.name.lower() in config.words
+            if path.name not in config.words and path.name.casefold() in folded
         ]
         if cased:  # its clips would train as _unknown_, against the keyword
+            name, word = cased[0]
             raise DataError(
-                f"--extra {folder / cased[0]} is not the keyword {cased[0].lower()!r}: folder names are "
-                f"case-sensitive, and its clips would teach the model that {cased[0]!r} is not a keyword; "
-                "rename the folder"
+                f"--extra {folder / name} is not the keyword {word!r}: folder names are case-sensitive, "
+                f"and its clips would teach the model that {name!r} is not a keyword; rename the folder"
             )
 
 

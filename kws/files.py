@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +53,11 @@ def check_writable_folder(folder: str | Path, option: str, value: str | Path, ad
         raise KwsError(f"{option} {value}: cannot write in {existing} ({error.strerror}); {advice}") from None
 
 
+def _temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: beside it, hidden."""
+    return path.with_name(f".tmp-{path.name}")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path to write; it replaces ``path`` only if the block succeeds.
@@ -63,7 +67,7 @@ def atomic_path(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = _temporary(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -95,11 +99,12 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
 
     Every file is written under its temporary name before the first replaces its target, so a
     failure while writing (a full disk) leaves the folder's files as they were, not some new
-    and some old; and Ctrl-C waits for the renames that follow, so it cannot leave a mix.
+    and some old; and a Ctrl-C on the main thread waits for the renames that follow. (A kill,
+    or a failure among the renames, can still leave a mix.)
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = {folder / name: folder / f".tmp-{name}" for name in contents}
+    temporary = {folder / name: _temporary(folder / name) for name in contents}
     try:
         for tmp, data in zip(temporary.values(), contents.values(), strict=True):
             if isinstance(data, str):
@@ -116,22 +121,22 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
 
 @contextmanager
 def _ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) that comes during the block until it ends, then raise it. Only the
-    main thread handles signals: elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold a Ctrl-C (SIGINT) that comes during the block until it ends, then deliver it to the
+    handler that was there before (which may ignore it). Where this thread cannot set signal
+    handlers (any but the main thread), the block runs as it is."""
+    pressed = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:
         yield
         return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: a handler set outside Python, which cannot be put back; the default stands in.
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
     if pressed:
-        if callable(previous):
-            previous(signal.SIGINT, pressed[0])
-        else:
-            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
 
 def json_text(data) -> str:

@@ -171,10 +171,10 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         if not model_file.is_file():
             raise ModelError(f"{model_file}, which {manifest_file} names, is missing: {EXPORT_AGAIN}")
         return model_file, manifest
-    if path.name == MODEL_FILE:  # a run's Keras model: the run folder is what commands take
+    if path.name == MODEL_FILE:  # a run's Keras model, which only training and export read
         raise ModelError(
-            f"{named} {path}: pass the run folder {path.parent} (kws eval scores it), or export it first "
-            f"with `kws export {path.parent}`"
+            f"{named} {path} is a run's Keras model: export the run with `kws export {path.parent}` and "
+            f"pass {path.parent / EXPORT_FOLDER} (kws eval also scores the run folder itself)"
         )
     if path.suffix != ".tflite":
         raise ModelError(f"{named} {path}: expected a .tflite file or a folder made by kws export")

@@ -131,9 +131,9 @@ def variants() -> list[str]:
 
 def other_words(keywords: Iterable[str]) -> list[str]:
     """OTHER_WORDS without the keywords and words that sound like them."""
-    keywords = set(keywords)
+    keywords = {word.casefold() for word in keywords}
     excluded = keywords.union(*(group for group in HOMOPHONES if group & keywords))
-    return [word for word in dict.fromkeys(OTHER_WORDS) if word not in excluded]
+    return [word for word in dict.fromkeys(OTHER_WORDS) if word.casefold() not in excluded]
 
 
 def say(word: str, voice: Voice) -> np.ndarray:

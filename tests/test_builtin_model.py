@@ -31,6 +31,14 @@ def test_built_in_model_is_complete_and_calibrated(manifest):
     assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
 
 
+def test_built_in_models_calibration_warnings_are_what_calibration_says_today(manifest):
+    from kws.stream_eval import _warn_about_thresholds
+
+    streaming = manifest["streaming"]
+    today = _warn_about_thresholds(streaming, streaming["target_fa_per_hour"], streaming["stream_hours"])
+    assert streaming["warnings"] == today and today  # the shared data's stream is too short for 0.5 / h
+
+
 def test_readme_quotes_the_built_in_models_own_figures(manifest):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     table = readme[readme.index("## How good it is") :]

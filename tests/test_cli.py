@@ -3,6 +3,7 @@ exit status 2, no traceback; and what detect --top-k and eval --json report."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -392,10 +393,34 @@ def test_calibrate_refuses_an_export_it_cannot_write_before_scoring(tmp_path, mo
     )
 
 
-def test_a_word_given_twice_is_one_word():
+def test_a_word_given_twice_is_one_word_and_words_differing_in_case_alone_are_refused():
     from kws.cli import _words
 
     assert _words(" yes,no,yes , up,no") == ["yes", "no", "up"]
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="keywords that differ only in letter case: Yes, yes"
+    ):
+        _words("Yes,yes")
+
+
+def test_calibrate_refuses_the_built_in_model_itself(capsys):
+    from kws.runtime import BUILT_IN_MODEL
+
+    assert main(["calibrate", str(BUILT_IN_MODEL)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"kws calibrate: error: MODEL {BUILT_IN_MODEL} is the built-in model: calibrate rewrites the "
+        "export's files: run it on a copy you can write"
+    )
+
+
+@pytest.mark.parametrize("option", ["--hop-ms", "--average-ms"])
+def test_the_models_whole_window_is_the_longest_hop_and_average(option):
+    from kws.cli import build_parser
+
+    assert (
+        getattr(build_parser().parse_args(["calibrate", "m", option, "1000"]), option[2:].replace("-", "_"))
+        == 1000
+    )
 
 
 def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refused(tmp_path, capsys):
@@ -403,12 +428,17 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
 
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "synth" / "Yes").mkdir(parents=True)
-    for extra, message in [
-        ("notes.txt", "is a file: pass the folder of word folders that holds it"),
-        ("synth", "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
+    (tmp_path / "lower" / "no").mkdir(parents=True)
+    for extra, words, message in [
+        ("notes.txt", ["yes", "no"], "is a file: pass the folder of word folders that holds it"),
+        ("synth", ["yes", "no"], "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
+        ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
     ]:
         with pytest.raises(DataError, match=message):
-            check_added_folders(DataConfig(str(tmp_path), words=["yes", "no"], extra=[str(tmp_path / extra)]))
+            check_added_folders(DataConfig(str(tmp_path), words=words, extra=[str(tmp_path / extra)]))
+    check_added_folders(
+        DataConfig(str(tmp_path), words=["Yes"], extra=[str(tmp_path / "synth")])
+    )  # its own case
     assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "

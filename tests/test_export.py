@@ -408,9 +408,20 @@ def test_ctrl_c_while_an_export_is_renamed_into_place_waits_for_the_whole_set(tm
         replace(source, target)
 
     monkeypatch.setattr(files.os, "replace", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         files.write_files(tmp_path, dict.fromkeys("abcd", "new"))
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "new")
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
+    # Where Ctrl-C is ignored (a background job), it stays ignored: the set is written, no error.
+    renamed.clear()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        files.write_files(tmp_path, dict.fromkeys("abcd", "newer"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "newer")
 
 
 def test_a_stream_test_on_data_without_validation_clips_says_so(exported, tmp_path, capsys):
@@ -675,8 +686,8 @@ def test_a_runs_keras_file_as_model_is_told_to_pass_the_run_folder(tone_run):
     with pytest.raises(runtime.ModelError) as error:
         runtime.resolve(run / runtime.MODEL_FILE)
     assert str(error.value) == (
-        f"--model {run / runtime.MODEL_FILE}: pass the run folder {run} (kws eval scores it), or export it "
-        f"first with `kws export {run}`"
+        f"--model {run / runtime.MODEL_FILE} is a run's Keras model: export the run with `kws export {run}` "
+        f"and pass {run / 'export'} (kws eval also scores the run folder itself)"
     )
 
 

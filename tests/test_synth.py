@@ -26,6 +26,7 @@ def test_other_words_leave_out_the_keywords_and_their_homophones():
     # Either way round: the keyword "to" leaves out "two", as "two" leaves out "to".
     assert "two" not in synth.other_words(["to"]) and "to" not in synth.other_words(["two"])
     assert "ok" not in synth.other_words(["okay"]) and "two" in synth.other_words(["okay"])
+    assert not {"ok", "okay"} & set(synth.other_words(["OK"]))  # in any letter case
 
 
 def test_place_trims_centres_and_sets_the_level():
