@@ -75,18 +75,11 @@ def _positive(text: str, unit: str) -> float:
     return _parsed(text, float, lambda v: 0 < v < float("inf"), f"a positive number of {unit}")
 
 
-def _clip_ms() -> float:
-    """The model's window, in milliseconds."""
-    from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-
-    return 1000 * CLIP_SAMPLES / SAMPLE_RATE
-
-
 def _average_ms(text: str) -> float:
-    # A keyword lasts under the window: a longer average dilutes its scores with what is around it.
-    limit = _clip_ms()
+    from kws.stream import CLIP_MS  # DetectionConfig's limit, said here as an option's error
+
     return _parsed(
-        text, float, lambda v: 0 < v <= limit, f"a number of milliseconds above 0, at most {limit:g}"
+        text, float, lambda v: 0 < v <= CLIP_MS, f"a number of milliseconds above 0, at most {CLIP_MS:g}"
     )
 
 
@@ -95,14 +88,13 @@ def _seconds(text: str) -> float:
 
 
 def _hop_ms(text: str) -> float:
-    from kws.stream import HOP_MS
+    from kws.stream import CLIP_MS, HOP_MS  # DetectionConfig's limits, said here as an option's error
 
-    limit = _clip_ms()  # a hop over the model's window would leave audio never scored
     return _parsed(
         text,
         float,
-        lambda v: 0 < v <= limit and v % HOP_MS == 0,
-        f"a multiple of the {HOP_MS:g} ms frame hop, at most {limit:g} (the model's window)",
+        lambda v: 0 < v <= CLIP_MS and v % HOP_MS == 0,
+        f"a multiple of the {HOP_MS:g} ms frame hop, at most {CLIP_MS:g} (the model's window)",
     )
 
 
@@ -608,7 +600,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
-    from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, SCORED_CLIP_SECONDS
+    from kws.stream import CLIP_MS, FA_TARGET_PER_HOUR, HOP_MS, SCORED_CLIP_SECONDS
     from kws.synth import SynthConfig
 
     parser = argparse.ArgumentParser(
@@ -782,13 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--hop-ms",
         type=_hop_ms,
-        help=f"run the model every N ms (a multiple of {HOP_MS:g}, up to the {_clip_ms():g} ms window; "
+        help=f"run the model every N ms (a multiple of {HOP_MS:g}, up to the {CLIP_MS:g} ms window; "
         "default: the manifest's)",
     )
     calibrate.add_argument(
         "--average-ms",
         type=_average_ms,
-        help=f"score averaging window, up to {_clip_ms():g} ms (default: the manifest's)",
+        help=f"score averaging window, up to {CLIP_MS:g} ms (default: the manifest's)",
     )
     calibrate.set_defaults(handler=cmd_calibrate)
 

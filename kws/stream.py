@@ -32,6 +32,7 @@ from kws.features import (
 )
 
 HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
+CLIP_MS = 1000 * CLIP_SAMPLES / SAMPLE_RATE  # the model's window: no hop or average is longer
 TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with this slack
 FA_TARGET_PER_HOUR = 0.5  # false accepts the thresholds are calibrated to: openWakeWord's target
 
@@ -61,6 +62,16 @@ class DetectionConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a number of milliseconds, got {value!r}")
+        # A longer hop leaves audio the model never scores; a longer average dilutes a keyword.
+        if self.hop_frames * HOP_MS > CLIP_MS:
+            raise ValueError(
+                f"hop_frames must keep the hop within the model's {CLIP_MS:g} ms window (at most "
+                f"{int(CLIP_MS // HOP_MS)}), got {self.hop_frames}"
+            )
+        if self.average_ms > CLIP_MS:
+            raise ValueError(
+                f"average_ms must be at most the model's {CLIP_MS:g} ms window, got {self.average_ms!r}"
+            )
         for label, value in {"default_threshold": self.default_threshold, **self.thresholds}.items():
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(

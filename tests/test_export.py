@@ -659,6 +659,11 @@ def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, 
         ({"hop_frames": 0}, "hop_frames must be a whole number of at least 1, got 0"),
         ({"average_ms": -1}, "average_ms must be a number of milliseconds, got -1"),
         (
+            {"hop_frames": 51},
+            "hop_frames must keep the hop within the model's 1000 ms window (at most 50), got 51",
+        ),
+        ({"average_ms": 1500}, "average_ms must be at most the model's 1000 ms window, got 1500"),
+        (
             {"thresholds": {"yes": "high"}},
             "the threshold of yes must be a number, 0 or more (above 1: never), got 'high'",
         ),
