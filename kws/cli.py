@@ -140,6 +140,7 @@ def cmd_train(args) -> int:
     from dataclasses import replace
 
     from kws.data import DataConfig, check_added_folders, check_data_dir, check_folders
+    from kws.evaluate import percent
     from kws.files import check_out_folder
     from kws.model import ModelConfig
     from kws.runtime import CONFIG_FILE
@@ -216,8 +217,7 @@ def cmd_train(args) -> int:
         metrics = train(config, run_dir)
     validation = metrics["validation"]
     recall = {
-        label: "n/a" if (value := validation["per_class"][label]["recall"]) is None else f"{value:.2%}"
-        for label in ("_unknown_", "_silence_")
+        label: percent(validation["per_class"][label]["recall"], 2) for label in ("_unknown_", "_silence_")
     }
     print(
         f"run {run_dir}: best epoch {metrics['best_epoch']}, "

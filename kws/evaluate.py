@@ -68,6 +68,11 @@ def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -
     return dict(sorted(result.items(), key=lambda item: item[1]["rejected"] / item[1]["examples"]))
 
 
+def percent(value: float | None, places: int = 1) -> str:
+    """A share as a percentage; "n/a" where it is undefined (None: nothing to count it on)."""
+    return "n/a" if value is None else f"{value:.{places}%}"
+
+
 def format_report(result: dict) -> str:
     """Human-readable text of ``report``."""
     labels = result["confusion"]["labels"]
@@ -75,9 +80,8 @@ def format_report(result: dict) -> str:
     lines = [f"accuracy {result['accuracy']:.2%} on {result['examples']} examples", ""]
     lines.append(f"{'class':<{width}}  precision  recall  support")
     for label, row in result["per_class"].items():
-        precision = f"{'n/a':>9}" if row["precision"] is None else f"{row['precision']:9.2%}"
-        recall = f"{'n/a':>6}" if row["recall"] is None else f"{row['recall']:6.2%}"
-        lines.append(f"{label:<{width}}  {precision}  {recall}  {row['support']:7d}")
+        precision, recall = percent(row["precision"], 2), percent(row["recall"], 2)
+        lines.append(f"{label:<{width}}  {precision:>9}  {recall:>6}  {row['support']:7d}")
     if "accuracy_by_source" in result:
         lines += ["", "accuracy by where examples come from:"]
         for source, row in result["accuracy_by_source"].items():

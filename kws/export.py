@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kws import KwsError, __version__, features, plots
 from kws.c_frontend import c_frontend_sources
 from kws.data import EVALUATION_SHARES, SpeechData
-from kws.evaluate import report
+from kws.evaluate import percent, report
 from kws.files import json_text, write_files
 from kws.model import count_macs, load_keras
 from kws.runtime import (
@@ -35,7 +35,7 @@ from kws.runtime import (
     resolve,
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
-from kws.stream_eval import percent, stream_test
+from kws.stream_eval import stream_test
 from kws.train import RunConfig, latest_checkpoint
 
 MODEL_CARD = "MODEL_CARD.md"

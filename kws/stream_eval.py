@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws.data import UNKNOWN, DataError, SpeechData, to_float
+from kws.evaluate import percent
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream, keywords
 
@@ -460,11 +461,6 @@ def format_stream_report(report: dict) -> str:
             f"{row['false_accepts']:14d}"
         )
     return "\n".join(lines)
-
-
-def percent(recall: float | None) -> str:
-    """A recall as text; "n/a" where the stream said no keyword to find."""
-    return "n/a" if recall is None else f"{recall:.1%}"
 
 
 def _false_accepts(count: int) -> str:
