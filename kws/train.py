@@ -264,7 +264,8 @@ def _checked_validation(data: SpeechData):
     if unheard:
         reasons = "; ".join(_why_no_clips(data, word) for word in unheard)
         raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
-    heard = Counter(data.split_audio("training").words)
+    training = data.split_audio("training")
+    heard = Counter(training.words)
     typical = float(np.median([heard[word] for word in data.config.words]))
     scarce = {word: heard[word] for word in data.config.words if heard[word] < SCARCE_SHARE * typical}
     if scarce:
@@ -301,7 +302,6 @@ def _checked_validation(data: SpeechData):
             "own rooms')",
             file=sys.stderr,
         )
-    training = data.split_audio("training")
     if training.keyword.all() and not data.negatives:
         tqdm.write(
             "warning: no other words and no --negatives: the model learns no _unknown_ and will take "
