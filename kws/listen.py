@@ -58,7 +58,8 @@ def stopped_by_signals():
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # None: a handler set outside Python, which cannot be put back (as in files.write_files).
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def import_sounddevice():
