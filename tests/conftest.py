@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,14 @@ def shared_data() -> Path:
             pytest.fail(f"CI=true but the shared data is missing at {SHARED_DATA}")
         pytest.skip(f"real data not found at {SHARED_DATA} (set KWS_SHARED_DATA)")
     return SHARED_DATA
+
+
+def readme_code(language: str, holding: str) -> str:
+    """The README's one ``language`` code block that holds ``holding``: tests run its examples."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [block for block in blocks if holding in block]
+    assert len(found) == 1, f"README.md has {len(found)} {language} blocks holding {holding!r}"
+    return found[0]
 
 
 def need(available, reason):

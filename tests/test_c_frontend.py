@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, readme_code
 
 from kws import audio, stream
 from kws import features as F
@@ -283,7 +283,7 @@ int main(int argc, char **argv) {
 
 
 def readme_sketch() -> str:
-    return re.search(r"```cpp\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return readme_code("cpp", "model_data.h")
 
 
 def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_settings():

@@ -29,7 +29,7 @@ import pytest
 import schemathesis
 import soundfile as sf
 import soxr
-from conftest import REPO, WORD_TONES, tone
+from conftest import REPO, WORD_TONES, readme_code, tone
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
@@ -515,8 +515,7 @@ def test_the_readmes_websocket_client_streams_what_detect_hears_in_a_file(
     server, model, long_recording, tmp_path, capsys
 ):
     url, _, _ = server
-    example = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    example = example.replace(
+    example = readme_code("python", "ws://").replace(
         "ws://localhost:8000/stream?", url.replace("http", "ws") + f"/stream?api_key={API_KEY}&"
     )
     stereo = np.stack([long_recording, 0.5 * long_recording], axis=1)  # mixed, not the first channel

@@ -1,12 +1,13 @@
 """The streaming Detector: chunking never changes events, incremental equals naive, the event rules."""
 
+import ast
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import WORD_TONES, tone
+from conftest import WORD_TONES, readme_code, tone
 
 from kws import stream_eval
 from kws.audio import load
@@ -239,6 +240,19 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     assert main(["detect", str(tmp_path / "noise.wav"), "--model", str(tone_export[0]), "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("kws detect: skipping ") and "noise.wav" in err
+
+
+def test_the_readmes_python_example_prints_what_kws_detect_finds(tone_export, tmp_path, capsys):
+    audio, _ = tone_recording(["yes", "no", "up"])
+    path = tmp_path / "talk.flac"
+    sf.write(path, np.stack([audio, audio], axis=1), 44_100)  # decoded, mixed and resampled by blocks
+    example = readme_code("python", "Detector(Model.load())")
+    example = example.replace("Model.load()", f"Model.load({str(tone_export[0])!r})")
+    exec(compile(example.replace('"talk.wav"', repr(str(path))), "README.md", "exec"), {})
+    printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["detect", str(path), "--model", str(tone_export[0]), "--json"]) == 0
+    assert printed == json.loads(capsys.readouterr().out)["detections"]
+    assert len(printed) >= 1
 
 
 def test_a_word_at_the_very_end_fires_in_the_tail_and_is_cut_to_the_recording(model):
