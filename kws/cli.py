@@ -250,7 +250,24 @@ def _load_classifier(path: Path):
     from kws.runtime import Model
 
     model = Model.load(path)
-    return model, model.manifest["training"]
+    return model, _training(model.manifest, model.source)
+
+
+def _training(manifest: dict, source: str) -> dict:
+    """A model's manifest's record of its training data, which eval and calibrate split again."""
+    from dataclasses import fields
+
+    from kws.data import DataConfig
+
+    training = manifest.get("training")
+    data = training.get("data") if isinstance(training, dict) else None
+    if not isinstance(data, dict) or not set(data) <= {field.name for field in fields(DataConfig)}:
+        raise UserError(
+            f"{source}: its manifest has no usable training record (training.data), which says how "
+            "to split the data so that only clips the model never trained on are scored: use the "
+            "manifest kws export wrote beside the model"
+        )
+    return training
 
 
 def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path] | None):
@@ -351,7 +368,7 @@ def _eval_stream(args) -> int:
     if args.plot:
         _check_plot(args.plot)
     model = Model.load(args.model)
-    data = _evaluation_data(model.manifest["training"], args.data, args.negatives)
+    data = _evaluation_data(_training(model.manifest, model.source), args.data, args.negatives)
     _, measured = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
     )
@@ -396,7 +413,7 @@ def cmd_calibrate(args) -> int:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
-    data = _evaluation_data(manifest["training"], args.data, args.negatives or None)
+    data = _evaluation_data(_training(manifest, str(model)), args.data, args.negatives or None)
     updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, readme_code
+from conftest import readme_code
 
 from kws import audio, stream
 from kws import features as F

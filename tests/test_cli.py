@@ -444,3 +444,18 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
         f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "
         "another --out"
     )
+
+
+@pytest.mark.parametrize("training", [None, {"data": {"data_dir": "d", "speakers": 3}}])
+@pytest.mark.parametrize("command", [["eval"], ["eval", "--stream"], ["calibrate"]])
+def test_a_manifest_without_a_usable_training_record_is_named(command, training, tmp_path, capsys):
+    copy = shutil.copytree(BUILT_IN_MODEL, tmp_path / "export")
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["training"] = training
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    model = copy / "model_int8.tflite"
+    where = ["--model", str(model)] if command[0] == "eval" else [str(model)]
+    assert main([*command, *where, "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: its manifest has no usable training record (training.data)" in err
+    assert "use the manifest kws export wrote beside the model" in err
