@@ -210,7 +210,8 @@ def cmd_train(args) -> int:
             data=data,
             model=ModelConfig.preset(args.size or "s"),
             train=TrainConfig(
-                teachers=tuple(str(run) for run in args.teacher), **_given(epochs=args.epochs, seed=args.seed)
+                teachers=tuple(str(run.resolve()) for run in args.teacher),
+                **_given(epochs=args.epochs, seed=args.seed),
             ),
         )
         config.augment.spec_augment = args.spec_augment

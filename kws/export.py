@@ -9,7 +9,6 @@ import json
 import math
 import re
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,22 +20,20 @@ from kws.c_frontend import c_frontend_sources
 from kws.data import EVALUATION_SHARES, SpeechData
 from kws.evaluate import percent, report
 from kws.files import json_text, write_files
-from kws.model import count_macs, load_keras
+from kws.model import count_macs
 from kws.runtime import (
     CONFIG_FILE,
     LOGITS,
     MANIFEST_FILE,
-    MODEL_FILE,
     Model,
     ModelError,
     embed_manifest,
-    model_digest,
     quiet_stderr,
     resolve,
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
-from kws.train import RunConfig, latest_checkpoint
+from kws.train import RunConfig, latest_checkpoint, load_trained, trained_run
 
 MODEL_CARD = "MODEL_CARD.md"
 DET_PLOT = "det_curve.png"
@@ -207,8 +204,7 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = checked_run(run_dir)  # before keras loads, so that a wrong run is reported at once
     progress = training_progress(run_dir, config)
-    model, digest = _load_trained(run_dir)
-    _check_outputs(model, config, run_dir)
+    model, digest = load_trained(run_dir, config)
     data = SpeechData(config.data)
 
     steps = tqdm(total=7, desc="export", unit="step")
@@ -260,43 +256,9 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     return json.loads((out_dir / MANIFEST_FILE).read_text())  # as written: JSON's lists, not tuples
 
 
-def _load_trained(run_dir: Path):
-    """A run's Keras model and the SHA-256 of the very bytes loaded (training may replace the file
-    meanwhile): the digest tells later whether the run's model is still the one exported."""
-    keras = load_keras()
-
-    path = run_dir / MODEL_FILE
-    content = path.read_bytes()
-    with tempfile.TemporaryDirectory() as folder:
-        copy = Path(folder) / MODEL_FILE
-        copy.write_bytes(content)
-        try:
-            model = keras.models.load_model(copy, compile=False)
-        except Exception as error:  # Keras raises several types for a damaged file; its words name the copy
-            raise ExportError(
-                f"{path} is not a readable Keras model ({type(error).__name__}): restore it, or retrain "
-                f"(`kws train --resume {run_dir}` goes on from its last checkpoint)"
-            ) from None
-    return model, model_digest(content)
-
-
-def _check_outputs(model, config: RunConfig, run_dir: Path) -> None:
-    """ExportError unless the model has a score for each label its run's config lists."""
-    outputs = model.output_shape[-1]
-    if outputs != len(config.labels):
-        raise ExportError(
-            f"{run_dir / MODEL_FILE} outputs {outputs} scores but {run_dir / CONFIG_FILE} lists "
-            f"{len(config.labels)} labels ({', '.join(config.labels)}): the model is another run's; put "
-            "back this run's model.keras, or export the run it came from"
-        )
-
-
 def checked_run(run_dir: Path) -> RunConfig:
     """The config of a run that can be exported: its frontend is this kws's, its model and data exist."""
-    config = RunConfig.load(run_dir)
-    features.check_compatible(config.frontend, str(run_dir))
-    if not (run_dir / MODEL_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE}: train it first")
+    config = trained_run(run_dir)
     if not Path(config.data.data_dir).is_dir():
         raise FileNotFoundError(
             f"the run's data {config.data.data_dir} is missing (export calibrates int8 ranges and "

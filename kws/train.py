@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from kws.data import (
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs, load_keras
-from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError
+from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError, model_digest
 
 # TensorFlow's C++ logging hides our output, and says "CUDA error" on every machine without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -163,19 +164,26 @@ def _cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
 
 
+def _check_teachers(config: RunConfig) -> None:
+    """ModelError unless each teacher is a trained run of this run's labels: checked before Keras
+    loads, so that a mistyped --teacher is told at once."""
+    for folder in config.train.teachers:
+        try:
+            labels = trained_run(Path(folder)).labels
+        except FileNotFoundError as error:
+            raise ModelError(f"teacher {folder}: {error}") from None
+        if sorted(labels) != sorted(config.labels):
+            raise ModelError(
+                f"teacher {folder} has the labels {labels}, this run {config.labels}: "
+                "a teacher must be trained on the same words"
+            )
+
+
 def _load_teachers(config: RunConfig) -> list[tuple[KerasClassifier, list[int]]]:
     """Each teacher run, and which of its scores is each of this run's labels (a teacher may
     have been given the same words in another order)."""
-    teachers = []
-    for folder in config.train.teachers:
-        teacher = KerasClassifier(Path(folder))
-        if sorted(teacher.labels) != sorted(config.labels):
-            raise ModelError(
-                f"teacher {teacher.run_dir} has the labels {teacher.labels}, this run {config.labels}: "
-                "a teacher must be trained on the same words"
-            )
-        teachers.append((teacher, [teacher.labels.index(label) for label in config.labels]))
-    return teachers
+    teachers = [KerasClassifier(Path(folder)) for folder in config.train.teachers]
+    return [(teacher, [teacher.labels.index(label) for label in config.labels]) for teacher in teachers]
 
 
 def _targets(batch: np.ndarray, labels: np.ndarray, teachers: list, config: RunConfig) -> np.ndarray:
@@ -314,6 +322,7 @@ def _checked_validation(data: SpeechData):
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
+    _check_teachers(config)
     keras = load_keras()
 
     run_dir = Path(run_dir)
@@ -455,19 +464,50 @@ def _final_metrics(run_dir: Path, config: RunConfig, state: dict, validation, va
     return metrics
 
 
+def trained_run(run_dir: Path) -> RunConfig:
+    """The config of a run with a trained model for this kws's frontend: checked before Keras
+    loads, which takes seconds."""
+    config = RunConfig.load(run_dir)
+    features.check_compatible(config.frontend, str(run_dir))
+    if not (run_dir / MODEL_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} has no {MODEL_FILE} yet: train at least one epoch")
+    return config
+
+
+def load_trained(run_dir: Path, config: RunConfig):
+    """A run's Keras model and the SHA-256 of the very bytes loaded (training may replace the file
+    meanwhile): the digest tells later whether the run's model is still the one exported."""
+    keras = load_keras()
+
+    path = run_dir / MODEL_FILE
+    content = path.read_bytes()
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / MODEL_FILE
+        copy.write_bytes(content)
+        try:
+            model = keras.models.load_model(copy, compile=False)
+        except Exception as error:  # Keras raises several types for a damaged file; its words name the copy
+            raise ModelError(
+                f"{path} is not a readable Keras model ({type(error).__name__}): restore it, or retrain "
+                f"(`kws train --resume {run_dir}` goes on from its last checkpoint)"
+            ) from None
+    outputs = model.output_shape[-1]
+    if outputs != len(config.labels):
+        raise ModelError(
+            f"{path} outputs {outputs} scores but {run_dir / CONFIG_FILE} lists "
+            f"{len(config.labels)} labels ({', '.join(config.labels)}): the model is another run's; put "
+            "back this run's model.keras, or use the run it came from"
+        )
+    return model, model_digest(content)
+
+
 class KerasClassifier:
     """A trained run folder as a classifier: features -> class probabilities."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.config = RunConfig.load(self.run_dir)
-        features.check_compatible(self.config.frontend, str(self.run_dir))
-        model_file = self.run_dir / MODEL_FILE
-        if not model_file.exists():
-            raise FileNotFoundError(f"{self.run_dir} has no {MODEL_FILE} yet: train at least one epoch")
-        keras = load_keras()  # after the checks, which need not wait the seconds it takes
-
-        self.model = keras.models.load_model(model_file, compile=False)
+        self.config = trained_run(self.run_dir)
+        self.model, _ = load_trained(self.run_dir, self.config)
         self.labels = self.config.labels
 
     def scores(self, batch: np.ndarray) -> np.ndarray:

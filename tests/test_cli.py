@@ -168,6 +168,10 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
         ),
         (["export", "{tmp}/nowhere"], "run folder {tmp}/nowhere does not exist"),
         (["eval", "--model", "{tmp}", "--data", "{tmp}"], "{tmp}/config.json is not valid JSON"),
+        (
+            ["train", "--data", "{tmp}/data", "--teacher", "{tmp}/nowhere", "--out", "{tmp}/run"],
+            "teacher {tmp}/nowhere: run folder {tmp}/nowhere does not exist",
+        ),
     ],
 )
 def test_a_bad_path_is_reported_before_tensorflow_loads(argv, error, tmp_path):
@@ -177,6 +181,7 @@ def test_a_bad_path_is_reported_before_tensorflow_loads(argv, error, tmp_path):
         "print(code, 'tensorflow' in sys.modules, 'keras' in sys.modules)"
     )
     (tmp_path / "config.json").write_text("not json")  # a corrupt run folder, for eval
+    make_dataset(tmp_path / "data", speakers_per_word=3)  # usable data, for the teacher
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["2", "False", "False"]

@@ -604,24 +604,30 @@ def test_export_says_which_config_key_names_missing_data(tone_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_damaged_or_mismatched_model_keras_is_named_before_any_conversion(tone_run, tmp_path, monkeypatch):
-    from kws.runtime import CONFIG_FILE, MODEL_FILE
+def test_a_damaged_or_mismatched_model_keras_is_named_before_any_conversion(
+    tone_run, tmp_path, monkeypatch, capsys
+):
+    from kws.cli import main
+    from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError
 
     converted = []
     monkeypatch.setattr(export, "convert", lambda *args: converted.append(args))
     run = shutil.copytree(tone_run[0], tmp_path / "run")
+    config = json.loads((run / CONFIG_FILE).read_text())
     whole = (run / MODEL_FILE).read_bytes()
     (run / MODEL_FILE).write_bytes(whole[: len(whole) // 2])  # a copy that stopped halfway
-    with pytest.raises(export.ExportError) as error:
+    with pytest.raises(ModelError) as error:
         export.export(run, tmp_path / "out")
     assert str(error.value).startswith(f"{run / MODEL_FILE} is not a readable Keras model (")
     assert str(error.value).endswith(f"(`kws train --resume {run}` goes on from its last checkpoint)")
+    # kws eval scores a run folder through the same loading
+    assert main(["eval", "--model", str(run), "--data", config["data"]["data_dir"]]) == 2
+    assert capsys.readouterr().err == f"kws eval: error: {error.value}\n"
     (run / MODEL_FILE).write_bytes(whole)
-    config = json.loads((run / CONFIG_FILE).read_text())
     config["data"]["words"] = config["data"]["words"][:-1]  # another run's config: one label fewer
     (run / CONFIG_FILE).write_text(json.dumps(config))
     pattern = r"outputs (\d+) scores but .* lists (\d+) labels \(.*\): the model is another run's"
-    with pytest.raises(export.ExportError, match=pattern) as error:
+    with pytest.raises(ModelError, match=pattern) as error:
         export.export(run, tmp_path / "out")
     outputs, listed = map(int, re.search(pattern, str(error.value)).groups())
     assert outputs == listed + 1
