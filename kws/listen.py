@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from kws import audio
-from kws.audio import MIN_SAMPLE_RATE, AudioError, ModelRate
-from kws.stream import Detector, Event, keywords
+from kws.audio import MIN_SAMPLE_RATE, AudioError
+from kws.stream import Detector, Event, RateDetector, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
@@ -306,9 +306,9 @@ class _Consumer:
 
     def __init__(self, samplerate: float, detector: Detector, out):
         self.samplerate = samplerate
-        self.detector = detector
+        self.labels = detector.labels
+        self.stream = RateDetector(detector, samplerate)
         self.out = out
-        self.to_model_rate = ModelRate(samplerate)
         self.meter = Meter(out)
         self.frames = 0
         self.counts = Counter()
@@ -321,11 +321,10 @@ class _Consumer:
         mono = block.mean(axis=1, dtype=np.float32)
         self.frames += len(mono)
         self.meter.add(mono, self.seconds)
-        self.report(self.detector.push(self.to_model_rate.convert(mono)))
+        self.report(self.stream.push(mono))
 
     def finish(self) -> None:
-        """The end of the audio: drain the resampler, then let the Detector's averages complete."""
-        self.report(self.detector.push(self.to_model_rate.finish()) + self.detector.flush())
+        self.report(self.stream.finish())
 
     def report(self, events: list[Event]) -> None:
         for event in events:
@@ -334,7 +333,7 @@ class _Consumer:
             self.counts[event.label] += 1
 
     def summary(self, stopped_by: str | None, overflows: int) -> Summary:
-        counts = {label: self.counts[label] for label in keywords(self.detector.labels)}
+        counts = {label: self.counts[label] for label in keywords(self.labels)}
         return Summary(self.seconds, counts, stopped_by, overflows)
 
 

@@ -73,10 +73,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from kws import __version__
-from kws.audio import MIN_SAMPLE_RATE, ModelRate
+from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
-from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config
+from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, RateDetector, detection_config
 from kws.workers import NO_WORKER, SHUTTING_DOWN, RequestError, WorkerPool
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
@@ -378,20 +378,17 @@ class StreamSession:
     """One WebSocket's audio: PCM bytes -> (resampled) float samples -> its own Detector."""
 
     def __init__(self, model: Model, rate: int):
-        self.detector = Detector(model)
+        self.detector = RateDetector(Detector(model), rate)
         self._odd_byte = b""  # half a sample that a message split
-        self._to_model_rate = ModelRate(rate)
 
     def push(self, data: bytes) -> list[Event]:
         data = self._odd_byte + data
         whole = len(data) - len(data) % 2
         self._odd_byte = data[whole:]
-        samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768
-        return self.detector.push(self._to_model_rate.convert(samples))
+        return self.detector.push(np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768)
 
     def finish(self) -> list[Event]:
-        """The events of the stream's last audio, as Detector.detect ends a recording."""
-        return self.detector.push(self._to_model_rate.finish()) + self.detector.flush()
+        return self.detector.finish()
 
 
 def _stream_rate(text: str | None) -> int | None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from kws.audio import ModelRate
 from kws.features import (
     CLIP_SAMPLES,
     HOP_SAMPLES,
@@ -275,6 +276,23 @@ class Detector:
         """All events of one recording, from a fresh start."""
         self.reset()
         return self.push(audio) + self.flush()
+
+
+class RateDetector:
+    """A Detector fed a live stream at its own sample rate (a microphone's, a WebSocket's): the
+    events of the whole recording resampled at once, however the blocks come."""
+
+    def __init__(self, detector: Detector, rate: float):
+        self.detector = detector
+        self._to_model_rate = ModelRate(rate)
+
+    def push(self, block: np.ndarray) -> list[Event]:
+        """(frames,) or (frames, channels) samples at the stream's rate -> the events they complete."""
+        return self.detector.push(self._to_model_rate.convert(block))
+
+    def finish(self) -> list[Event]:
+        """The events of the stream's last audio, as Detector.detect ends a recording."""
+        return self.detector.push(self._to_model_rate.finish()) + self.detector.flush()
 
 
 SCORED_CLIP_SECONDS = 1.5
