@@ -144,6 +144,7 @@ def cmd_train(args) -> int:
     from kws.files import check_out_folder
     from kws.model import ModelConfig
     from kws.runtime import CONFIG_FILE
+    from kws.stream import SILENCE, UNKNOWN
     from kws.train import RunConfig, TrainConfig, train
 
     if args.resume:
@@ -217,9 +218,7 @@ def cmd_train(args) -> int:
         config.augment.spec_augment = args.spec_augment
         metrics = train(config, run_dir)
     validation = metrics["validation"]
-    recall = {
-        label: percent(validation["per_class"][label]["recall"], 2) for label in ("_unknown_", "_silence_")
-    }
+    recall = {label: percent(validation["per_class"][label]["recall"], 2) for label in (UNKNOWN, SILENCE)}
     print(
         f"run {run_dir}: best epoch {metrics['best_epoch']}, "
         f"validation accuracy {validation['accuracy']:.2%} "

@@ -33,9 +33,8 @@ from tqdm import tqdm
 
 from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
+from kws.stream import SILENCE, UNKNOWN
 
-SILENCE = "_silence_"
-UNKNOWN = "_unknown_"
 NOISE_FOLDER = "_background_noise_"
 # Of speakers the data set's hash puts in validation, and in test, where no list names a clip.
 HASH_PERCENT = 10.0

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from kws.data import UNKNOWN
+from kws.stream import UNKNOWN
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_labels: int) -> np.ndarray:

@@ -91,6 +91,11 @@ class DetectionConfig:
         return asdict(self)
 
 
+# Every model's labels besides its keywords: labels starting with "_" never fire.
+SILENCE = "_silence_"
+UNKNOWN = "_unknown_"
+
+
 def keywords(labels: list[str]) -> list[str]:
     """The labels a Detector fires on: every label but _silence_ and _unknown_ (and any "_" label)."""
     return [label for label in labels if not label.startswith("_")]
@@ -331,7 +336,7 @@ def recording_report(
         },
     }
     if duration <= SCORED_CLIP_SECONDS and len(probabilities):
-        speech = [i for i, label in enumerate(detector.labels) if label != "_silence_"]
+        speech = [i for i, label in enumerate(detector.labels) if label != SILENCE]
         best = probabilities[np.argmax(probabilities[:, speech].max(axis=1))]
         order = np.argsort(-best)[:top_k]
         report["scores"] = {detector.labels[i]: round(float(best[i]), 4) for i in order}

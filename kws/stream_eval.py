@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from tqdm import tqdm
 
-from kws.data import UNKNOWN, DataError, SpeechData, to_float
+from kws.data import DataError, SpeechData, to_float
 from kws.evaluate import percent
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.stream import TIME_EPSILON, DetectionConfig, Event, EventRules, ScoreStream, keywords
+from kws.stream import TIME_EPSILON, UNKNOWN, DetectionConfig, Event, EventRules, ScoreStream, keywords
 
 MATCH_SLACK_S = 0.25
 GAP_S = (0.8, 2.5)  # silence-or-noise between items

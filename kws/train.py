@@ -27,8 +27,6 @@ from tqdm import tqdm
 from kws import KwsError, audio, features, plots
 from kws.data import (
     NOISE_FOLDER,
-    SILENCE,
-    UNKNOWN,
     AugmentConfig,
     DataConfig,
     DataError,
@@ -39,6 +37,7 @@ from kws.evaluate import report
 from kws.files import atomic_path, write_json
 from kws.model import ModelConfig, build, count_macs, load_keras
 from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError, model_digest
+from kws.stream import SILENCE, UNKNOWN
 
 # TensorFlow's C++ logging hides our output, and says "CUDA error" on every machine without a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
