@@ -29,13 +29,10 @@ def _words(text: str) -> list[str]:
     words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))  # each once, in order
     if not words:
         raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
-    if len({word.casefold() for word in words}) < len(words):  # one folder on a disk that folds case
-        raise argparse.ArgumentTypeError(f"keywords that differ only in letter case: {', '.join(words)}")
-    from kws.data import DataError, check_word
+    from kws.data import DataError, check_words
 
     try:
-        for word in words:
-            check_word(word)
+        check_words(words)
     except DataError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return words

@@ -73,22 +73,27 @@ class DataConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise DataError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.silence_share + self.unknown_share >= 1:
-            raise DataError("silence_share + unknown_share must stay below 1")
+            raise DataError(
+                f"silence_share {self.silence_share:g} + unknown_share {self.unknown_share:g} leave no room "
+                "for keywords: keep their sum (--silence-share, --unknown-share) below 1"
+            )
         for name in ("negatives_fraction", "partial_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise DataError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if len(set(self.words)) != len(self.words) or not self.words:
             raise DataError(f"words must be a non-empty list without repeats, got {self.words}")
-        for word in self.words:
-            check_word(word)
+        check_words(self.words)
 
 
-def check_word(word: str) -> None:
-    """DataError unless ``word`` can be a keyword: its clips sit in a folder of that name."""
-    if word.startswith("_"):
-        raise DataError(f"keyword {word!r} may not start with '_' (reserved for classes)")
-    if word.startswith(".") or "/" in word or "\\" in word:
-        raise DataError(f"keyword {word!r} cannot be a folder's name: no / or \\, and no leading '.'")
+def check_words(words: list[str]) -> None:
+    """DataError unless each word can be a keyword: its clips sit in a folder of that name."""
+    if len({word.casefold() for word in words}) < len(words):  # one folder on a disk that folds case
+        raise DataError(f"keywords that differ only in letter case: {', '.join(words)}")
+    for word in words:
+        if word.startswith("_"):
+            raise DataError(f"keyword {word!r} may not start with '_' (reserved for classes)")
+        if word.startswith(".") or "/" in word or "\\" in word:
+            raise DataError(f"keyword {word!r} cannot be a folder's name: no / or \\, and no leading '.'")
 
 
 @dataclass

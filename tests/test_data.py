@@ -381,3 +381,13 @@ def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
     assert more.summary()["extra"] == [str(extra.resolve())]
     with pytest.raises(D.DataError, match=f"--extra folder {tmp_path / 'gone'} does not exist"):
         D.SpeechData(config(tiny_dataset, extra=[str(tmp_path / "gone")]))
+
+
+def test_a_data_config_refuses_shares_without_keywords_and_words_one_folder_would_hold():
+    with pytest.raises(
+        D.DataError, match=r"silence_share 0.6 \+ unknown_share 0.5 leave no room for keywords"
+    ):
+        D.DataConfig(data_dir="d", silence_share=0.6, unknown_share=0.5)
+    # as a config.json edited by hand gives them; --words refuses them the same way
+    with pytest.raises(D.DataError, match="keywords that differ only in letter case: Yes, yes"):
+        D.DataConfig(data_dir="d", words=["Yes", "yes"])
