@@ -328,15 +328,11 @@ def cmd_eval(args) -> int:
             "their clips"
         )
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
-    missing = [
-        label
-        for label in keywords(classifier.labels)
-        if not (examples.labels == classifier.labels.index(label)).any()
-    ]
+    missing = data.words_without_clips(split)
     if missing:
         other_split = split != "validation" and not data.package  # a test package has no other
         print(
-            f"kws eval: warning: the {split} split of {args.data} holds no clips of {', '.join(missing)}: "
+            f"warning: the {split} split of {args.data} holds no clips of {', '.join(missing)}: "
             "its accuracy says nothing about them"
             + (" (--split validation scores the validation list)" if other_split else ""),
             file=sys.stderr,
@@ -950,10 +946,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
     except BrokenPipeError:  # `kws detect ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
         return 0
+    # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
     except (KwsError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2

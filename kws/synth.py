@@ -73,7 +73,6 @@ moon sun cloud rain wind storm thunder
 map key box bag plate fork knife spoon bowl
 ok okay alright sure fine great cool nice
 """.split()
-# Words that sound like a keyword: never synthesized as "other" beside it.
 # Words espeak-ng says alike: a keyword's other-word clips would teach the model its own sound as
 # _unknown_. Each group holds for every word in it.
 HOMOPHONES = (

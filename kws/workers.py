@@ -66,8 +66,6 @@ def detect(
         raise RequestError(413, str(error)) from None
     except audio.AudioError as error:
         raise RequestError(415, str(error)) from None
-    if top_k is not None:
-        top_k = min(top_k, len(model.labels))  # numpy cannot slice with a 30-digit number
     detector = Detector(model, detection_config(model.manifest, threshold))
     return recording_report(detector, [samples], name, top_k)
 

@@ -217,7 +217,7 @@ def test_eval_warns_of_keywords_its_split_does_not_hold(tmp_path, capsys):
     hint = " (--split validation scores the validation list)"
     for split, missing, end in (("validation", "up, down", "\n"), ("test", "no, up, down", hint)):
         assert main(["eval", "--data", str(data), "--split", split]) == 0
-        warning = f"kws eval: warning: the {SPLIT_NAMES[split]} split of {data} holds no clips of {missing}, "
+        warning = f"warning: the {SPLIT_NAMES[split]} split of {data} holds no clips of {missing}, "
         assert (
             warning + "left, right, stop, go: its accuracy says nothing about them" + end
             in capsys.readouterr().err
