@@ -521,7 +521,7 @@ def cmd_export(args) -> int:
 
     _require_train_extra("export", "tensorflow", "matplotlib")
     out = args.out or args.run / EXPORT_FOLDER
-    check_out_folder(out, "an export", earlier=MANIFEST_FILE)
+    check_out_folder(out, "an export", MANIFEST_FILE, "--out" if args.out else "the export folder")
     manifest = export(args.run, out, args.target_fa)
     accuracy, sizes = manifest["accuracy"], manifest["sizes"]
     arena = (

@@ -13,21 +13,23 @@ from pathlib import Path
 from kws import KwsError
 
 
-def check_out_folder(folder: str | Path, what: str, earlier: str | None = None) -> None:
+def check_out_folder(folder: str | Path, what: str, earlier: str | None = None, named: str = "--out") -> None:
     """KwsError unless ``folder`` can take ``what`` ("a run"): absent, empty, or holding an
     earlier one (its file ``earlier``, when given), where this process can write. Checked
-    before long work, which would otherwise fail only when it writes its results."""
+    before long work, which would otherwise fail only when it writes its results. Messages
+    call the folder ``named``: the option given, or what a default folder is."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise KwsError(f"--out {folder} is a file: {what} is a folder; pick another --out")
+        raise KwsError(f"{named} {folder} is a file: {what} is a folder; pick another --out")
     others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
     if others and not (earlier and (folder / earlier).exists()):  # their files would be overwritten
         listed = ", ".join(others[:3]) + ", ..." * (len(others) > 3)
         raise KwsError(
-            f"--out {folder} holds other files ({listed}){f' and no {earlier}' if earlier else ''}: {what} "
-            f"goes into a new or empty folder{', or over an earlier one' if earlier else ''}"
+            f"{named} {folder} holds other files ({listed}){f' and no {earlier}' if earlier else ''}: "
+            f"{what} goes into a new or empty folder{', or over an earlier one' if earlier else ''}; "
+            "pick another --out"
         )
-    check_writable_folder(folder, "--out", folder)
+    check_writable_folder(folder, named, folder, "pick another --out")
 
 
 def check_writable_folder(folder: str | Path, option: str, value: str | Path, advice: str = "") -> None:

@@ -262,13 +262,22 @@ def test_an_export_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "mine")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws export: error: --out {tmp_path / 'mine'} holds other files (MODEL_CARD.md) and no "
-        "manifest.json: an export goes into a new or empty folder, or over an earlier one"
+        "manifest.json: an export goes into a new or empty folder, or over an earlier one; pick another --out"
+    )
+    run = tmp_path / "run"  # exported into run/export, its default folder
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "MODEL_CARD.md").write_text("my own notes")
+    assert main(["export", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"kws export: error: the export folder {run / 'export'} holds other files (MODEL_CARD.md)"
     )
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "mine")]) == 2
     assert (
         capsys.readouterr()
         .err.strip()
-        .endswith("holds other files (MODEL_CARD.md): a run goes into a new or empty folder")
+        .endswith(
+            "holds other files (MODEL_CARD.md): a run goes into a new or empty folder; pick another --out"
+        )
     )
     (tmp_path / "gone").symlink_to(tmp_path / "unmounted")  # as a disk that is not mounted leaves it
     for out in (tmp_path / "gone", tmp_path / "gone" / "run"):
