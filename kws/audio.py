@@ -211,9 +211,10 @@ def is_audio_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")
 
 
-def audio_files_under(folder: Path) -> list[Path]:
-    """Every audio file in ``folder`` and its subfolders, sorted. Linked folders are followed (data
-    sets are often linked in), each real folder once: a link to a parent would go round for ever."""
+def audio_files_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
+    """Every audio file in ``folder`` and its subfolders, sorted; the other files (not hidden) are
+    added to ``others`` if given. Linked folders are followed (data sets are often linked in),
+    each real folder once: a link to a parent would go round for ever."""
     found, seen = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -223,5 +224,9 @@ def audio_files_under(folder: Path) -> list[Path]:
         seen.add(real)
         # Real folders before links, so that a folder also linked beside it keeps its own name.
         folders.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
-        found += [path for path in (Path(root, name) for name in names) if is_audio_file(path)]
+        for path in (Path(root, name) for name in names):
+            if is_audio_file(path):
+                found.append(path)
+            elif others is not None and not path.name.startswith("."):
+                others.append(path)
     return sorted(found)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class UserError(KwsError):
 
 
 def _words(text: str) -> list[str]:
-    words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))  # each once, in order
+    # Each once, in order; composed (NFC), as folder names are read (data.folder_word).
+    words = list(dict.fromkeys(unicodedata.normalize("NFC", w.strip()) for w in text.split(",") if w.strip()))
     if not words:
         raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
     from kws.data import DataError, check_words
@@ -556,10 +558,10 @@ def cmd_serve(args) -> int:
         "workers": args.workers,
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
-    _check_can_listen(args.host, args.port)
     # A bad model fails here, once, rather than in every worker; the server and its workers load
     # the .tflite resolved here, so that a run folder's warnings come once, not once per process.
     model = Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
+    _check_can_listen(args.host, args.port)
     serve(replace(settings, model=model.source), args.host, args.port)
     return 0
 

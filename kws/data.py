@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,9 +198,18 @@ def is_test_package(root: Path) -> bool:
     return (root / SILENCE).is_dir() or (root / UNKNOWN).is_dir()
 
 
+def _no_clips(root: Path) -> DataError:
+    return DataError(
+        f"no audio clips found in {root}: expected one folder per word "
+        f"(Speech Commands layout) with audio files ({audio.AUDIO_SUFFIX_TEXT})"
+    )
+
+
 def check_data_dir(root: Path) -> None:
-    """DataError unless ``root`` is a folder, saying what it is instead."""
+    """DataError unless ``root`` is a folder of folders, saying what it is instead."""
     if root.is_dir():
+        if not any(path.is_dir() for path in root.iterdir()):
+            raise _no_clips(root)
         return
     if root.exists():
         raise DataError(
@@ -210,10 +220,53 @@ def check_data_dir(root: Path) -> None:
 
 
 def check_folders(config: DataConfig) -> None:
-    """DataError naming the first folder of ``config`` that is missing: the data, the negatives
-    and the extra clips are checked before any is read."""
+    """DataError naming the first folder of ``config`` that is missing or misnamed: the data, the
+    negatives and the extra clips are checked before any is read."""
     check_data_dir(Path(config.data_dir))
     check_added_folders(config)
+    check_cased_folders(config)
+
+
+def folder_word(folder: Path) -> str:
+    """The word a folder of clips holds: its name, composed (NFC). macOS writes names decomposed
+    ("e" + accent) where a keyboard types "é" whole: the same word to a reader."""
+    return unicodedata.normalize("NFC", folder.name)
+
+
+def check_cased_folders(config: DataConfig) -> None:
+    """DataError naming a folder of the data or of --extra that is a keyword in other letters
+    (Yes/ beside yes/): its clips would train as _unknown_, against the keyword."""
+    folded = {word.casefold(): word for word in config.words}
+    for root in map(Path, [config.data_dir, *config.extra]):
+        for path in sorted(root.iterdir()):
+            name = folder_word(path)
+            if name not in config.words and name.casefold() in folded and path.is_dir():
+                raise DataError(
+                    f"{path} is not the keyword {folded[name.casefold()]!r}: folder names are "
+                    f"case-sensitive, and its clips would teach the model that {name!r} is not a "
+                    "keyword; rename the folder (or merge it into the keyword's)"
+                )
+
+
+def word_folders(config: DataConfig, word: str) -> list[Path]:
+    """Where ``word``'s clips are: its folders in the data and in --extra (or links to nowhere)."""
+    roots = [Path(config.data_dir), *map(Path, config.extra)]
+    return [root / name for root in roots for name in os.listdir(root) if folder_word(root / name) == word]
+
+
+def check_keyword_folders(config: DataConfig) -> None:
+    """DataError naming a keyword that has no folder in the data or in --extra: told before
+    TensorFlow loads and every clip is read, which takes minutes on the full data set."""
+    for word in config.words:
+        folders = word_folders(config, word)
+        if any(folder.is_dir() for folder in folders):
+            continue
+        if folders:
+            raise DataError(f"{folders[0]} links to {os.readlink(folders[0])}, which does not exist")
+        raise DataError(
+            f"no folder {word!r} in {' or '.join([config.data_dir, *config.extra])} (check the "
+            "spelling in --words)"
+        )
 
 
 def check_added_folders(config: DataConfig) -> None:
@@ -236,18 +289,6 @@ def check_added_folders(config: DataConfig) -> None:
             raise DataError(
                 f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
             )
-        folded = {word.casefold(): word for word in config.words}
-        cased = [
-            (path.name, folded[path.name.casefold()])
-            for path in folder.iterdir()
-            if path.name not in config.words and path.name.casefold() in folded
-        ]
-        if cased:  # its clips would train as _unknown_, against the keyword
-            name, word = cased[0]
-            raise DataError(
-                f"--extra {folder / name} is not the keyword {word!r}: folder names are case-sensitive, "
-                f"and its clips would teach the model that {name!r} is not a keyword; rename the folder"
-            )
 
 
 def scan(
@@ -262,12 +303,12 @@ def scan(
     package = is_test_package(root)
     validation = _read_list(root, "validation_list.txt")
     testing = _read_list(root, "testing_list.txt")
-    clips = []
+    clips, others = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        word = folder.name
+        word = folder_word(folder)
         if word.startswith("_") and word not in (SILENCE, UNKNOWN):
             continue
-        for path in sorted(p for p in folder.iterdir() if audio.is_audio_file(p)):
+        for path in audio.audio_files_under(folder, others):  # subfolders too: a speaker's, a session's
             key = _clip_key(word, path.name)
             if split:
                 clip_split = split
@@ -281,13 +322,18 @@ def scan(
                 clip_split = which_set(path, validation_percent, testing_percent)
             clips.append(Clip(path, word, clip_split))
     if not clips:
-        raise DataError(
-            f"no audio clips found in {root}: expected one folder per word "
-            f"(Speech Commands layout) with audio files ({audio.AUDIO_SUFFIX_TEXT})"
-        )
+        raise _no_clips(root)
     found = {_clip_key(clip.word, clip.path.name) for clip in clips}
     for name, listed in (("validation_list.txt", validation), ("testing_list.txt", testing)):
         _warn_unmatched(root, name, listed, found)
+    if others:
+        kinds = Counter(path.suffix.lower() or path.name for path in others)
+        tqdm.write(
+            f"warning: left out, not being audio kws reads: files in the word folders of {root} "
+            f"({', '.join(f'{kind} {count}' for kind, count in kinds.most_common())}; the first: "
+            f"{others[0]}); convert recordings to WAV or FLAC (kws reads {audio.AUDIO_SUFFIX_TEXT})",
+            file=sys.stderr,
+        )
     return clips
 
 
@@ -367,7 +413,7 @@ class NoiseBank:
     def __init__(self, folder: Path, held_out_share: float):
         if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):  # it would look empty
             raise DataError(f"{folder}: no permission to read the folder; check its owner and mode (ls -ld)")
-        paths = sorted(p for p in folder.glob("*") if audio.is_audio_file(p)) if folder.is_dir() else []
+        paths = audio.audio_files_under(folder) if folder.is_dir() else []
         self.names = [p.name for p in paths]
         self.parts: dict[str, list[np.ndarray]] = {"training": [], "held_out": []}
         for track in _load_tracks(paths, "noise"):

@@ -31,7 +31,10 @@ from kws.data import (
     DataConfig,
     DataError,
     SpeechData,
+    check_folders,
+    check_keyword_folders,
     labels_for,
+    word_folders,
 )
 from kws.evaluate import report
 from kws.files import atomic_path, write_json
@@ -240,16 +243,12 @@ def _checkpoint_state(state_file: Path) -> dict | None:
 
 
 def _why_no_clips(data: SpeechData, word: str) -> str:
-    folder = data.root / word
-    if folder.is_symlink() and not folder.exists():
-        return f"{folder} links to {os.readlink(folder)}, which does not exist"
-    if not folder.is_dir():
-        named = [path.name for path in data.root.iterdir() if path.name.lower() == word.lower()]
-        if named:
-            return f"no folder {word!r} there, but {named[0]!r} (folder names are case-sensitive)"
-        return f"no folder {word!r} there (check the spelling in --words)"
-    if not any(audio.is_audio_file(path) for path in folder.iterdir()):
-        return f"{folder} holds no audio files"
+    """Why a keyword whose folder exists (check_keyword_folders) has no training clip."""
+    folders = [folder for folder in word_folders(data.config, word) if folder.is_dir()]
+    if not any(audio.audio_files_under(folder) for folder in folders):
+        where = " and ".join(map(str, folders))
+        return f"{where} hold{'s' * (len(folders) == 1)} no audio files kws reads ({audio.AUDIO_SUFFIX_TEXT})"
+    folder = folders[0]
     unread = sum(clip.word == word and clip.split == "training" for clip in data.clips)
     if unread:
         return f"none of the {unread} training clips in {folder} could be read (each is named above)"
@@ -321,6 +320,9 @@ def _checked_validation(data: SpeechData):
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
+    # What a mistyped option breaks is told before TensorFlow loads and the clips are read.
+    check_folders(config.data)
+    check_keyword_folders(config.data)
     _check_teachers(config)
     keras = load_keras()
 

@@ -166,10 +166,24 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
             ["train", "--data", "{tmp}", "--extra", "{tmp}/synth", "--out", "{tmp}/run"],
             "--extra folder {tmp}/synth does not exist",
         ),
+        (
+            ["train", "--data", "{tmp}/data", "--words", "yes,left", "--out", "{tmp}/run"],
+            "no folder 'left' in {tmp}/data (check the spelling in --words)",
+        ),
         (["export", "{tmp}/nowhere"], "run folder {tmp}/nowhere does not exist"),
         (["eval", "--model", "{tmp}", "--data", "{tmp}"], "{tmp}/config.json is not valid JSON"),
         (
-            ["train", "--data", "{tmp}/data", "--teacher", "{tmp}/nowhere", "--out", "{tmp}/run"],
+            [
+                "train",
+                "--data",
+                "{tmp}/data",
+                "--words",
+                "yes",
+                "--teacher",
+                "{tmp}/nowhere",
+                "--out",
+                "{tmp}/run",
+            ],
             "teacher {tmp}/nowhere: run folder {tmp}/nowhere does not exist",
         ),
     ],
@@ -438,7 +452,7 @@ def test_the_models_whole_window_is_the_longest_hop_and_average(option):
 
 
 def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refused(tmp_path, capsys):
-    from kws.data import DataConfig, DataError, check_added_folders
+    from kws.data import DataConfig, DataError, check_folders
 
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "synth" / "Yes").mkdir(parents=True)
@@ -449,10 +463,8 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
         ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
     ]:
         with pytest.raises(DataError, match=message):
-            check_added_folders(DataConfig(str(tmp_path), words=words, extra=[str(tmp_path / extra)]))
-    check_added_folders(
-        DataConfig(str(tmp_path), words=["Yes"], extra=[str(tmp_path / "synth")])
-    )  # its own case
+            check_folders(DataConfig(str(tmp_path), words=words, extra=[str(tmp_path / extra)]))
+    check_folders(DataConfig(str(tmp_path), words=["Yes"], extra=[str(tmp_path / "synth")]))  # its own case
     assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "

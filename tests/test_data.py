@@ -391,3 +391,17 @@ def test_a_data_config_refuses_shares_without_keywords_and_words_one_folder_woul
     # as a config.json edited by hand gives them; --words refuses them the same way
     with pytest.raises(D.DataError, match="keywords that differ only in letter case: Yes, yes"):
         D.DataConfig(data_dir="d", words=["Yes", "yes"])
+
+
+def test_a_keywords_folder_in_other_letters_is_refused_and_a_decomposed_name_is_the_same_word(tmp_path):
+    import unicodedata
+
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    (data / "Yes").mkdir()  # as the README's "your folders beside the others" can give
+    with pytest.raises(D.DataError, match=f"{data / 'Yes'} is not the keyword 'yes': folder names are case"):
+        D.SpeechData(D.DataConfig(str(data), words=["yes", "no"]))
+    (data / "Yes").rmdir()
+    # macOS writes "café" decomposed; --words and list lines give it composed
+    (data / "no").rename(data / unicodedata.normalize("NFD", "café"))
+    clips = D.SpeechData(D.DataConfig(str(data), words=["yes", "café"])).clips
+    assert {clip.word for clip in clips} == {"yes", "café"} and len(clips) == 6

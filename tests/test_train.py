@@ -323,23 +323,32 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     run = tmp_path / "r"
     assert main(["train", "--data", str(tone_dataset), "--words", "yes,nope", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"no training clips of 'nope' in {tone_dataset}" in err and "--words" in err
+    assert f"no folder 'nope' in {tone_dataset} (check the spelling in --words)" in err
     assert not run.exists()  # so the same --out works once the word is fixed
     data = tmp_path / "data"
     shutil.copytree(tone_dataset, data)
     (data / "radio").mkdir()  # made, but not filled yet
-    assert main(["train", "--data", str(data), "--words", "yes,radio,nope", "--out", str(run)]) == 2
+    (data / "fm" / "session1").mkdir(parents=True)  # a keyword's clips in a subfolder are read
+    shutil.copytree(data / "up", data / "fm" / "session1", dirs_exist_ok=True)
+    (data / "fm" / "session1" / "take 1.m4a").write_bytes(b"")  # not read, and said so
+    assert main(["train", "--data", str(data), "--words", "yes,radio,fm", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"no training clips of 'radio', 'nope' in {data}: {data / 'radio'} holds no audio files; " in err
-    assert "no folder 'nope' there (check the spelling in --words)" in err
+    assert f"no training clips of 'radio' in {data}: {data / 'radio'} holds no audio files kws reads (" in err
+    assert "'fm'" not in err.split("error:")[1]
+    assert f"warning: left out, not being audio kws reads: files in the word folders of {data} " in err
+    assert f"(.m4a 1; the first: {data / 'fm' / 'session1' / 'take 1.m4a'}); convert recordings" in err
     (data / "Radio").mkdir()
     (data / "gone").symlink_to(tmp_path / "nowhere")
-    assert main(["train", "--data", str(data), "--words", "yes,radio2,gone", "--out", str(run)]) == 2
+    assert main(["train", "--data", str(data), "--words", "yes,gone", "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{data / 'gone'} links to {tmp_path / 'nowhere'}, which does not exist" in err
-    shutil.rmtree(data / "radio")
     assert main(["train", "--data", str(data), "--words", "yes,radio", "--out", str(run)]) == 2
-    assert "no folder 'radio' there, but 'Radio' (folder names are case-sensitive)" in capsys.readouterr().err
+    assert (
+        f"{data / 'Radio'} is not the keyword 'radio': folder names are case-sensitive"
+        in capsys.readouterr().err
+    )
+    shutil.rmtree(data / "Radio")
+    shutil.rmtree(data / "radio")
     run.write_text("")
     assert main(["train", "--data", str(data), "--out", str(run)]) == 2
     assert f"--out {run} is a file: a run is a folder" in capsys.readouterr().err
