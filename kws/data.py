@@ -434,17 +434,45 @@ class NoiseBank:
         return (self.windows(rng, count, split) * gains).astype(np.float32)
 
 
+def _keywords_said(files: list[Path], words: tuple[str, ...]) -> dict[str, str]:
+    """Recording name -> the first keyword its transcript says, from LibriSpeech's transcripts
+    among ``files`` (SPEAKER-CHAPTER.trans.txt: one "NAME WORDS..." line per recording)."""
+    folded = {word.casefold(): word for word in words}
+    said = {}
+    for path in files:
+        if not path.name.endswith(".trans.txt"):
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            name, _, text = line.partition(" ")
+            keyword = next((folded[w] for w in text.casefold().split() if w in folded), None)
+            if keyword:
+                said[name] = keyword
+    return said
+
+
 class NegativeBank:
     """Continuous speech without keywords (``--negatives``), split by speaker."""
 
-    def __init__(self, folders: list[str], validation_share: float):
-        paths = []
+    def __init__(self, folders: list[str], validation_share: float, words: tuple[str, ...] = ()):
+        paths, others = [], []
         for folder in folders:
             folder = Path(folder)
-            found = audio.audio_files_under(folder)
+            found = audio.audio_files_under(folder, others)
             if not found:
                 raise DataError(f"--negatives folder {folder} holds no audio files")
             paths += found
+        # Speech that says a keyword would teach the model that the keyword is not one.
+        said = _keywords_said(others, words)
+        self.left_out = Counter(said.values())
+        paths = [path for path in paths if path.stem not in said]
+        if said:
+            tqdm.write(
+                f"--negatives: left out {len(said)} recording{'s' * (len(said) != 1)} whose transcripts "
+                "say a keyword ("
+                + ", ".join(f"{word} {count}" for word, count in self.left_out.most_common())
+                + ")",
+                file=sys.stderr,
+            )
         speakers = sorted({speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
         held_out = set()
         if len(speakers) > 1 and validation_share > 0:
@@ -629,7 +657,9 @@ class SpeechData:
     @property
     def negatives(self) -> NegativeBank | None:
         if self._negatives is None and self.config.negatives:
-            self._negatives = NegativeBank(self.config.negatives, self.config.negatives_validation_share)
+            self._negatives = NegativeBank(
+                self.config.negatives, self.config.negatives_validation_share, tuple(self.config.words)
+            )
         return self._negatives
 
     def split_audio(self, split: str) -> SplitClips:
@@ -823,4 +853,6 @@ class SpeechData:
                 }
                 for part in ("training", "held_out")
             }
+            if self.negatives.left_out:
+                summary["negatives"]["left_out_saying_keywords"] = dict(self.negatives.left_out)
         return summary

@@ -405,3 +405,15 @@ def test_a_keywords_folder_in_other_letters_is_refused_and_a_decomposed_name_is_
     (data / "no").rename(data / unicodedata.normalize("NFD", "café"))
     clips = D.SpeechData(D.DataConfig(str(data), words=["yes", "café"])).clips
     assert {clip.word for clip in clips} == {"yes", "café"} and len(clips) == 6
+
+
+def test_negative_speech_whose_transcript_says_a_keyword_is_left_out(negatives_dir, capsys):
+    chapter = negatives_dir / "100" / "1"
+    (chapter / "100-1.trans.txt").write_text("100-1-0000 SHE SAID YES TO IT\n100-1-0001 NOT YESTERDAY\n")
+    everything = D.NegativeBank([str(negatives_dir)], 0.0)
+    bank = D.NegativeBank([str(negatives_dir)], 0.0, ("Yes", "no"))
+    assert len(everything.tracks["training"]) == 10 and len(bank.tracks["training"]) == 9
+    assert bank.left_out == {"Yes": 1}  # whole words only: not "yesterday"
+    assert (
+        "--negatives: left out 1 recording whose transcripts say a keyword (Yes 1)" in capsys.readouterr().err
+    )
