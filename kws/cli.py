@@ -330,9 +330,20 @@ def cmd_eval(args) -> int:
             "their clips"
         )
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
+    lists = [name for name in ("validation_list.txt", "testing_list.txt") if (data.root / name).exists()]
+    if not data.package and not lists:  # own recordings, which a user may expect scored whole
+        keyword_clips = [clip for clip in data.clips if clip.word in data.config.words]
+        scored = sum(clip.split == split for clip in keyword_clips)
+        print(
+            f"note: {args.data} has no validation_list.txt or testing_list.txt, so the speaker hash of "
+            f"its file names chose the {split} split: {scored} of its {len(keyword_clips)} keyword clips "
+            "are scored; to score every clip, add an empty _unknown_ folder to it (the official test "
+            "set's layout)",
+            file=sys.stderr,
+        )
     missing = data.words_without_clips(split)
     if missing:
-        other_split = split != "validation" and not data.package  # a test package has no other
+        other_split = split != "validation" and not data.package and lists  # somewhere else to look
         print(
             f"warning: the {split} split of {args.data} holds no clips of {', '.join(missing)}: "
             "its accuracy says nothing about them"

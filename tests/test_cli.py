@@ -17,6 +17,7 @@ import soundfile as sf
 from conftest import make_dataset, tone
 
 from kws.cli import SPLIT_NAMES, main
+from kws.data import scan
 from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE
 
 TRAIN_EXTRA = 'pip install "kws[train]"'
@@ -241,6 +242,23 @@ def test_eval_warns_of_keywords_its_split_does_not_hold(tmp_path, capsys):
     shutil.copytree(data / "_background_noise_", package / "_silence_")
     assert main(["eval", "--data", str(package)]) == 0
     assert capsys.readouterr().err.endswith("its accuracy says nothing about them\n")
+
+
+def test_eval_on_a_folder_without_split_lists_says_how_many_clips_the_hash_left_it(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", speakers_per_word=12, words=("yes", "no"))
+    for name in ("validation_list.txt", "testing_list.txt"):
+        (data / name).unlink()  # own recordings: the speaker hash alone splits them
+    assert main(["eval", "--data", str(data), "--json"]) == 0
+    out, err = capsys.readouterr()
+    per_class = json.loads(out)["per_class"]
+    scored = per_class["yes"]["support"] + per_class["no"]["support"]
+    assert 0 < scored < 24 and scored == sum(clip.split == "testing" for clip in scan(data))
+    assert err.startswith(
+        f"note: {data} has no validation_list.txt or testing_list.txt, so the speaker hash of its file "
+        f"names chose the testing split: {scored} of its 24 keyword clips are scored; to score every "
+        "clip, add an empty _unknown_ folder to it"
+    )
+    assert "--split validation scores the validation list" not in err  # there is none
 
 
 def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch, capsys):
