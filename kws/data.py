@@ -276,6 +276,11 @@ def check_added_folders(config: DataConfig) -> None:
             raise DataError(f"--negatives {folder} is a file: pass the folder that holds it")
         if not folder.is_dir():
             raise DataError(f"--negatives folder {folder} does not exist")
+        if folder.resolve().name == NOISE_FOLDER:  # it would train as _unknown_ and as _silence_
+            raise DataError(
+                f"--negatives {folder} is background noise: --negatives wants speech without the "
+                f"keywords, such as LibriSpeech; noise belongs in the data's own {NOISE_FOLDER}/"
+            )
         held = [name for name in (*config.words, NOISE_FOLDER) if (folder / name).is_dir()]
         if held:  # every file under it would be taken for speech without keywords
             raise DataError(

@@ -244,11 +244,16 @@ def test_the_summary_counts_the_clips_that_could_be_read(tiny_dataset):
     assert sum(counts["testing"].values()) == tests > 0  # not read: what the folders hold
 
 
-def test_negatives_given_as_a_file_are_called_a_file(tiny_dataset, tmp_path):
+def test_negatives_given_as_a_file_or_as_the_noise_folder_are_refused(tiny_dataset, tmp_path):
     clip = tmp_path / "speech.flac"
     sf.write(clip, tone(300.0), 16000)
     with pytest.raises(D.DataError, match=f"--negatives {clip} is a file: pass the folder that holds it"):
         D.check_folders(config(tiny_dataset, negatives=[str(clip)]))
+    noise = tiny_dataset / "_background_noise_"  # it would train as _silence_ and as _unknown_
+    with pytest.raises(
+        D.DataError, match=f"--negatives {noise} is background noise: --negatives wants speech"
+    ):
+        D.check_folders(config(tiny_dataset, negatives=[str(noise)]))
 
 
 def test_spec_augment_zeroes_bands_and_keeps_shape():

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import TONE_WORDS as WORDS
-from conftest import make_dataset
+from conftest import WORD_TONES, make_dataset
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
@@ -165,6 +165,26 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert warnings[-1].startswith(
         "warning: no other words and no --negatives: the model learns no _unknown_"
+    )
+
+
+def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
+    from kws.data import SpeechData
+    from kws.train import _checked_validation
+
+    dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
+    config = run_config(dataset, epochs=1)
+    _checked_validation(SpeechData(config.data))
+    assert "says its speaker" not in capsys.readouterr().err  # Speech Commands' names and lists
+    (dataset / "validation_list.txt").unlink()
+    (dataset / "testing_list.txt").unlink()
+    for word in WORD_TONES:  # keywords and other words
+        for number, clip in enumerate(sorted((dataset / word).iterdir())):
+            clip.rename(clip.with_name(f"take{number}.wav"))  # own recordings, one person's takes
+    _checked_validation(SpeechData(config.data))
+    assert (
+        f"warning: no file name in {dataset} says its speaker (SPEAKER_nohash_N.wav)"
+        in capsys.readouterr().err
     )
 
 
