@@ -414,7 +414,7 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
     if thin:
         warnings.append(
             "the thresholds of "
-            + ", ".join(f"{keyword!r} ({count} clips)" for keyword, count in thin.items())
+            + ", ".join(f"{keyword!r} ({count} clip{'s' * (count != 1)})" for keyword, count in thin.items())
             + " rest on few clips in the test stream, so they may not hold for other speakers: give "
             f"the validation split {FEW_CLIPS} or more clips of each keyword, from several speakers"
         )
