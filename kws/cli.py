@@ -10,7 +10,7 @@ import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
-from kws import KwsError, __version__
+from kws import KwsError, __version__, options
 
 SPLIT_NAMES = {
     "train": "training",
@@ -38,72 +38,6 @@ def _words(text: str) -> list[str]:
     except DataError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return words
-
-
-def _parsed(text: str, kind: type, valid, expected: str):
-    """``text`` as a ``kind`` (int or float) for which ``valid`` holds, else an ArgumentTypeError
-    saying what was ``expected``: argparse would name the type function for a plain ValueError."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not valid(value):
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-    return value + 0 if kind is float else value  # "-0" would be kept, and shown, as -0.0
-
-
-def _share(text: str) -> float:
-    return _parsed(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-
-
-def _positive_int(text: str) -> int:
-    return _parsed(text, int, lambda v: v >= 1, "a whole number, at least 1")
-
-
-def _seed(text: str) -> int:
-    return _parsed(text, int, lambda v: 0 <= v < 2**32, f"a whole number from 0 to {2**32 - 1}")
-
-
-def _per_hour(text: str) -> float:
-    return _parsed(
-        text, float, lambda v: 0 <= v < float("inf"), "a number of false accepts per hour, 0 or more"
-    )
-
-
-def _positive(text: str, unit: str) -> float:
-    return _parsed(text, float, lambda v: 0 < v < float("inf"), f"a positive number of {unit}")
-
-
-def _average_ms(text: str) -> float:
-    from kws.stream import CLIP_MS  # DetectionConfig's limit, said here as an option's error
-
-    return _parsed(
-        text, float, lambda v: 0 < v <= CLIP_MS, f"a number of milliseconds above 0, at most {CLIP_MS:g}"
-    )
-
-
-def _seconds(text: str) -> float:
-    return _positive(text, "seconds")
-
-
-def _hop_ms(text: str) -> float:
-    from kws.stream import CLIP_MS, HOP_MS  # DetectionConfig's limits, said here as an option's error
-
-    return _parsed(
-        text,
-        float,
-        lambda v: 0 < v <= CLIP_MS and v % HOP_MS == 0,
-        f"a multiple of the {HOP_MS:g} ms frame hop, at most {CLIP_MS:g} (the model's window)",
-    )
-
-
-def _port(text: str) -> int:
-    # uvicorn would listen on a larger number modulo 65536
-    return _parsed(text, int, lambda v: 1 <= v <= 65535, "from 1 to 65535")
-
-
-def _threshold(text: str) -> float:
-    return _parsed(text, float, lambda v: 0 < v <= 1, "a score in (0, 1]")
 
 
 def _require_train_extra(purpose: str, *modules: str) -> None:
@@ -615,7 +549,7 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
     command.add_argument(
         "--threshold",
-        type=_threshold,
+        type=options.threshold,
         help="one threshold for every keyword, from 0 to 1, in place of the model's calibrated ones: "
         "lower finds more keywords and fires wrongly more often (kws eval --stream measures both)",
     )
@@ -676,19 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of more clips in the same layout (one folder per word), used for training only, "
         "e.g. from `kws synth` (repeatable)",
     )
-    train.add_argument("--epochs", type=_positive_int, help="passes over the data (default 40)")
+    train.add_argument("--epochs", type=options.positive_int, help="passes over the data (default 40)")
     train.add_argument("--size", choices=["s", "m", "l"], help="DS-CNN size (default s)")
-    train.add_argument("--silence-share", type=_share, help="share of _silence_ examples (default 0.1)")
+    train.add_argument(
+        "--silence-share", type=options.share, help="share of _silence_ examples (default 0.1)"
+    )
     train.add_argument(
         "--unknown-share",
-        type=_share,
+        type=options.share,
         help="share of _unknown_ examples (default 0.1, the reference recipe's); with --negatives, 0.4 "
         "(half of it real speech) cut false accepts on unseen speech threefold at no cost in accuracy",
     )
     train.add_argument(
         "--spec-augment", action="store_true", help="mask random time and MFCC bands while training"
     )
-    train.add_argument("--seed", type=_seed, help="random seed (default 0)")
+    train.add_argument("--seed", type=options.seed, help="random seed (default 0)")
     train.add_argument(
         "--teacher",
         type=Path,
@@ -743,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--negatives speech: recall per keyword and false accepts per hour (exported models only)",
     )
     evaluate.add_argument(
-        "--threshold", type=_threshold, help="with --stream: one threshold for every keyword"
+        "--threshold", type=options.threshold, help="with --stream: one threshold for every keyword"
     )
     evaluate.set_defaults(handler=cmd_eval)
 
@@ -759,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output folder (default RUN/export)")
     export.add_argument(
         "--target-fa",
-        type=_per_hour,
+        type=options.per_hour,
         default=FA_TARGET_PER_HOUR,
         metavar="PER_HOUR",
         help="false accepts per hour, all keywords together, that the thresholds are calibrated to "
@@ -789,20 +725,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--target-fa",
-        type=_per_hour,
+        type=options.per_hour,
         default=FA_TARGET_PER_HOUR,
         metavar="PER_HOUR",
         help=f"false accepts per hour, all keywords together (default {FA_TARGET_PER_HOUR:g}; 0: none)",
     )
     calibrate.add_argument(
         "--hop-ms",
-        type=_hop_ms,
+        type=options.hop_ms,
         help=f"run the model every N ms (a multiple of {HOP_MS:g}, up to the {CLIP_MS:g} ms window; "
         "default: the manifest's)",
     )
     calibrate.add_argument(
         "--average-ms",
-        type=_average_ms,
+        type=options.average_ms,
         help=f"score averaging window, up to {CLIP_MS:g} ms (default: the manifest's)",
     )
     calibrate.set_defaults(handler=cmd_calibrate)
@@ -830,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listen.add_argument(
         "--seconds",
-        type=_seconds,
+        type=options.seconds,
         help="stop after this much audio (default: at Ctrl-C or the end of --file)",
     )
     _add_detector_options(listen)
@@ -854,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_options(detect)
     detect.add_argument(
         "--top-k",
-        type=_positive_int,
+        type=options.positive_int,
         metavar="K",
         help=f"list the K highest class scores of recordings up to {SCORED_CLIP_SECONDS:g} s long (of "
         "their most confident window) in the text; the JSON lists all of them, or these K",
@@ -878,24 +814,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=options.port, default=8000, help="port (default 8000)")
     serve.add_argument(
         "--model", type=Path, help="export folder or .tflite (default: $KWS_MODEL, else the built-in model)"
     )
     serve.add_argument(
         "--workers",
-        type=_positive_int,
+        type=options.positive_int,
         help="processes running POST /detect, each with the model, fed from one queue "
         "(default: one per CPU core, no more than a container's CPU quota)",
     )
     serve.add_argument(
         "--max-bytes",
-        type=_positive_int,
+        type=options.positive_int,
         help="largest request body, in bytes (default 10,000,000): else 413",
     )
     serve.add_argument(
         "--max-seconds",
-        type=_seconds,
+        type=options.seconds,
         help="longest recording POST /detect takes, in seconds (default 60): else 413",
     )
     serve.set_defaults(handler=cmd_serve)
@@ -914,19 +850,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
     synth.add_argument(
         "--per-keyword",
-        type=_positive_int,
+        type=options.positive_int,
         default=SynthConfig.per_keyword,
         help=f"clips of each keyword (default {SynthConfig.per_keyword})",
     )
     synth.add_argument(
         "--per-other-word",
-        type=_positive_int,
+        type=options.positive_int,
         default=SynthConfig.per_other_word,
         help=f"clips of each other word (default {SynthConfig.per_other_word})",
     )
     synth.add_argument(
         "--seed",
-        type=_seed,
+        type=options.seed,
         default=SynthConfig.seed,
         help=f"random seed of the voices (default {SynthConfig.seed})",
     )

@@ -44,6 +44,7 @@ environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKER
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -72,7 +73,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from kws import __version__
+from kws import __version__, options
 from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
@@ -143,19 +144,17 @@ class Settings:
         }
         if values["api_key"] and not (values["api_key"].isascii() and values["api_key"].isprintable()):
             raise ValueError("KWS_API_KEY must be printable ASCII: clients send it in an HTTP header")
-        # Worded as the --max-bytes, --max-seconds and --workers options of `kws serve` are.
-        for field, name, kind, what in (
-            ("max_bytes", "KWS_MAX_BYTES", int, "a whole number, at least 1"),
-            ("max_seconds", "KWS_MAX_SECONDS", float, "a positive number of seconds"),
-            ("workers", "KWS_WORKERS", int, "a whole number, at least 1"),
+        # Parsed as the --max-bytes, --max-seconds and --workers options of `kws serve` are.
+        for field, name, parse in (
+            ("max_bytes", "KWS_MAX_BYTES", options.positive_int),
+            ("max_seconds", "KWS_MAX_SECONDS", options.seconds),
+            ("workers", "KWS_WORKERS", options.positive_int),
         ):
             if env.get(name):
                 try:
-                    values[field] = kind(env[name])
-                except ValueError:
-                    values[field] = None
-                if values[field] is None or not 0 < values[field] < float("inf"):
-                    raise ValueError(f"{name} must be {what}, got {env[name]}")
+                    values[field] = parse(env[name])
+                except argparse.ArgumentTypeError as error:
+                    raise ValueError(f"{name} {error}") from None
         return cls(**values)
 
 

@@ -1,0 +1,68 @@
+"""Numbers given as options or KWS_* variables: parsed, checked, and refused in words that say
+what the value must be. The command line and the server's environment share them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parsed(text: str, kind: type, valid, expected: str):
+    """``text`` as a ``kind`` (int or float) for which ``valid`` holds, else an ArgumentTypeError
+    saying what was ``expected``: argparse would name the type function for a plain ValueError."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+    return value + 0 if kind is float else value  # "-0" would be kept, and shown, as -0.0
+
+
+def share(text: str) -> float:
+    return parsed(text, float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def positive_int(text: str) -> int:
+    return parsed(text, int, lambda v: v >= 1, "a whole number, at least 1")
+
+
+def seed(text: str) -> int:
+    return parsed(text, int, lambda v: 0 <= v < 2**32, f"a whole number from 0 to {2**32 - 1}")
+
+
+def per_hour(text: str) -> float:
+    return parsed(
+        text, float, lambda v: 0 <= v < float("inf"), "a number of false accepts per hour, 0 or more"
+    )
+
+
+def average_ms(text: str) -> float:
+    from kws.stream import CLIP_MS  # DetectionConfig's limit, said here as an option's error
+
+    return parsed(
+        text, float, lambda v: 0 < v <= CLIP_MS, f"a number of milliseconds above 0, at most {CLIP_MS:g}"
+    )
+
+
+def seconds(text: str) -> float:
+    return parsed(text, float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
+
+
+def hop_ms(text: str) -> float:
+    from kws.stream import CLIP_MS, HOP_MS  # DetectionConfig's limits, said here as an option's error
+
+    return parsed(
+        text,
+        float,
+        lambda v: 0 < v <= CLIP_MS and v % HOP_MS == 0,
+        f"a multiple of the {HOP_MS:g} ms frame hop, at most {CLIP_MS:g} (the model's window)",
+    )
+
+
+def port(text: str) -> int:
+    # uvicorn would listen on a larger number modulo 65536
+    return parsed(text, int, lambda v: 1 <= v <= 65535, "from 1 to 65535")
+
+
+def threshold(text: str) -> float:
+    return parsed(text, float, lambda v: 0 < v <= 1, "a score in (0, 1]")
