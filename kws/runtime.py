@@ -199,7 +199,6 @@ class Model:
         self,
         tflite: str | Path | bytes,
         manifest: dict,
-        num_threads: int = 1,
         reference_kernels: bool = False,
         source: str | None = None,
     ):
@@ -234,7 +233,7 @@ class Model:
             with quiet_stderr():
                 self._interpreter = Interpreter(
                     model_content=self.content,
-                    num_threads=num_threads,
+                    num_threads=1,  # a model this small gains nothing from more
                     experimental_op_resolver_type=resolver,
                 )
                 self._interpreter.allocate_tensors()
@@ -259,12 +258,11 @@ class Model:
     def load(
         cls,
         path: str | Path | None = None,
-        num_threads: int = 1,
         reference_kernels: bool = False,
         named: str = "--model",
     ) -> Model:
         tflite, manifest = resolve(path, named)
-        return cls(tflite, manifest, num_threads, reference_kernels)
+        return cls(tflite, manifest, reference_kernels)
 
     @property
     def quantized(self) -> bool:
