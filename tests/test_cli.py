@@ -4,6 +4,7 @@ exit status 2, no traceback; and what detect --top-k and eval --json report."""
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
 import json
 import os
@@ -503,3 +504,17 @@ def test_a_manifest_without_a_usable_training_record_is_named(command, training,
     err = capsys.readouterr().err
     assert f"{model}: its manifest has no usable training record (training.data)" in err
     assert "use the manifest kws export wrote beside the model" in err
+
+
+def test_the_inference_modules_import_nothing_of_training():
+    # A fresh interpreter: this one may have imported TensorFlow for other tests.
+    inference = ["audio", "features", "runtime", "stream", "listen", "server", "workers", "options"]
+    script = (
+        f"import sys; import {', '.join(f'kws.{name}' for name in inference)}; "
+        "watched = ('kws', 'tensorflow', 'keras', 'sounddevice'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in watched))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert ast.literal_eval(done.stdout) == sorted(["kws", *(f"kws.{name}" for name in inference)])

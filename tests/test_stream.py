@@ -138,12 +138,14 @@ def test_rules_wait_for_min_count_and_then_suppress():
     assert [round(e.end, 2) for e in events] == [0.06, 0.16]
 
 
-def test_vectorised_single_keyword_events_equal_the_rules(model):
+@pytest.mark.parametrize("hop_frames, average_ms, count", [(1, 100, 5), (4, 500, 6)])
+def test_vectorised_single_keyword_events_equal_the_rules(model, hop_frames, average_ms, count):
     audio, _ = tone_recording(["yes", "no", "yes", "up", "no"], gap_s=0.6, seed=3)
-    scored = stream_eval.score(model, audio, hop_frames=1)
-    # One run every 20 ms and 5 averaged: the sweep must average as the rules do.
-    config = DetectionConfig(hop_frames=1, average_ms=100, min_count=3, suppression_ms=700)
-    assert config.average_count == 5
+    scored = stream_eval.score(model, audio, hop_frames=hop_frames)
+    # A run every 20 ms or 80 ms, several averaged: the sweep must average as the rules do.
+    config = DetectionConfig(hop_frames=hop_frames, average_ms=average_ms, min_count=3, suppression_ms=700)
+    assert config.average_count == count
+    fired = 0
     for keyword in ("yes", "no"):
         for threshold in (0.3, 0.6, 0.9):
             others = {label: 2.0 for label in model.labels if not label.startswith("_")}
@@ -152,6 +154,8 @@ def test_vectorised_single_keyword_events_equal_the_rules(model):
             fast = stream_eval.keyword_events(model.labels, scored, keyword, threshold, config)
             assert [(e.label, e.end) for e in fast] == [(e.label, e.end) for e in expected]
             np.testing.assert_allclose([e.score for e in fast], [e.score for e in expected], rtol=1e-6)
+            fired += len(fast)
+    assert fired >= 8  # each keyword, said twice, fires at the low thresholds at least
 
 
 def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
