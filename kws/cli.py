@@ -555,20 +555,8 @@ def _add_detector_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
-    from kws.stream import CLIP_MS, FA_TARGET_PER_HOUR, HOP_MS, SCORED_CLIP_SECONDS
-    from kws.synth import SynthConfig
-
-    parser = argparse.ArgumentParser(
-        prog="kws",
-        description="Keyword spotting. Find keywords in recordings (detect), a microphone (listen) or over "
-        "HTTP (serve) with the built-in model for yes, no, up, down, left, right, stop, go; or train your "
-        "own DS-CNN on Speech Commands, evaluate it and export it for phones and microcontrollers.",
-        epilog="Start with: kws detect recording.wav.  Run `kws COMMAND --help` for each command's options.",
-    )
-    parser.add_argument("--version", action="version", version=f"kws {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_train(commands) -> None:
+    from kws.download import DEFAULT_DATA_DIR
 
     train = commands.add_parser(
         "train",
@@ -636,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=cmd_train)
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="score a model on a labelled folder",
@@ -683,6 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=cmd_eval)
 
+
+def _add_export(commands) -> None:
+    from kws.stream import FA_TARGET_PER_HOUR
+
     export = commands.add_parser(
         "export",
         help="turn a trained run into files for phones and microcontrollers",
@@ -702,6 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {FA_TARGET_PER_HOUR:g})",
     )
     export.set_defaults(handler=cmd_export)
+
+
+def _add_calibrate(commands) -> None:
+    from kws.stream import CLIP_MS, FA_TARGET_PER_HOUR, HOP_MS
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -743,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.set_defaults(handler=cmd_calibrate)
 
+
+def _add_listen(commands) -> None:
     listen = commands.add_parser(
         "listen",
         help="spot keywords live in a microphone's audio",
@@ -772,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_options(listen)
     listen.set_defaults(handler=cmd_listen)
 
+
+def _add_detect(commands) -> None:
+    from kws.stream import SCORED_CLIP_SECONDS
+
     detect = commands.add_parser(
         "detect",
         help="find keywords in audio files",
@@ -800,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     detect.set_defaults(handler=cmd_detect)
 
+
+def _add_serve(commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve the Detector over HTTP and WebSocket",
@@ -836,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
+
+def _add_synth(commands) -> None:
+    from kws.synth import SynthConfig
+
     synth = commands.add_parser(
         "synth",
         help="synthesize training clips of the keywords and of other words with espeak-ng",
@@ -868,6 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(handler=cmd_synth)
 
+
+def _add_download(commands) -> None:
+    from kws.download import DATASET_SHA256, DATASET_URL, DEFAULT_DATA_DIR
+
     download = commands.add_parser(
         "download",
         help="download and unpack Speech Commands v0.02",
@@ -883,6 +897,27 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--url", default=DATASET_URL, help="archive address (default: the official one)")
     download.add_argument("--sha256", default=DATASET_SHA256, help="expected checksum ('' to skip the check)")
     download.set_defaults(handler=cmd_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kws",
+        description="Keyword spotting. Find keywords in recordings (detect), a microphone (listen) or over "
+        "HTTP (serve) with the built-in model for yes, no, up, down, left, right, stop, go; or train your "
+        "own DS-CNN on Speech Commands, evaluate it and export it for phones and microcontrollers.",
+        epilog="Start with: kws detect recording.wav.  Run `kws COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"kws {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_eval(commands)
+    _add_export(commands)
+    _add_calibrate(commands)
+    _add_listen(commands)
+    _add_detect(commands)
+    _add_serve(commands)
+    _add_synth(commands)
+    _add_download(commands)
     return parser
 
 
