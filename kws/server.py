@@ -51,14 +51,12 @@ import dataclasses
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -78,7 +76,7 @@ from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, RateDetector, detection_config
-from kws.workers import NO_WORKER, SHUTTING_DOWN, RequestError, WorkerPool
+from kws.workers import NO_WORKER, SHUTTING_DOWN, RequestError, WorkerPool, default_workers
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
@@ -99,31 +97,6 @@ GRACEFUL_SHUTDOWN_S = 5
 # 32 kB): uvicorn's h11 parser answers 400 beyond it. A head that arrives whole in one read may
 # be larger; memory stays bounded. httptools, uvicorn's faster default, buffers headers without end.
 MAX_HEADER_BYTES = 32 * 1024
-
-
-CGROUP = Path("/sys/fs/cgroup")
-
-
-def default_workers(cgroup: Path = CGROUP) -> int:
-    """One worker process per core this process may run on, and no more than its CPU quota allows.
-
-    A container started with ``--cpus 2`` on a 64-core host sees 64 cores; 64 workers there
-    would each load a model and take turns on two cores' worth of time.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cpu_quota(cgroup)
-    return min(cores, max(1, math.ceil(quota))) if quota else cores
-
-
-def _cpu_quota(cgroup: Path) -> float | None:
-    """Cores' worth of CPU time the container may use, if it is limited (cgroup v2, else v1)."""
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()  # "max 100000" when unlimited
-        return None if quota == "max" else int(quota) / int(period)
-    with contextlib.suppress(OSError, ValueError):
-        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1 when unlimited
-        return None if quota < 0 else quota / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-    return None
 
 
 @dataclass(frozen=True)

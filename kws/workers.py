@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
+import math
 import multiprocessing
 import multiprocessing.util
+import os
 import pickle
 import signal
 import socket
 import struct
 import traceback
+from pathlib import Path
 
 from kws import audio
 from kws.runtime import Model
@@ -46,6 +50,31 @@ REQUESTS_PER_WORKER = 2
 READY = "ready"  # a worker's first message, once its model is loaded
 NO_WORKER = "no worker process is running and none could be started: try again later"
 SHUTTING_DOWN = "the server is shutting down: try again"
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def default_workers(cgroup: Path = CGROUP) -> int:
+    """One worker process per core this process may run on, and no more than its CPU quota allows.
+
+    A container started with ``--cpus 2`` on a 64-core host sees 64 cores; 64 workers there
+    would each load a model and take turns on two cores' worth of time.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return min(cores, max(1, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """Cores' worth of CPU time the container may use, if it is limited (cgroup v2, else v1)."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = (cgroup / "cpu.max").read_text().split()  # "max 100000" when unlimited
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())  # -1 when unlimited
+        return None if quota < 0 else quota / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    return None
 
 
 class RequestError(Exception):

@@ -40,9 +40,9 @@ from kws import audio, workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
-from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, create_app, default_workers
+from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, create_app
 from kws.stream import Detector, detection_config, recording_report
-from kws.workers import RequestError, WorkerPool
+from kws.workers import RequestError, WorkerPool, default_workers
 
 API_KEY = "s3cret-key-for-tests"
 END = json.dumps({"event": "end"})
