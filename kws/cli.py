@@ -293,10 +293,11 @@ def cmd_eval(args) -> int:
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     if args.plot:  # after the report: a plot that fails to write loses nothing measured
         from kws import plots
+        from kws.files import write_files
 
         name = args.model.name if args.model else "built-in model"
         title = f"{name} on {args.data.name} ({result['split']})"
-        plots.confusion(result, args.plot, title)
+        write_files(args.plot.parent, {args.plot.name: plots.confusion(result, title)})
     return 0
 
 

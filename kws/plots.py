@@ -1,13 +1,11 @@
-"""PNG plots of training curves, confusion matrices and DET curves (matplotlib, written atomically)."""
+"""PNG plots of training curves, confusion matrices and DET curves (matplotlib), as bytes: callers
+write them with ``files.write_files``, in one set with the files they describe."""
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
-
-from kws.files import atomic_path
 
 DPI = 110
 
@@ -21,12 +19,16 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+def _png(plt, fig) -> bytes:
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return png.getvalue()
 
 
-def training_curves(history: list[dict], path: Path) -> None:
+def training_curves(history: list[dict]) -> bytes:
     """Loss and accuracy per epoch, training and validation."""
     plt = _figure()
     epochs = [h["epoch"] for h in history]
@@ -40,11 +42,10 @@ def training_curves(history: list[dict], path: Path) -> None:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    return _png(plt, fig)
 
 
-def confusion(result: dict, path: Path, title: str = "confusion") -> None:
+def confusion(result: dict, title: str = "confusion") -> bytes:
     """A ``kws.evaluate.report`` confusion matrix, rows normalised, counts written in."""
     plt = _figure()
     labels = result["confusion"]["labels"]
@@ -66,14 +67,12 @@ def confusion(result: dict, path: Path, title: str = "confusion") -> None:
                 fontsize=7,
                 color="white" if rates[row, col] > 0.5 else "black",
             )
-    _save(fig, path)
-    plt.close(fig)
+    return _png(plt, fig)
 
 
 def det_curve(points: list[dict], operating: dict, operating_label: str) -> bytes:
-    """The PNG of miss rate against false accepts per hour as one threshold sweeps all keywords
-    (log x), and the ``operating`` point the thresholds in use give. Bytes, not a file: an export
-    writes it in one set with the files it describes."""
+    """Miss rate against false accepts per hour as one threshold sweeps all keywords (log x), and
+    the ``operating`` point the thresholds in use give."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     miss = [100 * (1 - p["recall"]) for p in points]
@@ -95,7 +94,4 @@ def det_curve(points: list[dict], operating: dict, operating_label: str) -> byte
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return png.getvalue()
+    return _png(plt, fig)

@@ -37,7 +37,7 @@ from kws.data import (
     word_folders,
 )
 from kws.evaluate import report
-from kws.files import atomic_path, write_json
+from kws.files import atomic_path, write_files, write_json
 from kws.model import ModelConfig, build, count_macs, load_keras
 from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError, model_digest
 from kws.stream import SILENCE, UNKNOWN
@@ -469,8 +469,13 @@ def _final_metrics(run_dir: Path, config: RunConfig, state: dict, validation, va
         "history": state["history"],
     }
     write_json(run_dir / METRICS_FILE, metrics)
-    plots.training_curves(state["history"], run_dir / "training_curves.png")
-    plots.confusion(validation_report, run_dir / "confusion_validation.png", "validation")
+    write_files(
+        run_dir,
+        {
+            "training_curves.png": plots.training_curves(state["history"]),
+            "confusion_validation.png": plots.confusion(validation_report, "validation"),
+        },
+    )
     return metrics
 
 
