@@ -20,6 +20,7 @@ negative speakers and the held-out tail of each noise file, with a fixed seed.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
 from kws.stream import SILENCE, UNKNOWN
+from kws.synth import SETTINGS_FILE as SYNTH_SETTINGS
 
 NOISE_FOLDER = "_background_noise_"
 # Of speakers the data set's hash puts in validation, and in test, where no list names a clip.
@@ -850,6 +852,12 @@ class SpeechData:
         }
         if self.config.extra:
             summary["extra"] = [str(Path(folder).resolve()) for folder in self.config.extra]
+            made = {folder: Path(folder) / SYNTH_SETTINGS for folder in summary["extra"]}
+            synthesized = {
+                folder: json.loads(path.read_text()) for folder, path in made.items() if path.exists()
+            }
+            if synthesized:
+                summary["synthesized"] = synthesized
         if self.negatives:
             summary["negatives"] = {
                 part: {

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kws import KwsError, audio
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.files import emptied_on_failure
+from kws.files import emptied_on_failure, write_json
 
 ESPEAK = "espeak-ng"
 # espeak-ng's English accents; its mbrola voices need packages Debian does not install with it.
@@ -84,6 +84,10 @@ HOMOPHONES = (
     {"son", "sun"},
     {"new", "knew"},
 )
+
+
+# Beside the clips: what made them, which a run trained with --extra records.
+SETTINGS_FILE = "synth.json"
 
 
 class SynthError(KwsError, RuntimeError):
@@ -205,4 +209,7 @@ def synthesize(keywords: list[str], out: Path, config: SynthConfig) -> int:
         with ThreadPoolExecutor(os.cpu_count()) as pool:
             for _ in tqdm(pool.map(write, tasks), total=len(tasks), desc="synthesizing", unit="clip"):
                 pass
+        version = subprocess.run([ESPEAK, "--version"], capture_output=True, text=True).stdout
+        settings = {"keywords": keywords, **asdict(config), "clips": len(tasks)}
+        write_json(out / SETTINGS_FILE, {**settings, "espeak_ng": version.split("Data at")[0].strip()})
     return len(tasks)

@@ -383,7 +383,9 @@ def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
     )
     clips, plain_labels = more.split_audio("training"), plain.split_audio("training").labels
     assert len(clips.labels) == len(plain_labels) + 6 and clips.keyword.sum() == (plain_labels >= 2).sum() + 3
-    assert more.summary()["extra"] == [str(extra.resolve())]
+    assert more.summary()["extra"] == [str(extra.resolve())] and "synthesized" not in more.summary()
+    (extra / "synth.json").write_text('{"seed": 3}')  # as kws synth leaves it
+    assert more.summary()["synthesized"] == {str(extra.resolve()): {"seed": 3}}
     with pytest.raises(D.DataError, match=f"--extra folder {tmp_path / 'gone'} does not exist"):
         D.SpeechData(config(tiny_dataset, extra=[str(tmp_path / "gone")]))
 

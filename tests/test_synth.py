@@ -1,5 +1,6 @@
 """Synthetic training clips: word lists, placement and level, espeak-ng's clips on disk."""
 
+import json
 import shutil
 
 import numpy as np
@@ -51,6 +52,16 @@ def test_synthesize_writes_one_voice_per_clip_reproducibly(espeak, tmp_path, mon
     monkeypatch.setattr(synth, "say", lambda word, voice: spoken.append((word, voice)) or say(word, voice))
     config = synth.SynthConfig(per_keyword=3, per_other_word=2, seed=1)
     assert synth.synthesize(["yes", "no"], tmp_path / "a", config) == 3 + 3 + 2
+    made = json.loads((tmp_path / "a" / synth.SETTINGS_FILE).read_text())  # a run with --extra records it
+    assert made == {
+        **made,
+        "keywords": ["yes", "no"],
+        "per_keyword": 3,
+        "per_other_word": 2,
+        "seed": 1,
+        "clips": 8,
+    }
+    assert made["espeak_ng"].startswith("eSpeak NG text-to-speech: ")
     assert len({voice for word, voice in spoken if word == "yes"}) == 3  # each clip its own voice
     synth.synthesize(["yes", "no"], tmp_path / "b", config)
     synth.synthesize(["yes", "no"], tmp_path / "c", synth.SynthConfig(3, 2, seed=2))
