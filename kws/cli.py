@@ -70,86 +70,13 @@ def _given(**options) -> dict:
 
 
 def cmd_train(args) -> int:
-    from dataclasses import replace
-
-    from kws.data import DataConfig, check_added_folders, check_data_dir, check_folders
     from kws.evaluate import percent
-    from kws.files import check_out_folder
-    from kws.model import ModelConfig
-    from kws.runtime import CONFIG_FILE
     from kws.stream import SILENCE, UNKNOWN
-    from kws.train import RunConfig, TrainConfig, train
+    from kws.train import train
 
-    if args.resume:
-        given = {
-            "--out": args.out,
-            "--data": args.data,
-            "--words": args.words,
-            "--negatives": args.negatives,
-            "--extra": args.extra,
-            "--size": args.size,
-            "--silence-share": args.silence_share,
-            "--unknown-share": args.unknown_share,
-            "--spec-augment": args.spec_augment or None,
-            "--seed": args.seed,
-            "--teacher": args.teacher,
-        }
-        changes = [flag for flag, value in given.items() if value not in (None, [])]
-        if changes:
-            raise UserError(
-                f"{', '.join(changes)} cannot change a run being resumed: it goes on with the settings in "
-                f"its config.json (only --epochs may be given); start a new run with --out to change them"
-            )
-        run_dir = Path(args.resume)
-        config = RunConfig.load(run_dir)
-        folders = [config.data.data_dir, *config.data.negatives, *config.data.extra]
-        moved = next((folder for folder in folders if not Path(folder).is_dir()), None)
-        if moved:  # check_folders would advise --data, which a resumed run does not take
-            raise UserError(
-                f"{moved} is not there: the run reads its folders from {run_dir / CONFIG_FILE}; "
-                'if they moved, set their new paths under "data" there (data_dir, negatives, extra)'
-            )
-        check_folders(config.data)
-        _require_train_extra("training", "keras", "matplotlib")
-        if args.epochs:
-            config.train.epochs = args.epochs
-        metrics = train(config, run_dir, resume=True)
-    else:
-        if not args.out:
-            raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
-        run_dir = Path(args.out)
-        if (run_dir / CONFIG_FILE).exists():
-            raise UserError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
-            )
-        check_out_folder(run_dir, "a run")
-        # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
-        data = DataConfig(
-            data_dir=str(args.data.resolve()) if args.data else "",
-            negatives=[str(p.resolve()) for p in args.negatives],
-            extra=[str(p.resolve()) for p in args.extra],
-            **_given(words=args.words, silence_share=args.silence_share, unknown_share=args.unknown_share),
-        )
-        # Before a download of 2.3 GB, and before train() loads TensorFlow: a mistyped word or
-        # folder should not take an hour, or seconds, to report.
-        check_added_folders(data)
-        if args.data is None:
-            from kws.download import DEFAULT_DATA_DIR, download_dataset
-
-            print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
-            data = replace(data, data_dir=str(download_dataset(DEFAULT_DATA_DIR).resolve()))
-        check_data_dir(Path(data.data_dir))
-        _require_train_extra("training", "keras", "matplotlib")
-        config = RunConfig(
-            data=data,
-            model=ModelConfig.preset(args.size or "s"),
-            train=TrainConfig(
-                teachers=tuple(str(run.resolve()) for run in args.teacher),
-                **_given(epochs=args.epochs, seed=args.seed),
-            ),
-        )
-        config.augment.spec_augment = args.spec_augment
-        metrics = train(config, run_dir)
+    config, run_dir = _resumed_run(args) if args.resume else _new_run(args)
+    _require_train_extra("training", "keras", "matplotlib")
+    metrics = train(config, run_dir, resume=bool(args.resume))
     validation = metrics["validation"]
     recall = {label: percent(validation["per_class"][label]["recall"], 2) for label in (UNKNOWN, SILENCE)}
     print(
@@ -160,6 +87,92 @@ def cmd_train(args) -> int:
         f"{metrics['training_seconds'] / 60:.1f} min"
     )
     return 0
+
+
+def _resumed_run(args):
+    """The config and folder of the run --resume continues, its folders checked."""
+    from kws.data import check_folders
+    from kws.runtime import CONFIG_FILE
+    from kws.train import RunConfig
+
+    given = {
+        "--out": args.out,
+        "--data": args.data,
+        "--words": args.words,
+        "--negatives": args.negatives,
+        "--extra": args.extra,
+        "--size": args.size,
+        "--silence-share": args.silence_share,
+        "--unknown-share": args.unknown_share,
+        "--spec-augment": args.spec_augment or None,
+        "--seed": args.seed,
+        "--teacher": args.teacher,
+    }
+    changes = [flag for flag, value in given.items() if value not in (None, [])]
+    if changes:
+        raise UserError(
+            f"{', '.join(changes)} cannot change a run being resumed: it goes on with the settings in "
+            f"its config.json (only --epochs may be given); start a new run with --out to change them"
+        )
+    run_dir = Path(args.resume)
+    config = RunConfig.load(run_dir)
+    folders = [config.data.data_dir, *config.data.negatives, *config.data.extra]
+    moved = next((folder for folder in folders if not Path(folder).is_dir()), None)
+    if moved:  # check_folders would advise --data, which a resumed run does not take
+        raise UserError(
+            f"{moved} is not there: the run reads its folders from {run_dir / CONFIG_FILE}; "
+            'if they moved, set their new paths under "data" there (data_dir, negatives, extra)'
+        )
+    check_folders(config.data)
+    if args.epochs:
+        config.train.epochs = args.epochs
+    return config, run_dir
+
+
+def _new_run(args):
+    """The config of a new run from the options, and its folder; the data downloaded if not given."""
+    from dataclasses import replace
+
+    from kws.data import DataConfig, check_added_folders, check_data_dir
+    from kws.files import check_out_folder
+    from kws.model import ModelConfig
+    from kws.runtime import CONFIG_FILE
+    from kws.train import RunConfig, TrainConfig
+
+    if not args.out:
+        raise UserError("say where the run goes: --out RUN (or continue one with --resume RUN)")
+    run_dir = Path(args.out)
+    if (run_dir / CONFIG_FILE).exists():
+        raise UserError(
+            f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --out"
+        )
+    check_out_folder(run_dir, "a run")
+    # Absolute paths, so that `kws export` and `kws eval` find the data from any folder.
+    data = DataConfig(
+        data_dir=str(args.data.resolve()) if args.data else "",
+        negatives=[str(p.resolve()) for p in args.negatives],
+        extra=[str(p.resolve()) for p in args.extra],
+        **_given(words=args.words, silence_share=args.silence_share, unknown_share=args.unknown_share),
+    )
+    # Before a download of 2.3 GB, and before train() loads TensorFlow: a mistyped word or
+    # folder should not take an hour, or seconds, to report.
+    check_added_folders(data)
+    if args.data is None:
+        from kws.download import DEFAULT_DATA_DIR, download_dataset
+
+        print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
+        data = replace(data, data_dir=str(download_dataset(DEFAULT_DATA_DIR).resolve()))
+    check_data_dir(Path(data.data_dir))
+    config = RunConfig(
+        data=data,
+        model=ModelConfig.preset(args.size or "s"),
+        train=TrainConfig(
+            teachers=tuple(str(run.resolve()) for run in args.teacher),
+            **_given(epochs=args.epochs, seed=args.seed),
+        ),
+    )
+    config.augment.spec_augment = args.spec_augment
+    return config, run_dir
 
 
 def _load_classifier(path: Path):
