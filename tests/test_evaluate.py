@@ -8,26 +8,34 @@ LABELS = ["_silence_", "_unknown_", "yes", "no", "up"]
 
 
 def test_other_words_are_counted_word_by_word_worst_rejected_first():
-    # off: 1 of 3 rejected (2 taken for up); dog: 2 of 2; bed: 0 of 1 (taken for yes)
-    words = np.array(["off", "off", "off", "dog", "dog", "bed", "yes", ""], dtype=object)
-    sources = np.array(["other word"] * 6 + ["keyword", "negative speech"], dtype=object)
-    targets = np.array([1, 1, 1, 1, 1, 1, 2, 1])
-    predictions = np.array([4, 1, 4, 1, 1, 2, 2, 3])
+    # off: 1 of 3 rejected (2 taken for up); cat: 3 of 4; dog: 2 of 2; bed: 0 of 1 (taken for yes).
+    # Sorted by the share rejected, not the count (cat's 3 would come after dog's 2).
+    words = np.array(["off"] * 3 + ["cat"] * 4 + ["dog", "dog", "bed", "yes", ""], dtype=object)
+    sources = np.array(["other word"] * 10 + ["keyword", "negative speech"], dtype=object)
+    targets = np.array([1] * 10 + [2, 1])
+    predictions = np.array([4, 1, 4, 1, 1, 1, 3, 1, 1, 2, 2, 3])
     result = report(LABELS, targets, predictions, sources, words)
-    assert result["accuracy"] == 4 / 8
-    assert result["other_words"] == {
-        "bed": {"examples": 1, "rejected": 0, "taken_for": {"yes": 1}},
-        "off": {"examples": 3, "rejected": 1, "taken_for": {"up": 2}},
-        "dog": {"examples": 2, "rejected": 2, "taken_for": {}},
+    assert result["accuracy"] == 7 / 12
+    assert result["accuracy_by_source"] == {
+        "keyword": {"accuracy": 1.0, "examples": 1},
+        "negative speech": {"accuracy": 0.0, "examples": 1},
+        "other word": {"accuracy": 0.6, "examples": 10},
     }
+    assert list(result["other_words"].items()) == [
+        ("bed", {"examples": 1, "rejected": 0, "taken_for": {"yes": 1}}),
+        ("off", {"examples": 3, "rejected": 1, "taken_for": {"up": 2}}),
+        ("cat", {"examples": 4, "rejected": 3, "taken_for": {"no": 1}}),
+        ("dog", {"examples": 2, "rejected": 2, "taken_for": {}}),
+    ]
     text = format_report(result)
     lines = text.splitlines()
     first = lines.index(
         "other words (each should be _unknown_): clips rejected, and what the rest were taken for"
     )
-    assert [line.split()[:2] for line in lines[first + 1 : first + 4]] == [
+    assert [line.split()[:2] for line in lines[first + 1 : first + 5]] == [
         ["bed", "0/1"],
         ["off", "1/3"],
+        ["cat", "3/4"],
         ["dog", "2/2"],
     ]
     assert lines[first + 2].endswith("up 2")

@@ -128,6 +128,12 @@ def test_rules_average_then_threshold_per_keyword():
     assert warming.average_count == 5
     events = feed(rules(warming), [yes, yes])
     assert [(e.label, e.score, round(e.end, 2)) for e in events] == [("yes", 1.0, 0.04)]
+    # The keyword that fires is the one furthest over its own threshold, not the highest score.
+    strict = DetectionConfig(
+        hop_frames=1, average_ms=20, min_count=1, suppression_ms=0, thresholds={"yes": 0.3, "no": 0.9}
+    )
+    events = feed(rules(strict), [[0, 0, 0.35, 0.65]])
+    assert [(e.label, e.score, round(e.end, 2)) for e in events] == [("yes", 0.35, 0.02)]
 
 
 def test_rules_wait_for_min_count_and_then_suppress():
@@ -229,6 +235,55 @@ def test_match_counts_hits_once_and_everything_else_as_false_accepts():
     assert found == [True, False] and len(false_accepts) == 3
     kinds = stream_eval.false_accept_kinds(false_accepts, truth)
     assert kinds == {"substitution": 1, "repeat": 1, "no_keyword": 1}
+    # A window that ends up to MATCH_SLACK_S (0.25 s) before the clip starts still found it.
+    assert stream_eval.match([Event("no", 0.9, 18.8, 19.8)], truth)[0] == [False, True]
+    assert stream_eval.match([Event("no", 0.9, 18.7, 19.7)], truth)[0] == [False, False]
+
+
+def test_measure_counts_false_accepts_per_keyword_and_per_hour_of_each_audio():
+    from kws.stream_eval import Scored, Stream
+
+    config = DetectionConfig(hop_frames=1, average_ms=20, min_count=1, suppression_ms=0)
+    stream = Stream(np.zeros(36 * SAMPLE_RATE, np.float32), [])  # 0.01 h, no keyword said
+    ends = np.array([1.0, 5.0])
+    scored = Scored(ends, np.array([[0, 0, 1, 0], [0, 0, 1, 0]], float), stream.hours)
+    speech = Scored(ends, np.array([[0, 0, 1, 0], [0, 0, 0, 1]], float), 0.5)
+    result = stream_eval.measure(LABELS, stream, scored, speech, config)
+    assert result["false_accepts"] == 2 and result["false_accepts_per_hour"] == 200.0
+    assert {k: row["false_accepts"] for k, row in result["per_keyword"].items()} == {"yes": 2, "no": 0}
+    assert result["real_speech"] == {
+        "hours": 0.5,
+        "false_accepts": 2,
+        "false_accepts_per_hour": 4.0,  # over the speech's own hours
+        "by_keyword": {"yes": 1, "no": 1},
+    }
+
+
+def test_det_points_weigh_each_keywords_recall_by_how_often_it_is_said():
+    from kws.stream_eval import THRESHOLD_GRID, Stream
+
+    truth = [("yes", 1.0, 2.0), ("yes", 3.0, 4.0), ("yes", 5.0, 6.0), ("no", 7.0, 8.0)]
+    stream = Stream(np.zeros(36 * SAMPLE_RATE, np.float32), truth)
+    table = {"yes": [(t, 1.0, 1, 0) for t in THRESHOLD_GRID], "no": [(t, 0.0, 0, 0) for t in THRESHOLD_GRID]}
+    points = stream_eval.det_points(table, stream, None)
+    assert len(points) == len(THRESHOLD_GRID)
+    assert points[0] == {
+        "threshold": float(THRESHOLD_GRID[0]),
+        "recall": 0.75,
+        "stream_fa_per_hour": 100.0,
+        "speech_fa_per_hour": None,
+    }
+
+
+def test_the_sweep_fires_as_early_as_the_rules_at_the_start_of_a_stream():
+    from kws.stream_eval import Scored
+
+    scored = Scored(np.arange(1, 11) * 0.02, np.tile([0, 0, 1, 0], (10, 1)).astype(np.float32), 1.0)
+    config = DetectionConfig(hop_frames=1, average_ms=60, min_count=3, suppression_ms=1000)
+    fast = stream_eval.keyword_events(LABELS, scored, "yes", 0.5, config)
+    rules_alone = DetectionConfig(**{**config.to_dict(), "thresholds": {"yes": 0.5, "no": 2.0}})
+    assert [round(e.end, 2) for e in fast] == [0.06]
+    assert fast == stream_eval.simulate(LABELS, scored, rules_alone)
 
 
 def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsys):
