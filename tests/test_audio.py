@@ -89,6 +89,13 @@ def test_non_finite_samples_are_refused(tmp_path):
         audio.decode(path.read_bytes(), "upload")
 
 
+def test_float_samples_beyond_full_scale_are_clipped_as_a_converter_would(tmp_path):
+    path = tmp_path / "loud.wav"
+    sf.write(path, 1000 * sine(440, 16000), 16000, subtype="FLOAT")  # floats hold any value
+    for samples in (audio.load(path), np.concatenate(list(audio.native_blocks(path, 800)))):
+        assert samples.min() == -1.0 and samples.max() == 1.0
+
+
 def test_a_duration_limit_refuses_long_audio_from_its_header():
     buffer = io.BytesIO()
     sf.write(buffer, np.zeros(3 * 8000, np.float32), 8000, format="WAV")

@@ -1,6 +1,7 @@
 """Data: layouts, splits, shares, negatives, noise levels, augmentation, bad files."""
 
 import os
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def test_noise_and_negatives_hold_out_their_own_parts(tiny_dataset, negatives_di
     assert len(negatives.speakers["held_out"]) == 1 and len(negatives.speakers["training"]) == 4
     assert not set(negatives.speakers["held_out"]) & set(negatives.speakers["training"])
     assert negatives.seconds("held_out") == pytest.approx(8.0)
+    for speaker in ("102", "103", "104"):  # two speakers: a fifth of them rounds to none, yet one is held out
+        shutil.rmtree(negatives_dir / speaker)
+    two = D.NegativeBank([str(negatives_dir)], validation_share=0.2).speakers
+    assert len(two["held_out"]) == 1 and len(two["training"]) == 1
 
 
 def test_evaluation_set_is_fixed_and_fills_unknown_with_held_out_negatives(tiny_dataset, negatives_dir):
@@ -391,10 +396,11 @@ def test_extra_folders_only_ever_train(tiny_dataset, tmp_path):
 
 
 def test_a_data_config_refuses_shares_without_keywords_and_words_one_folder_would_hold():
-    with pytest.raises(
-        D.DataError, match=r"silence_share 0.6 \+ unknown_share 0.5 leave no room for keywords"
-    ):
-        D.DataConfig(data_dir="d", silence_share=0.6, unknown_share=0.5)
+    for silence, unknown in ((0.6, 0.5), (0.5, 0.5)):  # a sum of exactly 1 leaves none either
+        with pytest.raises(
+            D.DataError, match=rf"silence_share {silence} \+ unknown_share {unknown} leave no"
+        ):
+            D.DataConfig(data_dir="d", silence_share=silence, unknown_share=unknown)
     # as a config.json edited by hand gives them; --words refuses them the same way
     with pytest.raises(D.DataError, match="keywords that differ only in letter case: Yes, yes"):
         D.DataConfig(data_dir="d", words=["Yes", "yes"])

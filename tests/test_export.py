@@ -269,6 +269,10 @@ def test_quantize_rounds_half_away_from_zero_and_clamps():
     values = np.array([0.5, 1.5, -0.5, -1.5, 0.49, 1000.0, -1000.0], np.float32)
     np.testing.assert_array_equal(runtime.quantize(values, 1.0, 0), [1, 2, -1, -2, 0, 127, -128])
     np.testing.assert_array_equal(runtime.quantize(np.array([2.0]), 0.5, -10), [-6])
+    # back again, from the zero point: a softmax output runs from -128 (0) to 127 (255/256)
+    np.testing.assert_array_equal(
+        runtime.dequantize(np.array([-128, 0, 127], np.int8), 1 / 256, -128), [0, 0.5, 255 / 256]
+    )
 
 
 def test_export_calibrates_thresholds_and_records_the_stream_test(exported):

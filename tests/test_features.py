@@ -96,6 +96,9 @@ def test_silent_frames_get_the_silence_features_and_leave_the_others_alone():
     one_by_one = np.concatenate([F.frame_features(frame[None]) for frame in frames])
     np.testing.assert_array_equal(features, one_by_one)
     assert F.SILENCE_FRAME[0] == pytest.approx(np.log(F.LOG_FLOOR) * np.sqrt(F.NUM_MEL_BANDS), rel=1e-5)
+    # Only all-zero frames take the shortcut: the faintest sound is computed.
+    faint = rng.uniform(-5e-5, 5e-5, F.SAMPLE_RATE).astype(np.float32)
+    assert not (F.mfcc(faint) == F.SILENCE_FRAME).all(axis=1).any()
 
 
 def test_too_short_audio_is_a_clear_error():
@@ -108,3 +111,6 @@ def test_check_compatible_names_the_difference():
     with pytest.raises(ValueError, match="mel_fmax_hz: 7600.0"):
         F.check_compatible(recorded, "runs/x")
     F.check_compatible(F.describe(), "runs/x")
+    missing = {k: v for k, v in F.describe().items() if k != "num_mfcc"}  # a manifest of another kws
+    with pytest.raises(ValueError, match="num_mfcc: None"):
+        F.check_compatible(missing, "runs/x")

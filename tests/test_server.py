@@ -188,7 +188,12 @@ def test_limits_give_413(export):
         too_long = client.post("/detect", content=long_audio)
         assert too_long.status_code == 413 and "3.0 s" in too_long.json()["detail"]
         assert client.post("/detect", content=encode(np.zeros(3 * 8000), 8000, fmt="FLAC")).status_code == 413
-        assert client.post("/detect", content=fits).json()["duration"] == 1.5
+        answer = client.post("/detect", content=fits).json()
+        assert answer["duration"] == 1.5 and "scores" in answer  # 1.5 s still gets the clip's scores
+        longer = encode(np.zeros(int(1.5 * SAMPLE_RATE) + 320, np.float32))
+        assert "scores" not in client.post("/detect", content=longer).json()
+    with fresh_client(export, max_bytes=len(fits)) as client:  # a body of exactly the limit fits
+        assert client.post("/detect", content=fits).status_code == 200
 
 
 def malformed_corpus() -> dict[str, tuple[bytes, int | None]]:
@@ -328,6 +333,7 @@ def test_api_key_guards_everything_but_health(export):
         assert client.get("/model", headers={"X-API-Key": "wrong"}).status_code == 401
         assert client.get("/model", headers={"X-API-Key": API_KEY}).status_code == 200
         assert client.get("/model", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert client.get("/model", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
         assert client.get(f"/model?api_key={API_KEY}").status_code == 401  # query keys are for WebSockets
         # Each stream ends at once: let in by mistake, it closes with 1000 rather than hang the test.
         with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/stream") as ws:
@@ -381,7 +387,16 @@ def test_stream_resamples_an_announced_rate(client, model, long_recording):
     np.testing.assert_allclose([e["end"] for e in events], [e["end"] for e in expected], atol=0.1)
 
 
-@pytest.mark.parametrize("rate", ["abc", "100", "1000000", "-16000", "16000.5"])
+@pytest.mark.parametrize("rate", ["8000", "192000"])
+def test_stream_takes_the_rates_at_either_end_of_its_range(client, rate):
+    with client.websocket_connect(f"/stream?rate={rate}") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.send_bytes(np.zeros(int(rate) // 10, "<i2").tobytes())  # 0.1 s of silence
+        ws.send_text(END)
+        ws.receive_text()
+    assert closed.value.code == 1000  # a stream that ended, not one refused
+
+
+@pytest.mark.parametrize("rate", ["abc", "100", "7999", "192001", "1000000", "-16000", "16000.5"])
 def test_stream_refuses_an_unsupported_rate(client, rate):
     with client.websocket_connect(f"/stream?rate={rate}") as ws, pytest.raises(WebSocketDisconnect) as closed:
         ws.receive_text()
@@ -625,6 +640,7 @@ def test_a_limit_is_refused_in_the_same_words_as_option_or_variable(
     assert exited.value.code == 2 and f"{flag}: must be {expected}, got {value}\n" in capsys.readouterr().err
     variable = "KWS_" + flag.removeprefix("--").replace("-", "_").upper()
     monkeypatch.setenv(variable, value)
+    monkeypatch.setattr("kws.server.serve", lambda *args: pytest.fail(f"{variable}={value} was taken"))
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == f"kws serve: error: {variable} must be {expected}, got {value}\n"
 

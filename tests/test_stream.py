@@ -1,6 +1,7 @@
 """The streaming Detector: chunking never changes events, incremental equals naive, the event rules."""
 
 import ast
+import itertools
 import json
 from pathlib import Path
 
@@ -328,6 +329,21 @@ def test_a_word_at_the_very_end_fires_in_the_tail_and_is_cut_to_the_recording(mo
     report = recording_report(detector, [recording], "end")
     assert report["detections"] == [e.to_dict() for e in cut]
     assert report["detections"][0]["end"] == 1.0 and report["detections"][0]["start"] <= 1.0
+
+
+def test_the_tail_finds_what_more_silence_after_the_recording_would(model):
+    fired = 0
+    # Words cut off at every point of their burst, at every kind of threshold.
+    for word, kept in itertools.product(("up", "no"), range(4000, 16001, 1600)):
+        said = tone(WORD_TONES[word], seed=1)[:kept]
+        recording = np.concatenate([np.zeros(CLIP_SAMPLES // 2, np.float32), said])
+        seconds = len(recording) / SAMPLE_RATE
+        for threshold in (0.5, 0.7, 0.9, 0.99):
+            detector = Detector(model, DetectionConfig(default_threshold=threshold))
+            longer = detector.detect(np.concatenate([recording, np.zeros(2 * SAMPLE_RATE, np.float32)]))
+            assert detector.detect(recording) == [event.clamped(seconds) for event in longer]
+            fired += len(longer)
+    assert fired >= 6
 
 
 def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path, capsys):

@@ -497,3 +497,13 @@ def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path)
     with pytest.raises(ModelError, match="teacher .*teacher has the labels"):
         train(config, tmp_path / "student")
     assert not (tmp_path / "student").exists()  # so the same --out can be used again
+
+
+def test_a_failed_atomic_write_leaves_neither_its_temporary_file_nor_the_target(tmp_path):
+    from kws.files import atomic_path
+
+    target = tmp_path / "metrics.json"
+    with pytest.raises(RuntimeError), atomic_path(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("the disk filled")
+    assert list(tmp_path.iterdir()) == []
