@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from conftest import WORD_TONES, readme_code, tone
 
 from kws import stream_eval
@@ -451,3 +452,15 @@ def test_long_recordings_list_detections_without_clip_scores(model):
     events = [Event(d["label"], d["score"], d["start"], d["end"]) for d in report["detections"]]
     found, _ = stream_eval.match(events, truth)
     assert sum(found) >= 2
+
+
+def test_a_rate_detector_hears_every_sample_of_a_stream_at_another_rate(model):
+    from kws.stream import RateDetector
+
+    audio, _ = tone_recording(["yes", "no"])
+    at_44k = soxr.resample(audio, SAMPLE_RATE, 44_100)
+    detector = Detector(model)
+    live = RateDetector(detector, 44_100)
+    events = [event for block in np.array_split(at_44k, 7) for event in live.push(block)] + live.finish()
+    assert abs(detector.seconds - len(at_44k) / 44_100) <= 1 / SAMPLE_RATE  # the resampler drained
+    assert [event.label for event in events] == [event.label for event in Detector(model).detect(audio)]
