@@ -465,7 +465,7 @@ DETECT_ERRORS = {
     415: {"description": "not audio that can be used; the detail gives the decoder's reason"},
     503: {
         "description": "no worker process can take it now (the model is loading, a process died on "
-        "it or got stuck, or the server is shutting down): try again"
+        "it or got stuck, too many uploads wait already, or the server is shutting down): try again"
     },
 }
 
@@ -553,6 +553,8 @@ def create_app(settings: Settings) -> FastAPI:
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
         model_of(request)
+        if not request.app.state.workers.has_room:  # before its body takes memory too
+            raise HTTPException(503, "busy: too many uploads wait for a worker process; try again")
         data, name = await _upload(request, settings.max_bytes)
         if not data:
             raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")

@@ -50,6 +50,10 @@ REQUESTS_PER_WORKER = 2
 READY = "ready"  # a worker's first message, once its model is loaded
 NO_WORKER = "no worker process is running and none could be started: try again later"
 SHUTTING_DOWN = "the server is shutting down: try again"
+# Uploads waiting for a process, in bytes: beyond it, requests get 503 rather than the HTTP
+# process growing by each body waiting (a hundred 10 MB uploads at once took it to 2 GB). The
+# first to wait always may, however large.
+MAX_WAITING_BYTES = 100_000_000
 
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -257,10 +261,12 @@ class WorkerPool:
     and /ready says 503; attempts go on every RESTART_DELAY_S.
     """
 
-    def __init__(self, model: Model, size: int):
+    def __init__(self, model: Model, size: int, max_waiting_bytes: int = MAX_WAITING_BYTES):
         # The model itself, not its path: a process started in place of a dead one runs what the
         # others run (and /model describes), even if the file was exported again since.
         self.model, self.size = model, size
+        self.max_waiting_bytes = max_waiting_bytes
+        self._waiting_bytes = 0
         # spawn, not fork: a forked child would inherit the server's event loop and sockets.
         self._context = multiprocessing.get_context("spawn")
         self._workers: set[_Worker] = set()  # the processes running
@@ -293,10 +299,12 @@ class WorkerPool:
     ) -> dict:
         """``detect(model, ...)`` in a worker process. A request that waited behind one whose
         process died goes to another; the one the process died on gets 503."""
-        payload = pickle.dumps((data, name, max_seconds, threshold, top_k), pickle.HIGHEST_PROTOCOL)
         for _ in range(2):
-            worker = await self._free()
-            answer = worker.send(payload)
+            worker = await self._free(len(data))
+            # Pickled once a process takes it: a waiting request holds its bytes once, not twice.
+            answer = worker.send(
+                pickle.dumps((data, name, max_seconds, threshold, top_k), pickle.HIGHEST_PROTOCOL)
+            )
             # A timer rather than wait_for, which makes a task per request. Killing the process
             # fails its requests with WorkerDied. The answer stops the timer, not this coroutine:
             # a request whose client gave up is still the process's, which may be stuck on it.
@@ -320,8 +328,13 @@ class WorkerPool:
             return result
         raise RequestError(503, "a worker process died twice in a row: try again")
 
-    async def _free(self) -> _Worker:
-        """The process to give a request to, in the order the requests came."""
+    @property
+    def has_room(self) -> bool:
+        """Whether a request could wait for a process now (checked before reading its body)."""
+        return self._waiting_bytes < self.max_waiting_bytes
+
+    async def _free(self, size: int) -> _Worker:
+        """The process to give a request of ``size`` bytes to, in the order the requests came."""
         if self._closed:
             raise RequestError(503, SHUTTING_DOWN)
         if self.failing:
@@ -331,8 +344,11 @@ class WorkerPool:
             if worker is not None:
                 worker.busy += 1
                 return worker
+        if self._waiting and self._waiting_bytes + size > self.max_waiting_bytes:
+            raise RequestError(503, f"busy: {self._waiting_bytes:,} bytes of audio wait already; try again")
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
+        self._waiting_bytes += size
         try:
             worker = await waiter
         except asyncio.CancelledError:
@@ -340,6 +356,8 @@ class WorkerPool:
                 waiter.result().busy -= 1  # handed a process, but cancelled before using it
                 self._hand_on()
             raise
+        finally:
+            self._waiting_bytes -= size
         if worker is None:
             raise RequestError(503, SHUTTING_DOWN if self._closed else NO_WORKER)
         return worker

@@ -870,6 +870,8 @@ class Busy:
     """A pool whose processes are all taken: a request waits in its queue; ``withdrawn`` lists
     the requests cancelled there."""
 
+    has_room = True
+
     def __init__(self):
         self.withdrawn = []
 
@@ -1183,3 +1185,35 @@ def test_dockerfile_install_works_without_tensorflow(tmp_path):
         subprocess.run([str(venv / "bin" / "python"), "-c", check], capture_output=True, text=True).stdout
         == "ok\n"
     )
+
+
+def test_uploads_beyond_the_waiting_bound_get_503_not_memory(model, clip):
+    rng = np.random.default_rng(5)
+    long = encode(pcm16(0.1 * rng.standard_normal(59 * SAMPLE_RATE)))
+    short = encode(clip)
+
+    def post(data: bytes) -> asyncio.Future:
+        return asyncio.ensure_future(pool.detect(data, "c.wav", 60.0, None, None))
+
+    async def scenario():
+        await pool.start()
+        try:
+            # The one process takes two requests; the next two wait, within the bound.
+            posted = [post(long), post(long), post(long), post(short)]
+            await asyncio.sleep(0.01)
+            assert pool._waiting_bytes == len(long) + len(short) and pool.has_room
+            posted.append(post(long))  # fills the bound: no more may wait
+            await asyncio.sleep(0.01)
+            assert not pool.has_room
+            with pytest.raises(RequestError) as refused:
+                await pool.detect(short, "c.wav", 60.0, None, None)
+            answers = await asyncio.gather(*posted)
+            return refused.value, answers, pool.has_room
+        finally:
+            await pool.close()
+
+    pool = WorkerPool(model, 1, max_waiting_bytes=2 * len(long) + len(short))
+    refused, answers, room = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert refused.status == 503 and refused.detail.startswith("busy: ") and "try again" in refused.detail
+    assert len(answers) == 5 and answers[3] == recording_report(Detector(model), [clip], "c.wav")
+    assert room  # the bytes waited for are let go
