@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -599,6 +600,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # The WebSocket streams' work runs in a thread of this process, and while it holds the GIL
     # the event loop waits up to the switch interval (5 ms by default) to answer anything else.
     sys.setswitchinterval(GIL_SWITCH_S)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal stops the server as docker stop (SIGTERM) does
+        signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     uvicorn.run(
         create_app(settings),
         host=host,

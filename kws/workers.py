@@ -120,15 +120,19 @@ class WorkerFailed(Exception):
 
 def _serve(connection: socket.socket, content: bytes, manifest: dict, source: str) -> None:
     """A worker process: load the model, say it is ready, then answer requests until the socket closes."""
-    # Ctrl-C, and a SIGTERM to the whole process group (systemd's default), reach the workers
-    # too: they finish their requests while the server shuts them down itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, a SIGTERM to the whole process group (systemd's default) and a closed terminal's
+    # SIGHUP reach the workers too: they finish their requests while the server shuts them down.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     model = Model(content, manifest, source=source)
     with connection, connection.makefile("rb") as incoming:
         _send(connection, READY)
-        while header := incoming.read(LENGTH.size):
-            arguments = pickle.loads(incoming.read(LENGTH.unpack(header)[0]))
+        while len(header := incoming.read(LENGTH.size)) == LENGTH.size:
+            (size,) = LENGTH.unpack(header)
+            if len(request := incoming.read(size)) < size:  # the server died sending it
+                return
+            arguments = pickle.loads(request)
             try:
                 answer = detect(model, *arguments)
             except RequestError as error:

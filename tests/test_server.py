@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -485,6 +486,17 @@ def server(export, tmp_path_factory):
 
 
 KEY = {"X-API-Key": API_KEY}
+
+
+def test_a_closed_terminal_stops_the_server_as_sigterm_does(export, tmp_path):
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "kws", "serve", "--model", str(export), "--workers", "1"]
+    with running(command, log) as (_, process):
+        process.send_signal(signal.SIGHUP)
+        # uvicorn shuts down, then raises the SIGTERM it caught again, as after `docker stop`
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    text = log.read_text()
+    assert "Shutting down" in text and "Finished server process" in text and "Traceback" not in text
 
 
 def test_real_server_answers_like_the_app(server, client, long_recording):
@@ -1217,3 +1229,22 @@ def test_uploads_beyond_the_waiting_bound_get_503_not_memory(model, clip):
     assert refused.status == 503 and refused.detail.startswith("busy: ") and "try again" in refused.detail
     assert len(answers) == 5 and answers[3] == recording_report(Detector(model), [clip], "c.wav")
     assert room  # the bytes waited for are let go
+
+
+def test_a_worker_whose_server_dies_mid_request_ends_quietly(model, monkeypatch, capsys):
+    import threading
+
+    monkeypatch.setattr(workers.signal, "signal", lambda *args: None)  # a thread may not set them
+    server_end, worker_end = socket.socketpair()
+    failures = []
+    done = threading.Thread(
+        target=lambda: failures.append(workers._serve(worker_end, model.content, model.manifest, "m")),
+        daemon=True,
+    )
+    done.start()
+    with server_end, server_end.makefile("rb") as answers:
+        size = workers.LENGTH.unpack(answers.read(workers.LENGTH.size))[0]
+        assert pickle.loads(answers.read(size)) == workers.READY
+        server_end.sendall(workers.LENGTH.pack(1000) + b"\x80\x05 only part")  # then the server is gone
+    done.join(timeout=30)
+    assert not done.is_alive() and failures == [None]
