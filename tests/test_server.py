@@ -932,10 +932,14 @@ def test_a_request_whose_client_hangs_up_is_withdrawn_from_the_queue(export, cli
     upload = Upload(encode(clip), leaves_after=0.1)  # while the request waits, its client hangs up
     with busy_app(export) as (client, busy):
         asyncio.run(asyncio.wait_for(upload.to(client.app), 10))
+        counted = metric_samples(client.get("/metrics").text)
     assert busy.withdrawn == ["upload"]  # cancelled: it never reaches a worker process
     assert (
-        upload.sent[0]["type"] == "http.response.start" and upload.sent[0]["status"] == 400
+        upload.sent[0]["type"] == "http.response.start" and upload.sent[0]["status"] == 499
     )  # read by nobody
+    assert (
+        counted[("kws_requests_total", (("endpoint", "/detect"), ("status", "499")))] == 1
+    )  # not a bad request
 
 
 def test_a_request_running_when_the_graceful_shutdown_ends_gets_503_not_500(export, clip):
@@ -1248,3 +1252,19 @@ def test_a_worker_whose_server_dies_mid_request_ends_quietly(model, monkeypatch,
         server_end.sendall(workers.LENGTH.pack(1000) + b"\x80\x05 only part")  # then the server is gone
     done.join(timeout=30)
     assert not done.is_alive() and failures == [None]
+
+
+def test_a_stream_beyond_the_most_served_is_refused_and_its_place_freed(client, monkeypatch):
+    monkeypatch.setattr("kws.server.MAX_STREAMS", 1)
+    with client.websocket_connect("/stream") as first:
+        first.send_bytes(bytes(640))
+        with client.websocket_connect("/stream") as second, pytest.raises(WebSocketDisconnect) as refused:
+            second.receive_text()
+        assert refused.value.code == 1013 and refused.value.reason.startswith("busy: 1 streams are open")
+        first.send_text(END)
+        with pytest.raises(WebSocketDisconnect):
+            first.receive_text()
+    with client.websocket_connect("/stream") as third, pytest.raises(WebSocketDisconnect) as ended:
+        third.send_text(END)
+        third.receive_text()
+    assert ended.value.code == 1000  # served: the first one's place is free again
