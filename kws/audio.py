@@ -195,9 +195,17 @@ def duration(path: str | Path) -> float:
 def decode(data: bytes, name: str = "audio", max_seconds: float | None = None) -> np.ndarray:
     """Decode audio file bytes (WAV, FLAC, OGG, ...) like ``load``; TooLong if the header says
     the recording lasts over ``max_seconds``, or holds more samples than that many seconds may."""
+    return np.concatenate(list(decoded_blocks(data, name, max_seconds)))
+
+
+def decoded_blocks(
+    data: bytes, name: str = "audio", max_seconds: float | None = None
+) -> Iterator[np.ndarray]:
+    """The samples ``decode`` returns, ``BLOCK_SECONDS`` at a time as they are used (``blocks``
+    for bytes): an hour's upload never sits in memory decoded whole."""
     if not data:
         raise AudioError(f"{name}: is empty")
-    return np.concatenate(list(_blocks(io.BytesIO(data), name, max_seconds=max_seconds)))
+    yield from _blocks(io.BytesIO(data), name, max_seconds=max_seconds)
 
 
 def fix_length(samples: np.ndarray, length: int = CLIP_SAMPLES) -> np.ndarray:

@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 
 from kws import audio
-from kws.runtime import Model
+from kws.runtime import Model, quiet_stderr
 from kws.stream import Detector, detection_config, recording_report
 
 log = logging.getLogger("uvicorn.error")
@@ -92,15 +92,18 @@ class RequestError(Exception):
 def detect(
     model: Model, data: bytes, name: str, max_seconds: float, threshold: float | None, top_k: int | None
 ) -> dict:
-    """Decode and detect one uploaded recording: its report, or RequestError (413 or 415)."""
+    """Decode and detect one uploaded recording, 10 s at a time as ``kws detect`` reads a file:
+    its report, or RequestError (413 or 415)."""
+    detector = Detector(model, detection_config(model.manifest, threshold))
     try:
-        samples = audio.decode(data, name, max_seconds)
+        # A damaged MP3 has libmpg123 print a line per bad frame, naming no request: a client
+        # could fill the server's log with them. The error that counts is raised, not printed.
+        with quiet_stderr():
+            return recording_report(detector, audio.decoded_blocks(data, name, max_seconds), name, top_k)
     except audio.TooLong as error:
         raise RequestError(413, str(error)) from None
     except audio.AudioError as error:
         raise RequestError(415, str(error)) from None
-    detector = Detector(model, detection_config(model.manifest, threshold))
-    return recording_report(detector, [samples], name, top_k)
 
 
 class WorkerDied(Exception):

@@ -1268,3 +1268,22 @@ def test_a_stream_beyond_the_most_served_is_refused_and_its_place_freed(client, 
         third.send_text(END)
         third.receive_text()
     assert ended.value.code == 1000  # served: the first one's place is free again
+
+
+def test_a_damaged_mp3_upload_leaves_the_servers_log_alone(model, capfd):
+    t = np.arange(SAMPLE_RATE * 20) / SAMPLE_RATE
+    buffer = io.BytesIO()
+    sf.write(
+        buffer, (0.3 * np.sin(2 * np.pi * (200 + 20 * t) * t)).astype(np.float32), SAMPLE_RATE, format="MP3"
+    )
+    damaged = bytearray(buffer.getvalue())
+    rng = np.random.default_rng(0)
+    for at in rng.integers(1000, len(damaged), 3000):  # bytes flipped all through it
+        damaged[at] ^= 0xFF
+    capfd.readouterr()
+    try:
+        answer = workers.detect(model, bytes(damaged), "damaged.mp3", 60.0, None, None)
+    except RequestError as refused:
+        answer = refused
+    assert capfd.readouterr().err == ""  # libmpg123 printed a line per bad frame, naming no request
+    assert isinstance(answer, RequestError) or answer["file"] == "damaged.mp3"
