@@ -77,7 +77,14 @@ from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, RateDetector, detection_config
-from kws.workers import NO_WORKER, SHUTTING_DOWN, RequestError, WorkerPool, default_workers
+from kws.workers import (
+    NO_WORKER,
+    SHUTTING_DOWN,
+    TOO_LONG_ADVICE,
+    RequestError,
+    WorkerPool,
+    default_workers,
+)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
@@ -319,12 +326,14 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if _is_number(declared) and int(declared) > limit:
-        raise HTTPException(413, f"body of {int(declared):,} bytes, over the {limit:,} byte limit")
+        raise HTTPException(
+            413, f"body of {int(declared):,} bytes, over the {limit:,} byte limit: {TOO_LONG_ADVICE}"
+        )
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
-            raise HTTPException(413, f"body over the {limit:,} byte limit")
+            raise HTTPException(413, f"body over the {limit:,} byte limit: {TOO_LONG_ADVICE}")
         yield chunk
 
 

@@ -50,6 +50,11 @@ REQUESTS_PER_WORKER = 2
 READY = "ready"  # a worker's first message, once its model is loaded
 NO_WORKER = "no worker process is running and none could be started: try again later"
 SHUTTING_DOWN = "the server is shutting down: try again"
+# How a 413 ends, for the body's size and the audio's length alike.
+TOO_LONG_ADVICE = (
+    "send it in shorter parts, or run kws detect on it (kws serve --max-bytes and --max-seconds set "
+    "the limits)"
+)
 # Uploads waiting for a process, in bytes: beyond it, requests get 503 rather than the HTTP
 # process growing by each body waiting (a hundred 10 MB uploads at once took it to 2 GB). The
 # first to wait always may, however large.
@@ -101,7 +106,7 @@ def detect(
         with quiet_stderr():
             return recording_report(detector, audio.decoded_blocks(data, name, max_seconds), name, top_k)
     except audio.TooLong as error:
-        raise RequestError(413, str(error)) from None
+        raise RequestError(413, f"{error}: {TOO_LONG_ADVICE}") from None
     except audio.AudioError as error:
         raise RequestError(415, str(error)) from None
 

@@ -181,13 +181,15 @@ def test_limits_give_413(export):
         long_body = encode(np.zeros(3 * SAMPLE_RATE, np.float32))  # 96 kB
         long_audio = encode(np.zeros(3 * 8000, np.float32), 8000, "PCM_U8")  # 24 kB but 3 s
         fits = encode(np.zeros(int(1.5 * SAMPLE_RATE), np.float32))  # 48 kB, 1.5 s
-        assert client.post("/detect", content=long_body).status_code == 413
+        refused = client.post("/detect", content=long_body)
+        assert refused.status_code == 413 and refused.json()["detail"].endswith(workers.TOO_LONG_ADVICE)
         assert (
             client.post("/detect", content=iter([long_body[:40_000], long_body[40_000:]])).status_code == 413
         )
         assert client.post("/detect", files={"file": ("a.wav", long_body)}).status_code == 413
         too_long = client.post("/detect", content=long_audio)
         assert too_long.status_code == 413 and "3.0 s" in too_long.json()["detail"]
+        assert too_long.json()["detail"].endswith(": " + workers.TOO_LONG_ADVICE)
         assert client.post("/detect", content=encode(np.zeros(3 * 8000), 8000, fmt="FLAC")).status_code == 413
         answer = client.post("/detect", content=fits).json()
         assert answer["duration"] == 1.5 and "scores" in answer  # 1.5 s still gets the clip's scores
