@@ -537,6 +537,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.head("/health", include_in_schema=False)  # some load balancers' probes send HEAD
+    async def health_head() -> Response:
+        return Response()
+
     @app.get("/ready", summary="readiness: 503 until the model is loaded or while no worker can start")
     async def ready(request: Request) -> dict:
         name = model_of(request).manifest.get("name")

@@ -330,7 +330,7 @@ def test_metrics_count_requests_latency_and_detections(export, long_recording):
 
 def test_api_key_guards_everything_but_health(export):
     with fresh_client(export, api_key=API_KEY) as client:
-        assert client.get("/health").status_code == 200
+        assert client.get("/health").status_code == 200 and client.head("/health").status_code == 200
         for path in ("/ready", "/model", "/metrics", "/docs", "/openapi.json"):
             assert client.get(path).status_code == 401
         assert client.get("/model", headers={"X-API-Key": "wrong"}).status_code == 401
