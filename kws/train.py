@@ -383,43 +383,49 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if epoch + 1 < config.train.epochs:
                 upcoming = prefetch.submit(epoch_data, epoch + 1)
             keras.utils.set_random_seed(config.train.seed + epoch)
-            model.optimizer.learning_rate.assign(config.train.learning_rate(epoch))
-            batches = -(-len(train_labels) // config.train.batch_size)
-            fit = model.fit(
-                train_features,
-                _targets(train_features, train_labels, teachers, config),
-                batch_size=config.train.batch_size,
-                epochs=1,
-                shuffle=False,  # training_epoch already shuffled
-                verbose=0,
-                callbacks=[_batch_progress(batches, f"epoch {epoch + 1}")],
-            )
-            probabilities = model.predict(val_features, batch_size=1000, verbose=0)
-            val_accuracy = float((probabilities.argmax(axis=1) == validation.labels).mean())
-            val_loss = _cross_entropy(probabilities, validation.labels)
+            targets = _targets(train_features, train_labels, teachers, config)
+            row = _fit_epoch(model, epoch, train_features, targets, validation.labels, val_features, config)
             state["seconds"] += time.perf_counter() - started
-            state["history"].append(
-                {
-                    "epoch": epoch + 1,
-                    "learning_rate": config.train.learning_rate(epoch),
-                    "loss": float(fit.history["loss"][-1]),
-                    "accuracy": float(fit.history["accuracy"][-1]),
-                    "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "seconds": round(time.perf_counter() - started, 2),
-                }
-            )
-            # Of epochs equally accurate (a small validation set reaches 100 % early), the
-            # surest: the lowest validation loss.
-            if (val_accuracy, -val_loss) > (state["best_accuracy"], -state["best_val_loss"]):
-                state["best_accuracy"], state["best_epoch"] = val_accuracy, epoch + 1
-                state["best_val_loss"] = val_loss
-                with atomic_path(run_dir / MODEL_FILE) as tmp:
-                    model.save(tmp)
+            state["history"].append({**row, "seconds": round(time.perf_counter() - started, 2)})
+            _keep_if_best(run_dir, model, state, row)
             state["epochs_done"] = epoch + 1
             _save_checkpoint(run_dir, model, state)
-            epochs.set_postfix(val_acc=f"{val_accuracy:.2%}", best=f"{state['best_accuracy']:.2%}")
+            epochs.set_postfix(val_acc=f"{row['val_accuracy']:.2%}", best=f"{state['best_accuracy']:.2%}")
     return _final_metrics(run_dir, config, state, validation, val_features)
+
+
+def _fit_epoch(model, epoch: int, examples, targets, val_labels, val_features, config: RunConfig) -> dict:
+    """One pass over an epoch's examples, then the validation set: the epoch's row of history."""
+    model.optimizer.learning_rate.assign(config.train.learning_rate(epoch))
+    batches = -(-len(targets) // config.train.batch_size)
+    fit = model.fit(
+        examples,
+        targets,
+        batch_size=config.train.batch_size,
+        epochs=1,
+        shuffle=False,  # training_epoch already shuffled
+        verbose=0,
+        callbacks=[_batch_progress(batches, f"epoch {epoch + 1}")],
+    )
+    probabilities = model.predict(val_features, batch_size=1000, verbose=0)
+    return {
+        "epoch": epoch + 1,
+        "learning_rate": config.train.learning_rate(epoch),
+        "loss": float(fit.history["loss"][-1]),
+        "accuracy": float(fit.history["accuracy"][-1]),
+        "val_loss": _cross_entropy(probabilities, val_labels),
+        "val_accuracy": float((probabilities.argmax(axis=1) == val_labels).mean()),
+    }
+
+
+def _keep_if_best(run_dir: Path, model, state: dict, row: dict) -> None:
+    """Save the model as the run's model.keras if this epoch is the best so far. Of epochs
+    equally accurate (a small validation set reaches 100 % early), the surest: the lowest loss."""
+    if (row["val_accuracy"], -row["val_loss"]) > (state["best_accuracy"], -state["best_val_loss"]):
+        state["best_accuracy"], state["best_epoch"] = row["val_accuracy"], row["epoch"]
+        state["best_val_loss"] = row["val_loss"]
+        with atomic_path(run_dir / MODEL_FILE) as tmp:
+            model.save(tmp)
 
 
 def _new_model(config: RunConfig):
