@@ -630,7 +630,9 @@ def serve(settings: Settings, host: str, port: int) -> None:
     # The WebSocket streams' work runs in a thread of this process, and while it holds the GIL
     # the event loop waits up to the switch interval (5 ms by default) to answer anything else.
     sys.setswitchinterval(GIL_SWITCH_S)
-    if hasattr(signal, "SIGHUP"):  # a closed terminal stops the server as docker stop (SIGTERM) does
+    # A closed terminal stops the server as docker stop (SIGTERM) does; unless the process was told
+    # to ignore it (nohup, a supervisor), which is left as it is.
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     uvicorn.run(
         create_app(settings),

@@ -451,8 +451,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(command: list[str], log: Path, env: dict | None = None):
-    """Start a server command on a free 127.0.0.1 port; yield its URL once /health answers."""
+def running(command: list[str], log: Path, env: dict | None = None, ignoring_hangups: bool = False):
+    """Start a server command on a free 127.0.0.1 port; yield its URL once /health answers.
+    ``ignoring_hangups``: started as nohup starts it."""
     port = free_port()
     clean = {name: value for name, value in os.environ.items() if not name.startswith("KWS_")}
     with open(log, "wb") as out:
@@ -461,6 +462,7 @@ def running(command: list[str], log: Path, env: dict | None = None):
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**clean, **(env or {})},
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignoring_hangups else None,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -499,6 +501,10 @@ def test_a_closed_terminal_stops_the_server_as_sigterm_does(export, tmp_path):
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     text = log.read_text()
     assert "Shutting down" in text and "Finished server process" in text and "Traceback" not in text
+    with running(command, log, ignoring_hangups=True) as (url, process):  # `nohup kws serve &`
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert process.poll() is None and httpx2.get(f"{url}/health", timeout=5).status_code == 200
 
 
 def test_real_server_answers_like_the_app(server, client, long_recording):
