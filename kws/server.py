@@ -91,6 +91,9 @@ log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it conf
 UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
 AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
 STREAM_RATES = (MIN_SAMPLE_RATE, 192_000)  # what ?rate= may announce, in Hz
+# Uploads held in the HTTP process at once, in bytes: beyond it, a request gets 503 rather than
+# the process growing by each body (a hundred 10 MB uploads at once took it to 2 GB).
+MAX_UPLOAD_BYTES = 100_000_000
 # Streams are scored in the HTTP process, on one core: 60 streams of 20 ms messages kept up
 # here (events at most 0.13 s late), a hundred fell seconds behind. Beyond this, a stream is
 # refused (1013) rather than every stream running late.
@@ -322,6 +325,25 @@ class RedactApiKey(logging.Filter):
 REDACT_API_KEY = RedactApiKey()
 
 
+class UploadBudget:
+    """The bytes of the uploads this process holds at once (arriving, waiting for a worker process
+    or being answered), each counted at its Content-Length, or the byte limit where none is
+    given: a request beyond ``limit`` gets 503 before its body is read. The first always fits."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def hold(self, size: int):
+        if self.held and self.held + size > self.limit:
+            raise HTTPException(503, f"busy: {self.held:,} bytes of uploads are being answered; try again")
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
@@ -499,6 +521,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.model, app.state.workers = model, workers
             app.state.streams = anyio.CapacityLimiter(1)
             app.state.open_streams = 0
+            app.state.uploads = UploadBudget(MAX_UPLOAD_BYTES)
             log.info(
                 "kws %s serving model %s (%s labels) with %d worker process%s",
                 __version__,
@@ -575,18 +598,21 @@ def create_app(settings: Settings) -> FastAPI:
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
         model_of(request)
-        if not request.app.state.workers.has_room:  # before its body takes memory too
-            raise HTTPException(503, "busy: too many uploads wait for a worker process; try again")
-        data, name = await _upload(request, settings.max_bytes)
-        if not data:
-            raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")
-        try:
-            workers = request.app.state.workers
-            report = await _unless_client_leaves(
-                request, workers.detect(data, name, settings.max_seconds, threshold, top_k)
-            )
-        except RequestError as error:
-            raise HTTPException(error.status, error.detail) from None
+        declared = request.headers.get("content-length", "")
+        size = min(int(declared), settings.max_bytes) if _is_number(declared) else settings.max_bytes
+        with request.app.state.uploads.hold(size):
+            data, name = await _upload(request, settings.max_bytes)
+            if not data:
+                raise HTTPException(
+                    400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)"
+                )
+            try:
+                workers = request.app.state.workers
+                report = await _unless_client_leaves(
+                    request, workers.detect(data, name, settings.max_seconds, threshold, top_k)
+                )
+            except RequestError as error:
+                raise HTTPException(error.status, error.detail) from None
         metrics.count(report["detections"])
         return report
 

@@ -55,10 +55,6 @@ TOO_LONG_ADVICE = (
     "send it in shorter parts, or run kws detect on it (kws serve --max-bytes and --max-seconds set "
     "the limits)"
 )
-# Uploads waiting for a process, in bytes: beyond it, requests get 503 rather than the HTTP
-# process growing by each body waiting (a hundred 10 MB uploads at once took it to 2 GB). The
-# first to wait always may, however large.
-MAX_WAITING_BYTES = 100_000_000
 
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -273,12 +269,10 @@ class WorkerPool:
     and /ready says 503; attempts go on every RESTART_DELAY_S.
     """
 
-    def __init__(self, model: Model, size: int, max_waiting_bytes: int = MAX_WAITING_BYTES):
+    def __init__(self, model: Model, size: int):
         # The model itself, not its path: a process started in place of a dead one runs what the
         # others run (and /model describes), even if the file was exported again since.
         self.model, self.size = model, size
-        self.max_waiting_bytes = max_waiting_bytes
-        self._waiting_bytes = 0
         # spawn, not fork: a forked child would inherit the server's event loop and sockets.
         self._context = multiprocessing.get_context("spawn")
         self._workers: set[_Worker] = set()  # the processes running
@@ -312,7 +306,7 @@ class WorkerPool:
         """``detect(model, ...)`` in a worker process. A request that waited behind one whose
         process died goes to another; the one the process died on gets 503."""
         for _ in range(2):
-            worker = await self._free(len(data))
+            worker = await self._free()
             # Pickled once a process takes it: a waiting request holds its bytes once, not twice.
             answer = worker.send(
                 pickle.dumps((data, name, max_seconds, threshold, top_k), pickle.HIGHEST_PROTOCOL)
@@ -340,13 +334,8 @@ class WorkerPool:
             return result
         raise RequestError(503, "a worker process died twice in a row: try again")
 
-    @property
-    def has_room(self) -> bool:
-        """Whether a request could wait for a process now (checked before reading its body)."""
-        return self._waiting_bytes < self.max_waiting_bytes
-
-    async def _free(self, size: int) -> _Worker:
-        """The process to give a request of ``size`` bytes to, in the order the requests came."""
+    async def _free(self) -> _Worker:
+        """The process to give a request to, in the order the requests came."""
         if self._closed:
             raise RequestError(503, SHUTTING_DOWN)
         if self.failing:
@@ -356,11 +345,8 @@ class WorkerPool:
             if worker is not None:
                 worker.busy += 1
                 return worker
-        if self._waiting and self._waiting_bytes + size > self.max_waiting_bytes:
-            raise RequestError(503, f"busy: {self._waiting_bytes:,} bytes of audio wait already; try again")
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
-        self._waiting_bytes += size
         try:
             worker = await waiter
         except asyncio.CancelledError:
@@ -368,8 +354,6 @@ class WorkerPool:
                 waiter.result().busy -= 1  # handed a process, but cancelled before using it
                 self._hand_on()
             raise
-        finally:
-            self._waiting_bytes -= size
         if worker is None:
             raise RequestError(503, SHUTTING_DOWN if self._closed else NO_WORKER)
         return worker

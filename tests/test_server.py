@@ -41,7 +41,7 @@ from kws import audio, workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
-from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, create_app
+from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, UploadBudget, create_app
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool, default_workers
 
@@ -890,8 +890,6 @@ class Busy:
     """A pool whose processes are all taken: a request waits in its queue; ``withdrawn`` lists
     the requests cancelled there."""
 
-    has_room = True
-
     def __init__(self):
         self.withdrawn = []
 
@@ -1211,36 +1209,27 @@ def test_dockerfile_install_works_without_tensorflow(tmp_path):
     )
 
 
-def test_uploads_beyond_the_waiting_bound_get_503_not_memory(model, clip):
-    rng = np.random.default_rng(5)
-    long = encode(pcm16(0.1 * rng.standard_normal(59 * SAMPLE_RATE)))
-    short = encode(clip)
+def test_uploads_beyond_the_bytes_held_get_503_before_their_body_is_read(export, clip):
+    body = encode(clip)
+    first, second, third = (Upload(body, leaves_after=None) for _ in range(3))
 
-    def post(data: bytes) -> asyncio.Future:
-        return asyncio.ensure_future(pool.detect(data, "c.wav", 60.0, None, None))
+    async def scenario(app) -> int:
+        app.state.uploads = UploadBudget(2 * len(body))  # room for two uploads of this size
+        held = [asyncio.ensure_future(upload.to(app)) for upload in (first, second)]
+        await asyncio.sleep(0.2)  # both wait for a worker process
+        await third.to(app)
+        assert third.unsent  # refused before its body was read
+        for request in held:
+            request.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        return app.state.uploads.held
 
-    async def scenario():
-        await pool.start()
-        try:
-            # The one process takes two requests; the next two wait, within the bound.
-            posted = [post(long), post(long), post(long), post(short)]
-            await asyncio.sleep(0.01)
-            assert pool._waiting_bytes == len(long) + len(short) and pool.has_room
-            posted.append(post(long))  # fills the bound: no more may wait
-            await asyncio.sleep(0.01)
-            assert not pool.has_room
-            with pytest.raises(RequestError) as refused:
-                await pool.detect(short, "c.wav", 60.0, None, None)
-            answers = await asyncio.gather(*posted)
-            return refused.value, answers, pool.has_room
-        finally:
-            await pool.close()
-
-    pool = WorkerPool(model, 1, max_waiting_bytes=2 * len(long) + len(short))
-    refused, answers, room = asyncio.run(asyncio.wait_for(scenario(), 120))
-    assert refused.status == 503 and refused.detail.startswith("busy: ") and "try again" in refused.detail
-    assert len(answers) == 5 and answers[3] == recording_report(Detector(model), [clip], "c.wav")
-    assert room  # the bytes waited for are let go
+    with busy_app(export) as (client, busy):
+        held_after = asyncio.run(asyncio.wait_for(scenario(client.app), 10))
+    assert third.sent[0]["status"] == 503
+    detail = json.loads(third.sent[1]["body"])["detail"]
+    assert detail == f"busy: {2 * len(body):,} bytes of uploads are being answered; try again"
+    assert busy.withdrawn == ["upload", "upload"] and held_after == 0  # the bytes held are let go
 
 
 def test_a_worker_whose_server_dies_mid_request_ends_quietly(model, monkeypatch, capsys):
