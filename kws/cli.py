@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,11 +26,11 @@ class UserError(KwsError):
 
 
 def _words(text: str) -> list[str]:
-    # Each once, in order; composed (NFC), as folder names are read (data.folder_word).
-    words = list(dict.fromkeys(unicodedata.normalize("NFC", w.strip()) for w in text.split(",") if w.strip()))
+    from kws.data import DataError, check_words, word_form
+
+    words = list(dict.fromkeys(word_form(w.strip()) for w in text.split(",") if w.strip()))  # each once
     if not words:
         raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
-    from kws.data import DataError, check_words
 
     try:
         check_words(words)
@@ -91,7 +90,6 @@ def cmd_train(args) -> int:
 
 def _resumed_run(args):
     """The config and folder of the run --resume continues, its folders checked."""
-    from kws.data import check_folders
     from kws.runtime import CONFIG_FILE
     from kws.train import RunConfig
 
@@ -118,12 +116,11 @@ def _resumed_run(args):
     config = RunConfig.load(run_dir)
     folders = [config.data.data_dir, *config.data.negatives, *config.data.extra]
     moved = next((folder for folder in folders if not Path(folder).is_dir()), None)
-    if moved:  # check_folders would advise --data, which a resumed run does not take
+    if moved:  # train()'s check would advise --data, which a resumed run does not take
         raise UserError(
             f"{moved} is not there: the run reads its folders from {run_dir / CONFIG_FILE}; "
             'if they moved, set their new paths under "data" there (data_dir, negatives, extra)'
         )
-    check_folders(config.data)
     if args.epochs:
         config.train.epochs = args.epochs
     return config, run_dir
@@ -133,7 +130,7 @@ def _new_run(args):
     """The config of a new run from the options, and its folder; the data downloaded if not given."""
     from dataclasses import replace
 
-    from kws.data import DataConfig, check_added_folders, check_data_dir
+    from kws.data import DataConfig, check_added_folders
     from kws.files import check_out_folder
     from kws.model import ModelConfig
     from kws.runtime import CONFIG_FILE
@@ -162,7 +159,6 @@ def _new_run(args):
 
         print(f"no --data given: downloading Speech Commands into {DEFAULT_DATA_DIR}/", file=sys.stderr)
         data = replace(data, data_dir=str(download_dataset(DEFAULT_DATA_DIR).resolve()))
-    check_data_dir(Path(data.data_dir))
     config = RunConfig(
         data=data,
         model=ModelConfig.preset(args.size or "s"),

@@ -83,6 +83,7 @@ class DataConfig:
         for name in ("negatives_fraction", "partial_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise DataError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        self.words = [word_form(word) for word in self.words]  # as folder names are read
         if len(set(self.words)) != len(self.words) or not self.words:
             raise DataError(f"words must be a non-empty list without repeats, got {self.words}")
         check_words(self.words)
@@ -133,19 +134,25 @@ def labels_for(words) -> list[str]:
     return [SILENCE, UNKNOWN, *words]
 
 
-def speaker_id(path: Path) -> str:
+def speaker_id(path: Path, folder: Path | None = None) -> str:
     """Speaker of a clip: Speech Commands' part before ``_nohash_``, LibriSpeech's first field,
-    else the file itself."""
+    else the subfolder of its word's ``folder`` it is in (yes/alice/take1.wav: alice), else the
+    file itself."""
     name = path.name
     if "_nohash_" in name:
         return re.sub(r"_nohash_.*$", "", name)
     librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
-    return librispeech.group(1) if librispeech else path.stem
+    if librispeech:
+        return librispeech.group(1)
+    below = path.relative_to(folder).parts if folder is not None else ()
+    return below[0] if len(below) > 1 else path.stem
 
 
-def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
+def which_set(
+    path: Path, validation_percent: float, testing_percent: float, folder: Path | None = None
+) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
-    digest = hashlib.sha1(speaker_id(path).encode()).hexdigest()
+    digest = hashlib.sha1(speaker_id(path, folder).encode()).hexdigest()
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
         return "validation"
@@ -162,9 +169,9 @@ class Clip:
 
 
 def _clip_key(word: str, path: str | Path) -> str:
-    # Lists name .wav files; a re-encoded copy of the dataset (FLAC) must still match. NFC: macOS
-    # writes names decomposed ("e" + accent) where an editor writes "é" whole; the same name to a reader.
-    return unicodedata.normalize("NFC", f"{word}/{Path(path).stem}")
+    """A clip's name in the split lists: WORD/PATH below the word's folder, without its suffix
+    (lists name .wav files; a re-encoded copy of the dataset, FLAC, must still match)."""
+    return word_form(f"{word}/{Path(path).with_suffix('').as_posix()}")
 
 
 def _read_list(root: Path, name: str) -> dict[str, str]:
@@ -229,15 +236,21 @@ def check_folders(config: DataConfig) -> None:
     check_cased_folders(config)
 
 
+def word_form(text: str) -> str:
+    """A word or clip name composed (NFC): macOS writes names decomposed ("e" + accent) where a
+    keyboard types "é" whole, the same word to a reader. Every keyword and name is compared so."""
+    return unicodedata.normalize("NFC", text)
+
+
 def folder_word(folder: Path) -> str:
-    """The word a folder of clips holds: its name, composed (NFC). macOS writes names decomposed
-    ("e" + accent) where a keyboard types "é" whole: the same word to a reader."""
-    return unicodedata.normalize("NFC", folder.name)
+    """The word a folder of clips holds: its name."""
+    return word_form(folder.name)
 
 
 def check_cased_folders(config: DataConfig) -> None:
-    """DataError naming a folder of the data or of --extra that is a keyword in other letters
-    (Yes/ beside yes/): its clips would train as _unknown_, against the keyword."""
+    """DataError naming a folder of the data or of --extra whose clips would train as _unknown_,
+    against a keyword: the keyword in other letters (Yes/ beside yes/), or the keyword's folder
+    inside another word's (synth/yes/: its clips are the word "synth")."""
     folded = {word.casefold(): word for word in config.words}
     for root in map(Path, [config.data_dir, *config.extra]):
         for path in sorted(root.iterdir()):
@@ -248,6 +261,19 @@ def check_cased_folders(config: DataConfig) -> None:
                     f"case-sensitive, and its clips would teach the model that {name!r} is not a "
                     "keyword; rename the folder (or merge it into the keyword's)"
                 )
+            if name.startswith("_") or not path.is_dir():
+                continue
+            with os.scandir(path) as entries:
+                inner = [
+                    entry.name
+                    for entry in entries
+                    if word_form(entry.name).casefold() in folded and entry.is_dir()
+                ]
+            if inner:
+                raise DataError(
+                    f"{path / inner[0]} holds clips of a keyword inside the folder of the word {name!r}, "
+                    f"whose clips they would be; move it up beside {name}/, or pass {path} with --extra"
+                )
 
 
 def word_folders(config: DataConfig, word: str) -> list[Path]:
@@ -257,14 +283,22 @@ def word_folders(config: DataConfig, word: str) -> list[Path]:
 
 
 def check_keyword_folders(config: DataConfig) -> None:
-    """DataError naming a keyword that has no folder in the data or in --extra: told before
-    TensorFlow loads and every clip is read, which takes minutes on the full data set."""
+    """``check_folders``, and a DataError naming a keyword that has no folder in the data or in
+    --extra: told before TensorFlow loads and every clip is read, which takes minutes on the
+    full data set. For training: a test needs no folder of every keyword."""
+    check_folders(config)
     for word in config.words:
         folders = word_folders(config, word)
         if any(folder.is_dir() for folder in folders):
             continue
+        broken = [folder for folder in folders if folder.is_symlink() and not folder.exists()]
+        if broken:
+            raise DataError(f"{broken[0]} links to {os.readlink(broken[0])}, which does not exist")
         if folders:
-            raise DataError(f"{folders[0]} links to {os.readlink(folders[0])}, which does not exist")
+            raise DataError(
+                f"{folders[0]} is a file, not a folder of clips: put the clips of {word!r} in a "
+                "folder of that name"
+            )
         raise DataError(
             f"no folder {word!r} in {' or '.join([config.data_dir, *config.extra])} (check the "
             "spelling in --words)"
@@ -310,13 +344,14 @@ def scan(
     package = is_test_package(root)
     validation = _read_list(root, "validation_list.txt")
     testing = _read_list(root, "testing_list.txt")
-    clips, others = [], []
+    clips, others, keys = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         word = folder_word(folder)
         if word.startswith("_") and word not in (SILENCE, UNKNOWN):
             continue
         for path in audio.audio_files_under(folder, others):  # subfolders too: a speaker's, a session's
-            key = _clip_key(word, path.name)
+            key = _clip_key(word, path.relative_to(folder))
+            keys.append(key)
             if split:
                 clip_split = split
             elif package:
@@ -326,11 +361,11 @@ def scan(
             elif key in testing:
                 clip_split = "testing"
             else:
-                clip_split = which_set(path, validation_percent, testing_percent)
+                clip_split = which_set(path, validation_percent, testing_percent, folder)
             clips.append(Clip(path, word, clip_split))
     if not clips:
         raise _no_clips(root)
-    found = {_clip_key(clip.word, clip.path.name) for clip in clips}
+    found = set(keys)
     for name, listed in (("validation_list.txt", validation), ("testing_list.txt", testing)):
         _warn_unmatched(root, name, listed, found)
     if others:
@@ -470,16 +505,17 @@ class NegativeBank:
             paths += found
         # Speech that says a keyword would teach the model that the keyword is not one.
         said = _keywords_said(others, words)
-        self.left_out = Counter(said.values())
-        paths = [path for path in paths if path.stem not in said]
-        if said:
+        self.left_out = Counter(said[path.stem] for path in paths if path.stem in said)
+        kept = [path for path in paths if path.stem not in said]
+        if self.left_out:
             tqdm.write(
-                f"--negatives: left out {len(said)} recording{'s' * (len(said) != 1)} whose transcripts "
-                "say a keyword ("
+                f"--negatives: left out {len(paths) - len(kept)} of {len(paths)} recordings, whose "
+                "transcripts say a keyword ("
                 + ", ".join(f"{word} {count}" for word, count in self.left_out.most_common())
                 + ")",
                 file=sys.stderr,
             )
+        paths = kept
         speakers = sorted({speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
         held_out = set()
         if len(speakers) > 1 and validation_share > 0:

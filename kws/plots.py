@@ -1,5 +1,5 @@
 """PNG plots of training curves, confusion matrices and DET curves (matplotlib), as bytes: callers
-write them with ``files.write_files``, in one set with the files they describe."""
+write them with ``files.write_files`` (an export in one set with the files the plot describes)."""
 
 from __future__ import annotations
 

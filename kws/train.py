@@ -31,7 +31,6 @@ from kws.data import (
     DataConfig,
     DataError,
     SpeechData,
-    check_folders,
     check_keyword_folders,
     labels_for,
     word_folders,
@@ -301,13 +300,15 @@ def _checked_validation(data: SpeechData):
             + "; name some clips of each in validation_list.txt",
             file=sys.stderr,
         )
-    own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
-    if not (data.root / "validation_list.txt").exists() and not any("_nohash_" in c.path.name for c in own):
+    own = [clip.path.relative_to(data.root) for clip in data.clips if clip.path.is_relative_to(data.root)]
+    named = any("_nohash_" in path.name or len(path.parts) > 2 for path in own)  # or in a speaker's folder
+    if not (data.root / "validation_list.txt").exists() and not named:
         tqdm.write(
-            f"warning: no file name in {data.root} says its speaker (SPEAKER_nohash_N.wav) and no "
-            "validation_list.txt names validation clips, so each clip is a speaker of its own: one "
-            "person's takes land in training and in validation, and validation accuracy reads higher "
-            "than new voices will find; name the files by speaker",
+            f"warning: no file name in {data.root} says its speaker (SPEAKER_nohash_N.wav), no clip is "
+            "in a speaker's folder (WORD/SPEAKER/FILE) and no validation_list.txt names validation "
+            "clips, so each clip is a speaker of its own: one person's takes land in training and in "
+            "validation, and validation accuracy reads higher than new voices will find; name the "
+            "files by speaker, or put each speaker's clips in a folder of their own",
             file=sys.stderr,
         )
     if not data.noise:
@@ -330,7 +331,6 @@ def _checked_validation(data: SpeechData):
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in ``run_dir``; return its metrics."""
     # What a mistyped option breaks is told before TensorFlow loads and the clips are read.
-    check_folders(config.data)
     check_keyword_folders(config.data)
     _check_teachers(config)
     keras = load_keras()

@@ -476,14 +476,16 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "synth" / "Yes").mkdir(parents=True)
     (tmp_path / "lower" / "no").mkdir(parents=True)
+    data = tmp_path / "data"
+    (data / "bed").mkdir(parents=True)
     for extra, words, message in [
         ("notes.txt", ["yes", "no"], "is a file: pass the folder of word folders that holds it"),
         ("synth", ["yes", "no"], "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
         ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
     ]:
         with pytest.raises(DataError, match=message):
-            check_folders(DataConfig(str(tmp_path), words=words, extra=[str(tmp_path / extra)]))
-    check_folders(DataConfig(str(tmp_path), words=["Yes"], extra=[str(tmp_path / "synth")]))  # its own case
+            check_folders(DataConfig(str(data), words=words, extra=[str(tmp_path / extra)]))
+    check_folders(DataConfig(str(data), words=["Yes"], extra=[str(tmp_path / "synth")]))  # its own case
     assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "

@@ -422,11 +422,45 @@ def test_a_keywords_folder_in_other_letters_is_refused_and_a_decomposed_name_is_
 
 def test_negative_speech_whose_transcript_says_a_keyword_is_left_out(negatives_dir, capsys):
     chapter = negatives_dir / "100" / "1"
-    (chapter / "100-1.trans.txt").write_text("100-1-0000 SHE SAID YES TO IT\n100-1-0001 NOT YESTERDAY\n")
+    # the third line's recording is not there: nothing of it to leave out, nor to count
+    lines = "100-1-0000 SHE SAID YES TO IT\n100-1-0001 NOT YESTERDAY\n100-1-0002 YES YES\n"
+    (chapter / "100-1.trans.txt").write_text(lines)
     everything = D.NegativeBank([str(negatives_dir)], 0.0)
     bank = D.NegativeBank([str(negatives_dir)], 0.0, ("Yes", "no"))
     assert len(everything.tracks["training"]) == 10 and len(bank.tracks["training"]) == 9
     assert bank.left_out == {"Yes": 1}  # whole words only: not "yesterday"
     assert (
-        "--negatives: left out 1 recording whose transcripts say a keyword (Yes 1)" in capsys.readouterr().err
+        "--negatives: left out 1 of 10 recordings, whose transcripts say a keyword (Yes 1)"
+        in capsys.readouterr().err
     )
+
+
+def test_speakers_folders_inside_a_word_split_as_speakers_and_name_their_clips(tmp_path):
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    for speaker in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        (data / "yes" / speaker).mkdir()
+        for take in range(3):
+            sf.write(data / "yes" / speaker / f"take{take}.wav", tone(400.0, seed=take), 16000)
+    with open(data / "validation_list.txt", "a") as lines:
+        lines.write("yes/alice/take1.wav\n")  # a list names a clip by its path below the word
+    clips = [clip for clip in D.scan(data) if clip.path.parent.name not in ("yes", "no")]
+    split = {(clip.path.parent.name, clip.path.stem): clip.split for clip in clips}
+    assert len(split) == 18 and D.speaker_id(data / "yes" / "bob" / "take1.wav", data / "yes") == "bob"
+    assert split[("alice", "take1")] == "validation"  # the list's line, not alice's hash
+    for speaker in ("alice", "bob", "carol", "dave", "erin", "frank"):  # each speaker in one split
+        assert split[(speaker, "take0")] == split[(speaker, "take2")]
+        if speaker != "alice":  # bob's take1 is not alice's
+            assert split[(speaker, "take1")] == split[(speaker, "take0")]
+
+
+def test_a_keywords_folder_inside_another_words_or_a_file_in_its_place_is_refused(tmp_path):
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no", "bed"))
+    (data / "synth" / "yes").mkdir(parents=True)  # as `kws synth --out data/synth` would leave it
+    with pytest.raises(
+        D.DataError, match=f"{data / 'synth' / 'yes'} holds clips of a keyword inside the folder"
+    ):
+        D.check_keyword_folders(D.DataConfig(str(data), words=["yes", "no"]))
+    shutil.rmtree(data / "synth")
+    (data / "up").write_text("not a folder")
+    with pytest.raises(D.DataError, match=f"{data / 'up'} is a file, not a folder of clips"):
+        D.check_keyword_folders(D.DataConfig(str(data), words=["yes", "up"]))
