@@ -326,45 +326,67 @@ REDACT_API_KEY = RedactApiKey()
 
 
 class UploadBudget:
-    """The bytes of the uploads this process holds at once (arriving, waiting for a worker process
-    or being answered), each counted at its Content-Length, or the byte limit where none is
-    given: a request beyond ``limit`` gets 503 before its body is read. The first always fits."""
+    """The bytes of upload bodies this process holds at once (arriving, waiting for a worker
+    process or being answered), counted as they arrive: a request whose next bytes would take
+    them past ``limit`` gets 503, unless it alone holds any. Idle connections hold nothing."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
 
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
+    def refuse(self):
+        raise HTTPException(503, f"busy: {self.held:,} bytes of uploads are held already; try again")
+
     @contextlib.contextmanager
-    def hold(self, size: int):
-        if self.held and self.held + size > self.limit:
-            raise HTTPException(503, f"busy: {self.held:,} bytes of uploads are being answered; try again")
-        self.held += size
+    def share(self):
+        """One request's part, ``take``n as its body arrives and given back when it ends."""
+        share = _Share(self)
         try:
-            yield
+            yield share
         finally:
-            self.held -= size
+            self.held -= share.taken
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body chunk by chunk; 413 as soon as it passes ``limit`` bytes."""
+class _Share:
+    def __init__(self, budget: UploadBudget):
+        self.budget, self.taken = budget, 0
+
+    def take(self, size: int) -> None:
+        budget = self.budget
+        if budget.held > self.taken and budget.held + size > budget.limit:  # others hold bytes too
+            budget.refuse()
+        budget.held += size
+        self.taken += size
+
+
+async def _limited(request: Request, limit: int, share: _Share) -> AsyncIterator[bytes]:
+    """The request body chunk by chunk, each taken from ``share``; 413 as soon as it passes
+    ``limit`` bytes, 503 where the uploads held already fill the budget."""
     declared = request.headers.get("content-length", "")
     if _is_number(declared) and int(declared) > limit:
         raise HTTPException(
             413, f"body of {int(declared):,} bytes, over the {limit:,} byte limit: {TOO_LONG_ADVICE}"
         )
+    if share.budget.full:  # before reading any of it
+        share.budget.refuse()
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
             raise HTTPException(413, f"body over the {limit:,} byte limit: {TOO_LONG_ADVICE}")
+        share.take(len(chunk))
         yield chunk
 
 
-async def _upload(request: Request, limit: int) -> tuple[bytes, str]:
+async def _upload(request: Request, limit: int, share: _Share) -> tuple[bytes, str]:
     """Audio bytes and their name, from a raw body or the first file of a multipart form."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data":
-        return b"".join([chunk async for chunk in _limited(request, limit)]), UPLOAD_NAME
-    parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1, max_fields=16)
+        return b"".join([chunk async for chunk in _limited(request, limit, share)]), UPLOAD_NAME
+    parser = MultiPartParser(request.headers, _limited(request, limit, share), max_files=1, max_fields=16)
     try:
         form = await parser.parse()
     except MultiPartException as error:
@@ -598,10 +620,8 @@ def create_app(settings: Settings) -> FastAPI:
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
         model_of(request)
-        declared = request.headers.get("content-length", "")
-        size = min(int(declared), settings.max_bytes) if _is_number(declared) else settings.max_bytes
-        with request.app.state.uploads.hold(size):
-            data, name = await _upload(request, settings.max_bytes)
+        with request.app.state.uploads.share() as share:
+            data, name = await _upload(request, settings.max_bytes, share)
             if not data:
                 raise HTTPException(
                     400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)"

@@ -1228,7 +1228,7 @@ def test_uploads_beyond_the_bytes_held_get_503_before_their_body_is_read(export,
         held_after = asyncio.run(asyncio.wait_for(scenario(client.app), 10))
     assert third.sent[0]["status"] == 503
     detail = json.loads(third.sent[1]["body"])["detail"]
-    assert detail == f"busy: {2 * len(body):,} bytes of uploads are being answered; try again"
+    assert detail == f"busy: {2 * len(body):,} bytes of uploads are held already; try again"
     assert busy.withdrawn == ["upload", "upload"] and held_after == 0  # the bytes held are let go
 
 
@@ -1284,3 +1284,19 @@ def test_a_damaged_mp3_upload_leaves_the_servers_log_alone(model, capfd):
         answer = refused
     assert capfd.readouterr().err == ""  # libmpg123 printed a line per bad frame, naming no request
     assert isinstance(answer, RequestError) or answer["file"] == "damaged.mp3"
+
+
+def test_the_upload_budget_counts_bytes_as_they_arrive_and_lets_one_upload_through_alone():
+    from fastapi import HTTPException
+
+    budget = UploadBudget(10)
+    with budget.share() as alone:
+        alone.take(50)  # the only upload: it fits whatever its size (--max-bytes bounds it)
+        assert budget.full
+    # A connection that sent no body yet (idle) holds nothing.
+    with budget.share() as first, budget.share() as idle, budget.share() as late:
+        first.take(8)
+        with pytest.raises(HTTPException) as refused:
+            late.take(5)  # 8 + 5 over 10, while another holds bytes
+        assert refused.value.status_code == 503 and budget.held == 8 and idle.taken == late.taken == 0
+    assert budget.held == 0  # every share given back
