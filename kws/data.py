@@ -134,25 +134,19 @@ def labels_for(words) -> list[str]:
     return [SILENCE, UNKNOWN, *words]
 
 
-def speaker_id(path: Path, folder: Path | None = None) -> str:
+def speaker_id(path: Path) -> str:
     """Speaker of a clip: Speech Commands' part before ``_nohash_``, LibriSpeech's first field,
-    else the subfolder of its word's ``folder`` it is in (yes/alice/take1.wav: alice), else the
-    file itself."""
+    else the file itself."""
     name = path.name
     if "_nohash_" in name:
         return re.sub(r"_nohash_.*$", "", name)
     librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
-    if librispeech:
-        return librispeech.group(1)
-    below = path.relative_to(folder).parts if folder is not None else ()
-    return below[0] if len(below) > 1 else path.stem
+    return librispeech.group(1) if librispeech else path.stem
 
 
-def which_set(
-    path: Path, validation_percent: float, testing_percent: float, folder: Path | None = None
-) -> str:
+def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
-    digest = hashlib.sha1(speaker_id(path, folder).encode()).hexdigest()
+    digest = hashlib.sha1(speaker_id(path).encode()).hexdigest()
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
         return "validation"
@@ -168,10 +162,12 @@ class Clip:
     split: str
 
 
-def _clip_key(word: str, path: str | Path) -> str:
+def _clip_key(word: str, path: str) -> str:
     """A clip's name in the split lists: WORD/PATH below the word's folder, without its suffix
-    (lists name .wav files; a re-encoded copy of the dataset, FLAC, must still match)."""
-    return word_form(f"{word}/{Path(path).with_suffix('').as_posix()}")
+    (lists name .wav files; a re-encoded copy of the dataset, FLAC, must still match). A
+    doubled / is one; an empty PATH names no clip."""
+    name = "/".join(part for part in path.split("/") if part)
+    return word_form(f"{word}/{re.sub(r'[.][^./]*$', '', name)}")
 
 
 def _read_list(root: Path, name: str) -> dict[str, str]:
@@ -187,7 +183,7 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
     for line in text.splitlines():
         line = line.strip().removeprefix("./")
         if line:
-            word, _, file = line.partition("/")
+            word, _, file = line.replace("\\", "/").partition("/")  # backslashes: a Windows path
             keys[_clip_key(word, file)] = line
     return keys
 
@@ -253,6 +249,7 @@ def check_cased_folders(config: DataConfig) -> None:
     inside another word's (synth/yes/: its clips are the word "synth")."""
     folded = {word.casefold(): word for word in config.words}
     for root in map(Path, [config.data_dir, *config.extra]):
+        tops = {folder_word(path) for path in root.iterdir()}
         for path in sorted(root.iterdir()):
             name = folder_word(path)
             if name not in config.words and name.casefold() in folded and path.is_dir():
@@ -263,16 +260,19 @@ def check_cased_folders(config: DataConfig) -> None:
                 )
             if name.startswith("_") or not path.is_dir():
                 continue
-            with os.scandir(path) as entries:
+            with os.scandir(path) as entries:  # yes/yes/ is the keyword's, and a speaker may be "Sheila"
                 inner = [
-                    entry.name
-                    for entry in entries
-                    if word_form(entry.name).casefold() in folded and entry.is_dir()
+                    e.name
+                    for e in entries
+                    if word_form(e.name) in config.words and e.name != name and e.is_dir()
                 ]
+            if inner and root == Path(config.data_dir) and not tops & set(config.words):  # one level up
+                raise DataError(f"{root} holds no keyword's folder, but {path} does: pass --data {path}")
             if inner:
                 raise DataError(
                     f"{path / inner[0]} holds clips of a keyword inside the folder of the word {name!r}, "
-                    f"whose clips they would be; move it up beside {name}/, or pass {path} with --extra"
+                    f"whose clips they would be; move it up beside {name}/, or pass {path} with --extra "
+                    "(its clips then only train)"
                 )
 
 
@@ -349,8 +349,8 @@ def scan(
         word = folder_word(folder)
         if word.startswith("_") and word not in (SILENCE, UNKNOWN):
             continue
-        for path in audio.audio_files_under(folder, others):  # subfolders too: a speaker's, a session's
-            key = _clip_key(word, path.relative_to(folder))
+        for path in audio.audio_files_under(folder, others):  # subfolders too
+            key = _clip_key(word, path.relative_to(folder).as_posix())
             keys.append(key)
             if split:
                 clip_split = split
@@ -361,7 +361,7 @@ def scan(
             elif key in testing:
                 clip_split = "testing"
             else:
-                clip_split = which_set(path, validation_percent, testing_percent, folder)
+                clip_split = which_set(path, validation_percent, testing_percent)
             clips.append(Clip(path, word, clip_split))
     if not clips:
         raise _no_clips(root)

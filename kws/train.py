@@ -300,15 +300,13 @@ def _checked_validation(data: SpeechData):
             + "; name some clips of each in validation_list.txt",
             file=sys.stderr,
         )
-    own = [clip.path.relative_to(data.root) for clip in data.clips if clip.path.is_relative_to(data.root)]
-    named = any("_nohash_" in path.name or len(path.parts) > 2 for path in own)  # or in a speaker's folder
-    if not (data.root / "validation_list.txt").exists() and not named:
+    own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
+    if not (data.root / "validation_list.txt").exists() and not any("_nohash_" in c.path.name for c in own):
         tqdm.write(
-            f"warning: no file name in {data.root} says its speaker (SPEAKER_nohash_N.wav), no clip is "
-            "in a speaker's folder (WORD/SPEAKER/FILE) and no validation_list.txt names validation "
-            "clips, so each clip is a speaker of its own: one person's takes land in training and in "
-            "validation, and validation accuracy reads higher than new voices will find; name the "
-            "files by speaker, or put each speaker's clips in a folder of their own",
+            f"warning: no file name in {data.root} says its speaker (SPEAKER_nohash_N.wav) and no "
+            "validation_list.txt names validation clips, so each clip is a speaker of its own: one "
+            "person's takes land in training and in validation, and validation accuracy reads higher "
+            "than new voices will find; name the files by speaker",
             file=sys.stderr,
         )
     if not data.noise:
