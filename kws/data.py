@@ -181,10 +181,13 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
         raise DataError(f"{path} is not UTF-8 text: save it as UTF-8, one WORD/FILE a line") from None
     keys = {}
     for line in text.splitlines():
-        line = line.strip().removeprefix("./")
-        if line:
-            word, _, file = line.replace("\\", "/").partition("/")  # backslashes: a Windows path
-            keys[_clip_key(word, file)] = line
+        # Backslashes: a Windows path. A leading ./ or / names the same clip.
+        path = line.strip().replace("\\", "/")
+        while path.startswith(("./", "/")):
+            path = path.removeprefix(".").removeprefix("/")
+        if path:
+            word, _, file = path.partition("/")
+            keys[_clip_key(word, file)] = line.strip()
     return keys
 
 
@@ -264,7 +267,7 @@ def check_cased_folders(config: DataConfig) -> None:
                 inner = [
                     e.name
                     for e in entries
-                    if word_form(e.name) in config.words and e.name != name and e.is_dir()
+                    if word_form(e.name) in config.words and word_form(e.name) != name and e.is_dir()
                 ]
             if inner and root == Path(config.data_dir) and not tops & set(config.words):  # one level up
                 raise DataError(f"{root} holds no keyword's folder, but {path} does: pass --data {path}")

@@ -327,27 +327,31 @@ REDACT_API_KEY = RedactApiKey()
 
 class UploadBudget:
     """The bytes of upload bodies this process holds at once (arriving, waiting for a worker
-    process or being answered), counted as they arrive: a request whose next bytes would take
-    them past ``limit`` gets 503, unless it alone holds any. Idle connections hold nothing."""
+    process or being answered), counted as they arrive. A request whose next bytes would take
+    them past ``limit`` gets 503, unless it is the oldest request held: a newcomer never costs
+    an upload under way its bytes, and one upload of any size (up to --max-bytes) goes through.
+    Idle connections hold nothing."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
-
-    @property
-    def full(self) -> bool:
-        return self.held >= self.limit
-
-    def refuse(self):
-        raise HTTPException(503, f"busy: {self.held:,} bytes of uploads are held already; try again")
+        self._shares: list[_Share] = []  # the requests held, oldest first
 
     @contextlib.contextmanager
     def share(self):
         """One request's part, ``take``n as its body arrives and given back when it ends."""
         share = _Share(self)
+        self._shares.append(share)
         try:
             yield share
         finally:
+            self._shares.remove(share)
             self.held -= share.taken
+
+    def check(self, share: _Share, size: int) -> None:
+        """HTTPException 503 unless ``share`` may take ``size`` more bytes."""
+        if self.held + size > self.limit and self._shares[0] is not share:
+            others = self.held - share.taken
+            raise HTTPException(503, f"busy: {others:,} bytes of other uploads are held; try again")
 
 
 class _Share:
@@ -355,10 +359,8 @@ class _Share:
         self.budget, self.taken = budget, 0
 
     def take(self, size: int) -> None:
-        budget = self.budget
-        if budget.held > self.taken and budget.held + size > budget.limit:  # others hold bytes too
-            budget.refuse()
-        budget.held += size
+        self.budget.check(self, size)
+        self.budget.held += size
         self.taken += size
 
 
@@ -370,8 +372,7 @@ async def _limited(request: Request, limit: int, share: _Share) -> AsyncIterator
         raise HTTPException(
             413, f"body of {int(declared):,} bytes, over the {limit:,} byte limit: {TOO_LONG_ADVICE}"
         )
-    if share.budget.full:  # before reading any of it
-        share.budget.refuse()
+    share.budget.check(share, 1)  # before reading any of it: would one byte more pass the limit?
     received = 0
     async for chunk in request.stream():
         received += len(chunk)

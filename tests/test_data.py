@@ -418,10 +418,11 @@ def test_a_keywords_folder_in_other_letters_is_refused_and_a_decomposed_name_is_
     (data / "no").rename(data / unicodedata.normalize("NFD", "café"))
     clips = D.SpeechData(D.DataConfig(str(data), words=["yes", "café"])).clips
     assert {clip.word for clip in clips} == {"yes", "café"} and len(clips) == 6
-    decomposed = D.DataConfig(
-        str(data), words=["yes", unicodedata.normalize("NFD", "café")]
-    )  # a config.json's
+    nfd = unicodedata.normalize("NFD", "café")
+    decomposed = D.DataConfig(str(data), words=["yes", nfd])  # as a config.json may hold it
     assert decomposed.words == ["yes", "café"] and D.SpeechData(decomposed).clips == clips
+    (data / nfd / nfd).mkdir()  # the keyword's own folder one level down, as macOS names it
+    D.check_keyword_folders(decomposed)
 
 
 def test_negative_speech_whose_transcript_says_a_keyword_is_left_out(negatives_dir, capsys):
@@ -446,11 +447,12 @@ def test_clips_in_subfolders_are_read_and_named_by_their_path_in_the_lists(tmp_p
         for take in range(3):
             sf.write(data / "yes" / speaker / f"take{take}.wav", tone(400.0, seed=take), 16000)
     with open(data / "validation_list.txt", "a") as lines:  # a Windows path, and a line naming no clip
-        lines.write("yes\\alice\\take1.wav\nyes/\n")
+        lines.write("yes\\alice\\take1.wav\n.\\yes\\bob\\take0.wav\n/yes//bob/take2.wav\nyes/\n")
     split = {clip.path.relative_to(data).as_posix(): clip.split for clip in D.scan(data)}
     assert len([name for name in split if name.count("/") == 2]) == 6
     assert split["yes/alice/take1.wav"] == "validation"  # by the list
     assert split["yes/bob/take1.wav"] == D.which_set(Path("take1.wav"), 10, 10) != "validation"  # not alice's
+    assert split["yes/bob/take0.wav"] == split["yes/bob/take2.wav"] == "validation"  # written other ways
     assert "that name no clip there: 1 of " in capsys.readouterr().err  # "yes/": warned, not a crash
 
 
@@ -469,6 +471,11 @@ def test_a_keywords_folder_inside_another_words_or_a_file_in_its_place_is_refuse
         D.DataError, match=f"{tmp_path} holds no keyword's folder, but {data} does: pass --data {data}$"
     ):
         D.check_keyword_folders(D.DataConfig(str(tmp_path), words=["yes", "no"]))  # one level too high
+    (tmp_path / "more" / "synth" / "yes").mkdir(parents=True)  # an --extra one level too high
+    with pytest.raises(
+        D.DataError, match="synth/yes holds clips of a keyword inside the folder of the word 'synth'"
+    ):
+        D.check_keyword_folders(D.DataConfig(str(data), words=["yes", "no"], extra=[str(tmp_path / "more")]))
     (data / "up").write_text("not a folder")
     with pytest.raises(D.DataError, match=f"{data / 'up'} is a file, not a folder of clips"):
         D.check_keyword_folders(D.DataConfig(str(data), words=["yes", "up"]))
