@@ -232,7 +232,7 @@ def check_folders(config: DataConfig) -> None:
     negatives and the extra clips are checked before any is read."""
     check_data_dir(Path(config.data_dir))
     check_added_folders(config)
-    check_cased_folders(config)
+    check_misnamed_folders(config)
 
 
 def word_form(text: str) -> str:
@@ -246,7 +246,7 @@ def folder_word(folder: Path) -> str:
     return word_form(folder.name)
 
 
-def check_cased_folders(config: DataConfig) -> None:
+def check_misnamed_folders(config: DataConfig) -> None:
     """DataError naming a folder of the data or of --extra whose clips would train as _unknown_,
     against a keyword: the keyword in other letters (Yes/ beside yes/), or the keyword's folder
     inside another word's (synth/yes/: its clips are the word "synth")."""
