@@ -89,7 +89,8 @@ def cmd_train(args) -> int:
 
 
 def _resumed_run(args):
-    """The config and folder of the run --resume continues, its folders checked."""
+    """The config and folder of the run --resume continues; refused where an option would change
+    it or its folders moved (train() checks the rest)."""
     from kws.runtime import CONFIG_FILE
     from kws.train import RunConfig
 
@@ -249,6 +250,7 @@ def _model_name(path: Path | None) -> str:
 
 def cmd_eval(args) -> int:
     from kws import features
+    from kws.data import SPLIT_LISTS
     from kws.evaluate import format_report, report
     from kws.stream import keywords
 
@@ -273,7 +275,7 @@ def cmd_eval(args) -> int:
             "their clips"
         )
     predictions = classifier.scores(features.mfcc(examples.audio)).argmax(axis=1)
-    lists = [name for name in ("validation_list.txt", "testing_list.txt") if (data.root / name).exists()]
+    lists = [name for name in SPLIT_LISTS.values() if (data.root / name).exists()]
     if not data.package and not lists:  # own recordings, which a user may expect scored whole
         keyword_clips = [clip for clip in data.clips if clip.word in data.config.words]
         scored = sum(clip.split == split for clip in keyword_clips)

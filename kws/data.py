@@ -43,6 +43,8 @@ NOISE_FOLDER = "_background_noise_"
 HASH_PERCENT = 10.0
 DEFAULT_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SPLITS = ("training", "validation", "testing")
+# The files naming the clips of a split, as Speech Commands ships them; other clips go by hash.
+SPLIT_LISTS = {"validation": "validation_list.txt", "testing": "testing_list.txt"}
 _MAX_FILES_PER_CLASS = 2**27 - 1  # the constant of the dataset's which_set
 
 
@@ -345,8 +347,8 @@ def scan(
     root = Path(root)
     check_data_dir(root)
     package = is_test_package(root)
-    validation = _read_list(root, "validation_list.txt")
-    testing = _read_list(root, "testing_list.txt")
+    validation = _read_list(root, SPLIT_LISTS["validation"])
+    testing = _read_list(root, SPLIT_LISTS["testing"])
     clips, others, keys = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         word = folder_word(folder)
@@ -369,7 +371,7 @@ def scan(
     if not clips:
         raise _no_clips(root)
     found = set(keys)
-    for name, listed in (("validation_list.txt", validation), ("testing_list.txt", testing)):
+    for name, listed in ((SPLIT_LISTS["validation"], validation), (SPLIT_LISTS["testing"], testing)):
         _warn_unmatched(root, name, listed, found)
     if others:
         kinds = Counter(path.suffix.lower() or path.name for path in others)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from kws import KwsError, audio, features, plots
 from kws.data import (
     NOISE_FOLDER,
+    SPLIT_LISTS,
     AugmentConfig,
     DataConfig,
     DataError,
@@ -301,7 +302,8 @@ def _checked_validation(data: SpeechData):
             file=sys.stderr,
         )
     own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
-    if not (data.root / "validation_list.txt").exists() and not any("_nohash_" in c.path.name for c in own):
+    listed = (data.root / SPLIT_LISTS["validation"]).exists()
+    if not listed and not any("_nohash_" in c.path.name for c in own):
         tqdm.write(
             f"warning: no file name in {data.root} says its speaker (SPEAKER_nohash_N.wav) and no "
             "validation_list.txt names validation clips, so each clip is a speaker of its own: one "
