@@ -526,7 +526,8 @@ DETECT_ERRORS = {
     415: {"description": "not audio that can be used; the detail gives the decoder's reason"},
     503: {
         "description": "no worker process can take it now (the model is loading, a process died on "
-        "it or got stuck, too many uploads wait already, or the server is shutting down): try again"
+        f"it or got stuck, the uploads held fill its {MAX_UPLOAD_BYTES // 1_000_000} MB, or the server is "
+        "shutting down): try again"
     },
 }
 
