@@ -207,7 +207,8 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
     model, digest = load_trained(run_dir, config)
     data = SpeechData(config.data)
 
-    steps = tqdm(total=7, desc="export", unit="step")
+    # Every bar is drawn on a terminal only (disable=None): a log would get each redraw.
+    steps = tqdm(total=7, desc="export", unit="step", disable=None)
     converted = {}
     for kind in ("float32", "float16"):
         converted[kind] = convert(model, kind)

@@ -207,7 +207,9 @@ def synthesize(keywords: list[str], out: Path, config: SynthConfig) -> int:
             (out / word).mkdir(exist_ok=True)
         # espeak-ng runs as its own process: threads are enough to keep every core busy.
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            for _ in tqdm(pool.map(write, tasks), total=len(tasks), desc="synthesizing", unit="clip"):
+            for _ in tqdm(
+                pool.map(write, tasks), total=len(tasks), desc="synthesizing", unit="clip", disable=None
+            ):
                 pass
         version = subprocess.run([ESPEAK, "--version"], capture_output=True, text=True).stdout
         settings = {"keywords": keywords, **asdict(config), "clips": len(tasks)}
