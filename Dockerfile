@@ -17,8 +17,10 @@ RUN useradd --create-home --uid 10001 kws
 USER kws
 WORKDIR /home/kws
 
+# kws serve's port; set KWS_PORT to move it, and the health check follows.
+ENV KWS_PORT=8000
 EXPOSE 8000
 # slim has no curl: probe /health with the image's own Python.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"KWS_PORT\"]}/health', timeout=4)"]
 CMD ["kws", "serve", "--host", "0.0.0.0"]

@@ -372,6 +372,7 @@ def cmd_calibrate(args) -> int:
 
 
 LONG_RECORDING_SECONDS = 600.0  # kws detect shows a progress bar from this length on
+DEFAULT_PORT = 8000  # of kws serve, and of the Docker image's health check
 
 
 def cmd_detect(args) -> int:
@@ -518,9 +519,22 @@ def cmd_serve(args) -> int:
     # A bad model fails here, once, rather than in every worker; the server and its workers load
     # the .tflite resolved here, so that a run folder's warnings come once, not once per process.
     model = Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
-    _check_can_listen(args.host, args.port)
-    serve(replace(settings, model=model.source), args.host, args.port)
+    port = _serve_port(args)
+    _check_can_listen(args.host, port)
+    serve(replace(settings, model=model.source), args.host, port)
     return 0
+
+
+def _serve_port(args) -> int:
+    """--port, else KWS_PORT (a container's setting, which its health check reads too), else 8000."""
+    if args.port is not None:
+        return args.port
+    if not os.environ.get("KWS_PORT"):
+        return DEFAULT_PORT
+    try:
+        return options.port(os.environ["KWS_PORT"])
+    except argparse.ArgumentTypeError as error:
+        raise UserError(f"KWS_PORT {error}") from None
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -824,15 +838,15 @@ def _add_serve(commands) -> None:
         description="Run the HTTP API: POST /detect (a recording -> the JSON of kws detect --json), "
         "WS /stream (live 16-bit PCM -> detection events), /health, /ready, /model, /metrics, docs at /docs. "
         "Set KWS_API_KEY to require a key (X-API-Key or Authorization: Bearer) on all but /health. "
-        "--model, --workers, --max-bytes and --max-seconds can also come from KWS_MODEL, KWS_WORKERS, "
-        "KWS_MAX_BYTES and KWS_MAX_SECONDS.",
+        "--port, --model, --workers, --max-bytes and --max-seconds can also come from KWS_PORT, KWS_MODEL, "
+        "KWS_WORKERS, KWS_MAX_BYTES and KWS_MAX_SECONDS.",
         epilog="example: kws serve --model runs/s8/export --workers 2; "
         "curl --data-binary @clip.wav localhost:8000/detect",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    serve.add_argument("--port", type=options.port, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=options.port, help=f"port (default: $KWS_PORT, else {DEFAULT_PORT})")
     serve.add_argument(
         "--model", type=Path, help="export folder or .tflite (default: $KWS_MODEL, else the built-in model)"
     )

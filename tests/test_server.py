@@ -650,6 +650,7 @@ def test_an_api_key_must_be_printable_ascii(capsys, monkeypatch):
         ("--max-bytes", "1e6", "a whole number, at least 1"),
         ("--workers", "0", "a whole number, at least 1"),
         ("--workers", "1.5", "a whole number, at least 1"),
+        ("--port", "0", "from 1 to 65535"),
     ],
 )
 def test_a_limit_is_refused_in_the_same_words_as_option_or_variable(
@@ -663,6 +664,17 @@ def test_a_limit_is_refused_in_the_same_words_as_option_or_variable(
     monkeypatch.setattr("kws.server.serve", lambda *args: pytest.fail(f"{variable}={value} was taken"))
     assert main(["serve"]) == 2
     assert capsys.readouterr().err == f"kws serve: error: {variable} must be {expected}, got {value}\n"
+
+
+def test_serve_takes_its_port_from_kws_port_unless_given_one(monkeypatch):
+    served, checked = [], []
+    monkeypatch.setattr("kws.server.serve", lambda settings, host, port: served.append(port))
+    monkeypatch.setattr("kws.cli._check_can_listen", lambda host, port: checked.append(port))
+    monkeypatch.setenv("KWS_PORT", "9001")
+    assert main(["serve"]) == 0 and main(["serve", "--port", "9002"]) == 0
+    monkeypatch.delenv("KWS_PORT")
+    assert main(["serve"]) == 0
+    assert served == checked == [9001, 9002, 8000]
 
 
 def test_serve_help_states_the_settings_defaults(capsys):
@@ -1165,6 +1177,7 @@ def test_dockerfile_cmd_serves_the_built_in_model(tmp_path):
     docker = dockerfile()
     command = json.loads(docker["CMD"][-1])
     assert command == ["kws", "serve", "--host", "0.0.0.0"] and docker["EXPOSE"] == ["8000"]
+    assert docker["ENV"][-1] == "KWS_PORT=8000"
     assert docker["USER"][-1] not in ("root", "0")
     healthcheck = json.loads(docker["HEALTHCHECK"][-1].partition(" CMD ")[2])
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
@@ -1174,9 +1187,11 @@ def test_dockerfile_cmd_serves_the_built_in_model(tmp_path):
         assert httpx2.get(f"{url}/ready").status_code == 200
         built_in = json.loads((REPO / "kws" / "models" / "default" / "manifest.json").read_text())
         assert httpx2.get(f"{url}/model").json()["name"] == built_in["name"]
-        port = url.rpartition(":")[2]
-        probe = [sys.executable if part == "python" else part.replace("8000", port) for part in healthcheck]
-        assert subprocess.run(probe, timeout=30).returncode == 0
+        probe = [sys.executable if part == "python" else part for part in healthcheck]
+        env = {**os.environ, "KWS_PORT": url.rpartition(":")[2]}  # as the image sets it
+        assert subprocess.run(probe, env=env, timeout=30).returncode == 0
+        env["KWS_PORT"] = str(free_port())  # nothing there: the check must fail
+        assert subprocess.run(probe, env=env, timeout=30, stderr=subprocess.DEVNULL).returncode != 0
 
 
 @pytest.mark.integration
