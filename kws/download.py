@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import os
@@ -12,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -158,11 +160,23 @@ def _check_member(member: tarfile.TarInfo, target: Path) -> None:
         )
 
 
+def _check_target(target: Path) -> None:
+    """DownloadError if ``target`` exists but kws did not unpack it (it has no COMPLETE_MARKER):
+    a data set unpacked by hand, perhaps with clips added, which unpacking would replace."""
+    if target.exists() and not (target / COMPLETE_MARKER).exists():
+        raise DownloadError(
+            f"{target} exists but was not unpacked by kws download: pass it to kws with --data "
+            f"{target}, or move it away to download the data set again"
+        )
+
+
 def unpack(archive: Path, target: Path) -> Path:
-    """Unpack a .tar(.gz) into ``target``; the folder appears only once everything is out."""
+    """Unpack a .tar(.gz) into ``target``; the folder appears only once everything is out and
+    the archive read to its end (a gzip archive's CRC, which checks it where no SHA-256 did)."""
     target = Path(target).resolve()
     if (target / COMPLETE_MARKER).exists():
         return target
+    _check_target(target)
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -173,16 +187,19 @@ def unpack(archive: Path, target: Path) -> Path:
                 _check_member(member, staging)
             for member in tqdm(members, desc=f"unpacking {Path(archive).name}", unit="file"):
                 tar.extract(member, staging, **_DATA_FILTER)
-    except tarfile.TarError as error:
+            # tarfile stops quietly at a damaged header after the first: the rest of the stream
+            # is read so that gzip checks its length and CRC, which a damaged archive fails.
+            while tar.fileobj.read(_CHUNK):
+                pass
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DownloadError(
-            f"{archive} is not a readable tar archive ({error}); delete it and download again"
+            f"{archive} is damaged or not a tar archive ({error}); delete it and download again"
         ) from None
     except DownloadError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     (staging / COMPLETE_MARKER).touch()
-    shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
 
@@ -191,10 +208,12 @@ def download_dataset(
     data_dir: Path = DEFAULT_DATA_DIR, url: str = DATASET_URL, sha256: str | None = DATASET_SHA256
 ) -> Path:
     """Fetch and unpack Speech Commands into ``data_dir``; return the dataset folder."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    # The name from the path alone: a signed mirror's address ends in ?token=...
+    name = urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] or "download"
     folder = next((name[: -len(s)] for s in (".tar.gz", ".tgz", ".tar") if name.endswith(s)), name + ".d")
     target = Path(data_dir) / folder
     if (target / COMPLETE_MARKER).exists():
         return target
+    _check_target(target)  # before gigabytes are fetched for nothing
     archive = fetch(url, Path(data_dir) / name, sha256)
     return unpack(archive, target)

@@ -5,6 +5,7 @@ import io
 import socket
 import tarfile
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -34,7 +35,7 @@ class Server:
                 pass
 
             def do_GET(self):
-                if not self.path.endswith(".tar.gz"):
+                if not self.path.partition("?")[0].endswith(".tar.gz"):
                     self.send_error(404)
                     return
                 range_header = self.headers.get("Range")
@@ -193,3 +194,49 @@ def test_a_file_where_the_data_folder_should_be_is_a_clear_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"cannot make the folder {tmp_path / 'data'} (File exists): pick another --dir" in err
     assert "Traceback" not in err
+
+
+def test_a_data_set_unpacked_by_hand_is_never_replaced(tmp_path, archive):
+    mine = tmp_path / "speech_commands_v0.02"  # unpacked by hand, with a clip of one's own added
+    (mine / "yes").mkdir(parents=True)
+    (mine / "yes" / "mine_nohash_0.wav").write_bytes(b"my clip")
+    server = Server(archive[0])
+    try:
+        with pytest.raises(download.DownloadError, match=f"pass it to kws with --data {mine}"):
+            download.download_dataset(tmp_path, server.url, archive[1])
+    finally:
+        server.close()
+    assert server.requests == []  # refused before a byte was fetched
+    assert [p.name for p in (mine / "yes").iterdir()] == ["mine_nohash_0.wav"]
+
+
+def damaged(payload: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return payload[: len(payload) // 2]
+    middle = len(payload) // 2  # bytes zeroed inside the compressed stream
+    return payload[:middle] + bytes(100) + payload[middle + 100 :]
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed"])
+def test_a_damaged_archive_without_a_checksum_is_refused_not_marked_complete(tmp_path, how):
+    payload = make_archive({f"yes/{i:08x}_nohash_0.wav": zlib.compress(bytes([i]) * 9000) for i in range(40)})
+    server = Server(damaged(payload, how))
+    try:
+        with pytest.raises(download.DownloadError, match="is damaged or not a tar archive"):
+            download.download_dataset(tmp_path, server.url, None)
+    finally:
+        server.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech_commands_v0.02.tar.gz"]  # to delete
+
+
+def test_a_url_with_a_query_names_the_files_by_its_path(tmp_path, archive):
+    server = Server(archive[0])
+    try:
+        folder = download.download_dataset(tmp_path, server.url + "?token=abc", archive[1])
+    finally:
+        server.close()
+    assert folder == tmp_path / "speech_commands_v0.02"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "speech_commands_v0.02",
+        "speech_commands_v0.02.tar.gz",
+    ]
