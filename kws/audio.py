@@ -144,7 +144,9 @@ def _blocks(
             )
 
 
-def _existing(path: str | Path) -> str:
+def _existing(path: str | Path) -> bytes:
+    """``path`` as soundfile opens it, else AudioError saying why it cannot be read. As bytes: a
+    name that is not UTF-8 (b"caf\xe9.wav" from an old Latin-1 disk) would fail to encode."""
     if Path(path).is_dir():
         raise AudioError(f"{path}: a folder, not an audio file")
     if not Path(path).exists():
@@ -153,7 +155,7 @@ def _existing(path: str | Path) -> str:
         raise AudioError(f"{path}: not a regular file; save the audio to a file first")
     if not os.access(path, os.R_OK):  # libsndfile would say only "System error"
         raise AudioError(f"{path}: no permission to read it; check its owner and mode (ls -l)")
-    return str(path)
+    return os.fsencode(path)
 
 
 def load(path: str | Path) -> np.ndarray:

@@ -954,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nkws: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    # A file name that is not UTF-8 prints escaped (as on stderr), not as a UnicodeEncodeError.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.handler(args)
     except BrokenPipeError:  # `kws detect ... | head`: the reader has all it wanted

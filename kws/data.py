@@ -148,7 +148,7 @@ def speaker_id(path: Path) -> str:
 
 def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
-    digest = hashlib.sha1(speaker_id(path).encode()).hexdigest()
+    digest = hashlib.sha1(os.fsencode(speaker_id(path))).hexdigest()  # names need not be UTF-8
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
         return "validation"
@@ -521,7 +521,9 @@ class NegativeBank:
                 file=sys.stderr,
             )
         paths = kept
-        speakers = sorted({speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+        speakers = sorted(
+            {speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(os.fsencode(s)).hexdigest()
+        )
         held_out = set()
         if len(speakers) > 1 and validation_share > 0:
             held_out = set(speakers[: max(1, round(validation_share * len(speakers)))])

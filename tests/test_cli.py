@@ -520,3 +520,16 @@ def test_the_inference_modules_import_nothing_of_training():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert ast.literal_eval(done.stdout) == sorted(["kws", *(f"kws.{name}" for name in inference)])
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_printed_escaped(tmp_path, capsys):
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9_nohash_0.wav")  # from an old Latin-1 disk
+    sf.write(os.fsencode(latin1), tone(500), 16000)
+    assert main(["detect", str(latin1), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["file"] == str(latin1) and report["duration"] == 1.0
+    assert main(["detect", str(latin1)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}/caf\\udce9_nohash_0.wav: 1.00 s, ")
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes",))
+    latin1.rename(data / "yes" / latin1.name)
+    assert len([clip for clip in scan(data) if clip.word == "yes"]) == 4  # the speaker hash splits it too
