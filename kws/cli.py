@@ -398,11 +398,22 @@ def cmd_detect(args) -> int:
                 disable=True if duration < LONG_RECORDING_SECONDS else None,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
             ) as bar:
-                report = recording_report(detector, audio.blocks(path), str(path), args.top_k, bar)
+                damage = []
+                blocks = _until_damaged(audio.blocks(path), damage)
+                report = recording_report(detector, blocks, str(path), args.top_k, bar)
+            if damage and not report["duration"]:
+                raise damage[0]
         except audio.AudioError as error:
             print(f"kws detect: skipping {error}", file=sys.stderr)
             failed += 1
             continue
+        if damage:
+            print(
+                f"kws detect: warning: {damage[0]}; the detections are those of its first "
+                f"{report['duration']:.2f} s",
+                file=sys.stderr,
+            )
+            failed += 1
         reports.append(report)
         if not args.json:
             found = report["detections"]
@@ -423,6 +434,17 @@ def cmd_detect(args) -> int:
         print(json.dumps(reports, indent=2))
     # A single file that failed prints no JSON: its error and the exit status say it all.
     return 1 if failed else 0
+
+
+def _until_damaged(blocks, damage: list):
+    """The blocks of a recording up to any that cannot be decoded (a truncated FLAC), whose
+    AudioError goes into ``damage``: what came before is still worth reporting."""
+    from kws.audio import AudioError
+
+    try:
+        yield from blocks
+    except AudioError as error:
+        damage.append(error)
 
 
 def _recordings(paths: list[Path]) -> tuple[list[Path], int]:

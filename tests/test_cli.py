@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 from conftest import make_dataset, tone
 
+from kws import audio
 from kws.cli import SPLIT_NAMES, main
 from kws.data import scan
 from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE
@@ -533,3 +534,18 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed_escaped(tmp_path, caps
     data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes",))
     latin1.rename(data / "yes" / latin1.name)
     assert len([clip for clip in scan(data) if clip.word == "yes"]) == 4  # the speaker hash splits it too
+
+
+def test_a_recording_damaged_midway_reports_what_came_before_with_a_warning(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, (0.1 * rng.standard_normal(16000 * 30)).astype(np.float32), 16000)
+    cut = tmp_path / "cut.flac"  # a copy that stopped at 60 %
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 6 // 10])
+    assert main(["detect", str(cut), "--json"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # Decoded 10 s at a time: the block that holds the damage is lost with it.
+    assert report["duration"] == audio.BLOCK_SECONDS and report["file"] == str(cut)
+    assert f"kws detect: warning: {cut}: cannot decode audio (" in captured.err
+    assert "; the detections are those of its first 10.00 s\n" in captured.err
