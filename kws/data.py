@@ -335,6 +335,13 @@ def check_added_folders(config: DataConfig) -> None:
             raise DataError(
                 f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
             )
+        extra, data = folder.resolve(), Path(config.data_dir).resolve()
+        if extra.is_relative_to(data) or data.is_relative_to(extra):
+            # Its clips would train twice, the data's validation and test clips among them.
+            raise DataError(
+                f"--extra {folder} is the data folder {config.data_dir}, or inside it or around it: "
+                "--extra is for clips the data does not hold (such as `kws synth`'s); leave it out"
+            )
 
 
 def scan(

@@ -471,7 +471,9 @@ def test_the_models_whole_window_is_the_longest_hop_and_average(option):
     )
 
 
-def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refused(tmp_path, capsys):
+def test_extra_folders_that_are_files_the_data_or_hold_a_keyword_in_another_case_are_refused(
+    tmp_path, capsys
+):
     from kws.data import DataConfig, DataError, check_folders
 
     (tmp_path / "notes.txt").write_text("a file")
@@ -483,6 +485,9 @@ def test_extra_folders_that_are_files_or_hold_a_keyword_in_another_case_are_refu
         ("notes.txt", ["yes", "no"], "is a file: pass the folder of word folders that holds it"),
         ("synth", ["yes", "no"], "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
         ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
+        ("data", ["yes"], "is the data folder .*, or inside it or around it: --extra is for clips the data"),
+        ("data/bed", ["yes"], "is the data folder"),  # its clips would train twice
+        (".", ["yes"], "is the data folder"),
     ]:
         with pytest.raises(DataError, match=message):
             check_folders(DataConfig(str(data), words=words, extra=[str(tmp_path / extra)]))
