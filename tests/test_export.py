@@ -336,20 +336,29 @@ def test_calibrate_a_tflite_without_its_manifest_keeps_the_arena(exported, tmp_p
         assert f"TFLM tensor arena {arena} bytes" in (copy / "MODEL_CARD.md").read_text()
 
 
-def test_calibrating_a_float_model_file_calibrates_the_int8_model(exported, tmp_path, monkeypatch):
+def test_calibrating_a_float_model_file_calibrates_the_int8_model_as_a_device_runs_it(
+    exported, tmp_path, monkeypatch
+):
     from kws.cli import main
+    from kws.runtime import Model
 
-    out, _ = exported
+    out, manifest = exported
     shutil.copytree(out, tmp_path / "export")
     real_stream_test, calibrated_on = export.stream_test, []
+    probe = np.random.default_rng(0).uniform(-60, 30, (50, 49, 10)).astype(np.float32)
 
     def stream_test(model, *args):
-        calibrated_on.append(model.quantized)
+        calibrated_on.append((model.quantized, model.raw_scores(model.prepare(probe))))
         return real_stream_test(model, *args)
 
     monkeypatch.setattr(export, "stream_test", stream_test)
     assert main(["calibrate", str(tmp_path / "export" / "model_float32.tflite"), "--target-fa", "1000"]) == 0
-    assert calibrated_on == [True]
+    ((quantized, scores),) = calibrated_on
+    assert quantized
+    # Scored as TFLite Micro rounds (the reference kernels), not as LiteRT's XNNPACK does.
+    reference, default = (Model(out / "model_int8.tflite", manifest, kernels) for kernels in (True, False))
+    assert (scores == reference.raw_scores(reference.prepare(probe))).all()
+    assert (scores != default.raw_scores(default.prepare(probe))).any()
 
 
 def broken_model_card(monkeypatch):
