@@ -74,7 +74,10 @@ def _decoding(name: str):
         raise
     except Exception as error:  # soundfile raises several types for undecodable input
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
-        raise AudioError(f"{name}: cannot decode audio ({reason})") from None
+        advice = ""
+        if "not recognised" in reason:  # AAC (.m4a), WebM, AMR: containers libsndfile never reads
+            advice = f": convert it to one kws reads ({AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
+        raise AudioError(f"{name}: cannot decode audio ({reason}){advice}") from None
 
 
 def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:

@@ -78,6 +78,13 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
         audio.load(low)
     with pytest.raises(audio.AudioError, match="recorded at 4000 Hz"):  # what kws listen --file plays
         next(audio.native_blocks(low, 512))
+    memo = tmp_path / "memo.m4a"  # a phone's voice memo: AAC in an MP4 container
+    memo.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+    with pytest.raises(audio.AudioError) as refused:
+        audio.load(memo)
+    assert str(refused.value).endswith(
+        f"): convert it to one kws reads ({audio.AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
+    )
 
 
 def test_non_finite_samples_are_refused(tmp_path):
