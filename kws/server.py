@@ -130,8 +130,14 @@ class Settings:
             "model": env.get("KWS_MODEL") or None,
             "api_key": env.get("KWS_API_KEY") or None,
         }
-        if values["api_key"] and not (values["api_key"].isascii() and values["api_key"].isprintable()):
+        key = values["api_key"]
+        if key and not (key.isascii() and key.isprintable()):
             raise ValueError("KWS_API_KEY must be printable ASCII: clients send it in an HTTP header")
+        if key and key != key.strip():  # from an env file's "KWS_API_KEY=secret " line, say
+            raise ValueError(
+                "KWS_API_KEY starts or ends with a space, which HTTP strips from the header a client "
+                "sends, so that no request would match it: remove the space"
+            )
         # Parsed as the --max-bytes, --max-seconds and --workers options of `kws serve` are.
         for field, name, parse in (
             ("max_bytes", "KWS_MAX_BYTES", options.positive_int),

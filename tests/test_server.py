@@ -641,6 +641,16 @@ def test_an_api_key_must_be_printable_ascii(capsys, monkeypatch):
     assert capsys.readouterr().err == f"kws serve: error: {message}\n"
 
 
+@pytest.mark.parametrize("key", ["secret ", " secret", " "])
+def test_an_api_key_with_a_space_at_either_end_is_refused_as_no_client_could_send_it(
+    key, capsys, monkeypatch
+):
+    monkeypatch.setenv("KWS_API_KEY", key)
+    monkeypatch.setattr("kws.server.serve", lambda *args: pytest.fail(f"KWS_API_KEY={key!r} was taken"))
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("kws serve: error: KWS_API_KEY starts or ends with a space")
+
+
 @pytest.mark.parametrize(
     "flag, value, expected",
     [
