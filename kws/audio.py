@@ -19,6 +19,10 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 # names (.w64, .rf64 and .caf hold recordings over 4 GB).
 AUDIO_SUFFIX_TEXT = ".wav .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .w64 .rf64 .caf"
 AUDIO_SUFFIXES = tuple(AUDIO_SUFFIX_TEXT.split())
+CONVERT = f"convert to a format kws reads ({AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
+# Recordings libsndfile cannot read (phones' voice memos, browsers' and video containers): a
+# folder's other files (notes, transcripts) are left out quietly, these with a word on what to do.
+FOREIGN_AUDIO_SUFFIXES = (".m4a", ".aac", ".mp4", ".3gp", ".amr", ".webm", ".weba", ".wma", ".mka")
 BLOCK_SECONDS = 10.0  # of a recording decoded at a time
 # Samples (all channels) decoded at a time at most, whatever the rate and channels: 8 MB.
 BLOCK_VALUES = 2**21
@@ -76,7 +80,7 @@ def _decoding(name: str):
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         advice = ""
         if "not recognised" in reason:  # AAC (.m4a), WebM, AMR: containers libsndfile never reads
-            advice = f": convert it to one kws reads ({AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
+            advice = f": {CONVERT}"
         raise AudioError(f"{name}: cannot decode audio ({reason}){advice}") from None
 
 
@@ -225,11 +229,18 @@ def is_audio_file(path: Path) -> bool:
 
 
 def audio_files_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
-    """Every audio file in ``folder`` and its subfolders, sorted; the other files (not hidden) are
-    added to ``others`` if given. Linked folders are followed (data sets are often linked in),
-    each real folder once: a link to a parent would go round for ever."""
+    """Every audio file in ``folder`` and its subfolders, sorted (AudioError for a folder that
+    cannot be read); the other files (not hidden) are added to ``others`` if given. Linked
+    folders are followed (data sets are often linked in), each real folder once: a link to a
+    parent would go round for ever."""
     found, seen = [], set()
-    for root, folders, names in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError):  # os.walk would leave the folder out without a word
+        raise AudioError(
+            f"cannot read the folder {error.filename} ({error.strerror}): check its mode (ls -ld)"
+        ) from None
+
+    for root, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             folders.clear()

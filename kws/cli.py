@@ -450,6 +450,8 @@ def _until_damaged(blocks, damage: list):
 def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
     """Each FILE, and every audio file under each folder (sorted), each file once however many
     ways it was named; and how many folders held none."""
+    from collections import Counter
+
     from kws import audio
 
     found, empty = [], 0
@@ -457,7 +459,17 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
         if not path.is_dir():
             found.append(path)
             continue
-        inside = audio.audio_files_under(path)
+        others = []
+        inside = audio.audio_files_under(path, others)
+        foreign = Counter(
+            p.suffix.lower() for p in others if p.suffix.lower() in audio.FOREIGN_AUDIO_SUFFIXES
+        )
+        if foreign:
+            print(
+                f"kws detect: warning: left out {path}'s recordings in formats kws cannot read "
+                f"({', '.join(f'{kind} {count}' for kind, count in foreign.most_common())}): {audio.CONVERT}",
+                file=sys.stderr,
+            )
         if not inside:
             print(
                 f"kws detect: skipping {path}: a folder with no audio files ({audio.AUDIO_SUFFIX_TEXT})",

@@ -385,7 +385,7 @@ def scan(
         tqdm.write(
             f"warning: left out, not being audio kws reads: files in the word folders of {root} "
             f"({', '.join(f'{kind} {count}' for kind, count in kinds.most_common())}; the first: "
-            f"{others[0]}); convert recordings to WAV or FLAC (kws reads {audio.AUDIO_SUFFIX_TEXT})",
+            f"{others[0]}); recordings among them: {audio.CONVERT}",
             file=sys.stderr,
         )
     return clips

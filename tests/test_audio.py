@@ -82,9 +82,7 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
     memo.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
     with pytest.raises(audio.AudioError) as refused:
         audio.load(memo)
-    assert str(refused.value).endswith(
-        f"): convert it to one kws reads ({audio.AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
-    )
+    assert str(refused.value).endswith(f"(Format not recognised.): {audio.CONVERT}")
 
 
 def test_non_finite_samples_are_refused(tmp_path):

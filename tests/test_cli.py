@@ -554,3 +554,34 @@ def test_a_recording_damaged_midway_reports_what_came_before_with_a_warning(tmp_
     assert report["duration"] == audio.BLOCK_SECONDS and report["file"] == str(cut)
     assert f"kws detect: warning: {cut}: cannot decode audio (" in captured.err
     assert "; the detections are those of its first 10.00 s\n" in captured.err
+
+
+def test_detect_on_a_folder_names_recordings_it_cannot_read_and_folders_it_cannot_open(
+    tmp_path, capsys, monkeypatch
+):
+    folder = tmp_path / "memos"
+    (folder / "old").mkdir(parents=True)
+    sf.write(folder / "a.wav", tone(500), 16000)
+    for name in ("b.m4a", "c.M4A", "d.webm", "notes.txt"):
+        (folder / name).write_bytes(b"not read")
+    assert main(["detect", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{folder / 'a.wav'}: 1.00 s")
+    # Notes are left out quietly; recordings kws cannot read are named, with what to do.
+    assert captured.err == (
+        f"kws detect: warning: left out {folder}'s recordings in formats kws cannot read (.m4a 2, "
+        f".webm 1): {audio.CONVERT}\n"
+    )
+    scandir = os.scandir
+
+    def no_permission(path):
+        if str(path).endswith("old"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    assert main(["detect", str(folder)]) == 2  # not a shorter list that looks whole
+    assert capsys.readouterr().err == (
+        f"kws detect: error: cannot read the folder {folder / 'old'} (Permission denied): check its "
+        "mode (ls -ld)\n"
+    )

@@ -373,7 +373,7 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     assert f"no training clips of 'radio' in {data}: {data / 'radio'} holds no audio files kws reads (" in err
     assert "'fm'" not in err.split("error:")[1]
     assert f"warning: left out, not being audio kws reads: files in the word folders of {data} " in err
-    assert f"(.m4a 1; the first: {data / 'fm' / 'session1' / 'take 1.m4a'}); convert recordings" in err
+    assert f"(.m4a 1; the first: {data / 'fm' / 'session1' / 'take 1.m4a'}); recordings among them: " in err
     (data / "Radio").mkdir()
     (data / "gone").symlink_to(tmp_path / "nowhere")
     assert main(["train", "--data", str(data), "--words", "yes,gone", "--out", str(run)]) == 2
