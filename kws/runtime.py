@@ -180,7 +180,9 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
         raise ModelError(f"{named} {path}: expected a .tflite file or a folder made by kws export")
     manifest_file = path.with_name(MANIFEST_FILE)
     if manifest_file.exists():
-        return path, _read_manifest(manifest_file)
+        manifest = _read_manifest(manifest_file)
+        _check_same_model(path, manifest, manifest_file)
+        return path, manifest
     try:
         manifest = embedded_manifest(path.read_bytes())
     except Exception as error:  # the flatbuffer reader fails in many ways on bytes that are not a model
@@ -190,6 +192,22 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
             f"{path} has no {MANIFEST_FILE} beside it and none inside: export it with kws export"
         )
     return path, manifest
+
+
+def _check_same_model(path: Path, manifest: dict, manifest_file: Path) -> None:
+    """ModelError if the .tflite's own manifest (inside it) is another model's than the one beside
+    it: its scores would be read with another model's labels and thresholds."""
+    try:
+        inside = embedded_manifest(path.read_bytes())
+    except Exception:  # not a model at all: loading it says so
+        return
+    identity = ("name", "created", "labels")
+    if inside is not None and [inside.get(k) for k in identity] != [manifest.get(k) for k in identity]:
+        raise ModelError(
+            f"{path} is the model {inside.get('name')!r} of {inside.get('created')}, but {manifest_file} "
+            f"beside it describes {manifest.get('name')!r} of {manifest.get('created')}: keep each .tflite "
+            f"with the {MANIFEST_FILE} kws export wrote beside it, or alone (its manifest is inside it)"
+        )
 
 
 class Model:

@@ -669,7 +669,23 @@ def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, 
     with pytest.raises(
         runtime.ModelError, match=f"{re.escape(str(tflite))} outputs 6 scores but its manifest lists 5"
     ):
+        runtime.Model.load(tmp_path)
+
+
+def test_a_tflite_beside_another_models_manifest_is_refused_not_read_with_its_labels(exported, tmp_path):
+    out, manifest = exported
+    tflite = Path(shutil.copy(out / "model_int8.tflite", tmp_path))
+    renamed = [label.upper() for label in manifest["labels"]]  # same count: only the names tell
+    other = {**manifest, "name": "other", "labels": renamed}
+    (tmp_path / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(runtime.ModelError) as refused:
         runtime.Model.load(tflite)
+    assert str(refused.value).startswith(
+        f"{tflite} is the model {manifest['name']!r} of {manifest['created']}, but "
+        f"{tmp_path / 'manifest.json'} beside it describes 'other' of {manifest['created']}: keep each"
+    )
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "detection": other["detection"]}))
+    assert runtime.Model.load(tflite).labels == manifest["labels"]  # its own, perhaps recalibrated
 
 
 @pytest.mark.parametrize(
