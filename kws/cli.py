@@ -509,11 +509,12 @@ def cmd_listen(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from kws.export import export
+    from kws.export import checked_run, export
     from kws.files import check_out_folder
     from kws.runtime import EXPORT_FOLDER, MANIFEST_FILE
 
     _require_train_extra("export", "tensorflow", "matplotlib")
+    checked_run(args.run)  # first: RUN/export of a RUN that is no run would be blamed on the folder
     out = args.out or args.run / EXPORT_FOLDER
     check_out_folder(out, "an export", MANIFEST_FILE, "--out" if args.out else "the export folder")
     manifest = export(args.run, out, args.target_fa)

@@ -585,3 +585,13 @@ def test_detect_on_a_folder_names_recordings_it_cannot_read_and_folders_it_canno
         f"kws detect: error: cannot read the folder {folder / 'old'} (Permission denied): check its "
         "mode (ls -ld)\n"
     )
+
+
+def test_export_of_a_file_that_is_no_run_says_so_rather_than_blaming_the_export_folder(tmp_path, capsys):
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, tone(500), 16000)
+    assert main(["export", str(clip)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"kws export: error: {clip} is not a kws run folder: it has no config.json\n"
+    )
