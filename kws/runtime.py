@@ -194,6 +194,21 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
     return path, manifest
 
 
+def _check_manifest_types(manifest: dict, source: str) -> None:
+    """ModelError for a manifest edited into the wrong shape (labels that are not names, a section
+    that is not an object), which would fail later with a traceback."""
+    labels = manifest["labels"]
+    if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
+        raise ModelError(
+            f"{source}: its manifest's labels are {labels!r}, not a list of names: {EXPORT_AGAIN}"
+        )
+    for section in ("frontend", "output", "detection"):
+        if section in manifest and not isinstance(manifest[section], dict):
+            raise ModelError(
+                f"{source}: its manifest's {section} is {manifest[section]!r}, not an object: {EXPORT_AGAIN}"
+            )
+
+
 def _check_same_model(path: Path, manifest: dict, manifest_file: Path) -> None:
     """ModelError if the .tflite's own manifest (inside it) is another model's than the one beside
     it: its scores would be read with another model's labels and thresholds."""
@@ -229,6 +244,7 @@ class Model:
         missing = [key for key in ("labels", "frontend") if key not in manifest]
         if missing:
             raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
+        _check_manifest_types(manifest, self.source)
         try:  # checked here so that a bad manifest fails at load, not in every Detector made later
             detection_config(manifest)
         except (TypeError, ValueError) as error:

@@ -715,6 +715,28 @@ def test_a_manifest_with_unusable_detection_settings_fails_at_load(exported, tmp
     assert problem in str(raised.value) and str(raised.value).endswith(runtime.EXPORT_AGAIN)
 
 
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"output": None}, "output is None, not an object"),
+        ({"frontend": None}, "frontend is None, not an object"),
+        ({"detection": []}, "detection is [], not an object"),
+        ({"labels": list(range(6))}, "labels are [0, 1, 2, 3, 4, 5], not a list of names"),
+        ({"labels": "yes,no"}, "labels are 'yes,no', not a list of names"),
+    ],
+)
+def test_a_manifest_edited_into_the_wrong_shape_is_named_not_a_traceback(exported, tmp_path, change, problem):
+    out, manifest = exported
+    shutil.copy(out / "model_int8.tflite", tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(runtime.ModelError) as raised:
+        runtime.Model.load(tmp_path)
+    assert (
+        str(raised.value)
+        == f"{tmp_path / 'model_int8.tflite'}: its manifest's {problem}: {runtime.EXPORT_AGAIN}"
+    )
+
+
 def test_a_model_path_that_does_not_exist_says_so(tmp_path):
     for missing in ("nowhere", "gone.tflite"):
         with pytest.raises(runtime.ModelError, match=f"{missing} does not exist"):
