@@ -1,5 +1,8 @@
 """kws: keyword spotting from training to phones, microcontrollers, microphones and HTTP."""
 
+import contextlib
+import signal
+
 __version__ = "0.1.0"
 
 
@@ -8,3 +11,33 @@ class KwsError(Exception):
 
     Every command prints it as one line, without a traceback, and exits with status 2.
     """
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops a command as Ctrl-C does: what it writes is cleaned up or kept whole,
+    and it says how it ended (listen prints its summary, train how to resume)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """SIGTERM (docker stop, systemd, timeout) and SIGHUP (a closed terminal) raise Stopped in the
+    main thread instead of killing the process mid-write. A signal set aside before (nohup's
+    SIGHUP) is left as it was; each handler is given back at the end."""
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.getsignal(signum) for signum in wanted}
+    taken = [signum for signum, handler in previous.items() if handler is signal.SIG_DFL]
+    for signum in taken:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum in taken:
+            signal.signal(signum, signal.SIG_DFL)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from kws import KwsError, __version__, options
+from kws import KwsError, Stopped, __version__, options, stopped_by_signals
 
 SPLIT_NAMES = {
     "train": "training",
@@ -502,8 +504,7 @@ def cmd_listen(args) -> int:
         "Ctrl-C to stop",
         file=sys.stderr,
     )
-    with listen.stopped_by_signals():
-        summary = listen.run(source, detector, sys.stdout, args.seconds)
+    summary = listen.run(source, detector, sys.stdout, args.seconds)
     print(summary)
     return 0
 
@@ -992,8 +993,11 @@ def main(argv: list[str] | None = None) -> int:
     # A file name that is not UTF-8 prints escaped (as on stderr), not as a UnicodeEncodeError.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    # kws serve leaves signals to uvicorn, which stops gracefully on them.
+    stopping = stopped_by_signals() if args.command != "serve" else contextlib.nullcontext()
     try:
-        return args.handler(args)
+        with stopping:
+            return args.handler(args)
     except BrokenPipeError:  # `kws detect ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
         return 0
@@ -1001,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KwsError, OSError) as error:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"\nkws {args.command}: stopped by {stop.signal_name}{_how_to_go_on(args)}", file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name]
     except KeyboardInterrupt:
         print(f"\nkws {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130

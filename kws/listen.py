@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import queue
-import signal
 import sys
 import threading
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kws import audio
+from kws import Stopped, audio
 from kws.audio import MIN_SAMPLE_RATE, AudioError
 from kws.stream import Detector, Event, RateDetector, keywords
 
@@ -34,32 +32,6 @@ METER_WIDTH = 30
 
 class ListenError(AudioError):
     """An audio input that cannot be opened or stops delivering; the message says what exists."""
-
-
-class Stopped(KeyboardInterrupt):
-    """A signal that ends listening as Ctrl-C does: with the summary, and exit code 0."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(signal_name)
-        self.signal_name = signal_name
-
-
-@contextlib.contextmanager
-def stopped_by_signals():
-    """SIGTERM (docker stop, systemd) and SIGHUP (a closed terminal) stop ``run`` as Ctrl-C does,
-    instead of killing it before it prints what it heard. Main thread only, as signals are."""
-
-    def stop(signum, frame):
-        raise Stopped(signal.Signals(signum).name)
-
-    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {signum: signal.signal(signum, stop) for signum in wanted}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            # None: a handler set outside Python, which cannot be put back (as in files.write_files).
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def import_sounddevice():

@@ -9,8 +9,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -595,3 +597,19 @@ def test_export_of_a_file_that_is_no_run_says_so_rather_than_blaming_the_export_
         capsys.readouterr().err
         == f"kws export: error: {clip} is not a kws run folder: it has no config.json\n"
     )
+
+
+def test_signals_stop_commands_as_ctrl_c_does_but_one_set_aside_before_is_left_alone():
+    from kws import Stopped, stopped_by_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a process
+    try:
+        with stopped_by_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            with pytest.raises(Stopped) as stopped:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises at once
+            assert stopped.value.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)

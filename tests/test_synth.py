@@ -1,7 +1,9 @@
 """Synthetic training clips: word lists, placement and level, espeak-ng's clips on disk."""
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -127,3 +129,22 @@ def test_without_espeak_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(synth.SynthError, match="apt-get install espeak-ng"):
         synth.variants()
+
+
+def test_a_synthesis_stopped_by_sigterm_leaves_no_clips_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "OTHER_WORDS", ["cat"])
+    monkeypatch.setattr(synth, "variants", lambda: ["en-us+m1"])
+    said = []
+
+    def say(word, voice):
+        said.append(word)
+        if len(said) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # as timeout, systemd or docker stop would
+        return np.full(4000, 0.1, np.float32)
+
+    monkeypatch.setattr(synth, "say", say)
+    out = tmp_path / "synth"
+    argv = ["synth", "--words", "yes", "--out", str(out), "--per-keyword", "40", "--per-other-word", "40"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert not any(out.iterdir())  # however far it got
+    assert capsys.readouterr().err == "\nkws synth: stopped by SIGTERM\n"
