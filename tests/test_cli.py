@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,10 +277,20 @@ def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch
     assert scored == []
 
 
+def trained_looking_run(folder: Path) -> Path:
+    """A run folder export's first check takes (config and model file), holding no real model."""
+    from conftest import tone_run_config
+
+    (folder / "run").mkdir()
+    (folder / "run" / "config.json").write_text(json.dumps(tone_run_config(folder, epochs=1).to_dict()))
+    (folder / "run" / "model.keras").write_bytes(b"never loaded")
+    return folder / "run"
+
+
 def test_export_to_a_file_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "export"
     out.write_text("")
-    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert main(["export", str(trained_looking_run(tmp_path)), "--out", str(out)]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"kws export: error: --out {out} is a file: an export is a folder; pick another --out"
@@ -288,20 +299,20 @@ def test_export_to_a_file_is_refused_before_any_work(tmp_path, capsys):
 
 def test_an_export_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     (tmp_path / "notes.txt").write_text("a file")
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "notes.txt" / "export")]) == 2
+    run = trained_looking_run(tmp_path)
+    assert main(["export", str(run), "--out", str(tmp_path / "notes.txt" / "export")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(
         f"{tmp_path / 'notes.txt'} is a file, so no folder can be made in it; pick another --out"
     )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "MODEL_CARD.md").write_text("my own notes")
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "mine")]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "mine")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws export: error: --out {tmp_path / 'mine'} holds other files (MODEL_CARD.md) and no "
         "manifest.json: an export goes into a new or empty folder, or over an earlier one; pick another --out"
     )
-    run = tmp_path / "run"  # exported into run/export, its default folder
-    (run / "export").mkdir(parents=True)
+    (run / "export").mkdir()  # its default folder
     (run / "export" / "MODEL_CARD.md").write_text("my own notes")
     assert main(["export", str(run)]) == 2
     assert capsys.readouterr().err.startswith(
