@@ -362,6 +362,12 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
                             )
                         break
                     consumer.hear(block[: limit - consumer.frames])
+            except ListenError:
+                # A device that went silent can hold PortAudio's stop (which waits for its thread)
+                # for minutes, deaf to Ctrl-C; abort cancels that thread at once.
+                if hasattr(stream, "abort"):
+                    stream.abort()
+                raise
             finally:
                 closing.set()
         consumer.finish()

@@ -297,6 +297,28 @@ def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
         listen.run(source, Detector(model), io.StringIO())
 
 
+def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, monkeypatch):
+    class SilentDevice:  # as a suspended PulseAudio source: no callback, and a stop that waits on it
+        aborted = False
+
+        def __init__(self, **settings):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def abort(self):
+            SilentDevice.aborted = True
+
+        def __exit__(self, *exc_info):
+            assert SilentDevice.aborted, "stopped without aborting: PortAudio's stop would wait for minutes"
+
+    monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
+    source = listen.Source("input device 0 'pulse'", RATE, SilentDevice, endless=True)
+    with pytest.raises(listen.ListenError, match="delivered no audio for 0.2 s"):
+        listen.run(source, Detector(Model.load(tone_export[0])), io.StringIO())
+
+
 DEVICES = [
     {"name": "HDA Intel PCH: ALC257 Analog (hw:0,0)", "max_input_channels": 2, "default_samplerate": 44100.0},
     {"name": "HDA Intel PCH: HDMI 0 (hw:0,3)", "max_input_channels": 0, "default_samplerate": 48000.0},
