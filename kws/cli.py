@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -504,8 +505,14 @@ def cmd_listen(args) -> int:
         "Ctrl-C to stop",
         file=sys.stderr,
     )
-    summary = listen.run(source, detector, sys.stdout, args.seconds)
-    print(summary)
+    try:
+        print(listen.run(source, detector, sys.stdout, args.seconds))
+    except OSError as error:
+        if error.errno != errno.EIO:
+            raise
+        # The terminal was closed (the write may fail before its SIGHUP arrives): listening
+        # ended as SIGHUP ends it, and there is nobody left to tell.
+        _silence(sys.stdout, sys.stderr)
     return 0
 
 
@@ -999,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         with stopping:
             return args.handler(args)
     except BrokenPipeError:  # `kws detect ... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exiting flushes nowhere
+        _silence(sys.stdout)
         return 0
     # OSError: a path the user gave that cannot be read or written (missing, no permission, full disk).
     except (KwsError, OSError) as error:
@@ -1011,6 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nkws {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)
         return 130
+
+
+def _silence(*streams) -> None:
+    """Point ``streams`` at /dev/null, so that exiting flushes nowhere: their reader is gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in streams:
+        os.dup2(devnull, stream.fileno())
 
 
 def _how_to_go_on(args) -> str:

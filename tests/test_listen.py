@@ -655,3 +655,24 @@ def test_audio_the_input_dropped_is_reported_in_the_summary(tone_export):
     assert str(summary).endswith(
         "; audio was lost 2 times (the input overflowed: the machine fell behind), so later times run early"
     )
+
+
+@pytest.mark.parametrize("stderr_too", [False, True])
+def test_a_closed_terminal_ends_listening_with_code_0(words_file, model_args, tmp_path, stderr_too):
+    import pty
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: kws listen on a terminal, playing a file in real time
+        if not stderr_too:
+            os.dup2(os.open(tmp_path / "err", os.O_WRONLY | os.O_CREAT), 2)
+        os.execv(
+            sys.executable, [sys.executable, "-m", "kws", "listen", "--file", str(words_file[0]), *model_args]
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"dBFS" not in os.read(terminal, 4096):  # the level meter: listening has begun
+            assert time.monotonic() < deadline
+    finally:
+        os.close(terminal)  # the terminal window closed
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
