@@ -446,7 +446,8 @@ def model_card(manifest: dict) -> str:
         f"{streaming['target_fa_per_hour']} false accepts per "
         f"hour): recall {percent(streaming['recall'])} of {streaming['keywords']} keywords in a "
         f"{streaming['stream_hours']:.2f} h test stream, {streaming['false_accepts_per_hour']:.2f} false "
-        "accepts per hour",
+        "accepts per hour; the int8 model run as TensorFlow Lite Micro runs it (LiteRT's reference "
+        "kernels: kws itself runs LiteRT's faster default kernels, which round a little differently)",
     ]
     if "real_speech" in streaming:
         speech = streaming["real_speech"]

@@ -31,6 +31,15 @@ def test_built_in_model_is_complete_and_calibrated(manifest):
     assert f"int8 {manifest['accuracy']['int8']:.2%}" in card
 
 
+def test_built_in_model_ships_the_microcontroller_files_of_its_own_int8_model(manifest):
+    from kws.export import c_array, c_frontend_sources
+
+    header, source = c_array((BUILT_IN_MODEL / "model_int8.tflite").read_bytes(), manifest)
+    wanted = {"model_data.h": header, "model_data.cc": source}
+    wanted |= c_frontend_sources(manifest["input"]["scale"], manifest["input"]["zero_point"])
+    assert {name: (BUILT_IN_MODEL / name).read_text() for name in wanted} == wanted
+
+
 def test_built_in_models_calibration_warnings_are_what_calibration_says_today(manifest):
     from kws.stream_eval import _warn_about_thresholds
 
