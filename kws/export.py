@@ -30,6 +30,7 @@ from kws.runtime import (
     embed_manifest,
     quiet_stderr,
     resolve,
+    without_manifest,
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
 from kws.stream_eval import stream_test
@@ -147,6 +148,9 @@ def c_array(tflite: bytes, manifest: dict, name: str = "kws_model_data") -> tupl
     """model_data.h and model_data.cc: the .tflite as an aligned byte array, as TFLM's examples do;
     the tensor arena it needs (KWS_ARENA_BYTES) where export could measure it; and what a device's
     detector takes from the manifest: the labels, their thresholds and the Detector's settings."""
+    # The manifest inside the .tflite is for readers of the file; firmware would carry it in
+    # flash (4.4 KB of the built-in model's 54 KB) and never read it.
+    tflite = without_manifest(tflite)
     arena_bytes = manifest["sizes"]["tflm_arena_bytes"]
     arena = (
         f"/* The tensor arena the model needs, measured with TFLM's recording allocator. */\n"

@@ -75,12 +75,11 @@ def embedded_manifest(tflite: bytes) -> dict | None:
 
 def embed_manifest(tflite: bytes, manifest: dict) -> bytes:
     """The .tflite with ``manifest`` stored as its metadata entry (replacing an older copy)."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
     payload = np.frombuffer(json.dumps(manifest, separators=(",", ":")).encode(), dtype=np.uint8)
-    entries = [e for e in model.metadata or [] if e.name in (METADATA_NAME, METADATA_NAME.encode())]
+    entries = [e for e in model.metadata or [] if _is_manifest(e)]
     if entries:
         model.buffers[entries[0].buffer].data = payload
     else:
@@ -90,7 +89,30 @@ def embed_manifest(tflite: bytes, manifest: dict) -> bytes:
         entry = schema.MetadataT()
         entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
         model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(tflite) + len(payload) + 1024)
+    return _packed(model, len(tflite) + len(payload))
+
+
+def without_manifest(tflite: bytes) -> bytes:
+    """The .tflite without the manifest in its metadata, for a device, which never reads it. Its
+    buffer stays, emptied, so that no other buffer's index moves."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
+    for entry in model.metadata or []:
+        if _is_manifest(entry):
+            model.buffers[entry.buffer].data = None
+    model.metadata = [entry for entry in model.metadata or [] if not _is_manifest(entry)] or None
+    return _packed(model, len(tflite))
+
+
+def _is_manifest(entry) -> bool:
+    return entry.name in (METADATA_NAME, METADATA_NAME.encode())
+
+
+def _packed(model, size: int) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 

@@ -161,13 +161,20 @@ def test_a_manifest_without_output_values_is_an_export_with_the_softmax_inside(e
         runtime.Model(tflite, {**manifest, "output": {**manifest["output"], "values": "log_probabilities"}})
 
 
-def test_c_array_holds_the_int8_model_byte_for_byte(exported):
-    out, _ = exported
+def test_c_array_holds_the_int8_model_without_the_manifest_a_device_never_reads(exported):
+    out, manifest = exported
     source = (out / "model_data.cc").read_text()
     assert "alignas(16) const unsigned char kws_model_data[]" in source
     array = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", source))
-    assert array == (out / "model_int8.tflite").read_bytes()
+    int8 = (out / "model_int8.tflite").read_bytes()
+    assert runtime.embedded_manifest(array) is None and runtime.embedded_manifest(int8) is not None
+    assert len(int8) - len(array) >= len(json.dumps(runtime.embedded_manifest(int8), separators=(",", ":")))
+    assert array == runtime.without_manifest(int8)
     assert f"kws_model_data_len = {len(array)};" in source
+    probe = np.random.default_rng(0).uniform(-60, 30, (20, 49, 10)).astype(np.float32)
+    device, file = runtime.Model(array, manifest), runtime.Model(int8, manifest)
+    assert (device.raw_scores(device.prepare(probe)) == file.raw_scores(file.prepare(probe))).all()
+    assert runs_on_tflm(array, manifest["sizes"]["tflm_arena_bytes"])
     from ai_edge_litert.interpreter import Interpreter
 
     header = (out / "kws_frontend.h").read_text()
@@ -183,7 +190,7 @@ def test_the_c_array_and_its_arena_size_compile_for_a_device(exported, tmp_path)
     assert arena and f"#define KWS_ARENA_BYTES {arena}\n" in (out / "model_data.h").read_text()
     assert compile_with(out, tmp_path).returncode == 0
     printed = subprocess.run([str(tmp_path / "main")], capture_output=True, text=True, check=True).stdout
-    assert printed == f"{(out / 'model_int8.tflite').stat().st_size} {arena}"
+    assert printed == f"{len(runtime.without_manifest((out / 'model_int8.tflite').read_bytes()))} {arena}"
 
 
 def test_the_arena_size_is_what_tflm_needs(exported):
@@ -311,8 +318,8 @@ def test_calibrate_rewrites_thresholds_everywhere(exported, tmp_path, capsys):
         key: updated["sizes"][key] for key in ("parameters", "macs", "tflm_arena_bytes")
     }
     assert updated["sizes"]["int8_bytes"] == len(tflite)
-    source = (copy / "model_data.cc").read_text()
-    assert f"kws_model_data_len = {len(tflite)};" in source
+    assert (copy / "model_data.cc").read_text() == export.c_array(tflite, updated)[1]  # the new thresholds
+    assert "#define KWS_HOP_FRAMES 1 " in (copy / "model_data.h").read_text()
 
 
 def test_calibrate_a_tflite_without_its_manifest_keeps_the_arena(exported, tmp_path):
