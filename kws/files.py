@@ -101,8 +101,8 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
 
     Every file is written under its temporary name before the first replaces its target, so a
     failure while writing (a full disk) leaves the folder's files as they were, not some new
-    and some old; and a Ctrl-C on the main thread waits for the renames that follow. (A kill,
-    or a failure among the renames, can still leave a mix.)
+    and some old; and a Ctrl-C, SIGTERM or SIGHUP on the main thread waits for the renames that
+    follow. (A kill, or a failure among the renames, can still leave a mix.)
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
                 tmp.write_text(data)
             else:
                 tmp.write_bytes(data)
-        with _ctrl_c_deferred():
+        with _stops_deferred():
             for path, tmp in temporary.items():
                 os.replace(tmp, path)
     finally:
@@ -121,24 +121,31 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+# What stops a command (Ctrl-C, and kws.stopped_by_signals' SIGTERM and SIGHUP), held during renames.
+_STOPPING = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
 @contextmanager
-def _ctrl_c_deferred():
-    """Hold a Ctrl-C (SIGINT) that comes during the block until it ends, then deliver it to the
-    handler that was there before (which may ignore it). Where this thread cannot set signal
-    handlers (any but the main thread), the block runs as it is."""
-    pressed = []
+def _stops_deferred():
+    """Hold a Ctrl-C (SIGINT), SIGTERM or SIGHUP that comes during the block until it ends, then
+    deliver it to the handler that was there before (which may ignore it). Where this thread
+    cannot set signal handlers (any but the main thread), the block runs as it is."""
+    arrived = []
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        previous = {
+            signum: signal.signal(signum, lambda got, frame: arrived.append(got)) for signum in _STOPPING
+        }
     except ValueError:
         yield
         return
     try:
         yield
     finally:
-        # None: a handler set outside Python, which cannot be put back; the default stands in.
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-    if pressed:
-        signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default stands in.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    if arrived:
+        signal.raise_signal(arrived[0])
 
 
 def json_text(data) -> str:

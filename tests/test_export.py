@@ -444,6 +444,23 @@ def test_ctrl_c_while_an_export_is_renamed_into_place_waits_for_the_whole_set(tm
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "newer")
 
 
+def test_sigterm_while_an_export_is_renamed_into_place_waits_for_the_whole_set(tmp_path, monkeypatch):
+    from kws import Stopped, files, stopped_by_signals
+
+    replace, renamed = os.replace, []
+
+    def terminated(source, target):
+        renamed.append(target)
+        if len(renamed) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # docker stop between two renames
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", terminated)
+    with stopped_by_signals(), pytest.raises(Stopped):  # as every command but serve runs
+        files.write_files(tmp_path, dict.fromkeys("abcd", "new"))
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "new")
+
+
 def test_a_stream_test_on_data_without_validation_clips_says_so(exported, tmp_path, capsys):
     from kws.cli import main
 
