@@ -323,7 +323,8 @@ def _as_on_a_device(int8: bytes | Path, manifest: dict) -> Model:
     """The int8 model run as TFLite Micro runs it, to calibrate thresholds on: TFLite's reference
     kernels round as TFLM does (LiteRT's default, XNNPACK, moves 0.8 % of the top classes, and
     thresholds calibrated on it let 2 false accepts through on TFLM where they allowed none). The
-    thresholds then hold on a device, and hold as well under XNNPACK: ~20 times slower, though."""
+    thresholds then hold on a device (and, for the built-in model, under XNNPACK too); the
+    reference kernels are ~20 times slower, which calibration can afford."""
     return Model(int8, manifest, reference_kernels=True)
 
 
