@@ -81,7 +81,8 @@ def test_synthesize_writes_one_voice_per_clip_reproducibly(espeak, tmp_path, mon
     assert {c.path.name for c in other_seed}.isdisjoint(c.path.name for c in clips)
 
 
-def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path, monkeypatch):
+def stopped_at_the_fourth_clip(monkeypatch, stop) -> None:
+    """synth without espeak-ng, one voice and one other word, calling ``stop`` as it says the fourth clip."""
     monkeypatch.setattr(synth, "OTHER_WORDS", ["cat"])
     monkeypatch.setattr(synth, "variants", lambda: ["en-us+m1"])
     said = []
@@ -89,10 +90,17 @@ def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path,
     def say(word, voice):
         said.append(word)
         if len(said) == 4:
-            raise KeyboardInterrupt  # Ctrl-C while the fourth of eight clips is spoken
+            stop()
         return np.full(4000, 0.1, np.float32)
 
     monkeypatch.setattr(synth, "say", say)
+
+
+def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    stopped_at_the_fourth_clip(monkeypatch, ctrl_c)
     out = tmp_path / "synth"
     out.mkdir()  # as a user may make it first
     with pytest.raises(KeyboardInterrupt):
@@ -132,17 +140,8 @@ def test_without_espeak_the_error_says_what_to_install(monkeypatch):
 
 
 def test_a_synthesis_stopped_by_sigterm_leaves_no_clips_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(synth, "OTHER_WORDS", ["cat"])
-    monkeypatch.setattr(synth, "variants", lambda: ["en-us+m1"])
-    said = []
-
-    def say(word, voice):
-        said.append(word)
-        if len(said) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)  # as timeout, systemd or docker stop would
-        return np.full(4000, 0.1, np.float32)
-
-    monkeypatch.setattr(synth, "say", say)
+    # As timeout, systemd or docker stop would.
+    stopped_at_the_fourth_clip(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
     out = tmp_path / "synth"
     argv = ["synth", "--words", "yes", "--out", str(out), "--per-keyword", "40", "--per-other-word", "40"]
     assert main(argv) == 128 + signal.SIGTERM
