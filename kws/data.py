@@ -335,6 +335,8 @@ def check_added_folders(config: DataConfig) -> None:
             raise DataError(
                 f"--extra folder {folder} does not exist; make one with `kws synth --out {folder}`"
             )
+        if not config.data_dir:  # the data set is yet to be downloaded: nothing to overlap
+            continue
         extra, data = folder.resolve(), Path(config.data_dir).resolve()
         if extra.is_relative_to(data) or data.is_relative_to(extra):
             # Its clips would train twice, the data's validation and test clips among them.

@@ -485,9 +485,9 @@ def test_the_models_whole_window_is_the_longest_hop_and_average(option):
 
 
 def test_extra_folders_that_are_files_the_data_or_hold_a_keyword_in_another_case_are_refused(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ):
-    from kws.data import DataConfig, DataError, check_folders
+    from kws.data import DataConfig, DataError, check_added_folders, check_folders
 
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "synth" / "Yes").mkdir(parents=True)
@@ -505,6 +505,9 @@ def test_extra_folders_that_are_files_the_data_or_hold_a_keyword_in_another_case
         with pytest.raises(DataError, match=message):
             check_folders(DataConfig(str(data), words=words, extra=[str(tmp_path / extra)]))
     check_folders(DataConfig(str(data), words=["Yes"], extra=[str(tmp_path / "synth")]))  # its own case
+    # No --data: the data set is downloaded later, and --extra may lie anywhere, here too.
+    monkeypatch.chdir(tmp_path)
+    check_added_folders(DataConfig("", words=["Yes"], extra=["synth"]))
     assert main(["synth", "--words", "yes", "--out", str(tmp_path / "notes.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"kws synth: error: --out {tmp_path / 'notes.txt'} is a file: synthesized speech is a folder; pick "
