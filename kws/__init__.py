@@ -2,8 +2,12 @@
 
 import contextlib
 import signal
+import threading
 
 __version__ = "0.1.0"
+# Besides Ctrl-C (SIGINT), what stops a command: docker stop, systemd and timeout's SIGTERM, a
+# closed terminal's SIGHUP.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class KwsError(Exception):
@@ -24,16 +28,17 @@ class Stopped(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def stopped_by_signals():
-    """SIGTERM (docker stop, systemd, timeout) and SIGHUP (a closed terminal) raise Stopped in the
-    main thread instead of killing the process mid-write. A signal set aside before (nohup's
-    SIGHUP) is left as it was; each handler is given back at the end."""
+    """STOP_SIGNALS raise Stopped in the main thread instead of killing the process mid-write. A
+    signal set aside before (nohup's SIGHUP) is left as it was; each handler is given back at
+    the end. Elsewhere than the main thread, which alone can set handlers, nothing changes."""
 
     def stop(signum, frame):
         raise Stopped(signal.Signals(signum).name)
 
-    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {signum: signal.getsignal(signum) for signum in wanted}
-    taken = [signum for signum, handler in previous.items() if handler is signal.SIG_DFL]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    taken = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_DFL]
     for signum in taken:
         signal.signal(signum, stop)
     try:

@@ -7,10 +7,11 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from kws import KwsError
+from kws import STOP_SIGNALS, KwsError
 
 
 def check_out_folder(folder: str | Path, what: str, earlier: str | None = None, named: str = "--out") -> None:
@@ -121,31 +122,26 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-# What stops a command (Ctrl-C, and kws.stopped_by_signals' SIGTERM and SIGHUP), held during renames.
-_STOPPING = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-
-
 @contextmanager
 def _stops_deferred():
-    """Hold a Ctrl-C (SIGINT), SIGTERM or SIGHUP that comes during the block until it ends, then
-    deliver it to the handler that was there before (which may ignore it). Where this thread
-    cannot set signal handlers (any but the main thread), the block runs as it is."""
-    arrived = []
-    try:
-        previous = {
-            signum: signal.signal(signum, lambda got, frame: arrived.append(got)) for signum in _STOPPING
-        }
-    except ValueError:
+    """Hold a Ctrl-C or one of STOP_SIGNALS that comes during the block until it ends, then
+    deliver each that came to the handler that was there before. Signals ignored before (a
+    background job's SIGINT, nohup's SIGHUP) stay ignored. Where this thread cannot set signal
+    handlers (any but the main thread), the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    arrived = []
+    held = [s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, lambda got, frame: arrived.append(got)) for signum in held}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             # None: a handler set outside Python, which cannot be put back; the default stands in.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    if arrived:
-        signal.raise_signal(arrived[0])
+    for signum in dict.fromkeys(arrived):  # each once, in the order they came
+        signal.raise_signal(signum)
 
 
 def json_text(data) -> str:

@@ -627,3 +627,15 @@ def test_signals_stop_commands_as_ctrl_c_does_but_one_set_aside_before_is_left_a
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_main_runs_outside_the_main_thread_leaving_signals_alone(tmp_path, capsys):
+    import threading
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, tone(500), 16000)
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["detect", str(clip)])))
+    thread.start()
+    thread.join()
+    assert codes == [0] and capsys.readouterr().out.startswith(f"{clip}: 1.00 s")

@@ -459,6 +459,24 @@ def test_sigterm_while_an_export_is_renamed_into_place_waits_for_the_whole_set(t
     with stopped_by_signals(), pytest.raises(Stopped):  # as every command but serve runs
         files.write_files(tmp_path, dict.fromkeys("abcd", "new"))
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == dict.fromkeys("abcd", "new")
+    # Under nohup, a SIGHUP that comes first stays ignored, and the SIGTERM after it still stops.
+    renamed.clear()
+
+    def hung_up_then_terminated(source, target):
+        renamed.append(target)
+        if len(renamed) in (1, 2):
+            os.kill(os.getpid(), signal.SIGHUP if len(renamed) == 1 else signal.SIGTERM)
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", hung_up_then_terminated)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stopped_by_signals(), pytest.raises(Stopped) as stopped:
+            files.write_files(tmp_path, dict.fromkeys("abcd", "newer"))
+        assert stopped.value.signal_name == "SIGTERM"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_stream_test_on_data_without_validation_clips_says_so(exported, tmp_path, capsys):
