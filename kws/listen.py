@@ -362,9 +362,10 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
                             )
                         break
                     consumer.hear(block[: limit - consumer.frames])
-            except ListenError:
-                # A device that went silent can hold PortAudio's stop (which waits for its thread)
-                # for minutes, deaf to Ctrl-C; abort cancels that thread at once.
+            except BaseException:
+                # A device that went silent (found by the stall limit, or by a user pressing Ctrl-C
+                # first) can hold PortAudio's stop, which waits for its thread, for minutes, deaf to
+                # Ctrl-C; abort cancels that thread at once, and listening is over either way.
                 if hasattr(stream, "abort"):
                     stream.abort()
                 raise

@@ -297,7 +297,8 @@ def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
         listen.run(source, Detector(model), io.StringIO())
 
 
-def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, monkeypatch):
+@pytest.mark.parametrize("noticed_by", ["the stall limit", "Ctrl-C"])
+def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, monkeypatch, noticed_by):
     class SilentDevice:  # as a suspended PulseAudio source: no callback, and a stop that waits on it
         aborted = False
 
@@ -313,10 +314,15 @@ def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, mo
         def __exit__(self, *exc_info):
             assert SilentDevice.aborted, "stopped without aborting: PortAudio's stop would wait for minutes"
 
-    monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
     source = listen.Source("input device 0 'pulse'", RATE, SilentDevice, endless=True)
-    with pytest.raises(listen.ListenError, match="delivered no audio for 0.2 s"):
-        listen.run(source, Detector(Model.load(tone_export[0])), io.StringIO())
+    detector = Detector(Model.load(tone_export[0]))
+    if noticed_by == "Ctrl-C":
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert listen.run(source, detector, io.StringIO()).stopped_by == "Ctrl-C"
+    else:
+        monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
+        with pytest.raises(listen.ListenError, match="delivered no audio for 0.2 s"):
+            listen.run(source, detector, io.StringIO())
 
 
 DEVICES = [
