@@ -192,6 +192,8 @@ def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict
             raise ModelError(f"{manifest_file} names no model under files.int8: {EXPORT_AGAIN}") from None
         if not model_file.is_file():
             raise ModelError(f"{model_file}, which {manifest_file} names, is missing: {EXPORT_AGAIN}")
+        if path != BUILT_IN_MODEL:  # whose files a test checks; the check costs every start 15 ms
+            _check_same_model(model_file, manifest, manifest_file)
         return model_file, manifest
     if path.name == MODEL_FILE:  # a run's Keras model, which only training and export read
         raise ModelError(
@@ -238,12 +240,15 @@ def _check_same_model(path: Path, manifest: dict, manifest_file: Path) -> None:
         inside = embedded_manifest(path.read_bytes())
     except Exception:  # not a model at all: loading it says so
         return
-    identity = ("name", "created", "labels")
-    if inside is not None and [inside.get(k) for k in identity] != [manifest.get(k) for k in identity]:
+    if not isinstance(inside, dict):
+        return
+    differing = [k for k in ("name", "created", "labels") if inside.get(k) != manifest.get(k)]
+    if differing:
         raise ModelError(
-            f"{path} is the model {inside.get('name')!r} of {inside.get('created')}, but {manifest_file} "
-            f"beside it describes {manifest.get('name')!r} of {manifest.get('created')}: keep each .tflite "
-            f"with the {MANIFEST_FILE} kws export wrote beside it, or alone (its manifest is inside it)"
+            f"{path} is another model than {manifest_file} beside it describes ("
+            + "; ".join(f"{k} {inside.get(k)!r} inside it, {manifest.get(k)!r} beside it" for k in differing)
+            + f"): keep each .tflite with the {MANIFEST_FILE} kws export wrote beside it, or alone (its "
+            "manifest is inside it)"
         )
 
 

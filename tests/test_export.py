@@ -711,7 +711,7 @@ def test_a_manifest_of_another_model_fails_at_load_naming_both_counts(exported, 
     with pytest.raises(
         runtime.ModelError, match=f"{re.escape(str(tflite))} outputs 6 scores but its manifest lists 5"
     ):
-        runtime.Model.load(tmp_path)
+        runtime.Model(tflite, json.loads((tmp_path / "manifest.json").read_text()))
 
 
 def test_a_tflite_beside_another_models_manifest_is_refused_not_read_with_its_labels(exported, tmp_path):
@@ -723,9 +723,12 @@ def test_a_tflite_beside_another_models_manifest_is_refused_not_read_with_its_la
     with pytest.raises(runtime.ModelError) as refused:
         runtime.Model.load(tflite)
     assert str(refused.value).startswith(
-        f"{tflite} is the model {manifest['name']!r} of {manifest['created']}, but "
-        f"{tmp_path / 'manifest.json'} beside it describes 'other' of {manifest['created']}: keep each"
+        f"{tflite} is another model than {tmp_path / 'manifest.json'} beside it describes (name "
+        f"{manifest['name']!r} inside it, 'other' beside it; labels {manifest['labels']!r} inside it, "
+        f"{renamed!r} beside it): keep each"
     )
+    with pytest.raises(runtime.ModelError, match=f"{re.escape(str(tflite))} is another model"):
+        runtime.Model.load(tmp_path)  # the folder's manifest names it: the same mix
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "detection": other["detection"]}))
     assert runtime.Model.load(tflite).labels == manifest["labels"]  # its own, perhaps recalibrated
 
@@ -767,15 +770,12 @@ def test_a_manifest_with_unusable_detection_settings_fails_at_load(exported, tmp
         ({"labels": "yes,no"}, "labels are 'yes,no', not a list of names"),
     ],
 )
-def test_a_manifest_edited_into_the_wrong_shape_is_named_not_a_traceback(exported, tmp_path, change, problem):
+def test_a_manifest_edited_into_the_wrong_shape_is_named_not_a_traceback(exported, change, problem):
     out, manifest = exported
-    shutil.copy(out / "model_int8.tflite", tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
     with pytest.raises(runtime.ModelError) as raised:
-        runtime.Model.load(tmp_path)
+        runtime.Model(out / "model_int8.tflite", {**manifest, **change})
     assert (
-        str(raised.value)
-        == f"{tmp_path / 'model_int8.tflite'}: its manifest's {problem}: {runtime.EXPORT_AGAIN}"
+        str(raised.value) == f"{out / 'model_int8.tflite'}: its manifest's {problem}: {runtime.EXPORT_AGAIN}"
     )
 
 
