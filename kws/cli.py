@@ -435,7 +435,7 @@ def cmd_detect(args) -> int:
         print(json.dumps(reports[0], indent=2))
     elif args.json and not one_file:
         print(json.dumps(reports, indent=2))
-    # A single file that failed prints no JSON: its error and the exit status say it all.
+    # A single file that could not be read at all prints no JSON: its error and exit status say it all.
     return 1 if failed else 0
 
 
@@ -1013,7 +1013,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kws {args.command}: error: {error}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        print(f"\nkws {args.command}: stopped by {stop.signal_name}{_how_to_go_on(args)}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a closed terminal's SIGHUP: nobody to tell
+            print(
+                f"\nkws {args.command}: stopped by {stop.signal_name}{_how_to_go_on(args)}", file=sys.stderr
+            )
         return 128 + signal.Signals[stop.signal_name]
     except KeyboardInterrupt:
         print(f"\nkws {args.command}: interrupted{_how_to_go_on(args)}", file=sys.stderr)

@@ -639,3 +639,20 @@ def test_main_runs_outside_the_main_thread_leaving_signals_alone(tmp_path, capsy
     thread.start()
     thread.join()
     assert codes == [0] and capsys.readouterr().out.startswith(f"{clip}: 1.00 s")
+
+
+def test_a_command_stopped_by_a_closed_terminal_exits_129_though_it_cannot_say_so(monkeypatch):
+    import io
+
+    from kws import Stopped
+
+    def hung_up(args):
+        raise Stopped("SIGHUP")
+
+    class ClosedTerminal(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("kws.cli.cmd_detect", hung_up)
+    monkeypatch.setattr(sys, "stderr", ClosedTerminal())
+    assert main(["detect", "clip.wav"]) == 128 + signal.SIGHUP
