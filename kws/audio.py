@@ -229,8 +229,9 @@ def is_audio_file(path: Path) -> bool:
 
 
 def audio_files_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
-    """Every audio file in ``folder`` and its subfolders, sorted (AudioError for a folder that
-    cannot be read); the other files (not hidden) are added to ``others`` if given. Linked
+    """Every audio file in ``folder`` and its subfolders but hidden ones and lost+found, sorted
+    (AudioError for a folder that cannot be read); the other files (not hidden) are added to
+    ``others`` if given. Linked
     folders are followed (data sets are often linked in), each real folder once: a link to a
     parent would go round for ever."""
     found, seen = [], set()
@@ -246,7 +247,10 @@ def audio_files_under(folder: Path, others: list[Path] | None = None) -> list[Pa
             folders.clear()
             continue
         seen.add(real)
-        # Real folders before links, so that a folder also linked beside it keeps its own name.
+        # Hidden folders (.Trash-1000) and a disk's lost+found hold no recordings of the user's, and
+        # are often unreadable. Real folders before links, so that a folder also linked beside it
+        # keeps its own name.
+        folders[:] = [name for name in folders if not name.startswith(".") and name != "lost+found"]
         folders.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
         for path in (Path(root, name) for name in names):
             if is_audio_file(path):

@@ -576,7 +576,8 @@ def test_detect_on_a_folder_names_recordings_it_cannot_read_and_folders_it_canno
     tmp_path, capsys, monkeypatch
 ):
     folder = tmp_path / "memos"
-    (folder / "old").mkdir(parents=True)
+    for sub in ("old", "lost+found", ".Trash-1000"):
+        (folder / sub).mkdir(parents=True)
     sf.write(folder / "a.wav", tone(500), 16000)
     for name in ("b.m4a", "c.M4A", "d.webm", "notes.txt"):
         (folder / name).write_bytes(b"not read")
@@ -590,12 +591,15 @@ def test_detect_on_a_folder_names_recordings_it_cannot_read_and_folders_it_canno
     )
     scandir = os.scandir
 
-    def no_permission(path):
-        if str(path).endswith("old"):
+    def no_permission(path, unreadable=("lost+found", ".Trash-1000")):
+        if str(path).endswith(unreadable):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", no_permission)
+    assert main(["detect", str(folder)]) == 0  # a disk's own folders are no recordings of the user's
+    capsys.readouterr()
+    monkeypatch.setattr(os, "scandir", lambda path: no_permission(path, ("old",)))
     assert main(["detect", str(folder)]) == 2  # not a shorter list that looks whole
     assert capsys.readouterr().err == (
         f"kws detect: error: cannot read the folder {folder / 'old'} (Permission denied): check its "
