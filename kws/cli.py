@@ -550,6 +550,8 @@ def cmd_serve(args) -> int:
 
     try:
         settings = Settings.from_env()
+        # KWS_PORT too is a container's setting, which the Docker image's health check reads.
+        port = args.port or options.from_env("KWS_PORT", options.port) or DEFAULT_PORT
     except ValueError as error:
         raise UserError(str(error)) from None
     flags = {
@@ -562,22 +564,9 @@ def cmd_serve(args) -> int:
     # A bad model fails here, once, rather than in every worker; the server and its workers load
     # the .tflite resolved here, so that a run folder's warnings come once, not once per process.
     model = Model.load(settings.model, named="--model" if args.model else "KWS_MODEL")
-    port = _serve_port(args)
     _check_can_listen(args.host, port)
     serve(replace(settings, model=model.source), args.host, port)
     return 0
-
-
-def _serve_port(args) -> int:
-    """--port, else KWS_PORT (a container's setting, which its health check reads too), else 8000."""
-    if args.port is not None:
-        return args.port
-    if not os.environ.get("KWS_PORT"):
-        return DEFAULT_PORT
-    try:
-        return options.port(os.environ["KWS_PORT"])
-    except argparse.ArgumentTypeError as error:
-        raise UserError(f"KWS_PORT {error}") from None
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -4,6 +4,7 @@ what the value must be. The command line and the server's environment share them
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def parsed(text: str, kind: type, valid, expected: str):
@@ -66,3 +67,15 @@ def port(text: str) -> int:
 
 def threshold(text: str) -> float:
     return parsed(text, float, lambda v: 0 < v <= 1, "a score in (0, 1]")
+
+
+def from_env(name: str, parse):
+    """The variable ``name`` parsed as its option is, None where it is unset or empty; ValueError
+    naming the variable where it is malformed."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"{name} {error}") from None

@@ -44,7 +44,6 @@ environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKER
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -144,11 +143,8 @@ class Settings:
             ("max_seconds", "KWS_MAX_SECONDS", options.seconds),
             ("workers", "KWS_WORKERS", options.positive_int),
         ):
-            if env.get(name):
-                try:
-                    values[field] = parse(env[name])
-                except argparse.ArgumentTypeError as error:
-                    raise ValueError(f"{name} {error}") from None
+            if (value := options.from_env(name, parse)) is not None:
+                values[field] = value
         return cls(**values)
 
 
