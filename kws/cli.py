@@ -456,6 +456,7 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
     from collections import Counter
 
     from kws import audio
+    from kws.evaluate import tally
 
     found, empty = [], 0
     for path in paths:
@@ -470,7 +471,7 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
         if foreign:
             print(
                 f"kws detect: warning: left out {path}'s recordings in formats kws cannot read "
-                f"({', '.join(f'{kind} {count}' for kind, count in foreign.most_common())}): {audio.CONVERT}",
+                f"({tally(foreign)}): {audio.CONVERT}",
                 file=sys.stderr,
             )
         if not inside:

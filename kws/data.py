@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, audio
+from kws.evaluate import tally
 from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
 from kws.stream import SILENCE, UNKNOWN
 from kws.synth import SETTINGS_FILE as SYNTH_SETTINGS
@@ -386,7 +387,7 @@ def scan(
         kinds = Counter(path.suffix.lower() or path.name for path in others)
         tqdm.write(
             f"warning: left out, not being audio kws reads: files in the word folders of {root} "
-            f"({', '.join(f'{kind} {count}' for kind, count in kinds.most_common())}; the first: "
+            f"({tally(kinds)}; the first: "
             f"{others[0]}); recordings among them: {audio.CONVERT}",
             file=sys.stderr,
         )
@@ -524,9 +525,7 @@ class NegativeBank:
         if self.left_out:
             tqdm.write(
                 f"--negatives: left out {len(paths) - len(kept)} of {len(paths)} recordings, whose "
-                "transcripts say a keyword ("
-                + ", ".join(f"{word} {count}" for word, count in self.left_out.most_common())
-                + ")",
+                f"transcripts say a keyword ({tally(self.left_out)})",
                 file=sys.stderr,
             )
         paths = kept

@@ -68,6 +68,11 @@ def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -
     return dict(sorted(result.items(), key=lambda item: item[1]["rejected"] / item[1]["examples"]))
 
 
+def tally(counts: Counter) -> str:
+    """Counts as "a 3, b 1", the most first."""
+    return ", ".join(f"{key} {count}" for key, count in counts.most_common())
+
+
 def percent(value: float | None, places: int = 1) -> str:
     """A share as a percentage; "n/a" where it is undefined (None: nothing to count it on)."""
     return "n/a" if value is None else f"{value:.{places}%}"

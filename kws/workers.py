@@ -31,7 +31,7 @@ import struct
 import traceback
 from pathlib import Path
 
-from kws import audio
+from kws import STOP_SIGNALS, audio
 from kws.runtime import Model, quiet_stderr
 from kws.stream import Detector, detection_config, recording_report
 
@@ -126,9 +126,8 @@ def _serve(connection: socket.socket, content: bytes, manifest: dict, source: st
     """A worker process: load the model, say it is ready, then answer requests until the socket closes."""
     # Ctrl-C, a SIGTERM to the whole process group (systemd's default) and a closed terminal's
     # SIGHUP reach the workers too: they finish their requests while the server shuts them down.
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
     model = Model(content, manifest, source=source)
     with connection, connection.makefile("rb") as incoming:
         _send(connection, READY)
