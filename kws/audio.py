@@ -231,9 +231,8 @@ def is_audio_file(path: Path) -> bool:
 def audio_files_under(folder: Path, others: list[Path] | None = None) -> list[Path]:
     """Every audio file in ``folder`` and its subfolders but hidden ones and lost+found, sorted
     (AudioError for a folder that cannot be read); the other files (not hidden) are added to
-    ``others`` if given. Linked
-    folders are followed (data sets are often linked in), each real folder once: a link to a
-    parent would go round for ever."""
+    ``others`` if given. Linked folders are followed (data sets are often linked in), each real
+    folder once: a link to a parent would go round for ever."""
     found, seen = [], set()
 
     def unreadable(error: OSError):  # os.walk would leave the folder out without a word

@@ -147,9 +147,14 @@ def speaker_id(path: Path) -> str:
     return librispeech.group(1) if librispeech else path.stem
 
 
+def speaker_hash(speaker: str) -> str:
+    """SHA-1 of a speaker id, hex, as the data set's split rule takes it (names need not be UTF-8)."""
+    return hashlib.sha1(os.fsencode(speaker)).hexdigest()
+
+
 def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
-    digest = hashlib.sha1(os.fsencode(speaker_id(path))).hexdigest()  # names need not be UTF-8
+    digest = speaker_hash(speaker_id(path))
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
         return "validation"
@@ -529,9 +534,7 @@ class NegativeBank:
                 file=sys.stderr,
             )
         paths = kept
-        speakers = sorted(
-            {speaker_id(p) for p in paths}, key=lambda s: hashlib.sha1(os.fsencode(s)).hexdigest()
-        )
+        speakers = sorted({speaker_id(p) for p in paths}, key=speaker_hash)
         held_out = set()
         if len(speakers) > 1 and validation_share > 0:
             held_out = set(speakers[: max(1, round(validation_share * len(speakers)))])
