@@ -507,7 +507,9 @@ def cmd_listen(args) -> int:
         file=sys.stderr,
     )
     try:
-        print(listen.run(source, detector, sys.stdout, args.seconds))
+        summary = listen.run(source, detector, sys.stdout, args.seconds, args.json)
+        # With --json, standard output holds only the events, for the program reading them.
+        print(summary, file=sys.stderr if args.json else sys.stdout)
     except OSError as error:
         if error.errno != errno.EIO:
             raise
@@ -809,7 +811,8 @@ def _add_listen(commands) -> None:
         "each detection as it happens (with a level meter on a terminal). --file plays an audio file "
         "through the same path instead. Ctrl-C stops listening, prints a summary (audio heard, "
         "detections per keyword) and exits with code 0.",
-        epilog="examples: kws listen --list-devices;  kws listen --device 2;  kws listen --file a.wav --fast",
+        epilog="examples: kws listen --list-devices;  kws listen --device 2;  "
+        "kws listen --file a.wav --fast;  kws listen --json | while read -r event; do ...; done",
     )
     inputs = listen.add_mutually_exclusive_group()
     inputs.add_argument(
@@ -827,6 +830,12 @@ def _add_listen(commands) -> None:
         "--seconds",
         type=options.seconds,
         help="stop after this much audio (default: at Ctrl-C or the end of --file)",
+    )
+    listen.add_argument(
+        "--json",
+        action="store_true",
+        help="print each detection as one JSON line ({label, score, start, end}, as kws detect --json) "
+        "for a program reading the output, and the summary on standard error",
     )
     _add_detector_options(listen)
     listen.set_defaults(handler=cmd_listen)

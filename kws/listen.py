@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import queue
 import sys
@@ -219,9 +220,9 @@ def recording(path: str | Path, realtime: bool = True) -> Source:
 class Meter:
     """A one-line input level bar (RMS dBFS) for a terminal, redrawn at most every METER_SECONDS."""
 
-    def __init__(self, out):
+    def __init__(self, out, enabled: bool):
         self.out = out
-        self.enabled = out.isatty()
+        self.enabled = enabled
         self._energy = 0.0
         self._count = 0
         self._drawn_at = -math.inf
@@ -274,14 +275,19 @@ class Summary:
 
 
 class _Consumer:
-    """Blocks at the source's rate in: mixed to mono, resampled to 16 kHz, detected, printed, counted."""
+    """Blocks at the source's rate in: mixed to mono, resampled to 16 kHz, detected, printed, counted.
 
-    def __init__(self, samplerate: float, detector: Detector, out):
+    Events print as terminal lines, or with ``as_json`` as one JSON object per line (the
+    detections of ``kws detect --json``) and no level meter, for a program reading the pipe.
+    """
+
+    def __init__(self, samplerate: float, detector: Detector, out, as_json: bool):
         self.samplerate = samplerate
         self.labels = detector.labels
         self.stream = RateDetector(detector, samplerate)
         self.out = out
-        self.meter = Meter(out)
+        self.as_json = as_json
+        self.meter = Meter(out, enabled=out.isatty() and not as_json)
         self.frames = 0
         self.counts = Counter()
 
@@ -301,7 +307,7 @@ class _Consumer:
     def report(self, events: list[Event]) -> None:
         for event in events:
             self.meter.clear()
-            print(event, file=self.out, flush=True)
+            print(json.dumps(event.to_dict()) if self.as_json else event, file=self.out, flush=True)
             self.counts[event.label] += 1
 
     def summary(self, stopped_by: str | None, overflows: int) -> Summary:
@@ -316,7 +322,9 @@ def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
         raise ListenError(f"{source.name} delivered no audio for {STALL_SECONDS:g} s") from None
 
 
-def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | None = None) -> Summary:
+def run(
+    source: Source, detector: Detector, out=sys.stdout, seconds: float | None = None, as_json: bool = False
+) -> Summary:
     """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C."""
     blocks: queue.Queue = queue.Queue(QUEUE_BLOCKS)
     closing = threading.Event()  # set once nothing takes blocks any more: the source must not wait
@@ -340,7 +348,7 @@ def run(source: Source, detector: Detector, out=sys.stdout, seconds: float | Non
     def finished():
         hand_over(None)
 
-    consumer = _Consumer(source.samplerate, detector, out)
+    consumer = _Consumer(source.samplerate, detector, out, as_json)
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
     detector.reset()
     stopped_by = None

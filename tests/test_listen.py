@@ -102,6 +102,36 @@ def test_file_played_fast_prints_what_detect_finds_in_it(words_file, model_args,
     assert err.startswith(f"kws listen: {path} at 44100 Hz") and "Traceback" not in err
 
 
+def test_json_prints_each_detection_as_a_line_of_detects_json(words_file, model_args, tone_export, capsys):
+    path, _ = words_file
+    assert main(["listen", "--file", str(path), "--fast", "--json", *model_args]) == 0
+    out, err = capsys.readouterr()
+    expected = detect_file(tone_export, path)
+    printed = [json.loads(line) for line in out.splitlines()]  # every line of the output is an event
+    assert [event["label"] for event in printed] == [event.label for event in expected] != []
+    for event, want in zip(printed, expected, strict=True):
+        assert set(event) == {"label", "score", "start", "end"}
+        assert event["start"] == pytest.approx(want.start, abs=HOP_SECONDS)
+        assert event["score"] == pytest.approx(want.score, abs=0.001)
+    assert err.splitlines()[-1].startswith(f"listened {sf.info(str(path)).duration:.1f} s: {len(expected)} ")
+
+
+def test_json_draws_no_level_meter_on_a_terminal(tmp_path, tone_export):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = tmp_path / "yes.wav"
+    write_recording(path, ["yes"])
+    model = Model.load(tone_export[0])
+    terminal = Terminal()
+    detector = Detector(model, detection_config(model.manifest, 0.6))
+    summary = listen.run(listen.recording(path, realtime=False), detector, terminal, as_json=True)
+    lines = terminal.getvalue().splitlines()
+    assert summary.counts["yes"] == len(lines) >= 1
+    assert [json.loads(line)["label"] for line in lines] == ["yes"] * len(lines)
+
+
 def test_seconds_stops_listening_after_that_much_audio(words_file, model_args, tone_export, capsys):
     path, truth = words_file
     assert truth[0][2] < 3.0 < truth[1][1]  # the first word only
