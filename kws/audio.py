@@ -33,6 +33,9 @@ UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header giv
 # The lowest sample rate taken: below it, a recording lacks part of the band the MFCCs cover
 # (to 4 kHz) and upsampling it to 16 kHz would only invent samples.
 MIN_SAMPLE_RATE = 8_000
+# A second axis longer than this holds frames, not channels: (channels, frames), as librosa
+# gives multichannel audio, read as (frames, channels) would mix a recording into a few samples.
+MAX_CHANNELS = 64
 
 
 class AudioError(KwsError, ValueError):
@@ -41,6 +44,39 @@ class AudioError(KwsError, ValueError):
 
 class TooLong(AudioError):
     """Audio over a duration limit, found from its header before a sample is decoded."""
+
+
+def mono_samples(chunk) -> np.ndarray:
+    """Audio as a program holds it -> mono float32 samples, clipped to full scale [-1, 1].
+
+    Floats are taken at full scale 1; signed integer PCM (int8, int16, int32, as sounddevice,
+    PyAudio and WAV files give it) is scaled to that; (frames, channels) is mixed to mono. Other
+    types (bytes, unsigned or 64-bit integers) are a TypeError, other shapes and NaN or infinite
+    samples an AudioError, each saying what to pass.
+    """
+    array = np.asarray(chunk)
+    if array.dtype.kind == "i" and array.dtype.itemsize <= 4:
+        array = array.astype(np.float32) / np.float32(2 ** (8 * array.dtype.itemsize - 1))
+    elif array.dtype.kind == "f":
+        array = array.astype(np.float32, copy=False)
+    else:
+        raw = " (for raw 16-bit PCM bytes: np.frombuffer(data, '<i2'))" if isinstance(chunk, bytes) else ""
+        raise TypeError(
+            f"audio samples of type {array.dtype}: pass floats at full scale 1 or signed integer PCM "
+            f"(int16, int32){raw}"
+        )
+    if array.ndim == 2 and array.shape[1] > MAX_CHANNELS:
+        raise AudioError(
+            f"audio samples of shape {array.shape}: (frames, channels) with {array.shape[1]} channels? "
+            "For (channels, frames), as librosa gives it, pass its transpose (.T)"
+        )
+    if array.ndim == 2:
+        array = array[:, 0] if array.shape[1] == 1 else array.mean(axis=1, dtype=np.float32)
+    if array.ndim != 1:
+        raise AudioError(f"audio samples of shape {array.shape}: pass (frames,) or (frames, channels)")
+    if not np.isfinite(array).all():
+        raise AudioError("audio samples hold NaN or infinite values")
+    return np.clip(array, -1.0, 1.0)
 
 
 class ModelRate:
@@ -56,10 +92,8 @@ class ModelRate:
         )
 
     def convert(self, block: np.ndarray) -> np.ndarray:
-        """(frames,) or (frames, channels) -> the (mono, 16 kHz) samples ready so far."""
-        block = np.asarray(block, dtype=np.float32)
-        if block.ndim == 2:
-            block = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32)
+        """Samples as ``mono_samples`` takes them -> the (mono, 16 kHz) samples ready so far."""
+        block = mono_samples(block)
         return block if self._resampler is None else self._resampler.resample_chunk(block)
 
     def finish(self) -> np.ndarray:

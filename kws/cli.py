@@ -195,7 +195,7 @@ def _load_classifier(path: Path):
         }
     from kws.runtime import Model
 
-    model = Model.load(path)
+    model = Model.load(path, named="--model")
     return model, _training(model.manifest, model.source)
 
 
@@ -322,7 +322,7 @@ def _eval_stream(args) -> int:
 
     if args.plot:
         _check_plot(args.plot)
-    model = Model.load(args.model)
+    model = Model.load(args.model, named="--model")
     data = _evaluation_data(_training(model.manifest, model.source), args.data, args.negatives)
     _, measured = stream_test(
         model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
@@ -385,7 +385,7 @@ def cmd_detect(args) -> int:
     from kws.runtime import Model
     from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config, recording_report
 
-    model = Model.load(args.model)
+    model = Model.load(args.model, named="--model")
     detector = Detector(model, detection_config(model.manifest, args.threshold))
     paths, failed = _recordings(args.files)
     reports = []
@@ -499,7 +499,7 @@ def cmd_listen(args) -> int:
     from kws.stream import Detector, detection_config
 
     source = listen.recording(args.file, not args.fast) if args.file else listen.microphone(args.device)
-    model = Model.load(args.model)
+    model = Model.load(args.model, named="--model")
     detector = Detector(model, detection_config(model.manifest, args.threshold))
     print(
         f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}; "

@@ -302,7 +302,7 @@ class _Consumer:
         self.report(self.stream.push(mono))
 
     def finish(self) -> None:
-        self.report(self.stream.finish())
+        self.report(self.stream.flush())
 
     def report(self, events: list[Event]) -> None:
         for event in events:

@@ -8,13 +8,14 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 from scipy.special import softmax
 
 from kws import KwsError, features
-from kws.stream import detection_config
+from kws.stream import check_thresholds, detection_config
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # a training run's settings, in its folder
@@ -156,7 +157,7 @@ def _warn_if_stale(manifest_file: Path, manifest: dict) -> None:
         )
 
 
-def resolve(path: str | Path | None, named: str = "--model") -> tuple[Path, dict]:
+def resolve(path: str | Path | None, named: str = "model") -> tuple[Path, dict]:
     """The .tflite a ``--model`` path names (an export folder or a .tflite) and its manifest.
 
     No path means the model built into the package. The manifest is read from
@@ -273,7 +274,7 @@ class Model:
             raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
         _check_manifest_types(manifest, self.source)
         try:  # checked here so that a bad manifest fails at load, not in every Detector made later
-            detection_config(manifest)
+            check_thresholds(detection_config(manifest), manifest["labels"])
         except (TypeError, ValueError) as error:
             raise ModelError(
                 f"{self.source}: its manifest's detection settings are unusable ({error}): {EXPORT_AGAIN}"
@@ -290,6 +291,7 @@ class Model:
         # Kept so that other processes can run exactly this model, whatever happens to its file later.
         self.content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
+        self._interpreter_lock = threading.Lock()
         try:
             with quiet_stderr():
                 self._interpreter = Interpreter(
@@ -320,8 +322,10 @@ class Model:
         cls,
         path: str | Path | None = None,
         reference_kernels: bool = False,
-        named: str = "--model",
+        named: str = "model",
     ) -> Model:
+        """The model at ``path``: a folder made by kws export, or a .tflite with the manifest.json
+        kws export wrote beside it; None, the built-in model. ``named``: how messages call it."""
         tflite, manifest = resolve(path, named)
         return cls(tflite, manifest, reference_kernels)
 
@@ -352,10 +356,11 @@ class Model:
     def raw_scores(self, prepared: np.ndarray) -> np.ndarray:
         """Output tensors as they are (int8 for a quantized model) for prepared inputs (n, 49, 10)."""
         out = np.empty((len(prepared), len(self.labels)), dtype=self._output["dtype"])
-        for row, example in enumerate(prepared):
-            self._interpreter.set_tensor(self._input["index"], example[None])
-            self._interpreter.invoke()
-            out[row] = self._interpreter.get_tensor(self._output["index"])[0]
+        with self._interpreter_lock:  # Detectors on several threads may share a Model
+            for row, example in enumerate(prepared):
+                self._interpreter.set_tensor(self._input["index"], example[None])
+                self._interpreter.invoke()
+                out[row] = self._interpreter.get_tensor(self._output["index"])[0]
         return out
 
     def probabilities(self, raw: np.ndarray) -> np.ndarray:
@@ -371,4 +376,9 @@ class Model:
         batch = np.asarray(batch)
         if batch.ndim == 2:
             batch = batch[None]
+        if batch.shape[1:] != (features.NUM_FRAMES, features.NUM_MFCC):
+            raise ValueError(
+                f"scores takes MFCC windows of shape (n, {features.NUM_FRAMES}, {features.NUM_MFCC}), got "
+                f"{batch.shape}: for audio, use a Detector, or features.mfcc for one clip"
+            )
         return self.probabilities(self.raw_scores(self.prepare(batch)))

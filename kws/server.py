@@ -418,10 +418,10 @@ class StreamSession:
         data = self._odd_byte + data
         whole = len(data) - len(data) % 2
         self._odd_byte = data[whole:]
-        return self.detector.push(np.frombuffer(data[:whole], "<i2").astype(np.float32) / 32768)
+        return self.detector.push(np.frombuffer(data[:whole], "<i2"))
 
     def finish(self) -> list[Event]:
-        return self.detector.finish()
+        return self.detector.flush()
 
 
 def _stream_rate(text: str | None) -> int | None:

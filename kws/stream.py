@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kws.audio import ModelRate
+from kws.audio import ModelRate, mono_samples
 from kws.features import (
     CLIP_SAMPLES,
     HOP_SAMPLES,
@@ -32,15 +33,22 @@ from kws.features import (
     num_frames,
 )
 
+if TYPE_CHECKING:  # runtime imports this module
+    from kws.runtime import Model
+
 HOP_MS = 1000 * HOP_SAMPLES / SAMPLE_RATE
 CLIP_MS = 1000 * CLIP_SAMPLES / SAMPLE_RATE  # the model's window: no hop or average is longer
 TIME_EPSILON = 1e-6  # stream times are float sums of hops: compare them with this slack
 FA_TARGET_PER_HOUR = 0.5  # false accepts the thresholds are calibrated to: openWakeWord's target
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectionConfig:
-    """How scores become events; stored in the model's manifest by threshold calibration."""
+    """How scores become events; stored in the model's manifest by threshold calibration.
+
+    Frozen, as a Detector reads it once: ``dataclasses.replace`` makes a changed copy, and
+    ``detection_config`` starts from a model's calibrated settings.
+    """
 
     # Run the model every hop_frames x 20 ms. On the validation stream, 80 ms found the same
     # keywords with the same false accepts as 40 ms and 20 ms (docs/model_variants.md) for
@@ -109,6 +117,16 @@ def detection_config(manifest: dict, threshold: float | None = None) -> Detectio
     return config
 
 
+def check_thresholds(config: DetectionConfig, labels: list[str]) -> None:
+    """ValueError if ``config`` sets thresholds for labels that are not keywords of the model."""
+    unknown = sorted(set(config.thresholds) - set(keywords(labels)))
+    if unknown:
+        raise ValueError(
+            f"thresholds for {', '.join(unknown)}, which are not keywords of this model "
+            f"({', '.join(keywords(labels))})"
+        )
+
+
 @dataclass(frozen=True)
 class Event:
     label: str
@@ -165,7 +183,7 @@ class ScoreStream:
         count = complete - complete % self.hop_frames - self._frame_count
         if count <= 0:
             self._pending = pending
-            return self._no_runs()
+            return self.no_runs()
         self._pending = pending[count * HOP_SAMPLES :]
         new = self.model.prepare(frame_features(frames(pending, count)))
         series = np.concatenate([self._window, new])
@@ -178,7 +196,7 @@ class ScoreStream:
         windows = np.stack([series[run + 1 : run + 1 + NUM_FRAMES] for run in runs])
         return ends, self.model.probabilities(self.model.raw_scores(windows))
 
-    def _no_runs(self) -> tuple[np.ndarray, np.ndarray]:
+    def no_runs(self) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0), np.zeros((0, len(self.model.labels)), np.float32)
 
 
@@ -237,20 +255,31 @@ class EventRules:
 
 
 class Detector:
-    """Keyword events from a live or recorded 16 kHz stream; ``push`` chunks, ``flush`` at the end."""
+    """Keyword events from a live or recorded stream of 16 kHz audio: ``push`` chunks of any size
+    as they come, ``flush`` at the end, ``reset`` before another stream.
 
-    def __init__(self, model, config: DetectionConfig | None = None):
+    Chunks are mono or (frames, channels), floats at full scale 1 or signed integer PCM
+    (``audio.mono_samples``); at another rate, wrap the Detector in a ``RateDetector``. The
+    events are the same however the audio is cut into chunks. One Detector is one stream, for
+    one thread at a time; Detectors on several threads may share a Model.
+    """
+
+    def __init__(self, model: Model, config: DetectionConfig | None = None):
         self.model = model
         self.config = config or detection_config(model.manifest)
         self.labels = model.labels
+        check_thresholds(self.config, self.labels)
         self._scores = ScoreStream(model, self.config.hop_frames)
         self._rules = EventRules(self.labels, self.config)
         self._samples = 0
+        self._ended = False
 
     def reset(self) -> None:
+        """Start a new stream: times from 0, nothing of the last stream's audio remembered."""
         self._scores.reset()
         self._rules.reset()
         self._samples = 0
+        self._ended = False
 
     @property
     def seconds(self) -> float:
@@ -259,22 +288,32 @@ class Detector:
 
     def score(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Event]]:
         """The model runs the samples complete (end times, class probabilities) and their events."""
+        if self._ended:
+            raise RuntimeError("the stream was ended by flush(): call reset() to start a new one")
+        samples = mono_samples(samples)
         self._samples += len(samples)
         ends, probabilities = self._scores.push(samples)
         return ends, probabilities, self._rules.update(ends, probabilities)
 
     def score_tail(self) -> tuple[np.ndarray, np.ndarray, list[Event]]:
         """``score`` for the end of the stream: silence that lets the averages over the last audio
-        complete. Its events' times are cut to the audio pushed."""
+        complete. Its events' times are cut to the audio pushed. It ends the stream: another
+        call returns nothing."""
+        if self._ended:
+            return (*self._scores.no_runs(), [])
+        self._ended = True
         tail_ms = self.config.average_ms + HOP_MS * self.config.hop_frames * (self.config.min_count + 1)
         ends, probabilities = self._scores.push(np.zeros(int(SAMPLE_RATE * tail_ms / 1000), np.float32))
         events = self._rules.update(ends, probabilities)
         return ends, probabilities, [event.clamped(self.seconds) for event in events]
 
     def push(self, samples: np.ndarray) -> list[Event]:
+        """The events the next chunk of the stream completes (often none)."""
         return self.score(samples)[2]
 
     def flush(self) -> list[Event]:
+        """The events of the stream's last audio, which later audio would have completed; it ends
+        the stream."""
         return self.score_tail()[2]
 
     def detect(self, audio: np.ndarray) -> list[Event]:
@@ -295,8 +334,8 @@ class RateDetector:
         """(frames,) or (frames, channels) samples at the stream's rate -> the events they complete."""
         return self.detector.push(self._to_model_rate.convert(block))
 
-    def finish(self) -> list[Event]:
-        """The events of the stream's last audio, as Detector.detect ends a recording."""
+    def flush(self) -> list[Event]:
+        """The events of the stream's last audio, as Detector.flush ends a recording."""
         return self.detector.push(self._to_model_rate.finish()) + self.detector.flush()
 
 

@@ -748,6 +748,7 @@ def test_a_tflite_beside_another_models_manifest_is_refused_not_read_with_its_la
             "the threshold of yes must be a number, 0 or more (above 1: never), got 'high'",
         ),
         ({"window_ms": 500}, "unexpected keyword argument 'window_ms'"),
+        ({"thresholds": {"yess": 0.5}}, "thresholds for yess, which are not keywords of this model ("),
     ],
 )
 def test_a_manifest_with_unusable_detection_settings_fails_at_load(exported, tmp_path, change, problem):

@@ -1,6 +1,8 @@
 """The streaming Detector: chunking never changes events, incremental equals naive, the event rules."""
 
 import ast
+import concurrent.futures
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -12,7 +14,7 @@ import soxr
 from conftest import WORD_TONES, readme_code, tone
 
 from kws import stream_eval
-from kws.audio import load
+from kws.audio import AudioError, load
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
 from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE, Model
@@ -62,6 +64,90 @@ def test_one_file_three_ways_gives_identical_events(model):
     found, false_accepts = stream_eval.match(whole, truth)
     assert sum(found) >= 4 and len(false_accepts) <= 1
     assert all(e.end - 1.0 == pytest.approx(e.start) for e in whole)
+
+
+def test_int16_int32_stereo_and_float_chunks_give_the_same_events(model):
+    audio, _ = tone_recording(["yes", "no", "up"])
+    pcm = np.clip(np.round(audio * 32768), -32768, 32767).astype(np.int16)  # as a sound card gives it
+    as_float = pcm / np.float32(32768)
+    detector = Detector(model, DetectionConfig(default_threshold=0.6))
+    expected = push_in_chunks(detector, as_float, [320] * (len(pcm) // 320 + 1))
+    assert len(expected) >= 2
+    for chunk in (pcm, pcm.astype(np.int32) << 16, np.stack([as_float, as_float], axis=1), as_float[:, None]):
+        assert push_in_chunks(detector, chunk, [320] * (len(pcm) // 320 + 1)) == expected
+        assert detector.seconds == len(pcm) / SAMPLE_RATE
+
+
+@pytest.mark.parametrize(
+    "chunk, error, message",
+    [
+        (b"\x00\x01" * 320, TypeError, "np.frombuffer(data, '<i2')"),
+        (np.zeros(320, np.uint8), TypeError, "of type uint8: pass floats at full scale 1 or signed integer"),
+        ([0] * 320, TypeError, "of type int64"),  # Python ints: PCM of which width?
+        (np.zeros((2, 16_000), np.float32), AudioError, "pass its transpose (.T)"),
+        (np.zeros((320, 2, 2), np.float32), AudioError, "pass (frames,) or (frames, channels)"),
+        (np.float32(0.5), AudioError, "of shape ()"),
+        (np.array([0.1, np.nan] * 160, np.float32), AudioError, "NaN or infinite"),
+    ],
+)
+def test_chunks_a_detector_cannot_use_are_refused_saying_what_to_pass(model, chunk, error, message):
+    detector = Detector(model)
+    with pytest.raises(error) as raised:
+        detector.push(chunk)
+    assert message in str(raised.value)
+    assert detector.seconds == 0 and detector.push(np.zeros(320, np.float32)) == []  # nothing half-taken
+
+
+def test_samples_beyond_full_scale_are_clipped_as_a_converter_would(model):
+    audio, _ = tone_recording(["yes", "no"])
+    loud = np.clip(4 * audio, -1, 1)
+    detector = Detector(model, DetectionConfig(default_threshold=0.6))
+    assert detector.detect(4 * audio) == detector.detect(loud) != []
+    assert detector.detect(np.full(3 * SAMPLE_RATE, 1e30, np.float32)) == detector.detect(
+        np.ones(3 * SAMPLE_RATE, np.float32)
+    )
+
+
+def test_flush_ends_the_stream_until_reset(model):
+    audio, _ = tone_recording(["yes", "no"])
+    detector = Detector(model, DetectionConfig(default_threshold=0.6))
+    expected = detector.detect(audio)
+    seconds = detector.seconds
+    assert detector.flush() == [] and detector.seconds == seconds  # a second flush: nothing, no time
+    with pytest.raises(RuntimeError, match=r"ended by flush\(\): call reset\(\)"):
+        detector.push(audio)
+    detector.reset()
+    assert detector.push(audio) + detector.flush() == expected
+
+
+def test_a_config_is_frozen_and_its_thresholds_must_name_keywords(model):
+    config = DetectionConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.default_threshold = 0.1  # a Detector would never see it
+    with pytest.raises(ValueError, match=r"thresholds for yess, which are not keywords of this model \("):
+        Detector(model, DetectionConfig(thresholds={"yess": 0.5}))
+
+
+def test_detectors_on_several_threads_may_share_a_model(tone_export):
+    shared = Model.load(tone_export[0])
+    audio, _ = tone_recording(["yes", "no", "up"])
+    config = DetectionConfig(default_threshold=0.6)
+    expected = Detector(shared, config).detect(audio)
+    assert len(expected) >= 2
+
+    def listen():
+        detector = Detector(shared, config)
+        return push_in_chunks(detector, audio, [320] * (len(audio) // 320 + 1))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = [future.result() for future in [pool.submit(listen) for _ in range(8)]]
+    assert results == [expected] * 8
+
+
+def test_model_scores_take_mfcc_windows_and_name_the_shape_audio_has(model):
+    assert model.scores(mfcc(np.zeros(CLIP_SAMPLES, np.float32))).shape == (1, len(model.labels))
+    with pytest.raises(ValueError, match=r"MFCC windows of shape \(n, 49, 10\), got \(16000,\): for audio"):
+        model.scores(np.zeros(CLIP_SAMPLES, np.float32))
 
 
 def test_incremental_frames_score_like_a_full_recompute(model):
@@ -307,7 +393,7 @@ def test_the_readmes_python_example_prints_what_kws_detect_finds(tone_export, tm
     audio, _ = tone_recording(["yes", "no", "up"])
     path = tmp_path / "talk.flac"
     sf.write(path, np.stack([audio, audio], axis=1), 44_100)  # decoded, mixed and resampled by blocks
-    example = readme_code("python", "Detector(Model.load())")
+    example = readme_code("python", "Detector(model)")
     example = example.replace("Model.load()", f"Model.load({str(tone_export[0])!r})")
     exec(compile(example.replace('"talk.wav"', repr(str(path))), "README.md", "exec"), {})
     printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
@@ -461,6 +547,6 @@ def test_a_rate_detector_hears_every_sample_of_a_stream_at_another_rate(model):
     at_44k = soxr.resample(audio, SAMPLE_RATE, 44_100)
     detector = Detector(model)
     live = RateDetector(detector, 44_100)
-    events = [event for block in np.array_split(at_44k, 7) for event in live.push(block)] + live.finish()
+    events = [event for block in np.array_split(at_44k, 7) for event in live.push(block)] + live.flush()
     assert abs(detector.seconds - len(at_44k) / 44_100) <= 1 / SAMPLE_RATE  # the resampler drained
     assert [event.label for event in events] == [event.label for event in Detector(model).detect(audio)]
