@@ -416,6 +416,7 @@ def cmd_detect(args) -> int:
                 f"{report['duration']:.2f} s",
                 file=sys.stderr,
             )
+            report["damaged"] = str(damage[0])  # in the JSON too: a list does not say which file failed
             failed += 1
         reports.append(report)
         if not args.json:

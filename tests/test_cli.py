@@ -568,7 +568,8 @@ def test_a_recording_damaged_midway_reports_what_came_before_with_a_warning(tmp_
     report = json.loads(captured.out)
     # Decoded 10 s at a time: the block that holds the damage is lost with it.
     assert report["duration"] == audio.BLOCK_SECONDS and report["file"] == str(cut)
-    assert f"kws detect: warning: {cut}: cannot decode audio (" in captured.err
+    assert report["damaged"].startswith(f"{cut}: cannot decode audio (")
+    assert f"kws detect: warning: {report['damaged']}; " in captured.err
     assert "; the detections are those of its first 10.00 s\n" in captured.err
 
 
