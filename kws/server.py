@@ -640,6 +640,12 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.count(report["detections"])
         return report
 
+    @app.get("/stream", include_in_schema=False)
+    async def stream_over_http() -> Response:
+        # A browser or curl opening the stream's address: 404 would say it does not exist.
+        detail = "/stream is a WebSocket: connect to ws://HOST:PORT/stream and send 16-bit PCM (see README)"
+        return JSONResponse({"detail": detail}, status_code=426, headers={"Upgrade": "websocket"})
+
     @app.websocket("/stream")
     async def stream(websocket: WebSocket) -> None:
         await websocket.accept()

@@ -414,6 +414,13 @@ def test_stream_refuses_text_other_than_end(client):
     assert closed.value.code == 1003
 
 
+def test_the_stream_opened_over_plain_http_says_it_is_a_websocket(client):
+    answer = client.get("/stream")
+    assert answer.status_code == 426 and answer.headers["upgrade"] == "websocket"
+    assert answer.json()["detail"].startswith("/stream is a WebSocket: connect to ws://HOST:PORT/stream")
+    assert "/stream" not in client.get("/openapi.json").json()["paths"]  # the docs list HTTP endpoints
+
+
 # OpenAPI fuzzing
 
 
