@@ -196,6 +196,8 @@ def _existing(path: str | Path) -> bytes:
         raise AudioError(f"{path}: not a regular file; save the audio to a file first")
     if not os.access(path, os.R_OK):  # libsndfile would say only "System error"
         raise AudioError(f"{path}: no permission to read it; check its owner and mode (ls -l)")
+    if not Path(path).stat().st_size:  # libsndfile would blame the format
+        raise AudioError(f"{path}: an empty file (0 bytes)")
     return os.fsencode(path)
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def _load_classifier(path: Path):
         return classifier, {
             "data": asdict(config.data),
             "negatives": config.data_summary.get("negatives", {}),
+            "clips_per_split": config.data_summary.get("clips_per_split", {}),
         }
     from kws.runtime import Model
 
@@ -241,7 +243,34 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
                 "the folders it trained with, or speakers it never heard",
                 file=sys.stderr,
             )
+    _warn_if_split_again(training, data)
     return data
+
+
+def _warn_if_split_again(training: dict, data) -> None:
+    """Warn when ``data`` holds as many clips of each keyword as the model trained with but
+    splits them otherwise (a validation_list.txt added, edited or gone): then clips it trained
+    on are among those scored, and its figures read high."""
+    recorded = training.get("clips_per_split", {})
+    if not {"training", "validation"} <= set(recorded):
+        return
+    now = Counter((clip.split, clip.word) for clip in data.clips)
+    words = data.config.words
+    same_clips = all(
+        now["training", w] + now["validation", w]
+        == recorded["training"].get(w, 0) + recorded["validation"].get(w, 0)
+        for w in words
+    )
+    then_validated = sum(recorded["validation"].get(w, 0) for w in words)
+    validated = sum(now["validation", w] for w in words)
+    if same_clips and any(now["validation", w] != recorded["validation"].get(w, 0) for w in words):
+        print(
+            f"warning: {data.root} holds as many clips of each keyword as the model trained with, but "
+            f"splits them otherwise ({validated} validation clips of keywords, {then_validated} when it "
+            "trained): clips it trained on are among those scored, so its figures read high; give "
+            "the data the validation_list.txt it trained with",
+            file=sys.stderr,
+        )
 
 
 def _model_name(path: Path | None) -> str:
@@ -286,7 +315,7 @@ def cmd_eval(args) -> int:
             f"note: {args.data} has no validation_list.txt or testing_list.txt, so the speaker hash of "
             f"its file names chose the {split} split: {scored} of its {len(keyword_clips)} keyword clips "
             "are scored; to score every clip, add an empty _unknown_ folder to it (the official test "
-            "set's layout)",
+            "set's layout), and remove it before training on it",
             file=sys.stderr,
         )
     missing = data.words_without_clips(split)

@@ -170,6 +170,19 @@ class Clip:
     split: str
 
 
+def speakers_on_both_sides(clips: list[Clip]) -> dict[str, tuple[Clip, Clip]]:
+    """Speakers (as Speech Commands names them) with clips in validation and in training: one
+    clip of each side per speaker. Only split lists that name part of a speaker's clips do that;
+    the speaker hash keeps each speaker on one side."""
+    sides: dict[str, dict[str, Clip]] = {}
+    for clip in clips:
+        if "_nohash_" in clip.path.name and clip.split in ("training", "validation"):
+            sides.setdefault(speaker_id(clip.path), {}).setdefault(clip.split, clip)
+    return {
+        speaker: (side["validation"], side["training"]) for speaker, side in sides.items() if len(side) == 2
+    }
+
+
 def _clip_key(word: str, path: str) -> str:
     """A clip's name in the split lists: WORD/PATH below the word's folder, without its suffix
     (lists name .wav files; a re-encoded copy of the dataset, FLAC, must still match). A
@@ -310,10 +323,12 @@ def check_keyword_folders(config: DataConfig) -> None:
                 f"{folders[0]} is a file, not a folder of clips: put the clips of {word!r} in a "
                 "folder of that name"
             )
-        raise DataError(
-            f"no folder {word!r} in {' or '.join([config.data_dir, *config.extra])} (check the "
-            "spelling in --words)"
+        advice = (
+            f"the default keywords ({','.join(DEFAULT_WORDS)}) include it: pass --words with yours"
+            if config.words == list(DEFAULT_WORDS)
+            else "check the spelling in --words"
         )
+        raise DataError(f"no folder {word!r} in {' or '.join([config.data_dir, *config.extra])}: {advice}")
 
 
 def check_added_folders(config: DataConfig) -> None:

@@ -33,7 +33,7 @@ from kws.runtime import (
     without_manifest,
 )
 from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
-from kws.stream_eval import stream_test
+from kws.stream_eval import duration, stream_test
 from kws.train import RunConfig, latest_checkpoint, load_trained, trained_run
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -450,15 +450,15 @@ def model_card(manifest: dict) -> str:
         f"{detection['average_ms']:g} ms), default thresholds (calibrated to "
         f"{streaming['target_fa_per_hour']} false accepts per "
         f"hour): recall {percent(streaming['recall'])} of {streaming['keywords']} keywords in a "
-        f"{streaming['stream_hours']:.2f} h test stream, {streaming['false_accepts_per_hour']:.2f} false "
+        f"{duration(streaming['stream_hours'])} test stream, {streaming['false_accepts_per_hour']:.2f} false "
         "accepts per hour; the int8 model run as TensorFlow Lite Micro runs it (LiteRT's reference "
         "kernels: kws itself runs LiteRT's faster default kernels, which round a little differently)",
     ]
     if "real_speech" in streaming:
         speech = streaming["real_speech"]
         lines += [
-            f"- Held-out real speech without keywords ({speech['hours']:.2f} h): {speech['false_accepts']} "
-            f"false accepts ({speech['false_accepts_per_hour']:.2f} per hour)",
+            f"- Held-out real speech without keywords ({duration(speech['hours'])}): "
+            f"{speech['false_accepts']} false accepts ({speech['false_accepts_per_hour']:.2f} per hour)",
             "- The thresholds were chosen on this stream, which holds this speech too (amid noise and "
             "keywords), so the two lines above are what calibration reached, not an independent test: "
             "expect more false accepts on new audio",

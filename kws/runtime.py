@@ -273,12 +273,6 @@ class Model:
         if missing:
             raise ModelError(f"{self.source}: its manifest has no {' or '.join(missing)}: {EXPORT_AGAIN}")
         _check_manifest_types(manifest, self.source)
-        try:  # checked here so that a bad manifest fails at load, not in every Detector made later
-            check_thresholds(detection_config(manifest), manifest["labels"])
-        except (TypeError, ValueError) as error:
-            raise ModelError(
-                f"{self.source}: its manifest's detection settings are unusable ({error}): {EXPORT_AGAIN}"
-            ) from None
         self.manifest = manifest
         self.labels: list[str] = manifest["labels"]
         self.output_values = manifest.get("output", {}).get("values", PROBABILITIES)
@@ -316,6 +310,12 @@ class Model:
                 f"the manifest is another model's; keep each .tflite with the {MANIFEST_FILE} kws export "
                 "wrote beside it"
             )
+        try:  # checked here so that a bad manifest fails at load, not in every Detector made later
+            check_thresholds(detection_config(manifest), self.labels)
+        except (TypeError, ValueError) as error:
+            raise ModelError(
+                f"{self.source}: its manifest's detection settings are unusable ({error}): {EXPORT_AGAIN}"
+            ) from None
 
     @classmethod
     def load(

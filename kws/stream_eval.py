@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws.data import DataError, SpeechData, to_float
-from kws.evaluate import percent
+from kws.evaluate import FEW_CLIPS, percent
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.stream import TIME_EPSILON, UNKNOWN, DetectionConfig, Event, EventRules, ScoreStream, keywords
 
@@ -30,9 +30,6 @@ SPEECH_STRETCH_S = (4.0, 12.0)
 SPEECH_EVERY = 6  # a stretch of negative speech after about every 6 clips
 NOISE_GAIN = (10**-3.0, 10**-1.0)  # background bed level range (noise peak ~0.001 .. 0.1)
 CLIP_GAIN_DB = (-6.0, 6.0)
-# Under this many clips of a keyword, one clip moves its recall by over 5 points, and its
-# threshold is tuned to a handful of speakers: calibration says so.
-FEW_CLIPS = 20
 # Steps of 0.005 up to 0.99, then of a tenth of a decade of 1 - threshold up to 1 - 1e-6: the
 # thresholds that keep false accepts rare lie close to 1, where softmax scores still resolve.
 THRESHOLD_GRID = np.concatenate([np.arange(60, 198) / 200, np.round(1 - 10 ** -np.arange(2.0, 6.01, 0.1), 8)])
@@ -298,7 +295,9 @@ def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[s
     ``hours``: the budget goes where it buys the most recall. The real speech is not counted:
     the stream holds it already.
 
-    Of thresholds with equal recall and false accepts, the lowest. The false accepts a
+    Of thresholds with equal recall and false accepts, the lowest, kinder to speakers the
+    stream lacks; but of those that find none of a keyword, the highest, as a lower one could
+    only fire wrongly (a warning says the keyword is never found). The false accepts a
     keyword makes even at the highest threshold tried are outside the budget: it may spend
     the budget on what it costs beyond them.
     """
@@ -309,7 +308,9 @@ def calibrate(sweep_table: dict, hours: float, target_per_hour: float) -> dict[s
         options = {}  # false accepts -> (threshold, recall): the best recall at that cost
         for threshold, recall, stream_fa, _ in rows:
             cost = stream_fa - unavoidable
-            if cost <= budget and (cost not in options or recall > options[cost][1]):
+            if cost <= budget and (
+                cost not in options or recall > options[cost][1] or recall == options[cost][1] == 0
+            ):
                 options[cost] = (threshold, recall)
         extended = {}
         for spent, (total, chosen) in plans.items():
@@ -361,31 +362,63 @@ def stream_test(
     table = sweep(model.labels, stream, scored, speech, config) if det or calibrating else None
     if calibrating:
         # A keyword the stream never says would get the lowest threshold without a false
-        # accept, whatever it finds: it keeps the threshold it had.
-        unsaid = [keyword for keyword in table if keyword not in said]
-        if unsaid:
-            kept = ", ".join(f"{keyword} {config.threshold(keyword):g}" for keyword in unsaid)
-            tqdm.write(f"not in the test stream, so not calibrated: {kept}", file=sys.stderr)
+        # accept, whatever it finds: it keeps the threshold it had (and a warning says so).
         calibrated = calibrate(
             {k: rows for k, rows in table.items() if k in said}, stream.hours, target_per_hour
         )
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
-    if calibrating:
-        report["warnings"] = _warn_about_thresholds(report, target_per_hour, stream.hours)
+    report["warnings"] = warn(report, stream.hours, target_per_hour)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
-def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -> list[str]:
-    """Say when the ``hours`` calibrated on are too short for the target, when the target was
-    not met, which calibrated thresholds rest on few clips, and which never find their keyword;
-    the warnings are returned too, for the manifest and the model card."""
+def warn(report: dict, hours: float, target_per_hour: float | None = None) -> list[str]:
+    """Say what a stream test's figures cannot show: no real speech measured, keywords the
+    stream never says or says on few clips; and, for thresholds calibrated to
+    ``target_per_hour``, a stream of ``hours`` too short for the target, a target not met, and
+    keywords never found. Printed, and returned for the manifest and the model card."""
+    warnings = []
+    if "real_speech" not in report:
+        warnings.append(
+            "no keyword-free speech was measured (no --negatives), so the false accepts are those of "
+            "clips and noise alone: continuous speech makes a keyword model fire far more often; "
+            "measure and calibrate with recordings that hold no keyword, such as LibriSpeech (kws "
+            "eval --stream --negatives DIR, kws calibrate --negatives DIR)"
+        )
+    per_keyword = report["per_keyword"]
+    firing = {k: row["false_accepts"] for k, row in per_keyword.items() if row["false_accepts"]}
+    unsaid = [k for k, row in per_keyword.items() if not row["occurrences"]]
+    if unsaid:
+        kept = ", ".join(f"{keyword} {per_keyword[keyword]['threshold']:g}" for keyword in unsaid)
+        unsaid_firing = {k: count for k, count in firing.items() if k in unsaid}
+        warnings.append(
+            f"the test stream never says {', '.join(unsaid)}: recall not measured"
+            + ("" if target_per_hour is None else f", thresholds kept as they were ({kept})")
+            + (f", false accepts on it ({_counts(unsaid_firing)})" if unsaid_firing else "")
+            + "; give the validation split clips of each"
+        )
+    thin = {k: row["occurrences"] for k, row in per_keyword.items() if 0 < row["occurrences"] < FEW_CLIPS}
+    if thin:
+        warnings.append(
+            "the test stream holds few clips of "
+            + ", ".join(f"{keyword!r} ({count})" for keyword, count in thin.items())
+            + ", so their recall and thresholds may not hold for other speakers: give the validation "
+            f"split {FEW_CLIPS} or more clips of each keyword, from several speakers"
+        )
+    if target_per_hour is not None:
+        warnings += _threshold_warnings(report, hours, target_per_hour, firing, unsaid)
+    for warning in warnings:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return warnings
+
+
+def _threshold_warnings(
+    report: dict, hours: float, target_per_hour: float, firing: dict, unsaid: list
+) -> list[str]:
     warnings = []
     budget = false_accept_budget(target_per_hour, hours)
-    firing = {k: row["false_accepts"] for k, row in report["per_keyword"].items() if row["false_accepts"]}
-    unsaid = {k: count for k, count in firing.items() if not report["per_keyword"][k]["occurrences"]}
     calibrated = {k: count for k, count in firing.items() if k not in unsaid}
     if sum(calibrated.values()) > budget:
         warnings.append(
@@ -393,30 +426,13 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
             f"stream, over the {target_per_hour:g} per hour asked: some keywords fire wrongly even at the "
             f"highest threshold tried ({_counts(calibrated)}); train longer, or with more --negatives"
         )
-    if unsaid:
-        warnings.append(
-            f"keywords the test stream never says keep the thresholds they had, and fire wrongly on it "
-            f"({_counts(unsaid)}): give the validation split clips of them"
-        )
     if target_per_hour > 0 and not budget:
         warnings.append(
-            f"the test stream lasts {hours:.2f} h, too short to measure "
+            f"the test stream lasts {duration(hours)}, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so "
             "calibration allowed none, and may miss keywords it need not: calibrate on more "
             "validation clips, or more keyword-free speech (kws calibrate --negatives DIR), or to a "
             "target this stream can show (kws calibrate --target-fa)"
-        )
-    thin = {
-        k: row["occurrences"]
-        for k, row in report["per_keyword"].items()
-        if 0 < row["occurrences"] < FEW_CLIPS
-    }
-    if thin:
-        warnings.append(
-            "the thresholds of "
-            + ", ".join(f"{keyword!r} ({count} clip{'s' * (count != 1)})" for keyword, count in thin.items())
-            + " rest on few clips in the test stream, so they may not hold for other speakers: give "
-            f"the validation split {FEW_CLIPS} or more clips of each keyword, from several speakers"
         )
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:
@@ -425,9 +441,12 @@ def _warn_about_thresholds(report: dict, target_per_hour: float, hours: float) -
                 f"none of the {row['occurrences']} {keyword!r} in the test stream, so it would never fire: "
                 "train longer or on more clips of it, or calibrate to a higher --target-fa"
             )
-    for warning in warnings:
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
     return warnings
+
+
+def duration(hours: float) -> str:
+    """Hours as text: minutes for a stream under a tenth of an hour, which "0.00 h" would hide."""
+    return f"{hours:.2f} h" if hours >= 0.1 else f"{hours * 60:.1f} min"
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -437,7 +456,7 @@ def _counts(counts: dict[str, int]) -> str:
 def format_stream_report(report: dict) -> str:
     """Human-readable text of a stream test."""
     lines = [
-        f"test stream {report['stream_hours']:.2f} h, {report['keywords']} keywords: recall "
+        f"test stream {duration(report['stream_hours'])}, {report['keywords']} keywords: recall "
         f"{percent(report['recall'])}, {_false_accepts(report['false_accepts'])} "
         f"({report['false_accepts_per_hour']:.2f} per hour)"
     ]
@@ -450,7 +469,7 @@ def format_stream_report(report: dict) -> str:
     if "real_speech" in report:
         speech = report["real_speech"]
         lines.append(
-            f"real speech without keywords {speech['hours']:.2f} h: "
+            f"real speech without keywords {duration(speech['hours'])}: "
             f"{_false_accepts(speech['false_accepts'])} ({speech['false_accepts_per_hour']:.2f} per hour)"
         )
     lines.append(f"{'keyword':<10} {'threshold':>9} {'recall':>7} {'found':>9} {'false accepts':>14}")

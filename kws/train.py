@@ -34,9 +34,10 @@ from kws.data import (
     SpeechData,
     check_keyword_folders,
     labels_for,
+    speakers_on_both_sides,
     word_folders,
 )
-from kws.evaluate import report
+from kws.evaluate import FEW_CLIPS, report
 from kws.files import atomic_path, write_files, write_json
 from kws.model import ModelConfig, build, count_macs, load_keras
 from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError, model_digest
@@ -289,6 +290,16 @@ def _checked_validation(data: SpeechData):
             f"or give it more speakers (each speaker's clips go to validation with "
             f"{data.config.validation_percent:g} % chance)"
         )
+    validated = Counter(data.split_audio("validation").words)
+    thin = {word: validated[word] for word in data.config.words if 0 < validated[word] < FEW_CLIPS}
+    if thin:
+        tqdm.write(
+            "warning: few validation clips of "
+            + ", ".join(f"{word!r} ({count})" for word, count in thin.items())
+            + f": one clip moves a keyword's accuracy by over 5 points, and the best epoch is chosen "
+            f"on them; name {FEW_CLIPS} or more of each, from several speakers, in validation_list.txt",
+            file=sys.stderr,
+        )
     untested = data.words_without_clips("validation")
     if untested:
         tqdm.write(
@@ -309,6 +320,18 @@ def _checked_validation(data: SpeechData):
             "validation_list.txt names validation clips, so each clip is a speaker of its own: one "
             "person's takes land in training and in validation, and validation accuracy reads higher "
             "than new voices will find; name the files by speaker",
+            file=sys.stderr,
+        )
+    straddling = speakers_on_both_sides(own)
+    if straddling:
+        speaker, (heard, trained) = next(iter(straddling.items()))
+        tqdm.write(
+            f"warning: {len(straddling)} speaker{'s' * (len(straddling) > 1)} of {data.root} "
+            f"{'have' if len(straddling) > 1 else 'has'} clips in validation and in training (as "
+            f"{speaker}: {heard.path.parent.name}/{heard.path.name} in validation, "
+            f"{trained.path.parent.name}/{trained.path.name} in training), as validation_list.txt names "
+            "only some of their clips: the model hears their voices in training, so validation accuracy "
+            "reads a little high; list all of a speaker's clips or none",
             file=sys.stderr,
         )
     if not data.noise:

@@ -72,6 +72,9 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
         audio.load(empty)
     with pytest.raises(audio.AudioError, match="is empty"):
         audio.decode(b"")
+    (tmp_path / "nothing.wav").touch()  # a recording that never started: not a format problem
+    with pytest.raises(audio.AudioError, match=r"nothing.wav: an empty file \(0 bytes\)$"):
+        audio.load(tmp_path / "nothing.wav")
     low = tmp_path / "low.wav"
     sf.write(low, sine(500, 4000), 4000)
     with pytest.raises(audio.AudioError, match="low.wav: recorded at 4000 Hz, under the 8000 Hz"):

@@ -41,10 +41,10 @@ def test_built_in_model_ships_the_microcontroller_files_of_its_own_int8_model(ma
 
 
 def test_built_in_models_calibration_warnings_are_what_calibration_says_today(manifest):
-    from kws.stream_eval import _warn_about_thresholds
+    from kws.stream_eval import warn
 
     streaming = manifest["streaming"]
-    today = _warn_about_thresholds(streaming, streaming["target_fa_per_hour"], streaming["stream_hours"])
+    today = warn(streaming, streaming["stream_hours"], streaming["target_fa_per_hour"])
     assert streaming["warnings"] == today and today  # the shared data's stream is too short for 0.5 / h
 
 

@@ -174,7 +174,7 @@ def test_a_corrupt_run_config_names_the_file(command, content, problem, tmp_path
         ),
         (
             ["train", "--data", "{tmp}/data", "--words", "yes,left", "--out", "{tmp}/run"],
-            "no folder 'left' in {tmp}/data (check the spelling in --words)",
+            "no folder 'left' in {tmp}/data: check the spelling in --words",
         ),
         (["export", "{tmp}/nowhere"], "run folder {tmp}/nowhere does not exist"),
         (["eval", "--model", "{tmp}", "--data", "{tmp}"], "{tmp}/config.json is not valid JSON"),

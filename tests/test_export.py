@@ -524,7 +524,10 @@ def test_a_keyword_the_stream_never_says_keeps_its_threshold(exported, tone_data
     shutil.rmtree(data / "down")
     assert main(["calibrate", str(copy), "--data", str(data), "--target-fa", "1000"]) == 0
     kept = manifest["detection"]["thresholds"]["down"]
-    assert f"not in the test stream, so not calibrated: down {kept:g}" in capsys.readouterr().err
+    assert (
+        f"the test stream never says down: recall not measured, thresholds kept as they were (down {kept:g})"
+        in (capsys.readouterr().err)
+    )
     thresholds = json.loads((copy / "manifest.json").read_text())["detection"]["thresholds"]
     assert thresholds["down"] == kept
     assert all(thresholds[k] <= manifest["detection"]["thresholds"][k] for k in ("yes", "no", "up"))
@@ -791,7 +794,7 @@ def test_a_runs_keras_file_as_model_is_told_to_pass_the_run_folder(tone_run):
     with pytest.raises(runtime.ModelError) as error:
         runtime.resolve(run / runtime.MODEL_FILE)
     assert str(error.value) == (
-        f"--model {run / runtime.MODEL_FILE} is a run's Keras model: export the run with `kws export {run}` "
+        f"model {run / runtime.MODEL_FILE} is a run's Keras model: export the run with `kws export {run}` "
         f"and pass {run / 'export'} (kws eval also scores the run folder itself)"
     )
 

@@ -271,44 +271,79 @@ def test_calibration_spends_the_false_accept_budget_where_it_buys_most_recall():
         "no": [(0.5, 0.9, 2, 0), (0.999, 0.5, 1, 0)],
     }
     assert stream_eval.calibrate(stubborn, 2.1, 0.5) == {"yes": 0.999, "no": 0.5}
+    # "go" is found at no threshold: a low one could only fire wrongly, on speech the stream lacks.
+    unheard = {**table, "go": [(0.3, 0.0, 0, 0), (0.5, 0.0, 0, 0), (0.999, 0.0, 0, 0)]}
+    assert stream_eval.calibrate(unheard, 2.0, 0.5) == {"yes": 0.99, "no": 0.5, "up": 0.99, "go": 0.999}
+    # ... and at a budget too small to find any: the highest threshold within it.
+    costly = {**table, "go": [(0.3, 0.9, 1, 0), (0.5, 0.0, 0, 0), (0.9, 0.0, 0, 0)]}
+    assert stream_eval.calibrate(costly, 1.9, 0.5)["go"] == 0.9
+    found_low = {"go": [(0.3, 0.4, 0, 0), (0.9, 0.0, 0, 0)]}  # some recall beats none at any threshold
+    assert stream_eval.calibrate(found_low, 1.9, 0.5) == {"go": 0.3}
 
 
 def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywords_never_found(capsys):
     few = stream_eval.FEW_CLIPS - 1
     report = {
         "per_keyword": {
-            "yes": {"occurrences": few, "recall": 0.9, "false_accepts": 0},
-            "no": {"occurrences": stream_eval.FEW_CLIPS, "recall": 0.0, "false_accepts": 0},
-            "up": {"occurrences": 0, "recall": None, "false_accepts": 0},  # not in the stream: not calibrated
+            "yes": {"occurrences": few, "recall": 0.9, "false_accepts": 0, "threshold": 0.9},
+            "no": {
+                "occurrences": stream_eval.FEW_CLIPS,
+                "recall": 0.0,
+                "false_accepts": 0,
+                "threshold": 0.99,
+            },
+            # not in the stream: not calibrated
+            "up": {"occurrences": 0, "recall": None, "false_accepts": 0, "threshold": 0.8},
         },
+        "real_speech": {"hours": 0.3, "false_accepts": 0},
     }
-    stream_eval._warn_about_thresholds(report, 0.5, 2.0)  # long enough for one false accept
-    thin, never = capsys.readouterr().err.splitlines()
-    assert thin.startswith(f"warning: the thresholds of 'yes' ({few} clips) rest on few clips")
+    stream_eval.warn(report, 2.0, 0.5)  # long enough for one false accept
+    unsaid, thin, never = capsys.readouterr().err.splitlines()
+    assert unsaid == (
+        "warning: the test stream never says up: recall not measured, thresholds kept as they were "
+        "(up 0.8); give the validation split clips of each"
+    )
+    assert thin.startswith(f"warning: the test stream holds few clips of 'yes' ({few}), so their recall and")
     assert "'no'" not in thin and "'up'" not in thin
     assert f"none of the {stream_eval.FEW_CLIPS} 'no'" in never and "never fire" in never
-    stream_eval._warn_about_thresholds(report, 0.5, 1.9996)  # a budget of none, as calibrate() has
+    stream_eval.warn(report, 1.9996, 0.5)  # a budget of none, as calibrate() has
     assert stream_eval.false_accept_budget(0.5, 1.9996) == 0
-    short = capsys.readouterr().err.splitlines()[0]
+    short = capsys.readouterr().err.splitlines()[2]
     assert short.startswith("warning: the test stream lasts 2.00 h, too short to measure 0.5")
-    stream_eval._warn_about_thresholds(report, 0, 0.5)  # no false accept at all: what any length measures
-    assert len(capsys.readouterr().err.splitlines()) == 2
+    stream_eval.warn(report, 0.5, 0)  # no false accept at all: what any length measures
+    assert len(capsys.readouterr().err.splitlines()) == 3
     # "yes" fires twice even at the highest threshold: the target is not met, and it says so.
     report["per_keyword"]["yes"]["false_accepts"] = 2
-    stream_eval._warn_about_thresholds(report, 0.5, 2.0)
-    unmet = capsys.readouterr().err.splitlines()[0]
+    stream_eval.warn(report, 2.0, 0.5)
+    unmet = capsys.readouterr().err.splitlines()[2]
     assert unmet.startswith(
         "warning: the calibrated thresholds let 2 false accepts through on the test stream"
     )
     assert "over the 0.5 per hour asked" in unmet and "('yes' 2)" in unmet and "'no'" not in unmet
     # "up", never said, was not calibrated: its false accepts are its own warning, not the budget's.
     report["per_keyword"]["yes"]["false_accepts"], report["per_keyword"]["up"]["false_accepts"] = 1, 3
-    stream_eval._warn_about_thresholds(report, 0.5, 2.0)
-    (unsaid,) = [line for line in capsys.readouterr().err.splitlines() if "wrongly" in line]
-    assert unsaid == (
-        "warning: keywords the test stream never says keep the thresholds they had, and fire wrongly on it "
-        "('up' 3): give the validation split clips of them"
+    assert stream_eval.warn(report, 2.0, 0.5)[0] == (
+        "the test stream never says up: recall not measured, thresholds kept as they were (up 0.8), "
+        "false accepts on it ('up' 3); give the validation split clips of each"
     )
+
+
+def test_a_stream_test_warns_of_what_its_figures_cannot_show_without_calibrating(capsys):
+    report = {
+        "per_keyword": {
+            "yes": {"occurrences": 3, "recall": 0.0, "false_accepts": 0, "threshold": 0.8},
+            "no": {"occurrences": 0, "recall": None, "false_accepts": 0, "threshold": 0.8},
+        },
+    }
+    speechless, unsaid, thin = stream_eval.warn(report, 0.004)  # kws eval --stream: no target
+    assert speechless.startswith("no keyword-free speech was measured (no --negatives), so the false accepts")
+    assert (
+        unsaid
+        == "the test stream never says no: recall not measured; give the validation split clips of each"
+    )
+    assert thin.startswith("the test stream holds few clips of 'yes' (3)")
+    assert capsys.readouterr().err.splitlines() == [f"warning: {line}" for line in (speechless, unsaid, thin)]
+    assert stream_eval.duration(0.004) == "0.2 min" and stream_eval.duration(1.811) == "1.81 h"
 
 
 def test_match_counts_hits_once_and_everything_else_as_false_accepts():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,31 @@ def test_eval_of_the_validation_split_reproduces_training_metrics(tone_run, tone
     assert result["accuracy"] == pytest.approx(metrics["validation"]["accuracy"])
     assert result["confusion"] == metrics["validation"]["confusion"]
     assert set(result["per_class"]["yes"]) == {"precision", "recall", "support"}
+
+
+def test_eval_warns_when_the_data_splits_the_models_training_clips_otherwise(
+    tone_run, tone_dataset, tmp_path, capsys
+):
+    run, _ = tone_run
+    assert main(["eval", "--model", str(run), "--data", str(tone_dataset)]) == 0
+    assert "warning" not in capsys.readouterr().err  # the data it trained with, split as it was
+    data = tmp_path / "data"
+    shutil.copytree(tone_dataset, data)
+    listed = (data / "validation_list.txt").read_text().splitlines()
+    (data / "validation_list.txt").write_text(
+        "\n".join(line for line in listed if not line.startswith("yes/"))
+    )
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warning: {data} holds as many clips of each keyword as the model trained with, but splits "
+        "them otherwise ("
+    )
+    now, then = map(
+        int, re.search(r"\((\d+) validation clips of keywords, (\d+) when it trained\)", err).groups()
+    )
+    assert now == then - 2  # the two listed "yes" clips went back to training
+    assert "clips it trained on are among those scored, so its figures read high" in err
 
 
 def test_eval_threshold_is_refused_without_stream(tone_run, tone_dataset, capsys):
@@ -174,8 +200,10 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     config.data.validation_percent = 0
     train(config, tmp_path / "run")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 2
-    assert "no validation clips of 'down'" in warnings[0] and "no background noise" in warnings[1]
+    assert len(warnings) == 3
+    # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
+    assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
+    assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
     for other in ("bed", "cat"):  # nothing left to learn _unknown_ from
         shutil.rmtree(tiny_dataset / other)
     train(config, tmp_path / "run2")
@@ -205,6 +233,25 @@ def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
     )
 
 
+def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys):
+    from kws.data import SpeechData
+    from kws.train import _checked_validation
+
+    dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
+    config = run_config(dataset, epochs=1)
+    config.data.validation_percent = config.data.testing_percent = 0  # what no list names trains
+    _checked_validation(SpeechData(config.data))
+    assert "in validation and in training" not in capsys.readouterr().err  # the lists go by speaker
+    # A validation speaker's "no", which the list leaves out: as the shared subset's v0.01 words do.
+    shutil.copy(dataset / "yes" / "00yesab_nohash_0.wav", dataset / "no" / "00yesab_nohash_1.wav")
+    _checked_validation(SpeechData(config.data))
+    assert (
+        f"warning: 1 speaker of {dataset} has clips in validation and in training (as 00yesab: "
+        "yes/00yesab_nohash_0.wav in validation, no/00yesab_nohash_1.wav in training), as "
+        "validation_list.txt names only some of their clips"
+    ) in capsys.readouterr().err
+
+
 def test_training_warns_of_a_keyword_with_few_clips(tmp_path, capsys):
     from kws.data import scan
 
@@ -218,7 +265,7 @@ def test_training_warns_of_a_keyword_with_few_clips(tmp_path, capsys):
         path.unlink()
     typical = np.median([len(paths) if word != "up" else 1 for word, paths in training.items()])
     train(config, tmp_path / "run")
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: few")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: few t")]
     assert typical > 20 and warnings == [
         f"warning: few training clips of 'up' (1) against {typical:g} for a typical keyword: the model "
         "will seldom hear them and may never spot them; add clips of them, or leave them out of --words"
@@ -360,7 +407,12 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     run = tmp_path / "r"
     assert main(["train", "--data", str(tone_dataset), "--words", "yes,nope", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"no folder 'nope' in {tone_dataset} (check the spelling in --words)" in err
+    assert f"no folder 'nope' in {tone_dataset}: check the spelling in --words" in err
+    # Without --words, the default keywords were asked for: the user spelled none of them.
+    assert main(["train", "--data", str(tone_dataset), "--out", str(run)]) == 2
+    assert f"no folder 'left' in {tone_dataset}: the default keywords (yes,no,up,down,left," in (
+        capsys.readouterr().err
+    )
     assert not run.exists()  # so the same --out works once the word is fixed
     data = tmp_path / "data"
     shutil.copytree(tone_dataset, data)
