@@ -196,6 +196,8 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
     path = root / name
     if not path.exists():
         return {}
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: a split list is a text file, one WORD/FILE a line")
     try:  # utf-8-sig: a byte-order mark, as Windows editors write, is no part of the first line
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -238,6 +240,11 @@ def check_data_dir(root: Path) -> None:
     """DataError unless ``root`` is a folder of folders, saying what it is instead."""
     if root.is_dir():
         if not any(path.is_dir() for path in root.iterdir()):
+            if any(path.suffix.lower() in audio.AUDIO_SUFFIXES for path in root.iterdir()):
+                raise DataError(
+                    f"{root} holds audio files but no folder of them: it reads as one word's clips; "
+                    f"pass the folder that holds one such folder per word ({root.parent})"
+                )
             raise _no_clips(root)
         return
     if root.exists():
@@ -281,6 +288,11 @@ def check_misnamed_folders(config: DataConfig) -> None:
                     f"{path} is not the keyword {folded[name.casefold()]!r}: folder names are "
                     f"case-sensitive, and its clips would teach the model that {name!r} is not a "
                     "keyword; rename the folder (or merge it into the keyword's)"
+                    + (
+                        ""
+                        if (root / folded[name.casefold()]).exists()
+                        else f", or spell it {name!r} in --words"
+                    )
                 )
             if name.startswith("_") or not path.is_dir():
                 continue

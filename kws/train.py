@@ -363,6 +363,18 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     if checkpoint and config.train.epochs < checkpoint[1]["epochs_done"]:
         done = checkpoint[1]["epochs_done"]
         raise KwsError(f"{run_dir} has trained {done} epochs already: resume it with --epochs {done} or more")
+    if (
+        checkpoint
+        and checkpoint[1]["epochs_done"] == config.train.epochs
+        and (run_dir / METRICS_FILE).exists()
+    ):
+        # Finished: its results stand, and reading the data again to say so would take minutes.
+        tqdm.write(
+            f"{run_dir} has trained all its {config.train.epochs} epochs already; --epochs N (over "
+            f"{config.train.epochs}) trains it further",
+            file=sys.stderr,
+        )
+        return json.loads((run_dir / METRICS_FILE).read_text())
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)

@@ -497,6 +497,7 @@ def test_extra_folders_that_are_files_the_data_or_hold_a_keyword_in_another_case
     for extra, words, message in [
         ("notes.txt", ["yes", "no"], "is a file: pass the folder of word folders that holds it"),
         ("synth", ["yes", "no"], "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
+        ("synth", ["yes"], r"merge it into the keyword's\), or spell it 'Yes' in --words$"),  # no yes/ there
         ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
         ("data", ["yes"], "is the data folder .*, or inside it or around it: --extra is for clips the data"),
         ("data/bed", ["yes"], "is the data folder"),  # its clips would train twice

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import TONE_WORDS as WORDS
 from conftest import WORD_TONES, make_dataset
 from conftest import tone_run_config as run_config
@@ -307,7 +308,7 @@ def test_a_resumed_run_trains_as_the_uninterrupted_one(tone_dataset, tmp_path):
     assert figures(resumed) == figures(whole)
 
 
-def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path, capsys):
+def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path, capsys, monkeypatch):
     run = tmp_path / "cli-run"
     base = ["train", "--data", str(tone_dataset), "--words", ",".join(WORDS), "--out", str(run)]
     assert main([*base, "--epochs", "1"]) == 0
@@ -321,6 +322,15 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     )
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+    printed = capsys.readouterr().out
+    # Resuming a finished run reads no data again: it says so and repeats its result.
+    monkeypatch.setattr("kws.train.SpeechData", None)
+    assert main(["train", "--resume", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.endswith(
+        f"{run} has trained all its 2 epochs already; --epochs N (over 2) trains it further\n"
+    )
+    assert captured.out == printed.splitlines(keepends=True)[-1]  # the result line, as it was
     # Fewer epochs than it has trained would leave config.json saying what the model is not.
     assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
     assert capsys.readouterr().err.endswith(
@@ -401,6 +411,23 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "no audio clips found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # no half-made run folder to trip over
+    sf.write(tmp_path / "empty" / "a_nohash_0.wav", np.zeros(1600, np.float32), 16000)  # one word's clips
+    assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (
+        f"kws train: error: {tmp_path / 'empty'} holds audio files but no folder of them: it reads as one "
+        f"word's clips; pass the folder that holds one such folder per word ({tmp_path})\n"
+    )
+    (tmp_path / "lists" / "yes").mkdir(parents=True)
+    sf.write(tmp_path / "lists" / "yes" / "a_nohash_0.wav", np.zeros(1600, np.float32), 16000)
+    (tmp_path / "lists" / "validation_list.txt").mkdir()
+    assert (
+        main(["train", "--data", str(tmp_path / "lists"), "--words", "yes", "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"kws train: error: {tmp_path / 'lists' / 'validation_list.txt'} is a folder: a split list is a "
+        "text file, one WORD/FILE a line\n"
+    )
 
 
 def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(tone_dataset, tmp_path, capsys):
