@@ -346,16 +346,13 @@ def cmd_eval(args) -> int:
 
 def _eval_stream(args) -> int:
     from kws.runtime import Model
-    from kws.stream import detection_config
     from kws.stream_eval import format_stream_report, stream_test
 
     if args.plot:
         _check_plot(args.plot)
     model = Model.load(args.model, named="--model")
     data = _evaluation_data(_training(model.manifest, model.source), args.data, args.negatives)
-    _, measured = stream_test(
-        model, data, detection_config(model.manifest, args.threshold), det=bool(args.plot)
-    )
+    _, measured = stream_test(model, data, _detection_config(model, args.threshold), det=bool(args.plot))
     result = {
         "model": _model_name(args.model),
         "data": str(args.data),
@@ -372,7 +369,13 @@ def _eval_stream(args) -> int:
         from kws import plots
         from kws.files import write_files
 
-        thresholds = "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"
+        if isinstance(args.threshold, dict):
+            given = ", ".join(f"{keyword} {value:g}" for keyword, value in args.threshold.items())
+            thresholds = f"thresholds {given}, the model's for the others"
+        else:
+            thresholds = (
+                "the model's thresholds" if args.threshold is None else f"threshold {args.threshold:g}"
+            )
         write_files(args.plot.parent, {args.plot.name: plots.det_curve(measured["det"], result, thresholds)})
     return 0
 
@@ -412,10 +415,10 @@ def cmd_detect(args) -> int:
 
     from kws import audio
     from kws.runtime import Model
-    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, detection_config, recording_report
+    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, recording_report
 
     model = Model.load(args.model, named="--model")
-    detector = Detector(model, detection_config(model.manifest, args.threshold))
+    detector = Detector(model, _detection_config(model, args.threshold))
     paths, failed = _recordings(args.files)
     reports = []
     for path in paths:
@@ -526,11 +529,11 @@ def cmd_listen(args) -> int:
     if args.fast and not args.file:
         raise UserError("--fast plays a --file faster than real time: give --file AUDIO")
     from kws.runtime import Model
-    from kws.stream import Detector, detection_config
+    from kws.stream import Detector
 
     source = listen.recording(args.file, not args.fast) if args.file else listen.microphone(args.device)
     model = Model.load(args.model, named="--model")
-    detector = Detector(model, detection_config(model.manifest, args.threshold))
+    detector = Detector(model, _detection_config(model, args.threshold))
     print(
         f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}; "
         "Ctrl-C to stop",
@@ -635,14 +638,32 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _detection_config(model, threshold):
+    """The model's detection settings with --threshold's; UserError for a keyword it lacks."""
+    from kws.stream import check_thresholds, detection_config
+
+    config = detection_config(model.manifest, threshold)
+    try:
+        check_thresholds(config, model.labels)
+    except ValueError as error:
+        raise UserError(f"--threshold: {error}") from None
+    return config
+
+
+THRESHOLD_HELP = (
+    "one threshold for every keyword, from 0 to 1, in place of the model's calibrated ones (0.9), or "
+    "some keywords' own, the others keeping theirs (stop=0.99,go=0.95): lower finds more keywords "
+    "and fires wrongly more often"
+)
+
+
 def _add_detector_options(command: argparse.ArgumentParser) -> None:
     """--model and --threshold, as the commands that run the Detector (listen, detect) take them."""
     command.add_argument("--model", type=Path, help="export folder or .tflite (default: the built-in model)")
     command.add_argument(
         "--threshold",
         type=options.threshold,
-        help="one threshold for every keyword, from 0 to 1, in place of the model's calibrated ones: "
-        "lower finds more keywords and fires wrongly more often (kws eval --stream measures both)",
+        help=f"{THRESHOLD_HELP} (kws eval --stream measures both)",
     )
 
 
@@ -759,9 +780,7 @@ def _add_eval(commands) -> None:
         help="run the streaming Detector over a long test stream built from held-out clips, noise and "
         "--negatives speech: recall per keyword and false accepts per hour (exported models only)",
     )
-    evaluate.add_argument(
-        "--threshold", type=options.threshold, help="with --stream: one threshold for every keyword"
-    )
+    evaluate.add_argument("--threshold", type=options.threshold, help=f"with --stream: {THRESHOLD_HELP}")
     evaluate.set_defaults(handler=cmd_eval)
 
 

@@ -65,8 +65,24 @@ def port(text: str) -> int:
     return parsed(text, int, lambda v: 1 <= v <= 65535, "from 1 to 65535")
 
 
-def threshold(text: str) -> float:
+def score(text: str) -> float:
     return parsed(text, float, lambda v: 0 < v <= 1, "a score in (0, 1]")
+
+
+def threshold(text: str) -> float | dict[str, float]:
+    """One threshold for every keyword ("0.9"), or some keywords' own ("stop=0.99,go=0.95"),
+    the others keeping the model's."""
+    if "=" not in text:
+        return score(text)
+    chosen = {}
+    for item in text.split(","):
+        word, _, value = (part.strip() for part in item.partition("="))
+        if not word or not value:
+            raise argparse.ArgumentTypeError(
+                f"must be a score or KEYWORD=SCORE pairs (stop=0.99,go=0.95), got {text}"
+            )
+        chosen[word] = score(value)
+    return chosen
 
 
 def from_env(name: str, parse):

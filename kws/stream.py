@@ -109,10 +109,13 @@ def keywords(labels: list[str]) -> list[str]:
     return [label for label in labels if not label.startswith("_")]
 
 
-def detection_config(manifest: dict, threshold: float | None = None) -> DetectionConfig:
-    """The detection settings a model's manifest records; ``threshold`` overrides every keyword's."""
+def detection_config(manifest: dict, threshold: float | dict[str, float] | None = None) -> DetectionConfig:
+    """The detection settings a model's manifest records; ``threshold`` overrides every keyword's,
+    or, as {keyword: threshold}, those keywords' only."""
     config = DetectionConfig(**manifest.get("detection", {}))
-    if threshold is not None:
+    if isinstance(threshold, dict):
+        config = replace(config, thresholds={**config.thresholds, **threshold})
+    elif threshold is not None:
         config = replace(config, default_threshold=threshold, thresholds={})
     return config
 

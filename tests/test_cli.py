@@ -44,6 +44,12 @@ def _usage_error(argv: list[str], capsys) -> str:
             "argument --threshold: must be a score in (0, 1], got abc",
         ),
         (["detect", "a.wav", "--threshold", "2"], "argument --threshold: must be a score in (0, 1], got 2"),
+        (["listen", "--threshold", "stop=2"], "argument --threshold: must be a score in (0, 1], got 2"),
+        (
+            ["eval", "--stream", "--threshold", "stop=0.9,=0.5"],
+            "argument --threshold: must be a score or KEYWORD=SCORE pairs (stop=0.99,go=0.95), got "
+            "stop=0.9,=0.5",
+        ),
         (
             ["detect", "a.wav", "--top-k", "x"],
             "argument --top-k: must be a whole number, at least 1, got x",

@@ -18,7 +18,15 @@ from kws.audio import AudioError, load
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, HOP_SAMPLES, SAMPLE_RATE, WINDOW_SAMPLES, mfcc
 from kws.runtime import BUILT_IN_MODEL, MANIFEST_FILE, Model
-from kws.stream import DetectionConfig, Detector, Event, EventRules, ScoreStream, recording_report
+from kws.stream import (
+    DetectionConfig,
+    Detector,
+    Event,
+    EventRules,
+    ScoreStream,
+    detection_config,
+    recording_report,
+)
 
 LABELS = ["_silence_", "_unknown_", "yes", "no"]
 
@@ -422,6 +430,29 @@ def test_recording_report_is_the_detect_json(model, tone_export, tmp_path, capsy
     assert main(["detect", str(tmp_path / "noise.wav"), "--model", str(tone_export[0]), "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("kws detect: skipping ") and "noise.wav" in err
+
+
+def test_threshold_replaces_every_keywords_or_only_the_keywords_it_names(tone_export, tmp_path, capsys):
+    out, manifest = tone_export
+    audio, _ = tone_recording(["yes", "no", "up"])
+    path = tmp_path / "talk.wav"
+    sf.write(path, audio, SAMPLE_RATE, subtype="FLOAT")
+    calibrated = detection_config(manifest)
+    some = detection_config(manifest, {"yes": 0.6})
+    assert some == dataclasses.replace(calibrated, thresholds={**calibrated.thresholds, "yes": 0.6})
+    assert detection_config(manifest, 0.6) == dataclasses.replace(
+        calibrated, default_threshold=0.6, thresholds={}
+    )
+    model = Model.load(out)
+    for given, config in (("yes=0.6", some), ("0.6", detection_config(manifest, 0.6))):
+        assert main(["detect", str(path), "--model", str(out), "--threshold", given, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)["detections"]
+        assert printed == [event.to_dict() for event in Detector(model, config).detect(audio)]
+    assert main(["detect", str(path), "--model", str(out), "--threshold", "yes=0.6,nope=0.5"]) == 2
+    assert capsys.readouterr().err == (
+        "kws detect: error: --threshold: thresholds for nope, which are not keywords of this model "
+        "(yes, no, up, down)\n"
+    )
 
 
 def test_the_readmes_python_example_prints_what_kws_detect_finds(tone_export, tmp_path, capsys):
