@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--model", help="export folder, with both models (default: the built-in model)")
     args = parser.parse_args()
     try:
-        int8, manifest = resolve(args.model)
+        int8, manifest = resolve(args.model, named="--model")
     except ModelError as error:
         parser.error(str(error))
     if not (int8.parent / manifest.get("files", {}).get("float32", "-")).is_file():

@@ -204,7 +204,7 @@ def describe(result: dict) -> str:
 def throughput(args, data: list[bytes]) -> None:
     """Every setting's server at once; the load visits them in turn, slice by slice, with the baseline."""
     settings = args.workers
-    model = Model.load(args.model)
+    model = Model.load(args.model, named="--model")
     piece = args.seconds / SLICES
     with contextlib.ExitStack() as stack:
         urls = {setting: stack.enter_context(server(args.model, setting))[0] for setting in settings}

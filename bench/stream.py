@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--model", help="export folder or .tflite (default: the built-in model)")
     args = parser.parse_args()
     try:
-        model = Model.load(args.model)
+        model = Model.load(args.model, named="--model")
     except ModelError as error:
         parser.error(str(error))
     rng = np.random.default_rng(0)

@@ -363,18 +363,15 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     if checkpoint and config.train.epochs < checkpoint[1]["epochs_done"]:
         done = checkpoint[1]["epochs_done"]
         raise KwsError(f"{run_dir} has trained {done} epochs already: resume it with --epochs {done} or more")
-    if (
-        checkpoint
-        and checkpoint[1]["epochs_done"] == config.train.epochs
-        and (run_dir / METRICS_FILE).exists()
-    ):
-        # Finished: its results stand, and reading the data again to say so would take minutes.
+    finished = checkpoint and checkpoint[1]["epochs_done"] == config.train.epochs and _metrics_of(run_dir)
+    if finished and len(finished.get("history", [])) == config.train.epochs:
+        # Its results stand, and reading the data again to say so would take minutes.
         tqdm.write(
             f"{run_dir} has trained all its {config.train.epochs} epochs already; --epochs N (over "
             f"{config.train.epochs}) trains it further",
             file=sys.stderr,
         )
-        return json.loads((run_dir / METRICS_FILE).read_text())
+        return finished
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)
@@ -427,6 +424,15 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             _save_checkpoint(run_dir, model, state)
             epochs.set_postfix(val_acc=f"{row['val_accuracy']:.2%}", best=f"{state['best_accuracy']:.2%}")
     return _final_metrics(run_dir, config, state, validation, val_features)
+
+
+def _metrics_of(run_dir: Path) -> dict | None:
+    """The run's metrics.json, None where there is none to read. A run stopped between its last
+    checkpoint and its metrics has older ones: their history is shorter than its epochs."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _fit_epoch(model, epoch: int, examples, targets, val_labels, val_features, config: RunConfig) -> dict:

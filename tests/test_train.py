@@ -331,6 +331,13 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
         f"{run} has trained all its 2 epochs already; --epochs N (over 2) trains it further\n"
     )
     assert captured.out == printed.splitlines(keepends=True)[-1]  # the result line, as it was
+    # Metrics older than the last checkpoint (stopped before they were rewritten): computed again.
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "history": metrics["history"][:1]}))
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "trained all its" not in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text())["history"] == metrics["history"]
     # Fewer epochs than it has trained would leave config.json saying what the model is not.
     assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
     assert capsys.readouterr().err.endswith(
