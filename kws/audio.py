@@ -52,7 +52,8 @@ def mono_samples(chunk) -> np.ndarray:
     Floats are taken at full scale 1; signed integer PCM (int8, int16, int32, as sounddevice,
     PyAudio and WAV files give it) is scaled to that; (frames, channels) is mixed to mono. Other
     types (bytes, unsigned or 64-bit integers) are a TypeError, other shapes and NaN or infinite
-    samples an AudioError, each saying what to pass.
+    samples an AudioError, each saying what to pass. (channels, frames), as librosa gives it, is
+    refused where it has more than MAX_CHANNELS frames; a shorter chunk reads as that many channels.
     """
     array = np.asarray(chunk)
     if array.dtype.kind == "i" and array.dtype.itemsize <= 4:

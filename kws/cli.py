@@ -248,27 +248,24 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
 
 
 def _warn_if_split_again(training: dict, data) -> None:
-    """Warn when ``data`` holds as many clips of each keyword as the model trained with but
-    splits them otherwise (a validation_list.txt added, edited or gone): then clips it trained
-    on are among those scored, and its figures read high."""
+    """Warn when ``data`` holds as many clips of each keyword as the model trained with, but more
+    of them in validation (a validation_list.txt added or edited): clips it trained on are then
+    among those scored, and its figures read high. (Fewer would be a part of its held-out clips;
+    a model trained with --extra clips, which eval leaves out, is never warned of.)"""
     recorded = training.get("clips_per_split", {})
     if not {"training", "validation"} <= set(recorded):
         return
     now = Counter((clip.split, clip.word) for clip in data.clips)
-    words = data.config.words
-    same_clips = all(
-        now["training", w] + now["validation", w]
-        == recorded["training"].get(w, 0) + recorded["validation"].get(w, 0)
-        for w in words
-    )
-    then_validated = sum(recorded["validation"].get(w, 0) for w in words)
-    validated = sum(now["validation", w] for w in words)
-    if same_clips and any(now["validation", w] != recorded["validation"].get(w, 0) for w in words):
+    then = {w: (recorded["training"].get(w, 0), recorded["validation"].get(w, 0)) for w in data.config.words}
+    same_clips = all(now["training", w] + now["validation", w] == sum(then[w]) for w in then)
+    grown = {w: now["validation", w] - then[w][1] for w in then if now["validation", w] > then[w][1]}
+    if same_clips and grown:
+        more = ", ".join(f"{word} +{count}" for word, count in grown.items())
         print(
             f"warning: {data.root} holds as many clips of each keyword as the model trained with, but "
-            f"splits them otherwise ({validated} validation clips of keywords, {then_validated} when it "
-            "trained): clips it trained on are among those scored, so its figures read high; give "
-            "the data the validation_list.txt it trained with",
+            f"more of them in validation than when it trained ({more}): clips it trained on are among "
+            "those scored, so its figures read high; give the data the validation_list.txt it trained "
+            "with",
             file=sys.stderr,
         )
 

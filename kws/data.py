@@ -279,7 +279,12 @@ def check_misnamed_folders(config: DataConfig) -> None:
     against a keyword: the keyword in other letters (Yes/ beside yes/), or the keyword's folder
     inside another word's (synth/yes/: its clips are the word "synth")."""
     folded = {word.casefold(): word for word in config.words}
-    for root in map(Path, [config.data_dir, *config.extra]):
+    roots = list(map(Path, [config.data_dir, *config.extra]))
+
+    def spelled(word: str) -> bool:  # as --words has it, in some folder: respelling would refuse that one
+        return any((root / word).is_dir() for root in roots)
+
+    for root in roots:
         tops = {folder_word(path) for path in root.iterdir()}
         for path in sorted(root.iterdir()):
             name = folder_word(path)
@@ -288,11 +293,7 @@ def check_misnamed_folders(config: DataConfig) -> None:
                     f"{path} is not the keyword {folded[name.casefold()]!r}: folder names are "
                     f"case-sensitive, and its clips would teach the model that {name!r} is not a "
                     "keyword; rename the folder (or merge it into the keyword's)"
-                    + (
-                        ""
-                        if (root / folded[name.casefold()]).exists()
-                        else f", or spell it {name!r} in --words"
-                    )
+                    + ("" if spelled(folded[name.casefold()]) else f", or spell it {name!r} in --words")
                 )
             if name.startswith("_") or not path.is_dir():
                 continue

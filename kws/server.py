@@ -444,8 +444,8 @@ def _is_end(text: str) -> bool:
 
 
 async def _compute(websocket: WebSocket, function, *args):
-    """Run a stream's work in a thread, one stream at a time: the server's interpreter is not
-    thread-safe, and its streams cost ~1.5 % of a core each (20 ms messages)."""
+    """Run a stream's work in a thread, one stream at a time: the streams share one Model, whose
+    interpreter runs one inference at a time, and cost ~1.5 % of a core each (20 ms messages)."""
     return await anyio.to_thread.run_sync(function, *args, limiter=websocket.app.state.streams)
 
 

@@ -46,8 +46,9 @@ FA_TARGET_PER_HOUR = 0.5  # false accepts the thresholds are calibrated to: open
 class DetectionConfig:
     """How scores become events; stored in the model's manifest by threshold calibration.
 
-    Frozen, as a Detector reads it once: ``dataclasses.replace`` makes a changed copy, and
-    ``detection_config`` starts from a model's calibrated settings.
+    Frozen, as a Detector reads it once (its ``thresholds`` too, though a dict cannot refuse a
+    change): ``dataclasses.replace`` makes a changed copy, and ``detection_config`` starts from a
+    model's calibrated settings.
     """
 
     # Run the model every hop_frames x 20 ms. On the validation stream, 80 ms found the same
@@ -118,6 +119,9 @@ def detection_config(manifest: dict, threshold: float | dict[str, float] | None 
     elif threshold is not None:
         config = replace(config, default_threshold=threshold, thresholds={})
     return config
+
+
+ENDED = "the stream was ended by flush(): call reset() to start a new one"
 
 
 def check_thresholds(config: DetectionConfig, labels: list[str]) -> None:
@@ -292,7 +296,7 @@ class Detector:
     def score(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Event]]:
         """The model runs the samples complete (end times, class probabilities) and their events."""
         if self._ended:
-            raise RuntimeError("the stream was ended by flush(): call reset() to start a new one")
+            raise RuntimeError(ENDED)
         samples = mono_samples(samples)
         self._samples += len(samples)
         ends, probabilities = self._scores.push(samples)
@@ -331,14 +335,27 @@ class RateDetector:
 
     def __init__(self, detector: Detector, rate: float):
         self.detector = detector
-        self._to_model_rate = ModelRate(rate)
+        self.rate = rate
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream, as Detector.reset does."""
+        self.detector.reset()
+        self._to_model_rate = ModelRate(self.rate)
+        self._ended = False
 
     def push(self, block: np.ndarray) -> list[Event]:
-        """(frames,) or (frames, channels) samples at the stream's rate -> the events they complete."""
+        """Samples at the stream's rate, as Detector.push takes them -> the events they complete."""
+        if self._ended:  # the resampler, drained, takes nothing more
+            raise RuntimeError(ENDED)
         return self.detector.push(self._to_model_rate.convert(block))
 
     def flush(self) -> list[Event]:
-        """The events of the stream's last audio, as Detector.flush ends a recording."""
+        """The events of the stream's last audio, as Detector.flush ends a recording; it ends the
+        stream: another call returns nothing."""
+        if self._ended:
+            return []
+        self._ended = True
         return self.detector.push(self._to_model_rate.finish()) + self.detector.flush()
 
 

@@ -131,7 +131,8 @@ def real_speech(data: SpeechData) -> np.ndarray:
 
 
 def score(model, audio: np.ndarray, hop_frames: int, description: str = "scoring") -> Scored:
-    """Run the streaming frontend and model over ``audio`` once, exactly as ``Detector.push`` does.
+    """Run the streaming frontend and model over ``audio`` (mono float32 in [-1, 1], as a test
+    stream is built) once, exactly as ``Detector.push`` does.
 
     Without the Detector's end-of-stream tail, so a keyword that ends the audio may go unfound.
     """
@@ -368,19 +369,21 @@ def stream_test(
         )
         config = replace(config, thresholds={**config.thresholds, **calibrated})
     report = measure(model.labels, stream, scored, speech, config)
-    report["warnings"] = warn(report, stream.hours, target_per_hour)
+    report["warnings"] = warn(report, stream.hours, target_per_hour, without_negatives=not data.negatives)
     if table is not None:
         report["det"] = det_points(table, stream, speech)
     return config, report
 
 
-def warn(report: dict, hours: float, target_per_hour: float | None = None) -> list[str]:
-    """Say what a stream test's figures cannot show: no real speech measured, keywords the
+def warn(
+    report: dict, hours: float, target_per_hour: float | None = None, without_negatives: bool = False
+) -> list[str]:
+    """Say what a stream test's figures cannot show: no real speech (``without_negatives``), keywords the
     stream never says or says on few clips; and, for thresholds calibrated to
     ``target_per_hour``, a stream of ``hours`` too short for the target, a target not met, and
     keywords never found. Printed, and returned for the manifest and the model card."""
     warnings = []
-    if "real_speech" not in report:
+    if without_negatives:  # negatives with no speaker held out are the NegativeBank's warning
         warnings.append(
             "no keyword-free speech was measured (no --negatives), so the false accepts are those of "
             "clips and noise alone: continuous speech makes a keyword model fire far more often; "

@@ -497,13 +497,19 @@ def test_extra_folders_that_are_files_the_data_or_hold_a_keyword_in_another_case
 
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "synth" / "Yes").mkdir(parents=True)
+    (tmp_path / "synth" / "Bed").mkdir(parents=True)
     (tmp_path / "lower" / "no").mkdir(parents=True)
     data = tmp_path / "data"
     (data / "bed").mkdir(parents=True)
     for extra, words, message in [
         ("notes.txt", ["yes", "no"], "is a file: pass the folder of word folders that holds it"),
         ("synth", ["yes", "no"], "synth/Yes is not the keyword 'yes': folder names are case-sensitive"),
-        ("synth", ["yes"], r"merge it into the keyword's\), or spell it 'Yes' in --words$"),  # no yes/ there
+        (
+            "synth",
+            ["yes"],
+            r"merge it into the keyword's\), or spell it 'Yes' in --words$",
+        ),  # no yes/ anywhere
+        ("synth", ["bed"], r"synth/Bed is not the keyword 'bed'.*merge it into the keyword's\)$"),  # data/bed
         ("lower", ["yes", "No"], "lower/no is not the keyword 'No': folder names are case-sensitive"),
         ("data", ["yes"], "is the data folder .*, or inside it or around it: --extra is for clips the data"),
         ("data/bed", ["yes"], "is the data folder"),  # its clips would train twice

@@ -343,7 +343,7 @@ def test_a_stream_test_warns_of_what_its_figures_cannot_show_without_calibrating
             "no": {"occurrences": 0, "recall": None, "false_accepts": 0, "threshold": 0.8},
         },
     }
-    speechless, unsaid, thin = stream_eval.warn(report, 0.004)  # kws eval --stream: no target
+    speechless, unsaid, thin = stream_eval.warn(report, 0.004, without_negatives=True)  # eval --stream
     assert speechless.startswith("no keyword-free speech was measured (no --negatives), so the false accepts")
     assert (
         unsaid
@@ -352,6 +352,10 @@ def test_a_stream_test_warns_of_what_its_figures_cannot_show_without_calibrating
     assert thin.startswith("the test stream holds few clips of 'yes' (3)")
     assert capsys.readouterr().err.splitlines() == [f"warning: {line}" for line in (speechless, unsaid, thin)]
     assert stream_eval.duration(0.004) == "0.2 min" and stream_eval.duration(1.811) == "1.81 h"
+    assert stream_eval.warn(report, 0.004) == [
+        unsaid,
+        thin,
+    ]  # --negatives given: its speech is its own warning
 
 
 def test_match_counts_hits_once_and_everything_else_as_false_accepts():
@@ -614,5 +618,10 @@ def test_a_rate_detector_hears_every_sample_of_a_stream_at_another_rate(model):
     detector = Detector(model)
     live = RateDetector(detector, 44_100)
     events = [event for block in np.array_split(at_44k, 7) for event in live.push(block)] + live.flush()
+    assert live.flush() == []  # as a Detector's: the stream has ended
+    with pytest.raises(RuntimeError, match=r"ended by flush\(\): call reset\(\)"):
+        live.push(at_44k)
+    live.reset()
+    assert live.push(at_44k) + live.flush() == events  # a new stream, from 0 s
     assert abs(detector.seconds - len(at_44k) / 44_100) <= 1 / SAMPLE_RATE  # the resampler drained
     assert [event.label for event in events] == [event.label for event in Detector(model).detect(audio)]
