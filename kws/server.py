@@ -44,6 +44,7 @@ environment (``KWS_MODEL``, ``KWS_MAX_BYTES``, ``KWS_MAX_SECONDS``, ``KWS_WORKER
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -75,7 +76,15 @@ from kws import __version__, options
 from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
-from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, RateDetector, detection_config
+from kws.stream import (
+    SCORED_CLIP_SECONDS,
+    DetectionConfig,
+    Detector,
+    Event,
+    RateDetector,
+    check_thresholds,
+    detection_config,
+)
 from kws.workers import (
     NO_WORKER,
     SHUTTING_DOWN,
@@ -494,6 +503,21 @@ async def _unless_client_leaves(request: Request, work):
     return done.result()
 
 
+def _threshold(text: str | None, labels: list[str]) -> float | dict[str, float] | None:
+    """The threshold query as kws detect's --threshold takes it; 422 saying what it must be."""
+    if text is None:
+        return None
+    try:
+        chosen = options.threshold(text)
+        if isinstance(chosen, dict):
+            check_thresholds(DetectionConfig(thresholds=chosen), labels)
+    except argparse.ArgumentTypeError as error:  # "must be ..."
+        raise HTTPException(422, f"threshold {error}") from None
+    except ValueError as error:
+        raise HTTPException(422, f"threshold: {error}") from None
+    return chosen
+
+
 def _model_info(manifest: dict) -> dict:
     return {
         "name": manifest.get("name"),
@@ -615,15 +639,15 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def detect(
         request: Request,
-        threshold: float | None = Query(
+        threshold: str | None = Query(
             None,
-            gt=0,
-            le=1,
-            description="one threshold for every keyword (default: the model's calibrated ones)",
+            description="one threshold in (0, 1] for every keyword (default: the model's calibrated "
+            "ones), or some keywords' own, the others keeping theirs: stop=0.99,go=0.95",
+            examples=["0.7", "stop=0.99,go=0.95"],
         ),
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
-        model_of(request)
+        chosen = _threshold(threshold, model_of(request).labels)
         with request.app.state.uploads.share() as share:
             data, name = await _upload(request, settings.max_bytes, share)
             if not data:
@@ -633,7 +657,7 @@ def create_app(settings: Settings) -> FastAPI:
             try:
                 workers = request.app.state.workers
                 report = await _unless_client_leaves(
-                    request, workers.detect(data, name, settings.max_seconds, threshold, top_k)
+                    request, workers.detect(data, name, settings.max_seconds, chosen, top_k)
                 )
             except RequestError as error:
                 raise HTTPException(error.status, error.detail) from None

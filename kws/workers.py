@@ -91,7 +91,12 @@ class RequestError(Exception):
 
 
 def detect(
-    model: Model, data: bytes, name: str, max_seconds: float, threshold: float | None, top_k: int | None
+    model: Model,
+    data: bytes,
+    name: str,
+    max_seconds: float,
+    threshold: float | dict[str, float] | None,
+    top_k: int | None,
 ) -> dict:
     """Decode and detect one uploaded recording, 10 s at a time as ``kws detect`` reads a file:
     its report, or RequestError (413 or 415)."""
@@ -300,7 +305,12 @@ class WorkerPool:
         return {worker.pid for worker in self._workers}
 
     async def detect(
-        self, data: bytes, name: str, max_seconds: float, threshold: float | None, top_k: int | None
+        self,
+        data: bytes,
+        name: str,
+        max_seconds: float,
+        threshold: float | dict[str, float] | None,
+        top_k: int | None,
     ) -> dict:
         """``detect(model, ...)`` in a worker process. A request that waited behind one whose
         process died goes to another; the one the process died on gets 503."""

@@ -141,6 +141,10 @@ def test_threshold_override_changes_detections(client, model, long_recording):
     assert low == expected["detections"] and len(low) >= 4
     at_one = recording_report(Detector(model, detection_config(model.manifest, 1.0)), [long_recording], "x")
     assert certain == at_one["detections"] and len(certain) < len(low)
+    # Some keywords' own, as kws detect --threshold takes them: the others keep the model's.
+    some = client.post("/detect?threshold=yes=0.5,no=0.5", content=data).json()["detections"]
+    config = detection_config(model.manifest, {"yes": 0.5, "no": 0.5})
+    assert some == recording_report(Detector(model, config), [long_recording], "x")["detections"] != low
 
 
 def test_top_k_limits_the_scores(client, model, clip):
@@ -160,12 +164,20 @@ def test_top_k_limits_the_scores(client, model, clip):
         "threshold=-0.2",
         "threshold=nan",
         "threshold=abc",
+        "threshold=yes=2",
+        "threshold=yes=0.5,",
+        "threshold=nope=0.5",  # not a keyword of the model
         "top_k=0",
         "top_k=1.5",
     ],
 )
 def test_bad_query_values_get_422(client, clip, query):
-    assert client.post(f"/detect?{query}", content=encode(clip)).status_code == 422
+    answer = client.post(f"/detect?{query}", content=encode(clip))
+    assert answer.status_code == 422
+    if query.startswith("threshold"):  # in the words kws detect --threshold uses
+        assert answer.json()["detail"].startswith(
+            ("threshold must be a score", "threshold: thresholds for nope")
+        )
 
 
 def test_multipart_without_a_file_or_with_an_empty_one_gets_400(client):
