@@ -116,16 +116,24 @@ def test_json_prints_each_detection_as_a_line_of_detects_json(words_file, model_
     assert err.splitlines()[-1].startswith(f"listened {sf.info(str(path)).duration:.1f} s: {len(expected)} ")
 
 
-def test_json_draws_no_level_meter_on_a_terminal(tmp_path, tone_export):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+class Terminal(io.StringIO):
+    """Output that says it is a terminal, where listen draws its level meter."""
 
+    def isatty(self):
+        return True
+
+
+def one_yes(tmp_path, tone_export):
+    """A recording of one tone "yes", and a Detector that hears it."""
     path = tmp_path / "yes.wav"
     write_recording(path, ["yes"])
     model = Model.load(tone_export[0])
+    return path, Detector(model, detection_config(model.manifest, 0.6))
+
+
+def test_json_draws_no_level_meter_on_a_terminal(tmp_path, tone_export):
+    path, detector = one_yes(tmp_path, tone_export)
     terminal = Terminal()
-    detector = Detector(model, detection_config(model.manifest, 0.6))
     summary = listen.run(listen.recording(path, realtime=False), detector, terminal, as_json=True)
     lines = terminal.getvalue().splitlines()
     assert summary.counts["yes"] == len(lines) >= 1
@@ -229,18 +237,10 @@ def test_stopping_a_file_stream_ends_its_blocks(tmp_path):
 
 
 def test_level_meter_draws_on_a_terminal_and_clears_for_each_detection(tmp_path, tone_export):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    path = tmp_path / "yes.wav"
-    write_recording(path, ["yes"])
-    model = Model.load(tone_export[0])
+    path, detector = one_yes(tmp_path, tone_export)
     terminal = Terminal()
     began = time.monotonic()
-    summary = listen.run(
-        listen.recording(path), Detector(model, detection_config(model.manifest, 0.6)), terminal
-    )
+    summary = listen.run(listen.recording(path), detector, terminal)
     elapsed = time.monotonic() - began
     text = terminal.getvalue()
     meters = re.findall(r"\r\s*(\d+\.\d) s  \[([#-]{30})\]\s+(-?\d+\.\d) dBFS", text)
