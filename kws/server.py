@@ -419,8 +419,8 @@ async def _upload(request: Request, limit: int, share: _Share) -> tuple[bytes, s
 class StreamSession:
     """One WebSocket's audio: PCM bytes -> (resampled) float samples -> its own Detector."""
 
-    def __init__(self, model: Model, rate: int):
-        self.detector = RateDetector(Detector(model), rate)
+    def __init__(self, model: Model, rate: int, threshold: float | dict[str, float] | None = None):
+        self.detector = RateDetector(Detector(model, detection_config(model.manifest, threshold)), rate)
         self._odd_byte = b""  # half a sample that a message split
 
     def push(self, data: bytes) -> list[Event]:
@@ -678,15 +678,21 @@ def create_app(settings: Settings) -> FastAPI:
             low, high = STREAM_RATES
             await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
             return
-        if websocket.app.state.model is None:
+        model = websocket.app.state.model
+        if model is None:
             await websocket.close(1013, "the model is not loaded yet")
+            return
+        try:
+            threshold = _threshold(websocket.query_params.get("threshold"), model.labels)
+        except HTTPException as error:  # a close reason holds 123 bytes at most
+            await websocket.close(1008, error.detail.encode()[:123].decode(errors="ignore"))
             return
         if websocket.app.state.open_streams >= MAX_STREAMS:
             await websocket.close(
                 1013, f"busy: {MAX_STREAMS} streams are open, the most served; try again later"
             )
             return
-        session = StreamSession(websocket.app.state.model, rate)
+        session = StreamSession(model, rate, threshold)
         websocket.app.state.open_streams += 1
         try:
             with contextlib.suppress(WebSocketDisconnect):

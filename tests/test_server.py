@@ -402,6 +402,21 @@ def test_stream_resamples_an_announced_rate(client, model, long_recording):
     np.testing.assert_allclose([e["end"] for e in events], [e["end"] for e in expected], atol=0.1)
 
 
+def test_stream_takes_the_threshold_post_detect_takes(client, model, long_recording):
+    config = detection_config(model.manifest, {"yes": 0.5, "no": 0.5})
+    expected = [event.to_dict() for event in Detector(model, config).detect(long_recording)]
+    calibrated = [event.to_dict() for event in Detector(model).detect(long_recording)]
+    assert stream_events(client, long_recording, "?threshold=yes=0.5,no=0.5") == expected != calibrated
+    with (
+        client.websocket_connect("/stream?threshold=nope=0.5") as ws,
+        pytest.raises(WebSocketDisconnect) as closed,
+    ):
+        ws.receive_text()
+    assert closed.value.code == 1008 and closed.value.reason.startswith(
+        "threshold: thresholds for nope, which"
+    )
+
+
 @pytest.mark.parametrize("rate", ["8000", "192000"])
 def test_stream_takes_the_rates_at_either_end_of_its_range(client, rate):
     with client.websocket_connect(f"/stream?rate={rate}") as ws, pytest.raises(WebSocketDisconnect) as closed:
