@@ -637,14 +637,12 @@ def cmd_download(args) -> int:
 
 def _detection_config(model, threshold):
     """The model's detection settings with --threshold's; UserError for a keyword it lacks."""
-    from kws.stream import check_thresholds, detection_config
+    from kws.stream import detection_config
 
-    config = detection_config(model.manifest, threshold)
     try:
-        check_thresholds(config, model.labels)
+        return detection_config(model.manifest, threshold)
     except ValueError as error:
         raise UserError(f"--threshold: {error}") from None
-    return config
 
 
 THRESHOLD_HELP = (

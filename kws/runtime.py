@@ -15,7 +15,7 @@ import numpy as np
 from scipy.special import softmax
 
 from kws import KwsError, features
-from kws.stream import check_thresholds, detection_config
+from kws.stream import detection_config
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # a training run's settings, in its folder
@@ -311,7 +311,7 @@ class Model:
                 "wrote beside it"
             )
         try:  # checked here so that a bad manifest fails at load, not in every Detector made later
-            check_thresholds(detection_config(manifest), self.labels)
+            detection_config(manifest)
         except (TypeError, ValueError) as error:
             raise ModelError(
                 f"{self.source}: its manifest's detection settings are unusable ({error}): {EXPORT_AGAIN}"

@@ -78,11 +78,9 @@ from kws.features import SAMPLE_RATE
 from kws.runtime import Model
 from kws.stream import (
     SCORED_CLIP_SECONDS,
-    DetectionConfig,
     Detector,
     Event,
     RateDetector,
-    check_thresholds,
     detection_config,
 )
 from kws.workers import (
@@ -503,14 +501,13 @@ async def _unless_client_leaves(request: Request, work):
     return done.result()
 
 
-def _threshold(text: str | None, labels: list[str]) -> float | dict[str, float] | None:
+def _threshold(text: str | None, manifest: dict) -> float | dict[str, float] | None:
     """The threshold query as kws detect's --threshold takes it; 422 saying what it must be."""
     if text is None:
         return None
     try:
         chosen = options.threshold(text)
-        if isinstance(chosen, dict):
-            check_thresholds(DetectionConfig(thresholds=chosen), labels)
+        detection_config(manifest, chosen)
     except argparse.ArgumentTypeError as error:  # "must be ..."
         raise HTTPException(422, f"threshold {error}") from None
     except ValueError as error:
@@ -647,7 +644,7 @@ def create_app(settings: Settings) -> FastAPI:
         ),
         top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
     ) -> dict:
-        chosen = _threshold(threshold, model_of(request).labels)
+        chosen = _threshold(threshold, model_of(request).manifest)
         with request.app.state.uploads.share() as share:
             data, name = await _upload(request, settings.max_bytes, share)
             if not data:
@@ -683,7 +680,7 @@ def create_app(settings: Settings) -> FastAPI:
             await websocket.close(1013, "the model is not loaded yet")
             return
         try:
-            threshold = _threshold(websocket.query_params.get("threshold"), model.labels)
+            threshold = _threshold(websocket.query_params.get("threshold"), model.manifest)
         except HTTPException as error:  # a close reason holds 123 bytes at most
             await websocket.close(1008, error.detail.encode()[:123].decode(errors="ignore"))
             return

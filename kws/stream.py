@@ -112,12 +112,15 @@ def keywords(labels: list[str]) -> list[str]:
 
 def detection_config(manifest: dict, threshold: float | dict[str, float] | None = None) -> DetectionConfig:
     """The detection settings a model's manifest records; ``threshold`` overrides every keyword's,
-    or, as {keyword: threshold}, those keywords' only."""
+    or, as {keyword: threshold}, those keywords' only. ValueError for settings the model cannot
+    use, thresholds for labels it lacks among them."""
     config = DetectionConfig(**manifest.get("detection", {}))
     if isinstance(threshold, dict):
         config = replace(config, thresholds={**config.thresholds, **threshold})
     elif threshold is not None:
         config = replace(config, default_threshold=threshold, thresholds={})
+    if "labels" in manifest:
+        check_thresholds(config, manifest["labels"])
     return config
 
 
