@@ -348,9 +348,8 @@ def run(
     def finished():
         hand_over(None)
 
-    consumer = _Consumer(source.samplerate, detector, out, as_json)
+    consumer = _Consumer(source.samplerate, detector, out, as_json)  # its RateDetector resets detector
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
-    detector.reset()
     stopped_by = None
     try:
         stream = source.open(

@@ -76,13 +76,7 @@ from kws import __version__, options
 from kws.audio import MIN_SAMPLE_RATE
 from kws.features import SAMPLE_RATE
 from kws.runtime import Model
-from kws.stream import (
-    SCORED_CLIP_SECONDS,
-    Detector,
-    Event,
-    RateDetector,
-    detection_config,
-)
+from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, RateDetector, detection_config
 from kws.workers import (
     NO_WORKER,
     SHUTTING_DOWN,
