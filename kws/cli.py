@@ -532,12 +532,15 @@ def cmd_listen(args) -> int:
     model = Model.load(args.model, named="--model")
     detector = Detector(model, _detection_config(model, args.threshold))
     print(
-        f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}; "
-        "Ctrl-C to stop",
+        f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}",
         file=sys.stderr,
     )
+
+    def listening() -> None:
+        print("kws listen: listening; Ctrl-C to stop", file=sys.stderr, flush=True)
+
     try:
-        summary = listen.run(source, detector, sys.stdout, args.seconds, args.json)
+        summary = listen.run(source, detector, sys.stdout, args.seconds, args.json, on_audio=listening)
         # With --json, standard output holds only the events, for the program reading them.
         print(summary, file=sys.stderr if args.json else sys.stdout)
     except OSError as error:

@@ -323,9 +323,18 @@ def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
 
 
 def run(
-    source: Source, detector: Detector, out=sys.stdout, seconds: float | None = None, as_json: bool = False
+    source: Source,
+    detector: Detector,
+    out=sys.stdout,
+    seconds: float | None = None,
+    as_json: bool = False,
+    on_audio: Callable[[], None] | None = None,
 ) -> Summary:
-    """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C."""
+    """Print ``detector``'s events in ``source``'s audio until it ends, ``seconds`` are heard, or Ctrl-C.
+
+    ``on_audio`` is called once, when the first audio arrives: a device can take a second or
+    more to start, and words said before then are never heard.
+    """
     blocks: queue.Queue = queue.Queue(QUEUE_BLOCKS)
     closing = threading.Event()  # set once nothing takes blocks any more: the source must not wait
     overflows = 0
@@ -368,6 +377,9 @@ def run(
                                 "(unplugged, or its sound server stopped)"
                             )
                         break
+                    if on_audio is not None:
+                        on_audio()
+                        on_audio = None
                     consumer.hear(block[: limit - consumer.frames])
             except BaseException:
                 # A device that went silent (found by the stall limit, or by a user pressing Ctrl-C

@@ -100,6 +100,7 @@ def test_file_played_fast_prints_what_detect_finds_in_it(words_file, model_args,
     duration, counts = sf.info(str(path)).duration, counted(event.label for event in expected)
     assert out.splitlines()[-1] == f"listened {duration:.1f} s: {len(expected)} detections ({counts})"
     assert err.startswith(f"kws listen: {path} at 44100 Hz") and "Traceback" not in err
+    assert "kws listen: listening; Ctrl-C to stop\n" in err
 
 
 def test_json_prints_each_detection_as_a_line_of_detects_json(words_file, model_args, tone_export, capsys):
@@ -323,8 +324,47 @@ def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
     monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
     model = Model.load(tone_export[0])
     source = listen.Source("input device 7 'broken'", RATE, DeadStream)
+    announced = []
     with pytest.raises(listen.ListenError, match=r"^input device 7 'broken' delivered no audio for 0.2 s$"):
-        listen.run(source, Detector(model), io.StringIO())
+        listen.run(source, Detector(model), io.StringIO(), on_audio=lambda: announced.append(True))
+    assert announced == []  # never told to speak into an input that delivers nothing
+
+
+def test_listening_is_announced_once_the_device_delivers_audio_not_when_it_opens(tone_export):
+    # PulseAudio's device started 0.6-1.7 s after it opened: words said in between were lost.
+    happened, announced = [], threading.Event()
+
+    class SlowStartingDevice:
+        def __init__(self, callback, finished_callback, blocksize, **settings):
+            self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
+
+        def deliver(self, blocks):
+            for _ in range(blocks):
+                happened.append("block")
+                self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, None)
+
+        def start(self):
+            self.deliver(1)
+            announced.wait(5)
+            self.deliver(3)
+            self.finished()
+
+        def __enter__(self):
+            happened.append("opened")
+            threading.Timer(0.3, self.start).start()
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+    def on_audio():
+        happened.append("announced")
+        announced.set()
+
+    source = listen.Source("a slow device", RATE, SlowStartingDevice)
+    summary = listen.run(source, Detector(Model.load(tone_export[0])), io.StringIO(), on_audio=on_audio)
+    assert happened == ["opened", "block", "announced", "block", "block", "block"]
+    assert summary.seconds == pytest.approx(4 * listen.BLOCK_SECONDS)
 
 
 @pytest.mark.parametrize("noticed_by", ["the stall limit", "Ctrl-C"])
@@ -588,6 +628,8 @@ def test_microphone_hears_keywords_played_into_pulseaudio(pulseaudio, tmp_path, 
     try:
         header = next((line for line in listener.stderr if line.startswith("kws listen:")), "")
         assert re.match(r"kws listen: input device \d+ 'pulse' at \d+ Hz", header), header
+        # Played once listen says it hears: the device starts a second or so after it opens.
+        assert next(listener.stderr, "") == "kws listen: listening; Ctrl-C to stop\n"
         run_checked(["paplay", "--device=kws_test", str(path)], pulseaudio, timeout=60)
         time.sleep(1.0)  # the averages over the last word complete
         listener.send_signal(signal.SIGINT)
