@@ -26,15 +26,16 @@ WebSocket protocol of ``/stream``:
 - Server -> client, text messages: one JSON object per detection as it happens,
   ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
   stream began), the same events as ``Detector.detect`` on the whole recording.
-- Close codes: 1008 for a bad ``rate`` or a missing/wrong API key, 1003 for a text
-  message other than the end event, 1013 while the model is still loading.
+- Close codes: 1008 for a bad ``rate`` or ``threshold``, a missing/wrong API key or no message
+  for IDLE_SECONDS, 1003 for a text message other than the end event, 1013 while the model is
+  still loading or MAX_STREAMS streams are open.
 
 Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
-recordings over ``max_seconds`` get 413 before they are decoded, and headers still
-unfinished once MAX_HEADER_BYTES of them wait get 400. With ``KWS_API_KEY`` set,
-everything but ``/health`` needs the key in ``X-API-Key`` or ``Authorization: Bearer``;
-WebSockets may pass it as ``?api_key=`` (browsers cannot set headers there), and the
-query value is blanked out of uvicorn's logs.
+recordings over ``max_seconds`` get 413 before they are decoded, bodies that send nothing for
+IDLE_SECONDS get 408, and headers still unfinished once MAX_HEADER_BYTES of them wait get 400.
+With ``KWS_API_KEY`` set, everything but ``/health`` needs the key in ``X-API-Key`` or
+``Authorization: Bearer``; WebSockets may pass it as ``?api_key=`` (browsers cannot set headers
+there), and the query value is blanked out of uvicorn's logs.
 
 Processes: this one answers HTTP and WebSockets; ``workers`` more, each with a copy of its model,
 run POST /detect from one queue (kws.workers). Settings come from ``Settings`` or the
@@ -98,6 +99,10 @@ MAX_UPLOAD_BYTES = 100_000_000
 # here (events at most 0.13 s late), a hundred fell seconds behind. Beyond this, a stream is
 # refused (1013) rather than every stream running late.
 MAX_STREAMS = 64
+# A request body or a WebSocket that sends nothing for this long is dropped (408, or close 1008):
+# idle clients would hold the upload budget and the stream places for ever. nginx's
+# client_body_timeout and proxy_read_timeout, which apply to WebSockets too, wait as long.
+IDLE_SECONDS = 60.0
 # The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
 # would hold every other stream up while it is scored.
 WS_MAX_BYTES = 256 * 1024
@@ -377,7 +382,18 @@ async def _limited(request: Request, limit: int, share: _Share) -> AsyncIterator
         )
     share.budget.check(share, 1)  # before reading any of it: would one byte more pass the limit?
     received = 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), IDLE_SECONDS)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                408,
+                f"the body stalled: nothing of it arrived for {IDLE_SECONDS:g} s after {received:,} "
+                "bytes; send it again",
+            ) from None
         received += len(chunk)
         if received > limit:
             raise HTTPException(413, f"body over the {limit:,} byte limit: {TOO_LONG_ADVICE}")
@@ -453,7 +469,13 @@ async def _compute(websocket: WebSocket, function, *args):
 async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
     """Audio messages in, events out, until the client ends the stream or goes away."""
     while True:
-        message = await websocket.receive()
+        try:
+            message = await asyncio.wait_for(websocket.receive(), IDLE_SECONDS)
+        except asyncio.TimeoutError:
+            await websocket.close(
+                1008, f"no message for {IDLE_SECONDS:g} s: send audio without pauses (silence too)"
+            )
+            return
         if message["type"] == "websocket.disconnect":
             return
         if message.get("bytes") is not None:
@@ -539,6 +561,7 @@ DETECT_BODY = {
 DETECT_ERRORS = {
     400: {"description": "empty body, or a multipart form without a file"},
     401: {"description": "KWS_API_KEY is set and the request lacks it"},
+    408: {"description": f"no part of the body arrived for {IDLE_SECONDS:g} s"},
     413: {"description": "body over the byte limit or audio over the duration limit"},
     415: {"description": "not audio that can be used; the detail gives the decoder's reason"},
     503: {

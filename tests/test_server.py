@@ -1332,6 +1332,50 @@ def test_a_stream_beyond_the_most_served_is_refused_and_its_place_freed(client, 
     assert ended.value.code == 1000  # served: the first one's place is free again
 
 
+def test_a_body_that_stalls_gets_408_and_lets_its_bytes_go(export, clip, monkeypatch):
+    monkeypatch.setattr("kws.server.IDLE_SECONDS", 0.2)
+    body = encode(clip)
+    stalled = Upload(body, leaves_after=None)
+    stalled.unsent = [
+        {"type": "http.request", "body": body[:1000], "more_body": True}
+    ]  # the rest never comes
+    with busy_app(export) as (client, busy):
+        asyncio.run(asyncio.wait_for(stalled.to(client.app), 10))
+        held = client.app.state.uploads.held
+    assert stalled.sent[0]["status"] == 408 and held == 0 and busy.withdrawn == []
+    detail = json.loads(stalled.sent[1]["body"])["detail"]
+    assert detail == "the body stalled: nothing of it arrived for 0.2 s after 1,000 bytes; send it again"
+
+
+def test_a_stream_silent_for_the_idle_limit_is_closed_and_its_place_freed(client, monkeypatch):
+    monkeypatch.setattr("kws.server.IDLE_SECONDS", 0.3)
+    with client.websocket_connect("/stream") as steady, pytest.raises(WebSocketDisconnect) as ended:
+        for _ in range(8):  # 0.8 s of messages 0.1 s apart: never idle for 0.3 s
+            steady.send_bytes(bytes(640))
+            time.sleep(0.1)
+        steady.send_text(END)
+        steady.receive_text()
+    assert ended.value.code == 1000
+    sent = []
+
+    async def connect_then_nothing():
+        yield {"type": "websocket.connect"}
+        await asyncio.sleep(3600)  # a client that stays connected and says nothing
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/stream", "query_string": b"", "headers": [], "subprotocols": []}
+    messages = connect_then_nothing()
+    asyncio.run(asyncio.wait_for(client.app(scope, messages.__anext__, send), 10))
+    assert [message["type"] for message in sent] == ["websocket.accept", "websocket.close"]
+    assert (sent[1]["code"], sent[1]["reason"]) == (
+        1008,
+        "no message for 0.3 s: send audio without pauses (silence too)",
+    )
+    assert client.app.state.open_streams == 0  # its place is free again
+
+
 def test_a_damaged_mp3_upload_leaves_the_servers_log_alone(model, capfd):
     t = np.arange(SAMPLE_RATE * 20) / SAMPLE_RATE
     buffer = io.BytesIO()
