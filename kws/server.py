@@ -64,7 +64,7 @@ from urllib.parse import unquote_plus
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -572,152 +572,164 @@ DETECT_ERRORS = {
 }
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Load the model and start the worker processes; stop them when the server stops."""
+    settings = app.state.settings
+    model = await run_in_threadpool(Model.load, settings.model)
+    workers = WorkerPool(model, settings.workers)
+    try:
+        await workers.start()
+        app.state.model, app.state.workers = model, workers
+        app.state.streams = anyio.CapacityLimiter(1)
+        app.state.open_streams = 0
+        app.state.uploads = UploadBudget(MAX_UPLOAD_BYTES)
+        log.info(
+            "kws %s serving model %s (%s labels) with %d worker process%s",
+            __version__,
+            model.manifest.get("name"),
+            len(model.labels),
+            settings.workers,
+            "es" * (settings.workers != 1),
+        )
+        yield
+    finally:
+        app.state.model = None
+        await workers.close()
+
+
+def _model_of(request: Request) -> Model:
+    model = request.app.state.model
+    if model is None:
+        raise HTTPException(503, "the model is not loaded yet")
+    return model
+
+
+async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
+    # Nobody reads it; nginx's 499 tells the metrics' clients who left from bad requests (400).
+    return Response(status_code=CLIENT_GONE)
+
+
+routes = APIRouter()
+
+
+# The small endpoints are async because they never wait: FastAPI would run a plain def in
+# a thread, ~0.3 ms per call that a busy server's health checks would pay.
+@routes.get("/health", summary="liveness: always 200")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@routes.head("/health", include_in_schema=False)  # some load balancers' probes send HEAD
+async def health_head() -> Response:
+    return Response()
+
+
+@routes.get("/ready", summary="readiness: 503 until the model is loaded or while no worker can start")
+async def ready(request: Request) -> dict:
+    name = _model_of(request).manifest.get("name")
+    if request.app.state.workers.failing:
+        raise HTTPException(503, NO_WORKER)
+    return {"status": "ready", "model": name}
+
+
+@routes.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
+async def model_info(request: Request) -> dict:
+    return _model_info(_model_of(request).manifest)
+
+
+@routes.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus(request: Request) -> Response:
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@routes.post(
+    "/detect",
+    response_model=Report,
+    response_model_exclude_unset=True,
+    summary="find keywords in one recording (the JSON of kws detect --json)",
+    openapi_extra={"requestBody": DETECT_BODY},
+    responses=DETECT_ERRORS,
+)
+async def detect(
+    request: Request,
+    threshold: str | None = Query(
+        None,
+        description="one threshold in (0, 1] for every keyword (default: the model's calibrated "
+        "ones), or some keywords' own, the others keeping theirs: stop=0.99,go=0.95",
+        examples=["0.7", "stop=0.99,go=0.95"],
+    ),
+    top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
+) -> dict:
+    settings, state = request.app.state.settings, request.app.state
+    chosen = _threshold(threshold, _model_of(request).manifest)
+    with state.uploads.share() as share:
+        data, name = await _upload(request, settings.max_bytes, share)
+        if not data:
+            raise HTTPException(400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)")
+        try:
+            report = await _unless_client_leaves(
+                request, state.workers.detect(data, name, settings.max_seconds, chosen, top_k)
+            )
+        except RequestError as error:
+            raise HTTPException(error.status, error.detail) from None
+    state.metrics.count(report["detections"])
+    return report
+
+
+@routes.get("/stream", include_in_schema=False)
+async def stream_over_http() -> Response:
+    # A browser or curl opening the stream's address: 404 would say it does not exist.
+    detail = "/stream is a WebSocket: connect to ws://HOST:PORT/stream and send 16-bit PCM (see README)"
+    return JSONResponse({"detail": detail}, status_code=426, headers={"Upgrade": "websocket"})
+
+
+@routes.websocket("/stream")
+async def stream(websocket: WebSocket) -> None:
+    await websocket.accept()
+    state = websocket.app.state
+    rate = _stream_rate(websocket.query_params.get("rate"))
+    if rate is None:
+        low, high = STREAM_RATES
+        await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
+        return
+    if state.model is None:
+        await websocket.close(1013, "the model is not loaded yet")
+        return
+    try:
+        threshold = _threshold(websocket.query_params.get("threshold"), state.model.manifest)
+    except HTTPException as error:  # a close reason holds 123 bytes at most
+        await websocket.close(1008, error.detail.encode()[:123].decode(errors="ignore"))
+        return
+    if state.open_streams >= MAX_STREAMS:
+        await websocket.close(1013, f"busy: {MAX_STREAMS} streams are open, the most served; try again later")
+        return
+    session = StreamSession(state.model, rate, threshold)
+    state.open_streams += 1
+    try:
+        with contextlib.suppress(WebSocketDisconnect):
+            await _converse(websocket, session, state.metrics)
+    finally:
+        state.open_streams -= 1
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI app; its model and worker processes load when it starts (the lifespan)."""
-    metrics = Metrics()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        model = await run_in_threadpool(Model.load, settings.model)
-        workers = WorkerPool(model, settings.workers)
-        try:
-            await workers.start()
-            app.state.model, app.state.workers = model, workers
-            app.state.streams = anyio.CapacityLimiter(1)
-            app.state.open_streams = 0
-            app.state.uploads = UploadBudget(MAX_UPLOAD_BYTES)
-            log.info(
-                "kws %s serving model %s (%s labels) with %d worker process%s",
-                __version__,
-                model.manifest.get("name"),
-                len(model.labels),
-                settings.workers,
-                "es" * (settings.workers != 1),
-            )
-            yield
-        finally:
-            app.state.model = None
-            await workers.close()
-
     app = FastAPI(
         title="kws",
         version=__version__,
         description="Keyword spotting: keywords in recordings (POST /detect) or in live audio (WS /stream).",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-    app.state.model = None
-
-    def model_of(request: Request) -> Model:
-        model = request.app.state.model
-        if model is None:
-            raise HTTPException(503, "the model is not loaded yet")
-        return model
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, error: ClientDisconnect) -> Response:
-        # Nobody reads it; nginx's 499 tells the metrics' clients who left from bad requests (400).
-        return Response(status_code=CLIENT_GONE)
-
-    # The small endpoints are async because they never wait: FastAPI would run a plain def in
-    # a thread, ~0.3 ms per call that a busy server's health checks would pay.
-    @app.get("/health", summary="liveness: always 200")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.head("/health", include_in_schema=False)  # some load balancers' probes send HEAD
-    async def health_head() -> Response:
-        return Response()
-
-    @app.get("/ready", summary="readiness: 503 until the model is loaded or while no worker can start")
-    async def ready(request: Request) -> dict:
-        name = model_of(request).manifest.get("name")
-        if request.app.state.workers.failing:
-            raise HTTPException(503, NO_WORKER)
-        return {"status": "ready", "model": name}
-
-    @app.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
-    async def model_info(request: Request) -> dict:
-        return _model_info(model_of(request).manifest)
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post(
-        "/detect",
-        response_model=Report,
-        response_model_exclude_unset=True,
-        summary="find keywords in one recording (the JSON of kws detect --json)",
-        openapi_extra={"requestBody": DETECT_BODY},
-        responses=DETECT_ERRORS,
-    )
-    async def detect(
-        request: Request,
-        threshold: str | None = Query(
-            None,
-            description="one threshold in (0, 1] for every keyword (default: the model's calibrated "
-            "ones), or some keywords' own, the others keeping theirs: stop=0.99,go=0.95",
-            examples=["0.7", "stop=0.99,go=0.95"],
-        ),
-        top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
-    ) -> dict:
-        chosen = _threshold(threshold, model_of(request).manifest)
-        with request.app.state.uploads.share() as share:
-            data, name = await _upload(request, settings.max_bytes, share)
-            if not data:
-                raise HTTPException(
-                    400, "empty body: send the audio file's bytes (curl --data-binary @clip.wav)"
-                )
-            try:
-                workers = request.app.state.workers
-                report = await _unless_client_leaves(
-                    request, workers.detect(data, name, settings.max_seconds, chosen, top_k)
-                )
-            except RequestError as error:
-                raise HTTPException(error.status, error.detail) from None
-        metrics.count(report["detections"])
-        return report
-
-    @app.get("/stream", include_in_schema=False)
-    async def stream_over_http() -> Response:
-        # A browser or curl opening the stream's address: 404 would say it does not exist.
-        detail = "/stream is a WebSocket: connect to ws://HOST:PORT/stream and send 16-bit PCM (see README)"
-        return JSONResponse({"detail": detail}, status_code=426, headers={"Upgrade": "websocket"})
-
-    @app.websocket("/stream")
-    async def stream(websocket: WebSocket) -> None:
-        await websocket.accept()
-        rate = _stream_rate(websocket.query_params.get("rate"))
-        if rate is None:
-            low, high = STREAM_RATES
-            await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
-            return
-        model = websocket.app.state.model
-        if model is None:
-            await websocket.close(1013, "the model is not loaded yet")
-            return
-        try:
-            threshold = _threshold(websocket.query_params.get("threshold"), model.manifest)
-        except HTTPException as error:  # a close reason holds 123 bytes at most
-            await websocket.close(1008, error.detail.encode()[:123].decode(errors="ignore"))
-            return
-        if websocket.app.state.open_streams >= MAX_STREAMS:
-            await websocket.close(
-                1013, f"busy: {MAX_STREAMS} streams are open, the most served; try again later"
-            )
-            return
-        session = StreamSession(model, rate, threshold)
-        websocket.app.state.open_streams += 1
-        try:
-            with contextlib.suppress(WebSocketDisconnect):
-                await _converse(websocket, session, metrics)
-        finally:
-            websocket.app.state.open_streams -= 1
-
+    app.state.settings, app.state.metrics, app.state.model = settings, Metrics(), None
+    app.include_router(routes)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_middleware(AnswerAtShutdown)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
-    app.add_middleware(RequestMetrics, metrics=metrics, paths={route.path for route in app.routes})
+    # Requests are counted by path, the app's own and its docs'; any other path (a scan) as "other".
+    paths = {app.openapi_url, app.docs_url, app.redoc_url, *(route.path for route in routes.routes)}
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics, paths=paths)
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(REDACT_API_KEY)
     return app

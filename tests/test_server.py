@@ -327,7 +327,10 @@ def test_metrics_count_requests_latency_and_detections(export, long_recording):
             client.post("/detect?threshold=0.5", content=encode(long_recording)).json() for _ in range(2)
         ]
         assert client.post("/detect", content=b"not audio").status_code == 415
+        assert client.get("/docs").status_code == 200 and client.get("/wp-login.php").status_code == 404
         samples = metric_samples(client.get("/metrics").text)
+    assert samples[("kws_requests_total", (("endpoint", "/docs"), ("status", "200")))] == 1
+    assert samples[("kws_requests_total", (("endpoint", "other"), ("status", "404")))] == 1
     assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "200")))] == 2
     assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "415")))] == 1
     assert samples[("kws_request_seconds_count", (("endpoint", "/detect"),))] == 3
