@@ -36,6 +36,9 @@ MIN_SAMPLE_RATE = 8_000
 # A second axis longer than this holds frames, not channels: (channels, frames), as librosa
 # gives multichannel audio, read as (frames, channels) would mix a recording into a few samples.
 MAX_CHANNELS = 64
+# Floats past this peak (12 dB over full scale) are integer PCM converted without scaling, the
+# usual slip (np.frombuffer(data, np.int16).astype(np.float32)): clipped, they are noise.
+MAX_FLOAT_PEAK = 4.0
 
 
 class AudioError(KwsError, ValueError):
@@ -49,11 +52,13 @@ class TooLong(AudioError):
 def mono_samples(chunk) -> np.ndarray:
     """Audio as a program holds it -> mono float32 samples, clipped to full scale [-1, 1].
 
-    Floats are taken at full scale 1; signed integer PCM (int8, int16, int32, as sounddevice,
-    PyAudio and WAV files give it) is scaled to that; (frames, channels) is mixed to mono. Other
-    types (bytes, unsigned or 64-bit integers) are a TypeError, other shapes and NaN or infinite
-    samples an AudioError, each saying what to pass. (channels, frames), as librosa gives it, is
-    refused where it has more than MAX_CHANNELS frames; a shorter chunk reads as that many channels.
+    Floats are taken at full scale 1, and refused (AudioError) past MAX_FLOAT_PEAK; signed
+    integer PCM (int8, int16, int32, as sounddevice, PyAudio and WAV files give it) is scaled to
+    that; (frames, channels) is mixed to mono. Other types (bytes, unsigned or 64-bit integers)
+    are a TypeError, other shapes and NaN or infinite samples an AudioError, each saying what to
+    pass. (channels, frames), as librosa gives it, is refused where it has more than MAX_CHANNELS
+    frames; a shorter chunk reads as that many channels. Files are clipped as they are decoded
+    (``blocks``), as a converter would: a float file past full scale is no program's slip.
     """
     array = np.asarray(chunk)
     # The usual chunk (a microphone's, a decoded file's), checked in two passes: NaN fails both.
@@ -85,6 +90,12 @@ def mono_samples(chunk) -> np.ndarray:
         raise AudioError(f"audio samples of shape {array.shape}: pass (frames,) or (frames, channels)")
     if not np.isfinite(array).all():
         raise AudioError("audio samples hold NaN or infinite values")
+    if (peak := float(np.abs(array).max(initial=0))) > MAX_FLOAT_PEAK:
+        raise AudioError(
+            f"audio samples reach {peak:g}, {20 * np.log10(peak):.0f} dB over the full scale of 1: integer "
+            "PCM turned into floats without scaling? Pass the integers themselves (int16), or floats "
+            "divided by 32768 (16-bit)"
+        )
     return np.clip(array, -1.0, 1.0)
 
 
