@@ -412,7 +412,7 @@ def cmd_detect(args) -> int:
 
     from kws import audio
     from kws.runtime import Model
-    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, recording_report
+    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, keywords, recording_report
 
     model = Model.load(args.model, named="--model")
     detector = Detector(model, _detection_config(model, args.threshold))
@@ -461,12 +461,28 @@ def cmd_detect(args) -> int:
             elif args.top_k:
                 print(f"  scores: none, as the recording is over {SCORED_CLIP_SECONDS:g} s long")
     one_file = len(args.files) == 1 and not args.files[0].is_dir()
+    if not args.json and len(reports) > 1:
+        print(_detections_per_hour(reports, keywords(model.labels)))
     if args.json and one_file and reports:
         print(json.dumps(reports[0], indent=2))
     elif args.json and not one_file:
         print(json.dumps(reports, indent=2))
     # A single file that could not be read at all prints no JSON: its error and exit status say it all.
     return 1 if failed else 0
+
+
+def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
+    """The total line of several recordings: their length and detections, per hour too, which on
+    audio that holds no keyword is the false-accept rate a deployment will see."""
+    seconds = sum(report["duration"] for report in reports)
+    found = Counter(event["label"] for report in reports for event in report["detections"])
+    total = sum(found.values())
+    length = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
+    rate = f"{total * 3600 / seconds:.1f} per hour" if seconds else "no audio"
+    per_label = (
+        ": " + ", ".join(f"{label} {found[label]}" for label in labels if found[label]) if total else ""
+    )
+    return f"{len(reports)} recordings, {length}: {total} detection{'s' * (total != 1)} ({rate}{per_label})"
 
 
 def _until_damaged(blocks, damage: list):

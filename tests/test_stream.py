@@ -533,6 +533,23 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     assert "a folder with no audio files" in capsys.readouterr().err
 
 
+def test_detect_totals_several_recordings_per_hour_as_a_false_accept_meter(tone_export, tmp_path, capsys):
+    words, _ = tone_recording(["yes", "no", "yes"])
+    sf.write(tmp_path / "a.wav", words, SAMPLE_RATE)
+    sf.write(tmp_path / "b.wav", np.zeros(40 * SAMPLE_RATE, np.float32), SAMPLE_RATE)  # nothing to find
+    command = ["detect", str(tmp_path), "--model", str(tone_export[0]), "--threshold", "0.6"]
+    assert main([*command, "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    labels = [event["label"] for report in reports for event in report["detections"]]
+    assert sorted(set(labels)) == ["no", "yes"] and reports[1]["detections"] == []
+    seconds = len(words) / SAMPLE_RATE + 40
+    assert main(command) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"2 recordings, {seconds / 60:.1f} min: {len(labels)} detections "
+        f"({len(labels) * 3600 / seconds:.1f} per hour: yes {labels.count('yes')}, no {labels.count('no')})"
+    )
+
+
 def test_detect_finds_every_format_libsndfile_reads_in_a_folder(tone_export, tmp_path, capsys):
     up, _ = tone_recording(["up"], gap_s=0.0)
     names = ["a.w64", "b.rf64", "c.caf", "d.AIFF", "e.au"]
