@@ -374,7 +374,7 @@ class _Share:
 
 async def _limited(request: Request, limit: int, share: _Share) -> AsyncIterator[bytes]:
     """The request body chunk by chunk, each taken from ``share``; 413 as soon as it passes
-    ``limit`` bytes, 503 where the uploads held already fill the budget."""
+    ``limit`` bytes, 503 where the uploads held already fill the budget, 408 where it stalls."""
     declared = request.headers.get("content-length", "")
     if _is_number(declared) and int(declared) > limit:
         raise HTTPException(
@@ -393,6 +393,7 @@ async def _limited(request: Request, limit: int, share: _Share) -> AsyncIterator
                 408,
                 f"the body stalled: nothing of it arrived for {IDLE_SECONDS:g} s after {received:,} "
                 "bytes; send it again",
+                headers={"Connection": "close"},  # the rest of a stalled body must not pass for a request
             ) from None
         received += len(chunk)
         if received > limit:
@@ -728,7 +729,8 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
     # Requests are counted by path, the app's own and its docs'; any other path (a scan) as "other".
-    paths = {app.openapi_url, app.docs_url, app.redoc_url, *(route.path for route in routes.routes)}
+    docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    paths = {*docs, *(route.path for route in routes.routes)}
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, paths=paths)
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(REDACT_API_KEY)

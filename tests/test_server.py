@@ -327,9 +327,12 @@ def test_metrics_count_requests_latency_and_detections(export, long_recording):
             client.post("/detect?threshold=0.5", content=encode(long_recording)).json() for _ in range(2)
         ]
         assert client.post("/detect", content=b"not audio").status_code == 415
-        assert client.get("/docs").status_code == 200 and client.get("/wp-login.php").status_code == 404
+        for path in ("/docs", "/docs/oauth2-redirect", "/openapi.json"):
+            assert client.get(path).status_code == 200
+        assert client.get("/wp-login.php").status_code == 404
         samples = metric_samples(client.get("/metrics").text)
-    assert samples[("kws_requests_total", (("endpoint", "/docs"), ("status", "200")))] == 1
+    for path in ("/docs", "/docs/oauth2-redirect", "/openapi.json"):
+        assert samples[("kws_requests_total", (("endpoint", path), ("status", "200")))] == 1
     assert samples[("kws_requests_total", (("endpoint", "other"), ("status", "404")))] == 1
     assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "200")))] == 2
     assert samples[("kws_requests_total", (("endpoint", "/detect"), ("status", "415")))] == 1
@@ -1338,22 +1341,30 @@ def test_a_stream_beyond_the_most_served_is_refused_and_its_place_freed(client, 
 def test_a_body_that_stalls_gets_408_and_lets_its_bytes_go(export, clip, monkeypatch):
     monkeypatch.setattr("kws.server.IDLE_SECONDS", 0.2)
     body = encode(clip)
-    stalled = Upload(body, leaves_after=None)
-    stalled.unsent = [
-        {"type": "http.request", "body": body[:1000], "more_body": True}
-    ]  # the rest never comes
+    held = []
+
+    class Stalled(Upload):
+        async def receive(self):
+            if not self.unsent:  # the body stalls here, its first 1,000 bytes held
+                held.append(client.app.state.uploads.held)
+            return await super().receive()
+
+    stalled = Stalled(body, leaves_after=None)
+    # The first 1,000 bytes, and the rest never comes.
+    stalled.unsent = [{"type": "http.request", "body": body[:1000], "more_body": True}]
     with busy_app(export) as (client, busy):
         asyncio.run(asyncio.wait_for(stalled.to(client.app), 10))
-        held = client.app.state.uploads.held
-    assert stalled.sent[0]["status"] == 408 and held == 0 and busy.withdrawn == []
+        held.append(client.app.state.uploads.held)
+    assert stalled.sent[0]["status"] == 408 and held == [1000, 0] and busy.withdrawn == []
+    assert (b"connection", b"close") in stalled.sent[0]["headers"]  # what came next is no request
     detail = json.loads(stalled.sent[1]["body"])["detail"]
     assert detail == "the body stalled: nothing of it arrived for 0.2 s after 1,000 bytes; send it again"
 
 
 def test_a_stream_silent_for_the_idle_limit_is_closed_and_its_place_freed(client, monkeypatch):
-    monkeypatch.setattr("kws.server.IDLE_SECONDS", 0.3)
+    monkeypatch.setattr("kws.server.IDLE_SECONDS", 1.0)
     with client.websocket_connect("/stream") as steady, pytest.raises(WebSocketDisconnect) as ended:
-        for _ in range(8):  # 0.8 s of messages 0.1 s apart: never idle for 0.3 s
+        for _ in range(15):  # 1.5 s of messages 0.1 s apart: never idle for 1 s
             steady.send_bytes(bytes(640))
             time.sleep(0.1)
         steady.send_text(END)
@@ -1374,7 +1385,7 @@ def test_a_stream_silent_for_the_idle_limit_is_closed_and_its_place_freed(client
     assert [message["type"] for message in sent] == ["websocket.accept", "websocket.close"]
     assert (sent[1]["code"], sent[1]["reason"]) == (
         1008,
-        "no message for 0.3 s: send audio without pauses (silence too)",
+        "no message for 1 s: send audio without pauses (silence too)",
     )
     assert client.app.state.open_streams == 0  # its place is free again
 
