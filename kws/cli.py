@@ -472,17 +472,17 @@ def cmd_detect(args) -> int:
 
 
 def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
-    """The total line of several recordings: their length and detections, per hour too, which on
-    audio that holds no keyword is the false-accept rate a deployment will see."""
+    """The total line of several recordings: their length and detections, per hour too from a
+    minute of audio on, which on audio that holds no keyword is the false-accept rate a
+    deployment will see."""
+    from kws.stream import detections_text
+    from kws.stream_eval import duration
+
     seconds = sum(report["duration"] for report in reports)
     found = Counter(event["label"] for report in reports for event in report["detections"])
-    total = sum(found.values())
-    length = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
-    rate = f"{total * 3600 / seconds:.1f} per hour" if seconds else "no audio"
-    per_label = (
-        ": " + ", ".join(f"{label} {found[label]}" for label in labels if found[label]) if total else ""
-    )
-    return f"{len(reports)} recordings, {length}: {total} detection{'s' * (total != 1)} ({rate}{per_label})"
+    rate = f", {sum(found.values()) * 3600 / seconds:.1f} per hour" if seconds >= 60 else ""
+    counts = {label: found[label] for label in labels}
+    return f"{len(reports)} recordings, {duration(seconds / 3600)}: {detections_text(counts)}{rate}"
 
 
 def _until_damaged(blocks, damage: list):

@@ -18,7 +18,7 @@ import numpy as np
 
 from kws import Stopped, audio
 from kws.audio import MIN_SAMPLE_RATE, AudioError
-from kws.stream import Detector, Event, RateDetector, keywords
+from kws.stream import Detector, Event, RateDetector, detections_text, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
@@ -259,8 +259,6 @@ class Summary:
     overflows: int = 0  # blocks after which the input had dropped audio
 
     def __str__(self) -> str:
-        total = sum(self.counts.values())
-        per_keyword = ", ".join(f"{label} {count}" for label, count in self.counts.items())
         ending = {None: "", "Ctrl-C": " (stopped with Ctrl-C)"}.get(
             self.stopped_by, f" (stopped by {self.stopped_by})"
         )
@@ -270,8 +268,7 @@ class Summary:
             if self.overflows
             else ""
         )
-        detections = f"{total} detection{'s' * (total != 1)} ({per_keyword})"
-        return f"listened {self.seconds:.1f} s{ending}: {detections}{lost}"
+        return f"listened {self.seconds:.1f} s{ending}: {detections_text(self.counts)}{lost}"
 
 
 class _Consumer:

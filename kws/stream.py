@@ -166,6 +166,13 @@ class Event:
         return Event(self.label, self.score, min(self.start, duration), min(self.end, duration))
 
 
+def detections_text(counts: dict[str, int]) -> str:
+    """Detections per keyword, as summaries print them: "3 detections (yes 2, no 1, up 0)"."""
+    total = sum(counts.values())
+    per_keyword = ", ".join(f"{label} {count}" for label, count in counts.items())
+    return f"{total} detection{'s' * (total != 1)} ({per_keyword})"
+
+
 class ScoreStream:
     """Audio chunks -> (end time, class scores) each time the model runs."""
 

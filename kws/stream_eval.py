@@ -448,8 +448,10 @@ def _threshold_warnings(
 
 
 def duration(hours: float) -> str:
-    """Hours as text: minutes for a stream under a tenth of an hour, which "0.00 h" would hide."""
-    return f"{hours:.2f} h" if hours >= 0.1 else f"{hours * 60:.1f} min"
+    """Hours as text: minutes under a tenth of an hour, which "0.00 h" would hide, seconds under one."""
+    if hours >= 0.1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.1f} s"
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -350,7 +350,7 @@ def test_a_stream_test_warns_of_what_its_figures_cannot_show_without_calibrating
     )
     assert thin.startswith("the test stream holds few clips of 'yes' (3)")
     assert capsys.readouterr().err.splitlines() == [f"warning: {line}" for line in (speechless, unsaid, thin)]
-    assert stream_eval.duration(0.004) == "0.2 min" and stream_eval.duration(1.811) == "1.81 h"
+    assert [stream_eval.duration(hours) for hours in (0.004, 0.05, 1.811)] == ["14.4 s", "3.0 min", "1.81 h"]
     assert stream_eval.warn(report, 0.004) == [
         unsaid,
         thin,
@@ -536,17 +536,24 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
 def test_detect_totals_several_recordings_per_hour_as_a_false_accept_meter(tone_export, tmp_path, capsys):
     words, _ = tone_recording(["yes", "no", "yes"])
     sf.write(tmp_path / "a.wav", words, SAMPLE_RATE)
-    sf.write(tmp_path / "b.wav", np.zeros(40 * SAMPLE_RATE, np.float32), SAMPLE_RATE)  # nothing to find
+    sf.write(tmp_path / "b.wav", np.zeros(60 * SAMPLE_RATE, np.float32), SAMPLE_RATE)  # nothing to find
     command = ["detect", str(tmp_path), "--model", str(tone_export[0]), "--threshold", "0.6"]
     assert main([*command, "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
     labels = [event["label"] for report in reports for event in report["detections"]]
     assert sorted(set(labels)) == ["no", "yes"] and reports[1]["detections"] == []
-    seconds = len(words) / SAMPLE_RATE + 40
+    seconds = len(words) / SAMPLE_RATE + 60
     assert main(command) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"2 recordings, {seconds / 60:.1f} min: {len(labels)} detections "
-        f"({len(labels) * 3600 / seconds:.1f} per hour: yes {labels.count('yes')}, no {labels.count('no')})"
+        f"2 recordings, {seconds / 60:.1f} min: {len(labels)} detections (yes {labels.count('yes')}, "
+        f"no {labels.count('no')}, up 0, down 0), {len(labels) * 3600 / seconds:.1f} per hour"
+    )
+    # Under a minute of audio, a rate per hour would mean nothing.
+    sf.write(tmp_path / "short.wav", np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    assert main([command[0], str(tmp_path / "a.wav"), str(tmp_path / "short.wav"), *command[2:]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"2 recordings, {len(words) / SAMPLE_RATE + 1:.1f} s: {len(labels)} detections "
+        f"(yes {labels.count('yes')}, no {labels.count('no')}, up 0, down 0)"
     )
 
 
