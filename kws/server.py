@@ -468,26 +468,27 @@ async def _compute(websocket: WebSocket, function, *args):
 
 
 async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
-    """Audio messages in, events out, until the client ends the stream or goes away."""
-    while True:
-        try:
-            message = await asyncio.wait_for(websocket.receive(), IDLE_SECONDS)
-        except asyncio.TimeoutError:
-            await websocket.close(
-                1008, f"no message for {IDLE_SECONDS:g} s: send audio without pauses (silence too)"
-            )
-            return
-        if message["type"] == "websocket.disconnect":
-            return
-        if message.get("bytes") is not None:
-            await _send_events(websocket, metrics, await _compute(websocket, session.push, message["bytes"]))
-        elif _is_end(message.get("text") or ""):
-            await _send_events(websocket, metrics, await _compute(websocket, session.finish))
-            await websocket.close(1000)
-            return
-        else:
-            await websocket.close(1003, 'text messages must be {"event": "end"}; audio goes as binary')
-            return
+    """Audio messages in, events out, until the client ends the stream, goes away or idles."""
+    # One deadline, moved on by each message: a timeout around each receive (asyncio.wait_for)
+    # makes a task per message, 12 µs against 4.5, or 3.5 % of a core for 60 streams of 20 ms
+    # messages against 1.3 %.
+    with anyio.CancelScope(deadline=anyio.current_time() + IDLE_SECONDS) as idle:
+        while True:
+            message = await websocket.receive()
+            idle.deadline = anyio.current_time() + IDLE_SECONDS
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                events = await _compute(websocket, session.push, message["bytes"])
+                await _send_events(websocket, metrics, events)
+            elif _is_end(message.get("text") or ""):
+                await _send_events(websocket, metrics, await _compute(websocket, session.finish))
+                await websocket.close(1000)
+                return
+            else:
+                await websocket.close(1003, 'text messages must be {"event": "end"}; audio goes as binary')
+                return
+    await websocket.close(1008, f"no message for {IDLE_SECONDS:g} s: send audio without pauses (silence too)")
 
 
 async def _send_events(websocket: WebSocket, metrics: Metrics, events: list[Event]) -> None:
