@@ -382,7 +382,7 @@ def cmd_calibrate(args) -> int:
 
     from kws.export import recalibrate
     from kws.files import check_writable_folder
-    from kws.runtime import BUILT_IN_MODEL, resolve
+    from kws.runtime import BUILT_IN_MODEL, Model, resolve
     from kws.stream import HOP_MS, detection_config
     from kws.stream_eval import format_stream_report
 
@@ -392,6 +392,7 @@ def cmd_calibrate(args) -> int:
     if model.parent.resolve() == BUILT_IN_MODEL.resolve():  # an upgrade of kws would undo it
         raise UserError(f"MODEL {args.model} is the built-in model: {advice} (cp -r {BUILT_IN_MODEL} COPY)")
     check_writable_folder(model.parent, "MODEL", args.model, advice)
+    Model(model, manifest)  # the checks every command's model gets: a bad manifest is told, not a traceback
     config = detection_config(manifest)
     if args.hop_ms is not None:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))

@@ -480,6 +480,21 @@ def test_calibrate_refuses_the_built_in_model_itself(capsys):
     )
 
 
+def test_calibrate_refuses_a_manifest_the_other_commands_refuse_in_their_words(tmp_path, monkeypatch, capsys):
+    from kws.runtime import BUILT_IN_MODEL
+
+    copy = shutil.copytree(BUILT_IN_MODEL, tmp_path / "export")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["detection"]["hop_frames"] = 0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr("kws.export.recalibrate", lambda *args: pytest.fail("it scored"))
+    assert main(["detect", str(copy / "nothing.wav"), "--model", str(copy)]) == 2
+    refused = capsys.readouterr().err.split(": error: ", 1)[1]
+    assert main(["calibrate", str(copy)]) == 2  # was a ValueError traceback
+    assert capsys.readouterr().err == f"kws calibrate: error: {refused}"
+    assert refused.startswith(f"{copy / 'model_int8.tflite'}: its manifest's detection settings are unusable")
+
+
 @pytest.mark.parametrize("option", ["--hop-ms", "--average-ms"])
 def test_the_models_whole_window_is_the_longest_hop_and_average(option):
     from kws.cli import build_parser
