@@ -476,8 +476,7 @@ def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
     """The total line of several recordings: their length and detections, per hour too from a
     minute of audio on, which on audio that holds no keyword is the false-accept rate a
     deployment will see."""
-    from kws.stream import detections_text
-    from kws.stream_eval import duration
+    from kws.stream import detections_text, duration
 
     seconds = sum(report["duration"] for report in reports)
     found = Counter(event["label"] for report in reports for event in report["detections"])

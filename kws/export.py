@@ -32,8 +32,8 @@ from kws.runtime import (
     resolve,
     without_manifest,
 )
-from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, keywords
-from kws.stream_eval import duration, stream_test
+from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, duration, keywords
+from kws.stream_eval import stream_test
 from kws.train import RunConfig, latest_checkpoint, load_trained, trained_run
 
 MODEL_CARD = "MODEL_CARD.md"

@@ -166,6 +166,13 @@ class Event:
         return Event(self.label, self.score, min(self.start, duration), min(self.end, duration))
 
 
+def duration(hours: float) -> str:
+    """Hours as text: minutes under a tenth of an hour, which "0.00 h" would hide, seconds under one."""
+    if hours >= 0.1:
+        return f"{hours:.2f} h"
+    return f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.1f} s"
+
+
 def detections_text(counts: dict[str, int]) -> str:
     """Detections per keyword, as summaries print them: "3 detections (yes 2, no 1, up 0)"."""
     total = sum(counts.values())

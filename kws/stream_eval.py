@@ -22,7 +22,16 @@ from tqdm import tqdm
 from kws.data import DataError, SpeechData, to_float
 from kws.evaluate import FEW_CLIPS, percent
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
-from kws.stream import TIME_EPSILON, UNKNOWN, DetectionConfig, Event, EventRules, ScoreStream, keywords
+from kws.stream import (
+    TIME_EPSILON,
+    UNKNOWN,
+    DetectionConfig,
+    Event,
+    EventRules,
+    ScoreStream,
+    duration,
+    keywords,
+)
 
 MATCH_SLACK_S = 0.25
 GAP_S = (0.8, 2.5)  # silence-or-noise between items
@@ -445,13 +454,6 @@ def _threshold_warnings(
                 "train longer or on more clips of it, or calibrate to a higher --target-fa"
             )
     return warnings
-
-
-def duration(hours: float) -> str:
-    """Hours as text: minutes under a tenth of an hour, which "0.00 h" would hide, seconds under one."""
-    if hours >= 0.1:
-        return f"{hours:.2f} h"
-    return f"{hours * 60:.1f} min" if hours >= 1 / 60 else f"{hours * 3600:.1f} s"
 
 
 def _counts(counts: dict[str, int]) -> str:

@@ -25,6 +25,7 @@ from kws.stream import (
     EventRules,
     ScoreStream,
     detection_config,
+    duration,
     recording_report,
 )
 
@@ -350,7 +351,7 @@ def test_a_stream_test_warns_of_what_its_figures_cannot_show_without_calibrating
     )
     assert thin.startswith("the test stream holds few clips of 'yes' (3)")
     assert capsys.readouterr().err.splitlines() == [f"warning: {line}" for line in (speechless, unsaid, thin)]
-    assert [stream_eval.duration(hours) for hours in (0.004, 0.05, 1.811)] == ["14.4 s", "3.0 min", "1.81 h"]
+    assert [duration(hours) for hours in (0.004, 0.05, 1.811)] == ["14.4 s", "3.0 min", "1.81 h"]
     assert stream_eval.warn(report, 0.004) == [
         unsaid,
         thin,
