@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from kws import KwsError, audio
 from kws.evaluate import tally
-from kws.features import CLIP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
+from kws.features import CLIP_SAMPLES, HOP_SAMPLES, NUM_FRAMES, NUM_MEL_BANDS, NUM_MFCC, SAMPLE_RATE, mfcc
 from kws.stream import SILENCE, UNKNOWN
 from kws.synth import SETTINGS_FILE as SYNTH_SETTINGS
 
@@ -642,7 +642,7 @@ def time_shift(batch: np.ndarray, rng: np.random.Generator, max_shift: int) -> n
 
 
 def speech_extent(
-    samples: np.ndarray, frame: int = 320, floor_db: float = -20.0
+    samples: np.ndarray, frame: int = HOP_SAMPLES, floor_db: float = -20.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """First and last sample of each clip's loud part: frames within floor_db of its loudest frame."""
     frames = samples[:, : samples.shape[1] // frame * frame].astype(np.float32)

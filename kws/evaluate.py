@@ -20,7 +20,7 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_labels: i
 
 
 def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sources=None, words=None) -> dict:
-    """The ``kws eval --json`` object: accuracy, per_class, confusion (and recall by source; with
+    """The ``kws eval --json`` object: accuracy, per_class, confusion (and accuracy_by_source; with
     ``words``, each other word's clips: how many were rejected and what the rest were taken for)."""
     matrix = confusion_matrix(targets, predictions, len(labels))
     support = matrix.sum(axis=1)

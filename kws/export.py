@@ -349,7 +349,8 @@ def recalibrate(
     detection, streaming = stream_test(int8, data, config, target_fa_per_hour)
     manifest["detection"] = detection.to_dict()
     manifest["streaming"] = streaming_summary(streaming, target_fa_per_hour)
-    if manifest["sizes"].get("tflm_arena_bytes") is None:  # older exports left it out of the .tflite
+    # Exports made without tflite-micro installed, or before kws recorded it, have none.
+    if manifest["sizes"].get("tflm_arena_bytes") is None:
         manifest["sizes"]["tflm_arena_bytes"] = tflm_arena_bytes(converted["int8"])
     write_artifacts(folder, converted, manifest, streaming["det"])
     return manifest

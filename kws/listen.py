@@ -128,8 +128,9 @@ class FileInputStream:
     A thread calls ``callback(block, frames, None, None)`` with float32 blocks of shape
     (``blocksize``, channels) at the file's own rate, each when a microphone would have
     finished recording it (``realtime``) or as fast as the consumer takes them, then
-    ``finished_callback()`` at the end of the file or on ``stop``. Audio that ``kws detect``
-    would refuse (NaN, a decoding error midway) ends the play, and ``close`` raises its AudioError.
+    ``finished_callback()`` at the end of the file or on ``stop``. Audio that cannot be used (NaN,
+    a decoding error midway, where ``kws detect`` reports the part before it) ends the play, and
+    ``close`` raises its AudioError.
     """
 
     def __init__(self, path, *, blocksize: int, callback, finished_callback=None, realtime: bool = True):

@@ -6,8 +6,8 @@ Endpoints (OpenAPI docs at ``/docs``):
   ``audio/ogg``, ``application/octet-stream``) or as the file field of a multipart form;
   any format soundfile reads, any sample rate from 8 kHz, mono or multichannel. Answers the JSON of
   ``kws detect --json``; its ``file`` is the multipart file name, else ``"upload"``.
-  Query: ``threshold`` in (0, 1] replaces every keyword's threshold, ``top_k`` >= 1 limits
-  the class scores of 1 s clips.
+  Query: ``threshold`` in (0, 1] replaces every keyword's threshold (``stop=0.99,go=0.95``
+  those keywords' own), ``top_k`` >= 1 limits the class scores of 1 s clips.
 - ``WS /stream``: live audio in, detection events out, one Detector per connection.
 - ``GET /health`` (liveness, always 200), ``GET /ready`` (503 until the model is loaded, and
   while no worker process runs and none could be started),

@@ -394,24 +394,25 @@ def recording_report(
     probabilities, events = [], []
     for block in blocks:
         _, scores, found = detector.score(block)
-        probabilities.append(scores)
+        if detector.seconds <= SCORED_CLIP_SECONDS:  # kept for short clips only: length costs no memory
+            probabilities.append(scores)
         events += found
         if progress is not None:
             progress.update(len(block) / SAMPLE_RATE)
     _, scores, found = detector.score_tail()
     probabilities = np.concatenate([*probabilities, scores])
     events += found
-    duration = detector.seconds
+    seconds = detector.seconds
     report = {
         "file": name,
-        "duration": round(duration, 3),
+        "duration": round(seconds, 3),
         "detections": [event.to_dict() for event in events],
         "model": {
             "name": detector.model.manifest.get("name"),
             "version": detector.model.manifest.get("kws_version"),
         },
     }
-    if duration <= SCORED_CLIP_SECONDS and len(probabilities):
+    if seconds <= SCORED_CLIP_SECONDS and len(probabilities):
         speech = [i for i, label in enumerate(detector.labels) if label != SILENCE]
         best = probabilities[np.argmax(probabilities[:, speech].max(axis=1))]
         order = np.argsort(-best)[:top_k]

@@ -534,6 +534,21 @@ def test_detect_takes_folders_file_by_file_in_order(model, tone_export, tmp_path
     assert "a folder with no audio files" in capsys.readouterr().err
 
 
+def test_a_recordings_report_holds_no_more_memory_for_an_hour_than_for_a_minute(model):
+    import tracemalloc
+
+    def peak(minutes: int) -> int:
+        blocks = (np.zeros(10 * SAMPLE_RATE, np.float32) for _ in range(6 * minutes))  # 10 s at a time
+        tracemalloc.start()
+        recording_report(Detector(model), blocks, "long.wav")
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return used
+
+    # Every model run's scores, kept, would be 12.5 runs x 6 labels x 4 bytes a second: 1.1 MB an hour.
+    assert peak(60) - peak(1) < 100_000
+
+
 def test_detect_totals_several_recordings_per_hour_as_a_false_accept_meter(tone_export, tmp_path, capsys):
     words, _ = tone_recording(["yes", "no", "yes"])
     sf.write(tmp_path / "a.wav", words, SAMPLE_RATE)
