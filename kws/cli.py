@@ -431,22 +431,17 @@ def cmd_detect(args) -> int:
                 disable=True if duration < LONG_RECORDING_SECONDS else None,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
             ) as bar:
-                damage = []
-                blocks = _until_damaged(audio.blocks(path), damage)
-                report = recording_report(detector, blocks, str(path), args.top_k, bar)
-            if damage and not report["duration"]:
-                raise damage[0]
+                report = recording_report(detector, audio.blocks(path), str(path), args.top_k, bar)
         except audio.AudioError as error:
             print(f"kws detect: skipping {error}", file=sys.stderr)
             failed += 1
             continue
-        if damage:
+        if "damaged" in report:  # in the JSON too: a list does not say which file failed
             print(
-                f"kws detect: warning: {damage[0]}; the detections are those of its first "
+                f"kws detect: warning: {report['damaged']}; the detections are those of its first "
                 f"{report['duration']:.2f} s",
                 file=sys.stderr,
             )
-            report["damaged"] = str(damage[0])  # in the JSON too: a list does not say which file failed
             failed += 1
         reports.append(report)
         if not args.json:
@@ -483,17 +478,6 @@ def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
     rate = f", {sum(found.values()) * 3600 / seconds:.1f} per hour" if seconds >= 60 else ""
     counts = {label: found[label] for label in labels}
     return f"{len(reports)} recordings, {duration(seconds / 3600)}: {detections_text(counts)}{rate}"
-
-
-def _until_damaged(blocks, damage: list):
-    """The blocks of a recording up to any that cannot be decoded (a truncated FLAC), whose
-    AudioError goes into ``damage``: what came before is still worth reporting."""
-    from kws.audio import AudioError
-
-    try:
-        yield from blocks
-    except AudioError as error:
-        damage.append(error)
 
 
 def _recordings(paths: list[Path]) -> tuple[list[Path], int]:

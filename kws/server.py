@@ -171,6 +171,11 @@ class Report(BaseModel):
     duration: float = Field(description="seconds of audio")
     detections: list[Detection]
     model: ModelName
+    damaged: str | None = Field(
+        None,
+        description="only where the decoder found the audio damaged part way: why; the detections "
+        "are those of the audio before it",
+    )
     scores: dict[str, float] | None = Field(
         None,
         description=f"clips up to {SCORED_CLIP_SECONDS:g} s only: "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kws.audio import ModelRate, mono_samples
+from kws.audio import AudioError, ModelRate, mono_samples
 from kws.features import (
     CLIP_SAMPLES,
     HOP_SAMPLES,
@@ -388,11 +388,13 @@ def recording_report(
     Clips up to SCORED_CLIP_SECONDS long also get the class scores of their best window
     (the model run most confident in something other than silence), the ``top_k`` highest.
     ``progress`` (a tqdm bar) advances by the seconds of each block scored; the report is the
-    same however the recording is cut into blocks.
+    same however the recording is cut into blocks. A recording whose decoder finds it damaged
+    part way (an AudioError from ``blocks``, a FLAC copy cut short) gets the detections before
+    the damage and ``"damaged"``: the reason; damaged before any audio, the AudioError is raised.
     """
     detector.reset()
-    probabilities, events = [], []
-    for block in blocks:
+    probabilities, events, damage = [], [], []
+    for block in _until_damaged(blocks, damage):
         _, scores, found = detector.score(block)
         if detector.seconds <= SCORED_CLIP_SECONDS:  # kept for short clips only: length costs no memory
             probabilities.append(scores)
@@ -412,9 +414,22 @@ def recording_report(
             "version": detector.model.manifest.get("kws_version"),
         },
     }
+    if damage and not seconds:
+        raise damage[0]
+    if damage:
+        report["damaged"] = str(damage[0])
     if seconds <= SCORED_CLIP_SECONDS and len(probabilities):
         speech = [i for i, label in enumerate(detector.labels) if label != SILENCE]
         best = probabilities[np.argmax(probabilities[:, speech].max(axis=1))]
         order = np.argsort(-best)[:top_k]
         report["scores"] = {detector.labels[i]: round(float(best[i]), 4) for i in order}
     return report
+
+
+def _until_damaged(blocks: Iterable[np.ndarray], damage: list) -> Iterable[np.ndarray]:
+    """The blocks of a recording up to any that cannot be decoded, whose AudioError goes into
+    ``damage``: what came before is still worth reporting."""
+    try:
+        yield from blocks
+    except AudioError as error:
+        damage.append(error)

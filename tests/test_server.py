@@ -133,6 +133,20 @@ def test_detect_equals_kws_detect_json(
         assert "scores" not in expected and len(expected["detections"]) >= 3
 
 
+def test_an_upload_damaged_midway_gets_what_kws_detect_gives(
+    client, export, long_recording, tmp_path, capsys
+):
+    whole = encode(np.tile(long_recording, 3), fmt="FLAC")
+    cut = whole[: len(whole) * 6 // 10]  # a copy that stopped at 60 %
+    (tmp_path / "cut.flac").write_bytes(cut)
+    assert main(["detect", str(tmp_path / "cut.flac"), "--model", str(export), "--json"]) == 1
+    expected = json.loads(capsys.readouterr().out)
+    assert expected["damaged"].startswith(f"{tmp_path / 'cut.flac'}: cannot decode audio (")
+    assert expected["detections"] and expected["duration"] > 0
+    answer = client.post("/detect", files={"file": (str(tmp_path / "cut.flac"), cut, "audio/flac")})
+    assert answer.status_code == 200 and answer.json() == expected  # was 415
+
+
 def test_threshold_override_changes_detections(client, model, long_recording):
     data = encode(long_recording)
     low = client.post("/detect?threshold=0.5", content=data).json()["detections"]
