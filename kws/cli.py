@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 from kws import KwsError, Stopped, __version__, options, stopped_by_signals
@@ -189,12 +188,7 @@ def _load_classifier(path: Path):
 
         _require_train_extra(f"scoring the run folder {path} (its Keras model)", "keras")
         classifier = KerasClassifier(path)
-        config = classifier.config
-        return classifier, {
-            "data": asdict(config.data),
-            "negatives": config.data_summary.get("negatives", {}),
-            "clips_per_split": config.data_summary.get("clips_per_split", {}),
-        }
+        return classifier, classifier.config.data_record()
     from kws.runtime import Model
 
     model = Model.load(path, named="--model")

@@ -246,13 +246,11 @@ def export(run_dir: Path, out_dir: Path, target_fa_per_hour: float = FA_TARGET_P
         "streaming": streaming_summary(streaming, target_fa_per_hour),
         "model": config.model.to_dict(),
         "training": {
-            "data": asdict(config.data),
+            **config.data_record(),
             "augment": asdict(config.augment),
             "train": asdict(config.train),
             **progress,
             "model_sha256": digest,
-            "clips_per_split": config.data_summary.get("clips_per_split", {}),
-            "negatives": config.data_summary.get("negatives", {}),
         },
     }
     write_artifacts(out_dir, converted, manifest, streaming["det"])

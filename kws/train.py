@@ -112,6 +112,15 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"labels": self.labels, **asdict(self)}
 
+    def data_record(self) -> dict:
+        """What the model was trained on, as a manifest's ``training`` records it: eval and
+        calibrate split the data again from it, and warn where the split moved."""
+        return {
+            "data": asdict(self.data),
+            "clips_per_split": self.data_summary.get("clips_per_split", {}),
+            "negatives": self.data_summary.get("negatives", {}),
+        }
+
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
         return cls(
