@@ -477,8 +477,6 @@ def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
 def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
     """Each FILE, and every audio file under each folder (sorted), each file once however many
     ways it was named; and how many folders held none."""
-    from collections import Counter
-
     from kws import audio
     from kws.evaluate import tally
 

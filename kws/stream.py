@@ -401,6 +401,8 @@ def recording_report(
         events += found
         if progress is not None:
             progress.update(len(block) / SAMPLE_RATE)
+    if damage and not detector.seconds:
+        raise damage[0]
     _, scores, found = detector.score_tail()
     probabilities = np.concatenate([*probabilities, scores])
     events += found
@@ -414,8 +416,6 @@ def recording_report(
             "version": detector.model.manifest.get("kws_version"),
         },
     }
-    if damage and not seconds:
-        raise damage[0]
     if damage:
         report["damaged"] = str(damage[0])
     if seconds <= SCORED_CLIP_SECONDS and len(probabilities):
