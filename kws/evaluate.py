@@ -72,6 +72,16 @@ def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -
     return dict(sorted(result.items(), key=lambda item: item[1]["rejected"] / item[1]["examples"]))
 
 
+def few_clips(counts: dict[str, int]) -> dict[str, int]:
+    """The keywords of ``counts`` (keyword -> clips) that have clips, but fewer than FEW_CLIPS."""
+    return {keyword: count for keyword, count in counts.items() if 0 < count < FEW_CLIPS}
+
+
+def clip_counts(counts: dict[str, int]) -> str:
+    """Keywords and their clips as warnings name them: "'yes' (3), 'no' (4)"."""
+    return ", ".join(f"{keyword!r} ({count})" for keyword, count in counts.items())
+
+
 def tally(counts: Counter) -> str:
     """Counts as "a 3, b 1", the most first."""
     return ", ".join(f"{key} {count}" for key, count in counts.most_common())

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws.data import DataError, SpeechData, to_float
-from kws.evaluate import FEW_CLIPS, percent
+from kws.evaluate import FEW_CLIPS, clip_counts, few_clips, percent
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.stream import (
     TIME_EPSILON,
@@ -411,13 +411,12 @@ def warn(
             + (f", false accepts on it ({_counts(unsaid_firing)})" if unsaid_firing else "")
             + "; give the validation split clips of each"
         )
-    thin = {k: row["occurrences"] for k, row in per_keyword.items() if 0 < row["occurrences"] < FEW_CLIPS}
+    thin = few_clips({keyword: row["occurrences"] for keyword, row in per_keyword.items()})
     if thin:
         warnings.append(
-            "the test stream holds few clips of "
-            + ", ".join(f"{keyword!r} ({count})" for keyword, count in thin.items())
-            + ", so their recall and thresholds may not hold for other speakers: give the validation "
-            f"split {FEW_CLIPS} or more clips of each keyword, from several speakers"
+            f"the test stream holds few clips of {clip_counts(thin)}, so their recall and "
+            f"thresholds may not hold for other speakers: give the validation split {FEW_CLIPS} or "
+            "more clips of each keyword, from several speakers"
         )
     if target_per_hour is not None:
         warnings += _threshold_warnings(report, hours, target_per_hour, firing, unsaid)

@@ -37,7 +37,7 @@ from kws.data import (
     speakers_on_both_sides,
     word_folders,
 )
-from kws.evaluate import FEW_CLIPS, report
+from kws.evaluate import FEW_CLIPS, clip_counts, few_clips, report
 from kws.files import atomic_path, write_files, write_json
 from kws.model import ModelConfig, build, count_macs, load_keras
 from kws.runtime import CONFIG_FILE, MODEL_FILE, ModelError, model_digest
@@ -286,10 +286,9 @@ def _checked_validation(data: SpeechData):
     scarce = {word: heard[word] for word in data.config.words if heard[word] < SCARCE_SHARE * typical}
     if scarce:
         tqdm.write(
-            "warning: few training clips of "
-            + ", ".join(f"{word!r} ({count})" for word, count in scarce.items())
-            + f" against {typical:g} for a typical keyword: the model will seldom hear them and may "
-            "never spot them; add clips of them, or leave them out of --words",
+            f"warning: few training clips of {clip_counts(scarce)} against {typical:g} for a "
+            "typical keyword: the model will seldom hear them and may never spot them; add clips of "
+            "them, or leave them out of --words",
             file=sys.stderr,
         )
     if not data.split_audio("validation").keyword.any():
@@ -300,13 +299,12 @@ def _checked_validation(data: SpeechData):
             f"{data.config.validation_percent:g} % chance)"
         )
     validated = Counter(data.split_audio("validation").words)
-    thin = {word: validated[word] for word in data.config.words if 0 < validated[word] < FEW_CLIPS}
+    thin = few_clips({word: validated[word] for word in data.config.words})
     if thin:
         tqdm.write(
-            "warning: few validation clips of "
-            + ", ".join(f"{word!r} ({count})" for word, count in thin.items())
-            + f": one clip moves a keyword's accuracy by over 5 points, and the best epoch is chosen "
-            f"on them; name {FEW_CLIPS} or more of each, from several speakers, in validation_list.txt",
+            f"warning: few validation clips of {clip_counts(thin)}: one clip moves a keyword's "
+            f"accuracy by over 5 points, and the best epoch is chosen on them; name {FEW_CLIPS} or more "
+            "of each, from several speakers, in validation_list.txt",
             file=sys.stderr,
         )
     untested = data.words_without_clips("validation")
