@@ -57,8 +57,24 @@ def check_writable_folder(folder: str | Path, option: str, value: str | Path, ad
 
 
 def _temporary(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: beside it, hidden."""
-    return path.with_name(f".tmp-{path.name}")
+    """Where ``path`` is written before it is renamed into place: beside it, hidden, named for
+    this process, so that two processes writing the same target never rename each other's
+    half-written file."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def _flush_to_disk(path: Path) -> None:
+    """Have ``path`` (a file or a folder) written to the disk. Before a rename, it keeps a crash
+    from leaving the new name on an empty file; after, the folder's keeps the rename itself."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError:
+        if not path.is_dir():
+            raise
+        # Some file systems (network, FUSE) refuse a folder's fsync: the rename stands.
+    finally:
+        os.close(handle)
 
 
 @contextmanager
@@ -73,10 +89,11 @@ def atomic_path(path: str | Path):
     tmp = _temporary(path)
     try:
         yield tmp
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
+        _flush_to_disk(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -114,9 +131,12 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
                 tmp.write_text(data)
             else:
                 tmp.write_bytes(data)
+        for tmp in temporary.values():
+            _flush_to_disk(tmp)
         with _stops_deferred():
             for path, tmp in temporary.items():
                 os.replace(tmp, path)
+        _flush_to_disk(folder)
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)

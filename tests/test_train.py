@@ -605,6 +605,42 @@ def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path)
     assert not (tmp_path / "student").exists()  # so the same --out can be used again
 
 
+def test_two_processes_writing_one_file_each_write_it_whole(tmp_path):
+    from kws.files import atomic_path
+
+    target = tmp_path / "metrics.json"
+    with atomic_path(target) as temporary:
+        temporary.write_text('"first"')
+        # Another kws writes the same file while this one is half way: it must not take or
+        # rename this one's temporary file.
+        code = f"from kws.files import write_json; write_json({str(target)!r}, 'second')"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        assert json.loads(target.read_text()) == "second"
+    assert json.loads(target.read_text()) == "first"
+    assert [path.name for path in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_written_files_reach_the_disk_before_their_rename_and_the_rename_after(tmp_path, monkeypatch):
+    from kws import files
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        files.os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd),
+    )
+    monkeypatch.setattr(files.os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    files.write_json(tmp_path / "a.json", 1)
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith("a.json") and events[0][1] != str(tmp_path / "a.json")  # the temporary
+    assert events[2] == ("fsync", str(tmp_path))
+    events.clear()
+    files.write_files(tmp_path, {"b": "1", "c": b"2"})
+    assert [kind for kind, _ in events] == ["fsync", "fsync", "replace", "replace", "fsync"]
+    assert events[-1] == ("fsync", str(tmp_path))
+
+
 def test_a_failed_atomic_write_leaves_neither_its_temporary_file_nor_the_target(tmp_path):
     from kws.files import atomic_path
 
