@@ -428,8 +428,20 @@ def scan(
 
 
 # A clip longer than this loses part of itself to the 1 s the model sees (a few ms over are
-# encoders' padding).
+# encoders' padding, and lose their end, as the reference recipe cuts them).
 LONG_CLIP_SAMPLES = CLIP_SAMPLES + SAMPLE_RATE // 20
+
+
+def around_the_sound(samples: np.ndarray) -> np.ndarray:
+    """The CLIP_SAMPLES of a longer recording centred on its sound: the loudest second found,
+    then moved to centre on that second's energy. A take recorded by hand holds its word
+    anywhere, often after a second of silence, which the first second would miss."""
+    energy = np.concatenate([[0.0], np.cumsum(np.square(samples, dtype=np.float64))])
+    loudest = int(np.argmax(energy[CLIP_SAMPLES:] - energy[:-CLIP_SAMPLES]))
+    window = np.square(samples[loudest : loudest + CLIP_SAMPLES], dtype=np.float64)
+    centre = loudest + (np.arange(CLIP_SAMPLES) @ window / window.sum() if window.any() else CLIP_SAMPLES / 2)
+    start = int(np.clip(round(centre - CLIP_SAMPLES / 2), 0, len(samples) - CLIP_SAMPLES))
+    return samples[start : start + CLIP_SAMPLES]
 
 
 def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
@@ -446,13 +458,15 @@ def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
             continue
         if len(samples) > LONG_CLIP_SAMPLES:
             long.append((path, len(samples) / SAMPLE_RATE))
+            samples = around_the_sound(samples)
         rows.append(_to_int16(audio.fix_length(samples)))
         kept.append(index)
     if long:
         path, seconds = long[0]
         tqdm.write(
-            f"warning: {description} over 1 s long: {len(long)} (the first: {path}, {seconds:.1f} s); only "
-            "their first second is used, so the word must be in it: cut them to 1 s around the word",
+            f"warning: {description} over 1 s long: {len(long)} (the first: {path}, {seconds:.1f} s); the "
+            "model takes the second centred on each one's sound, which holds one word only if the rest "
+            "is quiet: cut them to 1 s around the word",
             file=sys.stderr,
         )
     if not rows:

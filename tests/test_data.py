@@ -173,6 +173,18 @@ def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dat
     )
 
 
+def test_a_take_longer_than_a_second_gives_the_second_centred_on_its_word(tmp_path):
+    take = np.zeros(3 * 16000, np.float32)  # as a phone records it: silence, the word, silence
+    take[24000:32000] = 0.5 * tone(400.0, seconds=0.5)
+    sf.write(tmp_path / "take01.wav", take, 16000)
+    sf.write(tmp_path / "short.wav", take[24000:32000], 16000)  # a clip under 1 s: padded at its end
+    clips, kept = D.load_clips([tmp_path / "take01.wav", tmp_path / "short.wav"], "training clips")
+    assert kept == [0, 1] and clips.shape == (2, 16000)
+    sounding = np.flatnonzero(clips[0])
+    assert abs(sounding[0] - 4000) <= 2 and abs(sounding[-1] - 11999) <= 2  # 0.25 s either side
+    assert np.flatnonzero(clips[1])[[0, -1]].tolist() == [0, 7999]
+
+
 def test_split_lists_are_read_as_utf8_with_or_without_a_byte_order_mark(tiny_dataset):
     lists = tiny_dataset / "validation_list.txt"
     listed = lists.read_text()
