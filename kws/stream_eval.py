@@ -445,6 +445,17 @@ def _threshold_warnings(
             "validation clips, or more keyword-free speech (kws calibrate --negatives DIR), or to a "
             "target this stream can show (kws calibrate --target-fa)"
         )
+    speech = report.get("real_speech")
+    if speech and speech["false_accepts"] and speech["false_accepts"] / speech["hours"] > target_per_hour:
+        firing_in_speech = {k: count for k, count in speech.get("by_keyword", {}).items() if count}
+        warnings.append(
+            f"in the real speech without keywords ({duration(speech['hours'])}), which calibration "
+            f"leaves out so that it tests the thresholds on speech they were not chosen on, they fire "
+            f"{speech['false_accepts']} times ({speech['false_accepts_per_hour']:.2f} per hour"
+            + (f": {_counts(firing_in_speech)}" if firing_in_speech else "")
+            + f"), over the {target_per_hour:g} per hour asked: in use they will fire more often than "
+            "on the test stream; train with more --negatives, or raise those keywords' thresholds"
+        )
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:
             warnings.append(

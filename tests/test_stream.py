@@ -328,6 +328,17 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
         "warning: the calibrated thresholds let 2 false accepts through on the test stream"
     )
     assert "over the 0.5 per hour asked" in unmet and "('yes' 2)" in unmet and "'no'" not in unmet
+    # The real speech, left out of calibration, is over the target: said, with the keywords firing.
+    report["per_keyword"]["yes"]["false_accepts"] = 0
+    report["real_speech"] = {"hours": 0.3, "false_accepts": 2, "false_accepts_per_hour": 6.667}
+    report["real_speech"]["by_keyword"] = {"yes": 0, "no": 2, "up": 0}
+    stream_eval.warn(report, 2.0, 0.5)
+    speech = capsys.readouterr().err.splitlines()[-2]  # before "no" found none
+    assert speech.startswith("warning: in the real speech without keywords (0.30 h), which calibration")
+    assert "they fire 2 times (6.67 per hour: 'no' 2), over the 0.5 per hour asked" in speech
+    report["real_speech"].update(false_accepts=0, false_accepts_per_hour=0.0)
+    assert not any("real speech" in warning for warning in stream_eval.warn(report, 2.0, 0.5))
+    capsys.readouterr()
     # "up", never said, was not calibrated: its false accepts are its own warning, not the budget's.
     report["per_keyword"]["yes"]["false_accepts"], report["per_keyword"]["up"]["false_accepts"] = 1, 3
     assert stream_eval.warn(report, 2.0, 0.5)[0] == (
