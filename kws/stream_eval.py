@@ -449,12 +449,12 @@ def _threshold_warnings(
     if speech and speech["false_accepts"] and speech["false_accepts"] / speech["hours"] > target_per_hour:
         firing_in_speech = {k: count for k, count in speech.get("by_keyword", {}).items() if count}
         warnings.append(
-            f"in the real speech without keywords ({duration(speech['hours'])}), which calibration "
-            f"leaves out so that it tests the thresholds on speech they were not chosen on, they fire "
+            f"in the real speech without keywords ({duration(speech['hours'])}), played whole rather "
+            f"than in stretches amid the test stream's noise and keywords, the calibrated thresholds fire "
             f"{speech['false_accepts']} times ({speech['false_accepts_per_hour']:.2f} per hour"
             + (f": {_counts(firing_in_speech)}" if firing_in_speech else "")
-            + f"), over the {target_per_hour:g} per hour asked: in use they will fire more often than "
-            "on the test stream; train with more --negatives, or raise those keywords' thresholds"
+            + f"), over the {target_per_hour:g} per hour asked: continuous speech fires them more often "
+            "than the test stream shows; train with more --negatives, or raise those keywords' thresholds"
         )
     for keyword, row in report["per_keyword"].items():
         if row["recall"] == 0:

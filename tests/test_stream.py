@@ -334,8 +334,10 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
     report["real_speech"]["by_keyword"] = {"yes": 0, "no": 2, "up": 0}
     stream_eval.warn(report, 2.0, 0.5)
     speech = capsys.readouterr().err.splitlines()[-2]  # before "no" found none
-    assert speech.startswith("warning: in the real speech without keywords (0.30 h), which calibration")
-    assert "they fire 2 times (6.67 per hour: 'no' 2), over the 0.5 per hour asked" in speech
+    assert speech.startswith(
+        "warning: in the real speech without keywords (0.30 h), played whole rather than"
+    )
+    assert "thresholds fire 2 times (6.67 per hour: 'no' 2), over the 0.5 per hour asked" in speech
     report["real_speech"].update(false_accepts=0, false_accepts_per_hour=0.0)
     assert not any("real speech" in warning for warning in stream_eval.warn(report, 2.0, 0.5))
     capsys.readouterr()
