@@ -168,6 +168,7 @@ class Clip:
     path: Path
     word: str  # folder name: a word, or _silence_ / _unknown_ in the test package
     split: str
+    hashed: bool = False  # split by the speaker hash, not by a list
 
 
 def speakers_on_both_sides(clips: list[Clip]) -> dict[str, tuple[Clip, Clip]]:
@@ -410,7 +411,14 @@ def scan(
                 clip_split = "testing"
             else:
                 clip_split = which_set(path, validation_percent, testing_percent)
-            clips.append(Clip(path, word, clip_split))
+            clips.append(
+                Clip(
+                    path,
+                    word,
+                    clip_split,
+                    hashed=not (split or package or key in validation or key in testing),
+                )
+            )
     if not clips:
         raise _no_clips(root)
     found = set(keys)
@@ -879,6 +887,10 @@ class SpeechData:
         batch[speech] = shifted
         return np.clip(batch, -1.0, 1.0)
 
+    def epoch_examples(self) -> int:
+        """How many examples each training epoch holds: each draws them afresh, as many."""
+        return len(self._plan("training", np.random.default_rng(0), evaluation=False))
+
     def training_epoch(
         self, rng: np.random.Generator, augment: AugmentConfig
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -948,6 +960,13 @@ class SpeechData:
         }
         if self.config.extra:
             summary["extra"] = [str(Path(folder).resolve()) for folder in self.config.extra]
+            # Counted in the training split above too: these say how much of it is theirs.
+            summary["extra_clips"] = {
+                str(Path(given).resolve()): dict(
+                    Counter(c.word for c in self.clips if c.path.is_relative_to(given))
+                )
+                for given in self.config.extra
+            }
             made = {folder: Path(folder) / SYNTH_SETTINGS for folder in summary["extra"]}
             synthesized = {
                 folder: json.loads(path.read_text()) for folder, path in made.items() if path.exists()

@@ -423,6 +423,7 @@ def model_card(manifest: dict) -> str:
             f"{word} {count}" for word, count in counts.get("training", {}).items() if word in spotted
         )
         + ")",
+        *_extra_lines(manifest["training"], spotted),
         f"- `_unknown_`: {data['unknown_share']:.0%} of examples; other words, "
         + (
             f"random 1 s windows of {', '.join(data['negatives'])}"
@@ -462,6 +463,7 @@ def model_card(manifest: dict) -> str:
             "keywords), so the two lines above are what calibration reached, not an independent test: "
             "expect more false accepts on new audio",
         ]
+    lines += [f"- Training warned: {warning}" for warning in manifest["training"].get("warnings", [])]
     lines += [f"- Calibration warned: {warning}" for warning in streaming.get("warnings", [])]
     lines += [
         "- Thresholds: " + ", ".join(f"{k} {v}" for k, v in manifest["detection"]["thresholds"].items()),
@@ -474,6 +476,19 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _extra_lines(training: dict, spotted: list[str]) -> list[str]:
+    """The card's lines for --extra folders: how many of the training clips are theirs."""
+    lines = []
+    for folder, counts in training.get("extra_clips", {}).items():
+        others = sum(count for word, count in counts.items() if word not in spotted)
+        lines.append(
+            f"- Of them, from {folder} (training only, never validated on): "
+            + ", ".join(f"{word} {counts.get(word, 0)}" for word in spotted)
+            + f"; and {others} clips of other words"
+        )
+    return lines
 
 
 def _epochs(training: dict) -> str:

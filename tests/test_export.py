@@ -568,6 +568,23 @@ def test_model_card_states_the_measured_figures(exported):
     assert f"Recipe: 6 epochs (best: epoch {manifest['training']['best_epoch']})," in card
 
 
+def test_model_card_keeps_training_warnings_and_says_which_clips_came_from_extra_folders(exported):
+    out, manifest = exported
+    warnings = manifest["training"]["warnings"]
+    assert warnings and any(w.startswith("few validation clips") for w in warnings)  # the tone data's
+    card = (out / "MODEL_CARD.md").read_text()
+    assert all(f"- Training warned: {warning}" in card for warning in warnings)
+    training = {
+        **manifest["training"],
+        "extra_clips": {"/data/synth": {"yes": 100, "no": 90, "bed": 2, "cat": 3}},
+    }
+    card = export.model_card({**manifest, "training": training})
+    assert (
+        "- Of them, from /data/synth (training only, never validated on): yes 100, no 90, up 0, down 0; "
+        "and 5 clips of other words"
+    ) in card
+
+
 def test_model_card_of_a_manifest_without_model_counts_says_unknown(exported):
     _, manifest = exported
     card = export.model_card({**manifest, "sizes": {**manifest["sizes"], "parameters": None, "macs": None}})

@@ -203,7 +203,8 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     config.data.validation_percent = 0
     train(config, tmp_path / "run")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
+    assert warnings[3].startswith("warning: 1 epoch of ") and "train with --epochs " in warnings[3]
     # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
     assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
     assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
@@ -211,9 +212,22 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
         shutil.rmtree(tiny_dataset / other)
     train(config, tmp_path / "run2")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert warnings[-1].startswith(
+    assert warnings[-2].startswith(
         "warning: no other words and no --negatives: the model learns no _unknown_"
     )
+
+
+def test_training_warns_of_too_few_steps_to_learn():
+    from kws.train import _few_steps
+
+    # Own recordings of three words: one batch an epoch, where 40 epochs left a model at 30 %.
+    assert _few_steps(TrainConfig(epochs=40), 26) == (
+        "40 epochs of 26 examples make only 40 training steps (batches of 100), too few for the model "
+        "to learn: it may end up labelling everything as one class; train with --epochs 500 or more"
+    )
+    assert "--epochs 250 or more" in _few_steps(TrainConfig(epochs=40), 101)  # two batches an epoch
+    assert _few_steps(TrainConfig(epochs=40), 1250) is None  # 13 batches: 520 steps
+    assert _few_steps(TrainConfig(epochs=40), 14000) is None  # the built-in model's recipe
 
 
 def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
@@ -222,18 +236,28 @@ def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
 
     dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
     config = run_config(dataset, epochs=1)
-    _checked_validation(SpeechData(config.data))
+    _checked_validation(SpeechData(config.data), config.train)
     assert "says its speaker" not in capsys.readouterr().err  # Speech Commands' names and lists
     (dataset / "validation_list.txt").unlink()
     (dataset / "testing_list.txt").unlink()
     for word in WORD_TONES:  # keywords and other words
         for number, clip in enumerate(sorted((dataset / word).iterdir())):
             clip.rename(clip.with_name(f"take{number}.wav"))  # own recordings, one person's takes
-    _checked_validation(SpeechData(config.data))
+    _, warnings = _checked_validation(SpeechData(config.data), config.train)
     assert (
-        f"warning: no file name in {dataset} says its speaker (SPEAKER_nohash_N.wav)"
-        in capsys.readouterr().err
-    )
+        f"warning: no file name in {dataset} says its speaker (SPEAKER_nohash_N.wav), so each clip is "
+        "split as a speaker of its own"
+    ) in capsys.readouterr().err
+    assert any(warning.startswith("no file name in") for warning in warnings)  # for the run's record
+    # A list naming some clips: the others are still split by the hash, and still leak.
+    (dataset / "validation_list.txt").write_text("yes/take0.wav\n")
+    _checked_validation(SpeechData(config.data), config.train)
+    assert "so each clip that validation_list.txt does not name is split" in capsys.readouterr().err
+    # A list naming every clip the hash would put in validation: validation is the list's alone.
+    hashed = [c for c in SpeechData(config.data).clips if c.split == "validation"]
+    (dataset / "validation_list.txt").write_text("".join(f"{c.word}/{c.path.name}\n" for c in hashed))
+    _checked_validation(SpeechData(config.data), config.train)
+    assert "says its speaker" not in capsys.readouterr().err
 
 
 def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys):
@@ -242,13 +266,13 @@ def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys
 
     dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
     config = run_config(dataset, epochs=1)
-    _checked_validation(SpeechData(config.data))
+    _checked_validation(SpeechData(config.data), config.train)
     assert "in validation and in training" not in capsys.readouterr().err  # the lists go by speaker
     # A validation speaker's "no", which the list leaves out and the speaker hash puts in training.
     extra_take = dataset / "no" / "00yesab_nohash_1.wav"
     assert which_set(extra_take, config.data.validation_percent, config.data.testing_percent) == "training"
     shutil.copy(dataset / "yes" / "00yesab_nohash_0.wav", extra_take)
-    _checked_validation(SpeechData(config.data))
+    _checked_validation(SpeechData(config.data), config.train)
     assert (
         f"warning: 1 speaker of {dataset} has clips in validation and in training (as 00yesab: "
         "yes/00yesab_nohash_0.wav in validation, no/00yesab_nohash_1.wav in training), as "
