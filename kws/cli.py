@@ -80,10 +80,12 @@ def cmd_train(args) -> int:
     _require_train_extra("training", "keras", "matplotlib")
     metrics = train(config, run_dir, resume=bool(args.resume))
     validation = metrics["validation"]
-    recall = {label: percent(validation["per_class"][label]["recall"], 2) for label in (UNKNOWN, SILENCE)}
+    # With their counts: on a few own clips, a recall can rest on one example.
+    rows = {label: validation["per_class"][label] for label in (UNKNOWN, SILENCE)}
+    recall = {label: f"{percent(row['recall'], 2)} of {row['support']:,}" for label, row in rows.items()}
     print(
         f"run {run_dir}: best epoch {metrics['best_epoch']}, "
-        f"validation accuracy {validation['accuracy']:.2%} "
+        f"validation accuracy {validation['accuracy']:.2%} of {validation['examples']:,} examples "
         f"(_unknown_ recall {recall['_unknown_']}, _silence_ recall {recall['_silence_']}); "
         f"{metrics['parameters']:,} parameters, {metrics['macs']:,} MACs, "
         f"{metrics['training_seconds'] / 60:.1f} min"

@@ -339,7 +339,13 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     run = tmp_path / "cli-run"
     base = ["train", "--data", str(tone_dataset), "--words", ",".join(WORDS), "--out", str(run)]
     assert main([*base, "--epochs", "1"]) == 0
-    assert "validation accuracy" in capsys.readouterr().out
+    validation = json.loads((run / "metrics.json").read_text())["validation"]
+    unknown, silence = (validation["per_class"][label] for label in ("_unknown_", "_silence_"))
+    assert (
+        f"validation accuracy {validation['accuracy']:.2%} of {validation['examples']} examples "
+        f"(_unknown_ recall {unknown['recall']:.2%} of {unknown['support']}, _silence_ recall "
+        f"{silence['recall']:.2%} of {silence['support']});"
+    ) in capsys.readouterr().out
     assert main([*base, "--epochs", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
     # A setting the resumed run would not use is refused, not silently dropped.
