@@ -643,9 +643,9 @@ def _detection_config(model, threshold):
 
 
 THRESHOLD_HELP = (
-    "one threshold for every keyword, in (0, 1], in place of the model's calibrated ones (0.9), or "
-    "some keywords' own, the others keeping theirs (stop=0.99,go=0.95): lower finds more keywords "
-    "and fires wrongly more often"
+    "one threshold for every keyword, in (0, 1], in place of the model's calibrated ones (for "
+    "example 0.9), or some keywords' own, the others keeping theirs (stop=0.99,go=0.95): lower finds "
+    "more keywords and fires wrongly more often"
 )
 
 

@@ -352,10 +352,18 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             "reads a little high; list all of a speaker's clips or none",
         )
     if not data.noise:
+        # A folder of noise under another name is read as an other word: its noise is _unknown_.
+        misnamed = sorted({c.word for c in own if "noise" in c.word.casefold()})
         warn(
             f"no background noise in {data.root / NOISE_FOLDER}: the model learns no _silence_ "
             "and hears no noise in training; put noise recordings there (Speech Commands' six, or your "
-            "own rooms')",
+            "own rooms')"
+            + (
+                f"; the recordings in {', '.join(f'{word}/' for word in misnamed)} are read as other "
+                f"words, _unknown_: move them into {NOISE_FOLDER}/"
+                if misnamed
+                else ""
+            ),
         )
     if training.keyword.all() and not data.negatives:
         warn(

@@ -196,6 +196,9 @@ def test_data_without_validation_clips_of_keywords_is_refused_before_the_run_fol
 
 
 def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_dataset, tmp_path, capsys):
+    from kws.data import SpeechData
+    from kws.train import _checked_validation
+
     lines = (tiny_dataset / "validation_list.txt").read_text().splitlines()
     (tiny_dataset / "validation_list.txt").write_text("\n".join(line for line in lines if "down" not in line))
     shutil.rmtree(tiny_dataset / "_background_noise_")
@@ -208,6 +211,17 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
     assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
     assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
+    assert "read as other words" not in warnings[2]
+    # Noise in a folder of another name: it would be _unknown_, and the warning says to rename it.
+    (tiny_dataset / "noise").mkdir()
+    sf.write(tiny_dataset / "noise" / "fan.wav", np.zeros(16000, np.float32), 16000)
+    _, found = _checked_validation(SpeechData(config.data), config.train)
+    capsys.readouterr()
+    assert any(
+        "the recordings in noise/ are read as other words, _unknown_: move them into _background_noise_/" in w
+        for w in found
+    )
+    shutil.rmtree(tiny_dataset / "noise")
     for other in ("bed", "cat"):  # nothing left to learn _unknown_ from
         shutil.rmtree(tiny_dataset / other)
     train(config, tmp_path / "run2")
