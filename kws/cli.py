@@ -618,7 +618,12 @@ def cmd_synth(args) -> int:
     from kws.synth import SynthConfig, synthesize
 
     check_out_folder(args.out, "synthesized speech")
-    config = SynthConfig(per_keyword=args.per_keyword, per_other_word=args.per_other_word, seed=args.seed)
+    config = SynthConfig(
+        per_keyword=args.per_keyword,
+        per_other_word=args.per_other_word,
+        seed=args.seed,
+        sound_alikes=args.sound_alikes,
+    )
     count = synthesize(args.words, args.out, config)
     print(f"{count} clips in {args.out}; train with them: kws train ... --extra {args.out}")
     return 0
@@ -978,6 +983,15 @@ def _add_synth(commands) -> None:
         type=options.positive_int,
         default=SynthConfig.per_other_word,
         help=f"clips of each other word (default {SynthConfig.per_other_word})",
+    )
+    synth.add_argument(
+        "--sound-alikes",
+        type=_words,
+        default=[],
+        metavar="WORDS",
+        help="comma-separated words that sound like your keywords (mouse,horse for house), which the "
+        "model must learn are not them: each gets as many clips as a keyword (the ~270 other words "
+        "hold those of yes no up down left right stop go)",
     )
     synth.add_argument(
         "--seed",

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,9 @@ class SynthConfig:
     per_keyword: int = 100
     per_other_word: int = 2
     seed: int = 0
+    # Words that sound like the keywords (OTHER_WORDS holds those of the built-in ones): the
+    # other words a model most needs to hear, so each gets as many clips as a keyword.
+    sound_alikes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,28 @@ def variants() -> list[str]:
     return sorted(set(names) - UNLIKE_USERS)
 
 
-def other_words(keywords: Iterable[str]) -> list[str]:
-    """OTHER_WORDS without the keywords and words that sound like them."""
+def _said_as(keywords: Iterable[str]) -> set[str]:
+    """The keywords and the words espeak-ng says alike, case-folded."""
     keywords = {word.casefold() for word in keywords}
-    excluded = keywords.union(*(group for group in HOMOPHONES if group & keywords))
+    return keywords.union(*(group for group in HOMOPHONES if group & keywords))
+
+
+def other_words(keywords: Iterable[str], sound_alikes: Iterable[str] = ()) -> list[str]:
+    """OTHER_WORDS without the keywords, words said like them, and ``sound_alikes`` (which get
+    clips of their own)."""
+    excluded = _said_as(keywords) | {word.casefold() for word in sound_alikes}
     return [word for word in dict.fromkeys(OTHER_WORDS) if word.casefold() not in excluded]
+
+
+def check_sound_alikes(keywords: Iterable[str], sound_alikes: Iterable[str]) -> None:
+    """SynthError for a sound-alike that is a keyword or said as one: its clips would teach the
+    model that the keyword is not one."""
+    said = _said_as(keywords)
+    for word in sound_alikes:
+        if word.casefold() in said:
+            raise SynthError(
+                f"--sound-alikes {word!r} is a keyword or is said as one: leave it out of --sound-alikes"
+            )
 
 
 def say(word: str, voice: Voice) -> np.ndarray:
@@ -186,11 +206,13 @@ def _voice(rng: np.random.Generator, names: list[str]) -> Voice:
 
 
 def synthesize(keywords: list[str], out: Path, config: SynthConfig) -> int:
-    """Write ``per_keyword`` clips of each keyword and ``per_other_word`` of each other word into
-    ``out``; returns the number of clips. Each clip has its own voice, drawn from ``config.seed``."""
+    """Write ``per_keyword`` clips of each keyword and sound-alike and ``per_other_word`` of each
+    other word into ``out``; returns the number of clips. Each clip has its own voice, drawn from
+    ``config.seed``."""
+    check_sound_alikes(keywords, config.sound_alikes)
     names = variants()
-    plan = [(word, config.per_keyword) for word in keywords]
-    plan += [(word, config.per_other_word) for word in other_words(keywords)]
+    plan = [(word, config.per_keyword) for word in [*keywords, *dict.fromkeys(config.sound_alikes)]]
+    plan += [(word, config.per_other_word) for word in other_words(keywords, config.sound_alikes)]
     tasks = [(word, index) for word, count in plan for index in range(count)]
 
     def write(task: tuple[str, int]) -> None:

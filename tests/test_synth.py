@@ -96,6 +96,31 @@ def stopped_at_the_fourth_clip(monkeypatch, stop) -> None:
     monkeypatch.setattr(synth, "say", say)
 
 
+def test_sound_alikes_of_own_keywords_get_a_keywords_share_of_clips(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "OTHER_WORDS", ["cat", "horse"])
+    monkeypatch.setattr(synth, "variants", lambda: ["m1"])
+    monkeypatch.setattr(synth, "say", lambda word, voice: np.full(4000, 0.1, np.float32))
+    config = synth.SynthConfig(per_keyword=3, per_other_word=1, sound_alikes=["mouse", "horse"])
+    assert synth.synthesize(["house"], tmp_path / "a", config) == 3 + 3 + 3 + 1
+    counts = {
+        folder.name: len(list(folder.iterdir())) for folder in (tmp_path / "a").iterdir() if folder.is_dir()
+    }
+    assert counts == {"house": 3, "mouse": 3, "horse": 3, "cat": 1}  # "horse" once, as a sound-alike
+    assert json.loads((tmp_path / "a" / synth.SETTINGS_FILE).read_text())["sound_alikes"] == [
+        "mouse",
+        "horse",
+    ]
+    # A keyword, or a word said as one, would teach the model that the keyword is not one.
+    for keywords, alike in ((["house"], "House"), (["no"], "know")):
+        with pytest.raises(
+            synth.SynthError, match=f"--sound-alikes {alike!r} is a keyword or is said as one"
+        ):
+            synth.synthesize(keywords, tmp_path / "b", synth.SynthConfig(sound_alikes=[alike]))
+    assert not (tmp_path / "b").exists()
+    assert main(["synth", "--words", "no", "--sound-alikes", "know,now", "--out", str(tmp_path / "c")]) == 2
+    assert "--sound-alikes 'know' is a keyword or is said as one" in capsys.readouterr().err
+
+
 def test_an_interrupted_synthesis_leaves_no_clips_and_a_rerun_succeeds(tmp_path, monkeypatch):
     def ctrl_c():
         raise KeyboardInterrupt
