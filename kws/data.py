@@ -401,6 +401,7 @@ def scan(
         for path in audio.audio_files_under(folder, others):  # subfolders too
             key = _clip_key(word, path.relative_to(folder).as_posix())
             keys.append(key)
+            hashed = False
             if split:
                 clip_split = split
             elif package:
@@ -410,15 +411,8 @@ def scan(
             elif key in testing:
                 clip_split = "testing"
             else:
-                clip_split = which_set(path, validation_percent, testing_percent)
-            clips.append(
-                Clip(
-                    path,
-                    word,
-                    clip_split,
-                    hashed=not (split or package or key in validation or key in testing),
-                )
-            )
+                clip_split, hashed = which_set(path, validation_percent, testing_percent), True
+            clips.append(Clip(path, word, clip_split, hashed))
     if not clips:
         raise _no_clips(root)
     found = set(keys)
@@ -959,14 +953,14 @@ class SpeechData:
             "noise_files": self.noise.names,
         }
         if self.config.extra:
-            summary["extra"] = [str(Path(folder).resolve()) for folder in self.config.extra]
-            # Counted in the training split above too: these say how much of it is theirs.
-            summary["extra_clips"] = {
-                str(Path(given).resolve()): dict(
+            # Counted in the training split above too: extra_clips says how much of it is theirs.
+            summary["extra"], summary["extra_clips"] = [], {}
+            for given in self.config.extra:
+                folder = str(Path(given).resolve())
+                summary["extra"].append(folder)
+                summary["extra_clips"][folder] = dict(
                     Counter(c.word for c in self.clips if c.path.is_relative_to(given))
                 )
-                for given in self.config.extra
-            }
             made = {folder: Path(folder) / SYNTH_SETTINGS for folder in summary["extra"]}
             synthesized = {
                 folder: json.loads(path.read_text()) for folder, path in made.items() if path.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,17 +65,21 @@ def _temporary(path: Path) -> Path:
 
 
 def _flush_to_disk(path: Path) -> None:
-    """Have ``path`` (a file or a folder) written to the disk. Before a rename, it keeps a crash
-    from leaving the new name on an empty file; after, the folder's keeps the rename itself."""
+    """fsync ``path``, a file or a folder. Before a rename, it keeps a crash from leaving the new
+    name on an empty file; after, the folder's keeps the rename itself."""
     handle = os.open(path, os.O_RDONLY)
     try:
         os.fsync(handle)
-    except OSError:
-        if not path.is_dir():
-            raise
-        # Some file systems (network, FUSE) refuse a folder's fsync: the rename stands.
     finally:
         os.close(handle)
+
+
+def _flush_folder(folder: Path) -> None:
+    """fsync a folder after a rename into it, where that can be done. The rename has happened:
+    a folder this process may write but not read, or a file system that refuses a folder's
+    fsync (network, FUSE), does not make it fail."""
+    with contextlib.suppress(OSError):
+        _flush_to_disk(folder)
 
 
 @contextmanager
@@ -91,7 +96,7 @@ def atomic_path(path: str | Path):
         yield tmp
         _flush_to_disk(tmp)
         os.replace(tmp, path)
-        _flush_to_disk(path.parent)
+        _flush_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -136,7 +141,7 @@ def write_files(folder: str | Path, contents: dict[str, bytes | str]) -> None:
         with _stops_deferred():
             for path, tmp in temporary.items():
                 os.replace(tmp, path)
-        _flush_to_disk(folder)
+        _flush_folder(folder)
     finally:
         for tmp in temporary.values():
             tmp.unlink(missing_ok=True)

@@ -446,7 +446,7 @@ def _threshold_warnings(
             "target this stream can show (kws calibrate --target-fa)"
         )
     speech = report.get("real_speech")
-    if speech and speech["false_accepts"] and speech["false_accepts"] / speech["hours"] > target_per_hour:
+    if speech and speech["false_accepts"] and speech["false_accepts_per_hour"] > target_per_hour:
         firing_in_speech = {k: count for k, count in speech.get("by_keyword", {}).items() if count}
         warnings.append(
             f"in the real speech without keywords ({duration(speech['hours'])}), played whole rather "

@@ -340,6 +340,10 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
     assert "thresholds fire 2 times (6.67 per hour: 'no' 2), over the 0.5 per hour asked" in speech
     report["real_speech"].update(false_accepts=0, false_accepts_per_hour=0.0)
     assert not any("real speech" in warning for warning in stream_eval.warn(report, 2.0, 0.5))
+    report["real_speech"].update(hours=3.0, false_accepts=1, false_accepts_per_hour=0.333)  # under it
+    assert not any("real speech" in warning for warning in stream_eval.warn(report, 2.0, 0.5))
+    report["real_speech"].update(hours=0.0, false_accepts=1, false_accepts_per_hour=2000.0)  # 1.8 s, rounded
+    assert any("real speech" in warning for warning in stream_eval.warn(report, 2.0, 0.5))
     capsys.readouterr()
     # "up", never said, was not calibrated: its false accepts are its own warning, not the budget's.
     report["per_keyword"]["yes"]["false_accepts"], report["per_keyword"]["up"]["false_accepts"] = 1, 3

@@ -429,9 +429,13 @@ def test_a_run_records_absolute_paths_and_evaluates_without_its_extra_clips(
     data = os.path.relpath(tone_dataset)
     args = ["train", "--data", data, "--words", ",".join(WORDS), "--extra", "extra", "--out", "run"]
     assert main([*args, "--epochs", "1"]) == 0
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    recorded = config["data"]
     assert recorded["data_dir"] == str(tone_dataset.resolve())
     assert recorded["extra"] == [str(extra.resolve())]
+    # Given relative, counted all the same: the model card says how many clips are theirs.
+    given = len(list((extra / WORDS[0]).iterdir()))
+    assert config["data_summary"]["extra_clips"] == {str(extra.resolve()): {WORDS[0]: given}}
     # The extra clips only trained: evaluating needs neither them nor the folder training ran in.
     shutil.rmtree(extra)
     monkeypatch.chdir(tmp_path / "run")
@@ -647,6 +651,25 @@ def test_a_teacher_with_other_words_is_refused(tone_run, tone_dataset, tmp_path)
     with pytest.raises(ModelError, match="teacher .*teacher has the labels"):
         train(config, tmp_path / "student")
     assert not (tmp_path / "student").exists()  # so the same --out can be used again
+
+
+@pytest.mark.parametrize("refused", ["open", "fsync"])
+def test_a_folder_that_cannot_be_fsynced_still_gets_the_file(tmp_path, monkeypatch, refused):
+    from kws import files
+
+    real = {"open": os.open, "fsync": os.fsync}
+
+    def refusing_folders(*args):
+        # A folder that may be written but not read (open), or a network or FUSE file system (fsync).
+        target = args[0] if refused == "open" else f"/proc/self/fd/{args[0]}"
+        if os.path.isdir(target):
+            raise OSError(13 if refused == "open" else 22, "refused")
+        return real[refused](*args)
+
+    monkeypatch.setattr(files.os, refused, refusing_folders)
+    files.write_json(tmp_path / "a.json", 1)
+    files.write_files(tmp_path, {"b": "2"})
+    assert (tmp_path / "a.json").read_text() == "1\n" and (tmp_path / "b").read_text() == "2"
 
 
 def test_two_processes_writing_one_file_each_write_it_whole(tmp_path):
