@@ -33,7 +33,7 @@ def _words(text: str) -> list[str]:
 
     words = list(dict.fromkeys(word_form(w.strip()) for w in text.split(",") if w.strip()))  # each once
     if not words:
-        raise argparse.ArgumentTypeError("give at least one keyword, e.g. --words yes,no")
+        raise argparse.ArgumentTypeError("give at least one word, e.g. yes,no")
 
     try:
         check_words(words)

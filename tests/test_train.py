@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import TONE_WORDS as WORDS
-from conftest import WORD_TONES, make_dataset
+from conftest import WORD_TONES, make_dataset, tone
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
@@ -211,17 +211,17 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
     assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
     assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
-    assert "read as other words" not in warnings[2]
-    # Noise in a folder of another name: it would be _unknown_, and the warning says to rename it.
-    (tiny_dataset / "noise").mkdir()
-    sf.write(tiny_dataset / "noise" / "fan.wav", np.zeros(16000, np.float32), 16000)
-    _, found = _checked_validation(SpeechData(config.data), config.train)
-    capsys.readouterr()
-    assert any(
-        "the recordings in noise/ are read as other words, _unknown_: move them into _background_noise_/" in w
-        for w in found
-    )
-    shutil.rmtree(tiny_dataset / "noise")
+    assert "is not that folder" not in warnings[2]
+    # Noise in a folder of another name, read as other words or, starting with _, skipped.
+    for misnamed in ("noise", "_background_noise"):
+        (tiny_dataset / misnamed).mkdir()
+        sf.write(tiny_dataset / misnamed / "fan.wav", np.zeros(16000, np.float32), 16000)
+        _, found = _checked_validation(SpeechData(config.data), config.train)
+        capsys.readouterr()
+        assert any(
+            f"; {misnamed}/ is not that folder (a folder starting with _ is skipped" in w for w in found
+        )
+        shutil.rmtree(tiny_dataset / misnamed)
     for other in ("bed", "cat"):  # nothing left to learn _unknown_ from
         shutil.rmtree(tiny_dataset / other)
     train(config, tmp_path / "run2")
@@ -237,11 +237,11 @@ def test_training_warns_of_too_few_steps_to_learn():
     # Own recordings of three words: one batch an epoch, where 40 epochs left a model at 30 %.
     assert _few_steps(TrainConfig(epochs=40), 26) == (
         "40 epochs of 26 examples make only 40 training steps (batches of 100), too few for the model "
-        "to learn: it may end up labelling everything as one class; train with --epochs 500 or more"
+        "to learn: it may end up labelling everything as one class; train with --epochs 200 or more"
     )
-    assert "--epochs 250 or more" in _few_steps(TrainConfig(epochs=40), 101)  # two batches an epoch
-    assert _few_steps(TrainConfig(epochs=40), 1250) is None  # 13 batches: 520 steps
-    assert _few_steps(TrainConfig(epochs=40), 14000) is None  # the built-in model's recipe
+    assert "--epochs 100 or more" in _few_steps(TrainConfig(epochs=40), 101)  # two batches an epoch
+    assert _few_steps(TrainConfig(epochs=40), 401) is None  # 5 batches: 200 steps
+    assert _few_steps(TrainConfig(epochs=100), 14307) is None  # the built-in model's recipe
 
 
 def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
@@ -251,7 +251,7 @@ def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
     dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
     config = run_config(dataset, epochs=1)
     _checked_validation(SpeechData(config.data), config.train)
-    assert "says its speaker" not in capsys.readouterr().err  # Speech Commands' names and lists
+    assert "say their speaker" not in capsys.readouterr().err  # Speech Commands' names and lists
     (dataset / "validation_list.txt").unlink()
     (dataset / "testing_list.txt").unlink()
     for word in WORD_TONES:  # keywords and other words
@@ -259,10 +259,10 @@ def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
             clip.rename(clip.with_name(f"take{number}.wav"))  # own recordings, one person's takes
     _, warnings = _checked_validation(SpeechData(config.data), config.train)
     assert (
-        f"warning: no file name in {dataset} says its speaker (SPEAKER_nohash_N.wav), so each clip is "
-        "split as a speaker of its own"
+        f"of {dataset} do not say their speaker (SPEAKER_nohash_N.wav), so each clip is split as a "
+        "speaker of its own"
     ) in capsys.readouterr().err
-    assert any(warning.startswith("no file name in") for warning in warnings)  # for the run's record
+    assert any(warning.startswith("the file names in ") for warning in warnings)  # for the run's record
     # A list naming some clips: the others are still split by the hash, and still leak.
     (dataset / "validation_list.txt").write_text("yes/take0.wav\n")
     _checked_validation(SpeechData(config.data), config.train)
@@ -271,7 +271,23 @@ def test_training_warns_of_file_names_that_give_no_speaker(tmp_path, capsys):
     hashed = [c for c in SpeechData(config.data).clips if c.split == "validation"]
     (dataset / "validation_list.txt").write_text("".join(f"{c.word}/{c.path.name}\n" for c in hashed))
     _checked_validation(SpeechData(config.data), config.train)
-    assert "says its speaker" not in capsys.readouterr().err
+    assert "say their speaker" not in capsys.readouterr().err
+
+
+def test_own_takes_beside_speech_commands_folders_are_warned_of(tmp_path, capsys):
+    from kws.data import SpeechData
+    from kws.train import _checked_validation
+
+    dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
+    config = run_config(dataset, epochs=1)
+    (dataset / "house").mkdir()  # one's own word beside the others, as the README says to add it
+    for number in range(40):
+        sf.write(dataset / "house" / f"take{number}.wav", tone(300.0), 16000)
+    _, warnings = _checked_validation(SpeechData(config.data), config.train)
+    capsys.readouterr()
+    assert any(
+        w.startswith(f"the file names in house/ of {dataset} do not say their speaker") for w in warnings
+    )
 
 
 def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys):
