@@ -401,15 +401,14 @@ def cmd_calibrate(args) -> int:
 
 
 LONG_RECORDING_SECONDS = 600.0  # kws detect shows a progress bar from this length on
+STDIN = Path("-")  # kws detect's FILE for a file's bytes on standard input
 DEFAULT_PORT = 8000  # of kws serve, and of the Docker image's health check
 
 
 def cmd_detect(args) -> int:
-    from tqdm import tqdm
-
     from kws import audio
     from kws.runtime import Model
-    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, keywords, recording_report
+    from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, keywords
 
     model = Model.load(args.model, named="--model")
     detector = Detector(model, _detection_config(model, args.threshold))
@@ -417,17 +416,7 @@ def cmd_detect(args) -> int:
     reports = []
     for path in paths:
         try:
-            duration = audio.duration(path)
-            # A bar for recordings that take a while (~0.1 s a minute), on a terminal only.
-            with tqdm(
-                total=round(duration, 2),
-                unit="s",
-                desc=path.name,
-                leave=False,
-                disable=True if duration < LONG_RECORDING_SECONDS else None,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
-            ) as bar:
-                report = recording_report(detector, audio.blocks(path), str(path), args.top_k, bar)
+            report = _recording_report(detector, path, args.top_k)
         except audio.AudioError as error:
             print(f"kws detect: skipping {error}", file=sys.stderr)
             failed += 1
@@ -463,6 +452,28 @@ def cmd_detect(args) -> int:
     return 1 if failed else 0
 
 
+def _recording_report(detector, path: Path, top_k: int | None) -> dict:
+    """``recording_report`` of a file, with a bar for recordings that take a while (~0.1 s a
+    minute) on a terminal, or of the file's bytes on standard input (STDIN), read whole."""
+    from tqdm import tqdm
+
+    from kws import audio
+    from kws.stream import recording_report
+
+    if path == STDIN:
+        return recording_report(detector, audio.decoded_blocks(sys.stdin.buffer.read(), "-"), "-", top_k)
+    duration = audio.duration(path)
+    with tqdm(
+        total=round(duration, 2),
+        unit="s",
+        desc=path.name,
+        leave=False,
+        disable=True if duration < LONG_RECORDING_SECONDS else None,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
+    ) as bar:
+        return recording_report(detector, audio.blocks(path), str(path), top_k, bar)
+
+
 def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
     """The total line of several recordings: their length and detections, per hour too from a
     minute of audio on, which on audio that holds no keyword is the false-accept rate a
@@ -484,7 +495,7 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
 
     found, empty = [], 0
     for path in paths:
-        if not path.is_dir():
+        if path == STDIN or not path.is_dir():
             found.append(path)
             continue
         others = []
@@ -507,7 +518,7 @@ def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
         found += inside
     once = {}
     for path in found:
-        once.setdefault(path.resolve(), path)
+        once.setdefault(path if path == STDIN else path.resolve(), path)
     return list(once.values()), empty
 
 
@@ -903,7 +914,8 @@ def _add_detect(commands) -> None:
         type=Path,
         nargs="+",
         metavar="FILE",
-        help="audio files, or folders: every audio file in them",
+        help="audio files, or folders: every audio file in them; - reads one file's bytes from "
+        "standard input (ffmpeg -i talk.m4a -f wav - | kws detect -)",
     )
     _add_detector_options(detect)
     detect.add_argument(

@@ -229,6 +229,22 @@ def test_detect_top_k_lists_the_scores_in_the_text_too(tmp_path, capsys):
     assert "  scores: none, as the recording is over 1.5 s long" in capsys.readouterr().out.splitlines()
 
 
+def test_detect_reads_a_file_from_standard_input_as_it_reads_the_file(tmp_path, capsys, monkeypatch):
+    import io
+
+    clip = tmp_path / "clip.flac"
+    sf.write(clip, tone(400.0), 16000)  # a clip, so that its class scores are listed too
+    assert main(["detect", str(clip), "--json", "--top-k", "10"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(clip.read_bytes())))
+    assert main(["detect", "-", "--json", "--top-k", "10"]) == 0  # as ffmpeg ... -f wav - | kws detect -
+    assert json.loads(capsys.readouterr().out) == {**from_file, "file": "-"}
+    assert len(from_file["scores"]) == 10
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["detect", "-"]) == 1
+    assert capsys.readouterr().err == "kws detect: skipping -: is empty\n"
+
+
 def test_eval_json_names_the_built_in_model(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
     assert main(["eval", "--data", str(data), "--json"]) == 0
