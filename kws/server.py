@@ -66,8 +66,16 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -90,7 +98,7 @@ from kws.workers import (
 log = logging.getLogger("uvicorn.error")  # uvicorn's general log, which it configures and prints
 
 UPLOAD_NAME = "upload"  # the report's "file" when the body carries no file name
-AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream")
+AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg", "audio/mpeg", "application/octet-stream")
 STREAM_RATES = (MIN_SAMPLE_RATE, 192_000)  # what ?rate= may announce, in Hz
 # Uploads held in the HTTP process at once, in bytes: beyond it, a request gets 503 rather than
 # the process growing by each body (a hundred 10 MB uploads at once took it to 2 GB).
@@ -183,6 +191,12 @@ class Report(BaseModel):
     )
 
 
+class Problem(BaseModel):
+    """Every error's body, validation errors' too: one sentence a client can show."""
+
+    detail: str = Field(description="what was wrong, and what to do")
+
+
 class ModelInfo(BaseModel):
     name: str | None
     version: str | None
@@ -211,6 +225,15 @@ class Metrics:
             "kws_detections",
             "Keyword detections by label (/detect and /stream)",
             ["label"],
+            registry=self.registry,
+        )
+        # WebSockets are no HTTP requests: what a stream's clients see is counted here.
+        self.open_streams = Gauge("kws_open_streams", "WebSocket streams open", registry=self.registry)
+        self.refused_streams = Counter(
+            "kws_streams_refused",
+            "WebSocket streams closed before any audio: busy (1013, all places taken), loading "
+            "(1013), bad_request (1008: a query parameter)",
+            ["reason"],
             registry=self.registry,
         )
 
@@ -447,6 +470,20 @@ class StreamSession:
         return self.detector.flush()
 
 
+# The query parameters each endpoint reads: any other is refused, as a misspelt one
+# (?sampleRate=48000) would otherwise pass unnoticed and the audio be read at 16 kHz.
+STREAM_PARAMETERS = ("rate", "threshold", "api_key")
+DETECT_PARAMETERS = ("threshold", "top_k")
+
+
+def _unknown_parameter(query_params, known: tuple[str, ...]) -> str | None:
+    """What is wrong with a query holding a parameter the endpoint does not read, else None."""
+    unknown = [name for name in query_params if name not in known]
+    if unknown:
+        return f"unknown query parameter {unknown[0]!r}: this endpoint reads {', '.join(known)}"
+    return None
+
+
 def _stream_rate(text: str | None) -> int | None:
     """The ?rate= of a stream; None if it is not a whole number of Hz in STREAM_RATES."""
     if text is None:
@@ -566,16 +603,18 @@ DETECT_BODY = {
     },
 }
 DETECT_ERRORS = {
-    400: {"description": "empty body, or a multipart form without a file"},
-    401: {"description": "KWS_API_KEY is set and the request lacks it"},
-    408: {"description": f"no part of the body arrived for {IDLE_SECONDS:g} s"},
-    413: {"description": "body over the byte limit or audio over the duration limit"},
-    415: {"description": "not audio that can be used; the detail gives the decoder's reason"},
-    503: {
-        "description": "no worker process can take it now (the model is loading, a process died on "
-        f"it or got stuck, the uploads held fill its {MAX_UPLOAD_BYTES // 1_000_000} MB, or the server is "
-        "shutting down): try again"
-    },
+    status: {"description": description, "model": Problem}
+    for status, description in {
+        400: "empty body, or a multipart form without a file",
+        401: "KWS_API_KEY is set and the request lacks it",
+        408: f"no part of the body arrived for {IDLE_SECONDS:g} s",
+        413: "body over the byte limit or audio over the duration limit",
+        415: "not audio that can be used; the detail gives the decoder's reason",
+        422: "a query parameter that is unknown or has a value it cannot take",
+        503: "no worker process can take it now (the model is loading, a process died on it or got "
+        f"stuck, the uploads held fill its {MAX_UPLOAD_BYTES // 1_000_000} MB, or the server is "
+        "shutting down): try again",
+    }.items()
 }
 
 
@@ -610,6 +649,13 @@ def _model_of(request: Request) -> Model:
     if model is None:
         raise HTTPException(503, "the model is not loaded yet")
     return model
+
+
+async def _invalid_query(request: Request, error: RequestValidationError) -> Response:
+    # FastAPI's own answer is a list of objects, where every other error of this API is one
+    # sentence: a client reads error.detail the same way whatever went wrong.
+    problems = [f"{'.'.join(map(str, problem['loc'][1:]))}: {problem['msg']}" for problem in error.errors()]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
 
 async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
@@ -669,6 +715,9 @@ async def detect(
     top_k: int | None = Query(None, ge=1, description="class scores to list for clips of about 1 s"),
 ) -> dict:
     settings, state = request.app.state.settings, request.app.state
+    unknown = _unknown_parameter(request.query_params, DETECT_PARAMETERS)
+    if unknown:
+        raise HTTPException(422, unknown)
     chosen = _threshold(threshold, _model_of(request).manifest)
     with state.uploads.share() as share:
         data, name = await _upload(request, settings.max_bytes, share)
@@ -691,27 +740,47 @@ async def stream_over_http() -> Response:
     return JSONResponse({"detail": detail}, status_code=426, headers={"Upgrade": "websocket"})
 
 
+class _Refused(Exception):
+    """A stream closed before any audio: its close code, reason and kind (for the metrics)."""
+
+    def __init__(self, code: int, reason: str, kind: str):
+        super().__init__(reason)
+        self.code, self.reason, self.kind = code, reason, kind
+
+
+def _new_session(websocket: WebSocket) -> StreamSession:
+    """The stream its query asks for; _Refused if it cannot be served."""
+    state, query = websocket.app.state, websocket.query_params
+    unknown = _unknown_parameter(query, STREAM_PARAMETERS)
+    if unknown:
+        raise _Refused(1008, unknown, "bad_request")
+    rate = _stream_rate(query.get("rate"))
+    if rate is None:
+        low, high = STREAM_RATES
+        raise _Refused(1008, f"rate must be a whole number of Hz from {low} to {high}", "bad_request")
+    if state.model is None:
+        raise _Refused(1013, "the model is not loaded yet", "loading")
+    try:
+        threshold = _threshold(query.get("threshold"), state.model.manifest)
+    except HTTPException as error:
+        raise _Refused(1008, error.detail, "bad_request") from None
+    if state.open_streams >= MAX_STREAMS:
+        raise _Refused(
+            1013, f"busy: {MAX_STREAMS} streams are open, the most served; try again later", "busy"
+        )
+    return StreamSession(state.model, rate, threshold)
+
+
 @routes.websocket("/stream")
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
     state = websocket.app.state
-    rate = _stream_rate(websocket.query_params.get("rate"))
-    if rate is None:
-        low, high = STREAM_RATES
-        await websocket.close(1008, f"rate must be a whole number of Hz from {low} to {high}")
-        return
-    if state.model is None:
-        await websocket.close(1013, "the model is not loaded yet")
-        return
     try:
-        threshold = _threshold(websocket.query_params.get("threshold"), state.model.manifest)
-    except HTTPException as error:  # a close reason holds 123 bytes at most
-        await websocket.close(1008, error.detail.encode()[:123].decode(errors="ignore"))
+        session = _new_session(websocket)
+    except _Refused as refused:  # a close reason holds 123 bytes at most
+        state.metrics.refused_streams.labels(refused.kind).inc()
+        await websocket.close(refused.code, refused.reason.encode()[:123].decode(errors="ignore"))
         return
-    if state.open_streams >= MAX_STREAMS:
-        await websocket.close(1013, f"busy: {MAX_STREAMS} streams are open, the most served; try again later")
-        return
-    session = StreamSession(state.model, rate, threshold)
     state.open_streams += 1
     try:
         with contextlib.suppress(WebSocketDisconnect):
@@ -720,20 +789,45 @@ async def stream(websocket: WebSocket) -> None:
         state.open_streams -= 1
 
 
+# OpenAPI has no WebSockets: /docs teaches the stream's protocol here.
+API_DESCRIPTION = f"""Keyword spotting: keywords in recordings (POST /detect) or in live audio
+(WebSocket /stream).
+
+**WebSocket `/stream`** (`?rate=` {STREAM_RATES[0]} to {STREAM_RATES[1]} Hz, default {SAMPLE_RATE};
+`?threshold=` as POST /detect's): send the audio as binary messages of 16-bit little-endian mono
+PCM, any size up to {WS_MAX_BYTES // 1024} KiB, then the text message `{{"event": "end"}}`:
+the server scores the last 0.8 s, sends its events and closes with 1000 (a client that closes
+first loses them). Each detection comes as a text message, the JSON of `Detection` below, seconds
+from the stream's start. Close codes: 1003 a text message other than the end; 1008 an unknown or
+bad query parameter, a missing API key, or no message for {IDLE_SECONDS:g} s; 1009 a message over
+the size; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
+
+**Errors** are JSON `{{"detail": "..."}}`, one sentence. With an API key set, every endpoint but
+/health needs it as `X-API-Key` or `Authorization: Bearer`; a WebSocket may send `?api_key=`."""
+
+
+def _with_api_key_in_schema(app: FastAPI) -> None:
+    """Declare the API key in the OpenAPI schema, so that clients generated from it send it."""
+    schema = app.openapi()
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer"},
+    }
+    schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI app; its model and worker processes load when it starts (the lifespan)."""
-    app = FastAPI(
-        title="kws",
-        version=__version__,
-        description="Keyword spotting: keywords in recordings (POST /detect) or in live audio (WS /stream).",
-        lifespan=_lifespan,
-    )
+    app = FastAPI(title="kws", version=__version__, description=API_DESCRIPTION, lifespan=_lifespan)
     app.state.settings, app.state.metrics, app.state.model = settings, Metrics(), None
+    app.state.metrics.open_streams.set_function(lambda: getattr(app.state, "open_streams", 0))
     app.include_router(routes)
     app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(RequestValidationError, _invalid_query)
     app.add_middleware(AnswerAtShutdown)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key)
+        _with_api_key_in_schema(app)
     # Requests are counted by path, the app's own and its docs'; any other path (a scan) as "other".
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
     paths = {*docs, *(route.path for route in routes.routes)}

@@ -183,12 +183,22 @@ def test_top_k_limits_the_scores(client, model, clip):
         "threshold=nope=0.5",  # not a keyword of the model
         "top_k=0",
         "top_k=1.5",
+        "thresold=0.7",  # misspelt: it would be ignored, and the calibrated thresholds used
+        "threshold=0.7&rate=48000",  # a stream's parameter
     ],
 )
 def test_bad_query_values_get_422(client, clip, query):
     answer = client.post(f"/detect?{query}", content=encode(clip))
     assert answer.status_code == 422
-    if query.startswith("threshold"):  # in the words kws detect --threshold uses
+    assert isinstance(answer.json()["detail"], str)  # one sentence, as every other error's
+    if query == "top_k=0":
+        assert answer.json()["detail"] == "top_k: Input should be greater than or equal to 1"
+    if "=0.7" in query:
+        unknown = query.split("&")[-1].split("=")[0]
+        assert answer.json()["detail"] == (
+            f"unknown query parameter {unknown!r}: this endpoint reads threshold, top_k"
+        )
+    elif query.startswith("threshold"):  # in the words kws detect --threshold uses
         assert answer.json()["detail"].startswith(
             ("threshold must be a score", "threshold: thresholds for nope")
         )
@@ -357,6 +367,22 @@ def test_metrics_count_requests_latency_and_detections(export, long_recording):
         assert samples[("kws_detections_total", (("label", label),))] == found.count(label)
 
 
+def test_metrics_count_open_and_refused_streams(export):
+    with fresh_client(export) as client:
+        with client.websocket_connect("/stream") as ws:
+            ws.send_bytes(np.zeros(320, "<i2").tobytes())
+            while_open = metric_samples(client.get("/metrics").text)
+            ws.send_text(END)
+            with pytest.raises(WebSocketDisconnect):
+                ws.receive_text()
+        for query in ("sampleRate=48000", "rate=5"):
+            with pytest.raises(WebSocketDisconnect), client.websocket_connect(f"/stream?{query}") as ws:
+                ws.receive_text()
+        samples = metric_samples(client.get("/metrics").text)
+    assert while_open[("kws_open_streams", ())] == 1 and samples[("kws_open_streams", ())] == 0
+    assert samples[("kws_streams_refused_total", (("reason", "bad_request"),))] == 2
+
+
 # API key
 
 
@@ -453,6 +479,18 @@ def test_stream_refuses_an_unsupported_rate(client, rate):
     assert closed.value.code == 1008 and "8000 to 192000" in closed.value.reason
 
 
+@pytest.mark.parametrize("query", ["sampleRate=48000", "rate=48000&format=f32le"])
+def test_stream_refuses_a_parameter_it_does_not_read(client, query):
+    # A misspelt rate would read 48 kHz audio as 16 kHz: no error, and no keyword ever found.
+    with client.websocket_connect(f"/stream?{query}") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.receive_text()
+    unknown = query.split("&")[-1].split("=")[0]
+    assert (closed.value.code, closed.value.reason) == (
+        1008,
+        f"unknown query parameter {unknown!r}: this endpoint reads rate, threshold, api_key",
+    )
+
+
 def test_stream_refuses_text_other_than_end(client):
     with client.websocket_connect("/stream") as ws:
         ws.send_text('{"event": "pause"}')
@@ -465,7 +503,27 @@ def test_the_stream_opened_over_plain_http_says_it_is_a_websocket(client):
     answer = client.get("/stream")
     assert answer.status_code == 426 and answer.headers["upgrade"] == "websocket"
     assert answer.json()["detail"].startswith("/stream is a WebSocket: connect to ws://HOST:PORT/stream")
-    assert "/stream" not in client.get("/openapi.json").json()["paths"]  # the docs list HTTP endpoints
+    schema = client.get("/openapi.json").json()
+    assert "/stream" not in schema["paths"]  # OpenAPI lists HTTP endpoints: its description has the stream
+    assert 'then the text message `{"event": "end"}`' in schema["info"]["description"]
+
+
+def test_the_openapi_schema_declares_every_error_body_and_the_api_key(client, export):
+    responses = client.get("/openapi.json").json()["paths"]["/detect"]["post"]["responses"]
+    errors = {
+        status: answer for status, answer in responses.items() if status.startswith("4") or status == "503"
+    }
+    assert sorted(errors) == ["400", "401", "408", "413", "415", "422", "503"]
+    for answer in errors.values():
+        assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert "security" not in client.get("/openapi.json").json()  # no key, none to declare
+    guarded = create_app(Settings(model=str(export), api_key=API_KEY)).openapi()
+    assert guarded["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert guarded["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
 
 
 # OpenAPI fuzzing
