@@ -26,9 +26,9 @@ WebSocket protocol of ``/stream``:
 - Server -> client, text messages: one JSON object per detection as it happens,
   ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
   stream began), the same events as ``Detector.detect`` on the whole recording.
-- Close codes: 1008 for a bad ``rate`` or ``threshold``, a missing/wrong API key or no message
-  for IDLE_SECONDS, 1003 for a text message other than the end event, 1013 while the model is
-  still loading or MAX_STREAMS streams are open.
+- Close codes: 1008 for an unknown query parameter, a bad ``rate`` or ``threshold``, a
+  missing/wrong API key or no message for IDLE_SECONDS, 1003 for a text message other than the
+  end event, 1013 while the model is still loading or MAX_STREAMS streams are open.
 
 Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
 recordings over ``max_seconds`` get 413 before they are decoded, bodies that send nothing for
