@@ -600,6 +600,8 @@ def cmd_serve(args) -> int:
         "max_bytes": args.max_bytes,
         "max_seconds": args.max_seconds,
         "workers": args.workers,
+        "cors_origins": args.cors_origins
+        and tuple(dict.fromkeys(o for arg in args.cors_origins for o in arg)),
     }
     settings = replace(settings, **{name: value for name, value in flags.items() if value is not None})
     # A bad model fails here, once, rather than in every worker; the server and its workers load
@@ -965,6 +967,16 @@ def _add_serve(commands) -> None:
         "--max-seconds",
         type=options.seconds,
         help="longest recording POST /detect takes, in seconds (default 60): else 413",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        type=options.origins,
+        metavar="ORIGIN",
+        help="a web page's origin (http://homeassistant.local:8123) allowed to call the API from a "
+        "browser and open streams; repeatable, or comma-separated, * for any (default: $KWS_CORS_ORIGINS, "
+        "else none: pages of other origins can neither read answers nor open streams)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 
 def parsed(text: str, kind: type, valid, expected: str):
@@ -63,6 +64,18 @@ def hop_ms(text: str) -> float:
 def port(text: str) -> int:
     # uvicorn would listen on a larger number modulo 65536
     return parsed(text, int, lambda v: 1 <= v <= 65535, "from 1 to 65535")
+
+
+def origins(text: str) -> tuple[str, ...]:
+    """Comma-separated web origins (scheme://host[:port], as a browser sends them), or *."""
+    found = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
+    for origin in found:
+        if not (origin == "*" or re.fullmatch(r"https?://[^/\s?#]+", origin)):
+            raise argparse.ArgumentTypeError(
+                f"must be origins such as http://homeassistant.local:8123 (scheme://host[:port], no "
+                f"path), or *, got {origin!r}"
+            )
+    return found
 
 
 def score(text: str) -> float:

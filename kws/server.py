@@ -60,13 +60,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import anyio
 import numpy as np
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -134,6 +135,8 @@ class Settings:
     max_seconds: float = DEFAULT_MAX_SECONDS
     workers: int = dataclasses.field(default_factory=default_workers)  # processes running POST /detect
     api_key: str | None = None
+    # Web pages of other origins allowed to call the API (CORS) and open streams; "*": any.
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -156,6 +159,7 @@ class Settings:
             ("max_bytes", "KWS_MAX_BYTES", options.positive_int),
             ("max_seconds", "KWS_MAX_SECONDS", options.seconds),
             ("workers", "KWS_WORKERS", options.positive_int),
+            ("cors_origins", "KWS_CORS_ORIGINS", options.origins),
         ):
             if (value := options.from_env(name, parse)) is not None:
                 values[field] = value
@@ -232,7 +236,7 @@ class Metrics:
         self.refused_streams = Counter(
             "kws_streams_refused",
             "WebSocket streams closed before any audio: busy (1013, all places taken), loading "
-            "(1013), bad_request (1008: a query parameter)",
+            "(1013), bad_request (1008: a query parameter), origin (1008: a web page not allowed)",
             ["reason"],
             registry=self.registry,
         )
@@ -748,9 +752,25 @@ class _Refused(Exception):
         self.code, self.reason, self.kind = code, reason, kind
 
 
+def _origin_refusal(websocket: WebSocket) -> str | None:
+    """Why a web page may not open this stream, else None. Browsers send a page's origin and let
+    any page open a WebSocket to any address: without this check, any site a user visits could
+    take the server's stream places. Clients other than browsers send no origin."""
+    origin, allowed = websocket.headers.get("origin"), websocket.app.state.settings.cors_origins
+    if origin is None or origin in allowed or "*" in allowed:
+        return None
+    if urlsplit(origin).netloc == websocket.headers.get("host"):  # a page this server gave
+        return None
+    # Short: a close reason holds 123 bytes.
+    return f"origin {origin} not allowed: kws serve --cors-origin {origin}"
+
+
 def _new_session(websocket: WebSocket) -> StreamSession:
     """The stream its query asks for; _Refused if it cannot be served."""
     state, query = websocket.app.state, websocket.query_params
+    refusal = _origin_refusal(websocket)
+    if refusal:
+        raise _Refused(1008, refusal, "origin")
     unknown = _unknown_parameter(query, STREAM_PARAMETERS)
     if unknown:
         raise _Refused(1008, unknown, "bad_request")
@@ -832,6 +852,13 @@ def create_app(settings: Settings) -> FastAPI:
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
     paths = {*docs, *(route.path for route in routes.routes)}
     app.add_middleware(RequestMetrics, metrics=app.state.metrics, paths=paths)
+    if settings.cors_origins:  # added last, so outermost: a preflight needs no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+        )
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(REDACT_API_KEY)
     return app

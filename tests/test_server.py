@@ -788,6 +788,64 @@ def test_a_limit_is_refused_in_the_same_words_as_option_or_variable(
     assert capsys.readouterr().err == f"kws serve: error: {variable} must be {expected}, got {value}\n"
 
 
+PAGE = "http://homeassistant.local:8123"
+
+
+def test_pages_of_allowed_origins_may_call_the_api_and_open_streams(export):
+    with fresh_client(export, api_key=API_KEY, cors_origins=(PAGE,)) as client:
+        # A browser's preflight carries no key: it is answered before the key is asked for.
+        preflight = client.options(
+            "/detect",
+            headers={
+                "Origin": PAGE,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key",
+            },
+        )
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == PAGE
+        answer = client.get("/model", headers={"Origin": PAGE, "X-API-Key": API_KEY})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
+        other = client.get("/model", headers={"Origin": "http://evil.example", "X-API-Key": API_KEY})
+        assert "access-control-allow-origin" not in other.headers  # the browser keeps the answer from it
+        for origin, code in ((PAGE, 1000), ("http://evil.example", 1008), ("http://testserver", 1000)):
+            with (
+                client.websocket_connect(f"/stream?api_key={API_KEY}", headers={"Origin": origin}) as ws,
+                pytest.raises(WebSocketDisconnect) as closed,
+            ):
+                ws.send_text(END)
+                ws.receive_text()
+            assert closed.value.code == code  # another site's page is refused; this server's own is not
+        assert closed.value.code == 1000
+        samples = metric_samples(client.get("/metrics", headers={"X-API-Key": API_KEY}).text)
+    assert samples[("kws_streams_refused_total", (("reason", "origin"),))] == 1
+
+
+def test_without_allowed_origins_other_sites_pages_cannot_open_streams(client):
+    assert "access-control-allow-origin" not in client.get("/model", headers={"Origin": PAGE}).headers
+    with (
+        client.websocket_connect("/stream", headers={"Origin": PAGE}) as ws,
+        pytest.raises(WebSocketDisconnect) as closed,
+    ):
+        ws.receive_text()
+    assert (closed.value.code, closed.value.reason) == (
+        1008,
+        f"origin {PAGE} not allowed: kws serve --cors-origin {PAGE}",
+    )
+
+
+def test_allowed_origins_come_from_the_option_or_kws_cors_origins(monkeypatch, capsys):
+    served = []
+    monkeypatch.setattr("kws.server.serve", lambda settings, host, port: served.append(settings.cors_origins))
+    monkeypatch.setattr("kws.cli._check_can_listen", lambda host, port: None)
+    monkeypatch.setenv("KWS_CORS_ORIGINS", f"{PAGE}/, http://other.local")  # a slash at the end, as copied
+    assert main(["serve"]) == 0
+    assert main(["serve", "--cors-origin", "*", "--cors-origin", "https://a.example,https://a.example"]) == 0
+    assert served == [(PAGE, "http://other.local"), ("*", "https://a.example")]
+    with pytest.raises(SystemExit):
+        main(["serve", "--cors-origin", f"{PAGE}/lovelace"])
+    assert "must be origins such as http://homeassistant.local:8123" in capsys.readouterr().err
+
+
 def test_serve_takes_its_port_from_kws_port_unless_given_one(monkeypatch):
     served, checked = [], []
     monkeypatch.setattr("kws.server.serve", lambda settings, host, port: served.append(port))
