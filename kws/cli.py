@@ -401,7 +401,13 @@ def cmd_calibrate(args) -> int:
 
 
 LONG_RECORDING_SECONDS = 600.0  # kws detect shows a progress bar from this length on
-STDIN = Path("-")  # kws detect's FILE for a file's bytes on standard input
+STDIN = "-"  # kws detect's FILE for a file's bytes on standard input (./- is a file named -)
+
+
+def _file_or_stdin(text: str) -> Path | str:
+    return STDIN if text == STDIN else Path(text)
+
+
 DEFAULT_PORT = 8000  # of kws serve, and of the Docker image's health check
 
 
@@ -410,6 +416,8 @@ def cmd_detect(args) -> int:
     from kws.runtime import Model
     from kws.stream import SCORED_CLIP_SECONDS, Detector, Event, keywords
 
+    if STDIN in args.files and (sys.stdin is None or sys.stdin.isatty()):  # it would wait for typing
+        raise UserError("- reads a recording piped in, as in: ffmpeg -i talk.m4a -f wav - | kws detect -")
     model = Model.load(args.model, named="--model")
     detector = Detector(model, _detection_config(model, args.threshold))
     paths, failed = _recordings(args.files)
@@ -441,7 +449,7 @@ def cmd_detect(args) -> int:
                 )
             elif args.top_k:
                 print(f"  scores: none, as the recording is over {SCORED_CLIP_SECONDS:g} s long")
-    one_file = len(args.files) == 1 and not args.files[0].is_dir()
+    one_file = len(args.files) == 1 and (args.files[0] == STDIN or not args.files[0].is_dir())
     if not args.json and len(reports) > 1:
         print(_detections_per_hour(reports, keywords(model.labels)))
     if args.json and one_file and reports:
@@ -452,7 +460,7 @@ def cmd_detect(args) -> int:
     return 1 if failed else 0
 
 
-def _recording_report(detector, path: Path, top_k: int | None) -> dict:
+def _recording_report(detector, path: Path | str, top_k: int | None) -> dict:
     """``recording_report`` of a file, with a bar for recordings that take a while (~0.1 s a
     minute) on a terminal, or of the file's bytes on standard input (STDIN), read whole."""
     from tqdm import tqdm
@@ -462,6 +470,7 @@ def _recording_report(detector, path: Path, top_k: int | None) -> dict:
 
     if path == STDIN:
         return recording_report(detector, audio.decoded_blocks(sys.stdin.buffer.read(), "-"), "-", top_k)
+    name, path = str(path), path.absolute()  # soundfile would read a relative "-" as standard input
     duration = audio.duration(path)
     with tqdm(
         total=round(duration, 2),
@@ -471,7 +480,7 @@ def _recording_report(detector, path: Path, top_k: int | None) -> dict:
         disable=True if duration < LONG_RECORDING_SECONDS else None,
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio",
     ) as bar:
-        return recording_report(detector, audio.blocks(path), str(path), top_k, bar)
+        return recording_report(detector, audio.blocks(path), name, top_k, bar)
 
 
 def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
@@ -487,7 +496,7 @@ def _detections_per_hour(reports: list[dict], labels: list[str]) -> str:
     return f"{len(reports)} recordings, {duration(seconds / 3600)}: {detections_text(counts)}{rate}"
 
 
-def _recordings(paths: list[Path]) -> tuple[list[Path], int]:
+def _recordings(paths: list[Path | str]) -> tuple[list[Path | str], int]:
     """Each FILE, and every audio file under each folder (sorted), each file once however many
     ways it was named; and how many folders held none."""
     from kws import audio
@@ -913,7 +922,7 @@ def _add_detect(commands) -> None:
     )
     detect.add_argument(
         "files",
-        type=Path,
+        type=_file_or_stdin,
         nargs="+",
         metavar="FILE",
         help="audio files, or folders: every audio file in them; - reads one file's bytes from "

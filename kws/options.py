@@ -67,15 +67,22 @@ def port(text: str) -> int:
 
 
 def origins(text: str) -> tuple[str, ...]:
-    """Comma-separated web origins (scheme://host[:port], as a browser sends them), or *."""
-    found = tuple(part.strip().rstrip("/") for part in text.split(",") if part.strip())
-    for origin in found:
-        if not (origin == "*" or re.fullmatch(r"https?://[^/\s?#]+", origin)):
+    """Comma-separated web origins (scheme://host[:port]), or *; written as a browser sends them
+    (lower case, no default port), which is how they are compared."""
+    found = []
+    for part in (part.strip().rstrip("/") for part in text.split(",") if part.strip()):
+        match = re.fullmatch(r"(https?)://([^/\s?#:]+|\[[0-9a-fA-F:.]+\])(?::(\d+))?", part, re.IGNORECASE)
+        if part != "*" and not match:
             raise argparse.ArgumentTypeError(
                 f"must be origins such as http://homeassistant.local:8123 (scheme://host[:port], no "
-                f"path), or *, got {origin!r}"
+                f"path), or *, got {part!r}"
             )
-    return found
+        if match:
+            scheme, host, port = match[1].lower(), match[2].lower(), match[3]
+            default = {"http": "80", "https": "443"}[scheme]
+            part = f"{scheme}://{host}" + (f":{port}" if port and port != default else "")
+        found.append(part)
+    return tuple(dict.fromkeys(found))
 
 
 def score(text: str) -> float:

@@ -27,8 +27,9 @@ WebSocket protocol of ``/stream``:
   ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
   stream began), the same events as ``Detector.detect`` on the whole recording.
 - Close codes: 1008 for an unknown query parameter, a bad ``rate`` or ``threshold``, a
-  missing/wrong API key or no message for IDLE_SECONDS, 1003 for a text message other than the
-  end event, 1013 while the model is still loading or MAX_STREAMS streams are open.
+  missing/wrong API key, a web page of an origin not allowed, or no message for IDLE_SECONDS;
+  1003 for a text message other than the end event; 1013 while the model is still loading or
+  MAX_STREAMS streams are open.
 
 Limits: bodies over ``max_bytes`` get 413 while they stream in (never held whole),
 recordings over ``max_seconds`` get 413 before they are decoded, bodies that send nothing for
@@ -60,7 +61,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus
 
 import anyio
 import numpy as np
@@ -236,7 +237,8 @@ class Metrics:
         self.refused_streams = Counter(
             "kws_streams_refused",
             "WebSocket streams closed before any audio: busy (1013, all places taken), loading "
-            "(1013), bad_request (1008: a query parameter), origin (1008: a web page not allowed)",
+            "(1013), bad_request (1008: a query parameter), origin (1008: a web page not allowed), "
+            "api_key (1008)",
             ["reason"],
             registry=self.registry,
         )
@@ -322,8 +324,8 @@ def _presented_keys(scope) -> list[str]:
 class ApiKeyGuard:
     """ASGI middleware: with a key set, all but /health need it (else 401, or WebSocket close 1008)."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, metrics: Metrics):
+        self.app, self.key, self.metrics = app, key.encode(), metrics
 
     def authorized(self, scope) -> bool:
         return any(hmac.compare_digest(key.encode(), self.key) for key in _presented_keys(scope))
@@ -337,6 +339,7 @@ class ApiKeyGuard:
                 return  # the client left before its handshake finished
             await send({"type": "websocket.accept"})
             await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
+            self.metrics.refused_streams.labels("api_key").inc()
             return
         detail = "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"
         response = JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
@@ -658,8 +661,13 @@ def _model_of(request: Request) -> Model:
 async def _invalid_query(request: Request, error: RequestValidationError) -> Response:
     # FastAPI's own answer is a list of objects, where every other error of this API is one
     # sentence: a client reads error.detail the same way whatever went wrong.
-    problems = [f"{'.'.join(map(str, problem['loc'][1:]))}: {problem['msg']}" for problem in error.errors()]
-    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+    return JSONResponse({"detail": "; ".join(map(_problem_text, error.errors()))}, status_code=422)
+
+
+def _problem_text(problem: dict) -> str:
+    """One validation error as "top_k: Input should be ..." (its loc is ("query", "top_k"))."""
+    where = ".".join(map(str, problem.get("loc", ())[1:]))
+    return f"{where}: {problem['msg']}" if where else problem["msg"]
 
 
 async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
@@ -755,14 +763,15 @@ class _Refused(Exception):
 def _origin_refusal(websocket: WebSocket) -> str | None:
     """Why a web page may not open this stream, else None. Browsers send a page's origin and let
     any page open a WebSocket to any address: without this check, any site a user visits could
-    take the server's stream places. Clients other than browsers send no origin."""
+    take the server's stream places. Clients other than browsers send no origin. A page of the
+    server's own host is not let in either: this server gives no page that streams, and a host
+    name can be rebound to it (DNS rebinding)."""
     origin, allowed = websocket.headers.get("origin"), websocket.app.state.settings.cors_origins
     if origin is None or origin in allowed or "*" in allowed:
         return None
-    if urlsplit(origin).netloc == websocket.headers.get("host"):  # a page this server gave
-        return None
-    # Short: a close reason holds 123 bytes.
-    return f"origin {origin} not allowed: kws serve --cors-origin {origin}"
+    # Short: a close reason holds 123 bytes. A local file's page or a sandboxed one sends "null".
+    fix = "serve the page over http" if origin == "null" else f"kws serve --cors-origin {origin}"
+    return f"origin {origin} not allowed: {fix}"
 
 
 def _new_session(websocket: WebSocket) -> StreamSession:
@@ -819,7 +828,8 @@ PCM, any size up to {WS_MAX_BYTES // 1024} KiB, then the text message `{{"event"
 the server scores the last 0.8 s, sends its events and closes with 1000 (a client that closes
 first loses them). Each detection comes as a text message, the JSON of `Detection` below, seconds
 from the stream's start. Close codes: 1003 a text message other than the end; 1008 an unknown or
-bad query parameter, a missing API key, or no message for {IDLE_SECONDS:g} s; 1009 a message over
+bad query parameter, a missing API key, a web page of an origin not allowed (--cors-origin), or no
+message for {IDLE_SECONDS:g} s; 1009 a message over
 the size; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
 
 **Errors** are JSON `{{"detail": "..."}}`, one sentence. With an API key set, every endpoint but
@@ -834,6 +844,8 @@ def _with_api_key_in_schema(app: FastAPI) -> None:
         "Bearer": {"type": "http", "scheme": "bearer"},
     }
     schema["security"] = [{"ApiKey": []}, {"Bearer": []}]
+    for operation in schema["paths"]["/health"].values():
+        operation["security"] = []  # the one endpoint that needs no key
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -846,7 +858,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_query)
     app.add_middleware(AnswerAtShutdown)
     if settings.api_key:
-        app.add_middleware(ApiKeyGuard, key=settings.api_key)
+        app.add_middleware(ApiKeyGuard, key=settings.api_key, metrics=app.state.metrics)
         _with_api_key_in_schema(app)
     # Requests are counted by path, the app's own and its docs'; any other path (a scan) as "other".
     docs = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import errno
+import io
 import json
 import os
 import shutil
@@ -230,8 +231,6 @@ def test_detect_top_k_lists_the_scores_in_the_text_too(tmp_path, capsys):
 
 
 def test_detect_reads_a_file_from_standard_input_as_it_reads_the_file(tmp_path, capsys, monkeypatch):
-    import io
-
     clip = tmp_path / "clip.flac"
     sf.write(clip, tone(400.0), 16000)  # a clip, so that its class scores are listed too
     assert main(["detect", str(clip), "--json", "--top-k", "10"]) == 0
@@ -240,9 +239,33 @@ def test_detect_reads_a_file_from_standard_input_as_it_reads_the_file(tmp_path, 
     assert main(["detect", "-", "--json", "--top-k", "10"]) == 0  # as ffmpeg ... -f wav - | kws detect -
     assert json.loads(capsys.readouterr().out) == {**from_file, "file": "-"}
     assert len(from_file["scores"]) == 10
+    # Named twice, and beside a file: read once, and listed with the file.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(clip.read_bytes())))
+    assert main(["detect", "-", str(clip), "-", "--json"]) == 0
+    assert [report["file"] for report in json.loads(capsys.readouterr().out)] == ["-", str(clip)]
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert main(["detect", "-"]) == 1
     assert capsys.readouterr().err == "kws detect: skipping -: is empty\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdin", [Terminal(), None])  # typed at, or closed (kws detect - <&-)
+def test_detect_minus_without_a_pipe_says_what_it_is_for_and_a_file_named_minus_is_a_file(
+    stdin, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["detect", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "kws detect: error: - reads a recording piped in, as in: ffmpeg -i talk.m4a -f wav - | kws detect -\n"
+    )
+    sf.write(tmp_path / "-", tone(400.0), 16000, format="WAV")
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "./-", "--json"]) == 0  # the file, standard input unread
+    assert json.loads(capsys.readouterr().out)["duration"] == 1.0
 
 
 def test_eval_json_names_the_built_in_model(tmp_path, capsys):

@@ -41,7 +41,15 @@ from kws import audio, workers
 from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
-from kws.server import WS_MAX_BYTES, AnswerAtShutdown, Settings, UploadBudget, create_app
+from kws.server import (
+    DETECT_PARAMETERS,
+    WS_MAX_BYTES,
+    AnswerAtShutdown,
+    Settings,
+    UploadBudget,
+    create_app,
+    routes,
+)
 from kws.stream import Detector, detection_config, recording_report
 from kws.workers import RequestError, WorkerPool, default_workers
 
@@ -516,9 +524,17 @@ def test_the_openapi_schema_declares_every_error_body_and_the_api_key(client, ex
     assert sorted(errors) == ["400", "401", "408", "413", "415", "422", "503"]
     for answer in errors.values():
         assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert (
+        "audio/mpeg"
+        in client.get("/openapi.json").json()["paths"]["/detect"]["post"]["requestBody"]["content"]
+    )
     assert "security" not in client.get("/openapi.json").json()  # no key, none to declare
     guarded = create_app(Settings(model=str(export), api_key=API_KEY)).openapi()
     assert guarded["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert guarded["paths"]["/health"]["get"]["security"] == []  # the one endpoint without a key
+    # The parameters refused as unknown are none the endpoint reads.
+    (detect,) = [route for route in routes.routes if getattr(route, "path", None) == "/detect"]
+    assert DETECT_PARAMETERS == tuple(param.alias for param in detect.dependant.query_params)
     assert guarded["components"]["securitySchemes"]["ApiKey"] == {
         "type": "apiKey",
         "in": "header",
@@ -807,21 +823,38 @@ def test_pages_of_allowed_origins_may_call_the_api_and_open_streams(export):
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
         other = client.get("/model", headers={"Origin": "http://evil.example", "X-API-Key": API_KEY})
         assert "access-control-allow-origin" not in other.headers  # the browser keeps the answer from it
-        for origin, code in ((PAGE, 1000), ("http://evil.example", 1008), ("http://testserver", 1000)):
+        # This server's own host too: it gives no page that streams, and a name can be rebound to it.
+        for origin, code in ((PAGE, 1000), ("http://evil.example", 1008), ("http://testserver", 1008)):
             with (
                 client.websocket_connect(f"/stream?api_key={API_KEY}", headers={"Origin": origin}) as ws,
                 pytest.raises(WebSocketDisconnect) as closed,
             ):
                 ws.send_text(END)
                 ws.receive_text()
-            assert closed.value.code == code  # another site's page is refused; this server's own is not
-        assert closed.value.code == 1000
+            assert closed.value.code == code
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/stream") as ws:
+            ws.receive_text()  # no key
         samples = metric_samples(client.get("/metrics", headers={"X-API-Key": API_KEY}).text)
-    assert samples[("kws_streams_refused_total", (("reason", "origin"),))] == 1
+    assert samples[("kws_streams_refused_total", (("reason", "origin"),))] == 2
+    assert samples[("kws_streams_refused_total", (("reason", "api_key"),))] == 1
+    with fresh_client(export, cors_origins=("*",)) as client:
+        with (
+            client.websocket_connect("/stream", headers={"Origin": "http://evil.example"}) as ws,
+            pytest.raises(WebSocketDisconnect) as closed,
+        ):
+            ws.send_text(END)
+            ws.receive_text()
+        assert closed.value.code == 1000  # "*": any page
 
 
 def test_without_allowed_origins_other_sites_pages_cannot_open_streams(client):
     assert "access-control-allow-origin" not in client.get("/model", headers={"Origin": PAGE}).headers
+    with (
+        client.websocket_connect("/stream", headers={"Origin": "null"}) as ws,
+        pytest.raises(WebSocketDisconnect) as closed,
+    ):
+        ws.receive_text()  # a page opened from a file
+    assert closed.value.reason == "origin null not allowed: serve the page over http"
     with (
         client.websocket_connect("/stream", headers={"Origin": PAGE}) as ws,
         pytest.raises(WebSocketDisconnect) as closed,
@@ -840,10 +873,17 @@ def test_allowed_origins_come_from_the_option_or_kws_cors_origins(monkeypatch, c
     monkeypatch.setenv("KWS_CORS_ORIGINS", f"{PAGE}/, http://other.local")  # a slash at the end, as copied
     assert main(["serve"]) == 0
     assert main(["serve", "--cors-origin", "*", "--cors-origin", "https://a.example,https://a.example"]) == 0
-    assert served == [(PAGE, "http://other.local"), ("*", "https://a.example")]
-    with pytest.raises(SystemExit):
-        main(["serve", "--cors-origin", f"{PAGE}/lovelace"])
-    assert "must be origins such as http://homeassistant.local:8123" in capsys.readouterr().err
+    # As a browser sends them: lower case, no default port (else no page would ever match).
+    assert main(["serve", "--cors-origin", "HTTP://HA.Local:80,https://x.example:443,http://[::1]:8080"]) == 0
+    assert served == [
+        (PAGE, "http://other.local"),
+        ("*", "https://a.example"),
+        ("http://ha.local", "https://x.example", "http://[::1]:8080"),
+    ]
+    for bad in (f"{PAGE}/lovelace", "null", "ha.local:8123"):
+        with pytest.raises(SystemExit):
+            main(["serve", "--cors-origin", bad])
+        assert "must be origins such as http://homeassistant.local:8123" in capsys.readouterr().err
 
 
 def test_serve_takes_its_port_from_kws_port_unless_given_one(monkeypatch):
