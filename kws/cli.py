@@ -379,8 +379,8 @@ def cmd_calibrate(args) -> int:
     from kws.export import recalibrate
     from kws.files import check_writable_folder
     from kws.runtime import BUILT_IN_MODEL, Model, resolve
-    from kws.stream import HOP_MS, detection_config
-    from kws.stream_eval import format_stream_report
+    from kws.stream import HOP_MS, detection_config, duration
+    from kws.stream_eval import false_accept_budget, format_stream_report
 
     _require_train_extra("calibrate (it redraws the export's DET curve)", "matplotlib")
     model, manifest = resolve(args.model, named="MODEL")
@@ -397,6 +397,14 @@ def cmd_calibrate(args) -> int:
     data = _evaluation_data(_training(manifest, str(model)), args.data, args.negatives or None)
     updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
+    if updated["detection"]["thresholds"] == config.thresholds:  # else it would look as if nothing ran
+        hours = updated["streaming"]["stream_hours"]
+        allowed = false_accept_budget(args.target_fa, hours)
+        print(
+            f"The thresholds are unchanged: {args.target_fa:g} per hour allows {allowed} false "
+            f"accept{'s' * (allowed != 1)} on this {duration(hours)} test stream, and the thresholds the "
+            "model had already find the most keywords within that."
+        )
     return 0
 
 
