@@ -829,8 +829,8 @@ the server scores the last 0.8 s, sends its events and closes with 1000 (a clien
 first loses them). Each detection comes as a text message, the JSON of `Detection` below, seconds
 from the stream's start. Close codes: 1003 a text message other than the end; 1008 an unknown or
 bad query parameter, a missing API key, a web page of an origin not allowed (--cors-origin), or no
-message for {IDLE_SECONDS:g} s; 1009 a message over
-the size; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
+message for {IDLE_SECONDS:g} s; 1009 a message over the size; 1011 no answer to the server's
+pings; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
 
 **Errors** are JSON `{{"detail": "..."}}`, one sentence. With an API key set, every endpoint but
 /health needs it as `X-API-Key` or `Authorization: Bearer`; a WebSocket may send `?api_key=`."""
