@@ -363,7 +363,9 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
         misnamed = sorted(
             folder.name
             for folder in data.root.iterdir()
-            if folder.is_dir() and "noise" in folder.name.casefold() and folder.name not in data.config.words
+            if folder.is_dir()
+            and "noise" in folder.name.casefold()
+            and folder.name not in (NOISE_FOLDER, *data.config.words)
         )
         warn(
             f"no background noise in {data.root / NOISE_FOLDER}: the model learns no _silence_ "

@@ -212,6 +212,11 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
     assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
     assert "is not that folder" not in warnings[2]
+    (tiny_dataset / "_background_noise_").mkdir()  # there, but empty: no other folder to blame
+    _, found = _checked_validation(SpeechData(config.data), config.train)
+    capsys.readouterr()
+    assert any(w.startswith("no background noise") and "is not that folder" not in w for w in found)
+    (tiny_dataset / "_background_noise_").rmdir()
     # Noise in a folder of another name, read as other words or, starting with _, skipped.
     for misnamed in ("noise", "_background_noise"):
         (tiny_dataset / misnamed).mkdir()
