@@ -14,6 +14,8 @@ from pathlib import Path
 
 from kws import STOP_SIGNALS, KwsError
 
+TEMPORARY_PREFIX = ".tmp-"  # of the files written before they are renamed into place
+
 
 def check_out_folder(folder: str | Path, what: str, earlier: str | None = None, named: str = "--out") -> None:
     """KwsError unless ``folder`` can take ``what`` ("a run"): absent, empty, or holding an
@@ -23,7 +25,9 @@ def check_out_folder(folder: str | Path, what: str, earlier: str | None = None, 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise KwsError(f"{named} {folder} is a file: {what} is a folder; pick another --out")
-    others = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    # A kws killed while writing leaves its temporary file: no one's work, to be overwritten.
+    names = [path.name for path in folder.iterdir()] if folder.is_dir() else []
+    others = sorted(name for name in names if not name.startswith(TEMPORARY_PREFIX))
     if others and not (earlier and (folder / earlier).exists()):  # their files would be overwritten
         listed = ", ".join(others[:3]) + ", ..." * (len(others) > 3)
         raise KwsError(
@@ -61,7 +65,7 @@ def _temporary(path: Path) -> Path:
     """Where ``path`` is written before it is renamed into place: beside it, hidden, named for
     this process, so that two processes writing the same target never rename each other's
     half-written file."""
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    return path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}")
 
 
 def _flush_to_disk(path: Path) -> None:

@@ -693,6 +693,17 @@ def test_a_folder_that_cannot_be_fsynced_still_gets_the_file(tmp_path, monkeypat
     assert (tmp_path / "a.json").read_text() == "1\n" and (tmp_path / "b").read_text() == "2"
 
 
+def test_a_temporary_file_a_killed_kws_left_does_not_make_its_folder_taken(tmp_path):
+    from kws import KwsError
+    from kws.files import check_out_folder
+
+    (tmp_path / ".tmp-4242-model.keras").write_bytes(b"half")  # kill -9 while it was written
+    check_out_folder(tmp_path, "a run")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(KwsError, match=r"holds other files \(notes.txt\)"):
+        check_out_folder(tmp_path, "a run")
+
+
 def test_two_processes_writing_one_file_each_write_it_whole(tmp_path):
     from kws.files import atomic_path
 
