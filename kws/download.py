@@ -34,11 +34,36 @@ class DownloadError(KwsError, RuntimeError):
 
 
 def _sha256(path: Path) -> str:
+    """The file's SHA-256, with a bar: the 2.3 GB archive takes a while."""
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with (
+        open(path, "rb") as file,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"checking {path.name.removesuffix('.part')}",
+        ) as bar,
+    ):
         for block in iter(lambda: file.read(_CHUNK), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
+
+
+def _check_sha256(path: Path, sha256: str | None, found: str) -> None:
+    """DownloadError unless ``path`` (which ``found`` says how it came) has the SHA-256 expected.
+    The file stays: a mirror may pack the data set its own way, and its 2.3 GB are not fetched
+    twice for that."""
+    if not sha256:
+        return
+    actual = _sha256(path)
+    if actual != sha256.lower():
+        raise DownloadError(
+            f"{found} {path}, whose SHA-256 is {actual}, not the {sha256} expected: if it came from a "
+            f"mirror that packs the data set its own way, run kws download again with --sha256 {actual} "
+            f"to unpack it; else delete {path} and run again to download it afresh"
+        )
 
 
 def _transfer(url: str, part: Path, timeout: float) -> bool:
@@ -52,8 +77,11 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
             return True
         raise
     with response:
-        if response.status != 206:
-            have = 0  # the server ignored the range: start over
+        if have and response.status != 206:
+            tqdm.write(
+                f"{url} does not resume downloads: starting again from its first byte", file=sys.stderr
+            )
+            have = 0
         remaining = int(response.headers.get("Content-Length", 0)) or None
         total = have + remaining if remaining else None
         with (
@@ -79,7 +107,8 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError(f"--url {url!r} is not an http:// or https:// address")
     destination = Path(destination)
-    if destination.exists():
+    if destination.exists():  # fetched before, by kws or by hand
+        _check_sha256(destination, sha256, "the archive is")
         return destination
     made = _made_folder(destination.parent)
     try:
@@ -133,14 +162,7 @@ def _fetch_into(url: str, destination: Path, sha256: str | None, attempts: int, 
             )
             tqdm.write(f"{what} in {attempt} s", file=sys.stderr)
             time.sleep(attempt)
-    if sha256:
-        actual = _sha256(part)
-        if actual != sha256.lower():
-            part.unlink()
-            raise DownloadError(
-                f"{url}: checksum mismatch (expected SHA-256 {sha256}, got {actual}); "
-                "the partial file was deleted, run the command again"
-            )
+    _check_sha256(part, sha256, f"{url} was downloaded to")
     os.replace(part, destination)
     return destination
 
@@ -180,17 +202,27 @@ def unpack(archive: Path, target: Path) -> Path:
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    archive = Path(archive)
     try:
-        with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            for member in members:
+        # One pass, the bar following the compressed bytes read: listing the members first
+        # would decompress the 2.3 GB twice, the first time with nothing to show. A member
+        # refused midway leaves only the staging folder, which goes.
+        with (
+            open(archive, "rb") as raw,
+            tarfile.open(fileobj=raw) as tar,
+            tqdm(
+                total=archive.stat().st_size, unit="B", unit_scale=True, desc=f"unpacking {archive.name}"
+            ) as bar,
+        ):
+            for member in tar:
                 _check_member(member, staging)
-            for member in tqdm(members, desc=f"unpacking {Path(archive).name}", unit="file"):
                 tar.extract(member, staging, **_DATA_FILTER)
+                bar.update(raw.tell() - bar.n)
             # tarfile stops quietly at a damaged header after the first: the rest of the stream
             # is read so that gzip checks its length and CRC, which a damaged archive fails.
             while tar.fileobj.read(_CHUNK):
                 pass
+            bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DownloadError(
@@ -213,7 +245,7 @@ def download_dataset(
     folder = next((name[: -len(s)] for s in (".tar.gz", ".tgz", ".tar") if name.endswith(s)), name + ".d")
     target = Path(data_dir) / folder
     if (target / COMPLETE_MARKER).exists():
-        return target
+        return target.resolve()  # as unpack's
     _check_target(target)  # before gigabytes are fetched for nothing
     archive = fetch(url, Path(data_dir) / name, sha256)
     return unpack(archive, target)
