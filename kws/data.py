@@ -171,17 +171,15 @@ class Clip:
     hashed: bool = False  # split by the speaker hash, not by a list
 
 
-def speakers_on_both_sides(clips: list[Clip]) -> dict[str, tuple[Clip, Clip]]:
-    """Speakers (as Speech Commands names them) with clips in validation and in training: one
-    clip of each side per speaker. Only split lists that name part of a speaker's clips do that;
-    the speaker hash keeps each speaker on one side."""
+def speakers_on_both_sides(clips: list[Clip], held_out: str) -> dict[str, tuple[Clip, Clip]]:
+    """Speakers (as Speech Commands names them) with clips in the ``held_out`` split and in
+    training: one clip of each side per speaker. Only split lists that name part of a speaker's
+    clips do that; the speaker hash keeps each speaker on one side."""
     sides: dict[str, dict[str, Clip]] = {}
     for clip in clips:
-        if "_nohash_" in clip.path.name and clip.split in ("training", "validation"):
+        if "_nohash_" in clip.path.name and clip.split in ("training", held_out):
             sides.setdefault(speaker_id(clip.path), {}).setdefault(clip.split, clip)
-    return {
-        speaker: (side["validation"], side["training"]) for speaker, side in sides.items() if len(side) == 2
-    }
+    return {speaker: (side[held_out], side["training"]) for speaker, side in sides.items() if len(side) == 2}
 
 
 def _clip_key(word: str, path: str) -> str:

@@ -347,17 +347,19 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             "validation, and validation accuracy reads higher than new voices will find; name the "
             "files by speaker",
         )
-    straddling = speakers_on_both_sides(own)
-    if straddling:
-        speaker, (heard, trained) = next(iter(straddling.items()))
-        warn(
-            f"{len(straddling)} speaker{'s' * (len(straddling) > 1)} of {data.root} "
-            f"{'have' if len(straddling) > 1 else 'has'} clips in validation and in training (as "
-            f"{speaker}: {heard.path.parent.name}/{heard.path.name} in validation, "
-            f"{trained.path.parent.name}/{trained.path.name} in training), as validation_list.txt names "
-            "only some of their clips: the model hears their voices in training, so validation accuracy "
-            "reads a little high; list all of a speaker's clips or none",
-        )
+    for split, split_list in SPLIT_LISTS.items():
+        straddling = speakers_on_both_sides(own, split)
+        if straddling:
+            speaker, (heard, trained) = next(iter(straddling.items()))
+            warn(
+                f"{len(straddling)} speaker{'s' * (len(straddling) > 1)} of {data.root} "
+                f"{'have' if len(straddling) > 1 else 'has'} clips in {split} and in training (as "
+                f"{speaker}: {heard.path.parent.name}/{heard.path.name} in {split}, "
+                f"{trained.path.parent.name}/{trained.path.name} in training), as {split_list} names only "
+                "some of their clips: the model hears their voices in training, so "
+                f"{split.removesuffix('ing')} accuracy reads a little high; list all of a speaker's clips "
+                "or none",
+            )
     if not data.noise:
         # Noise in a folder of another name is skipped (_background_noise) or read as other words.
         misnamed = sorted(

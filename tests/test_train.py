@@ -313,6 +313,18 @@ def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys
         "yes/00yesab_nohash_0.wav in validation, no/00yesab_nohash_1.wav in training), as "
         "validation_list.txt names only some of their clips"
     ) in capsys.readouterr().err
+    # The same of testing_list.txt: a test speaker's take that the hash puts in training.
+    extra_take.unlink()
+    test_take = dataset / "no" / "02upab_nohash_1.wav"
+    assert which_set(test_take, config.data.validation_percent, config.data.testing_percent) == "training"
+    shutil.copy(dataset / "up" / "02upab_nohash_0.wav", test_take)
+    _checked_validation(SpeechData(config.data), config.train)
+    assert (
+        f"warning: 1 speaker of {dataset} has clips in testing and in training (as 02upab: "
+        "up/02upab_nohash_0.wav in testing, no/02upab_nohash_1.wav in training), as testing_list.txt "
+        "names only some of their clips: the model hears their voices in training, so test accuracy "
+        "reads a little high"
+    ) in capsys.readouterr().err
 
 
 def test_training_warns_of_a_keyword_with_few_clips(tmp_path, capsys):
