@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kws import KwsError, __version__, features, plots
 from kws.c_frontend import c_frontend_sources
-from kws.data import EVALUATION_SHARES, SpeechData
+from kws.data import SpeechData
 from kws.evaluate import percent, report
 from kws.files import json_text, write_files
 from kws.model import count_macs
@@ -32,7 +32,7 @@ from kws.runtime import (
     resolve,
     without_manifest,
 )
-from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, DetectionConfig, duration, keywords
+from kws.stream import FA_TARGET_PER_HOUR, HOP_MS, SILENCE, UNKNOWN, DetectionConfig, duration, keywords
 from kws.stream_eval import stream_test
 from kws.train import RunConfig, latest_checkpoint, load_trained, trained_run
 
@@ -304,6 +304,9 @@ def validation_accuracy(converted: dict[str, bytes], config: RunConfig, data: Sp
         "examples": int(len(validation.labels)),
         **{kind: round(value, 5) for kind, value in accuracy.items()},
         "int8_drop_points": round(100 * (accuracy["float32"] - accuracy["int8"]), 3),
+        # The card's composition: evaluation fills each class up to its share only while the data
+        # has held-out clips for it.
+        "examples_per_class": {label: row["support"] for label, row in reports["int8"]["per_class"].items()},
         "int8_per_class_recall": {
             # 6 places: rounded again to a tenth of a percent in the model card, 4 would round twice
             label: None if row["recall"] is None else round(row["recall"], 6)
@@ -389,11 +392,21 @@ def write_artifacts(
     )
 
 
+def _composition(accuracy: dict) -> str:
+    """How many examples the accuracy rests on, and how many of them are fillers (earlier
+    exports' manifests did not count them)."""
+    examples, counts = accuracy["examples"], accuracy.get("examples_per_class")
+    if counts is None:
+        return f"{examples} examples"
+    return f"{examples} examples, " + ", ".join(
+        f"{counts.get(label, 0)} {label}" for label in (SILENCE, UNKNOWN)
+    )
+
+
 def model_card(manifest: dict) -> str:
     """MODEL_CARD.md: what the model is, what it was trained on, and how good it measured."""
     accuracy, sizes, streaming = manifest["accuracy"], manifest["sizes"], manifest["streaming"]
     detection, frontend = manifest["detection"], manifest["frontend"]
-    silence_share, unknown_share = EVALUATION_SHARES
     data, train, model = manifest["training"]["data"], manifest["training"]["train"], manifest["model"]
     counts = manifest["training"].get("clips_per_split", {})
     spotted = keywords(manifest["labels"])
@@ -441,8 +454,7 @@ def model_card(manifest: dict) -> str:
         f"{' -> '.join(str(r) for r in train['learning_rates'])}, seed {train['seed']}",
         "",
         "## Measured (held-out validation split; the official test set was not used)",
-        f"- Accuracy over {len(manifest['labels'])} classes ({accuracy['examples']} examples, "
-        f"{silence_share * 100:g} % silence, {unknown_share * 100:g} % unknown): "
+        f"- Accuracy over {len(manifest['labels'])} classes ({_composition(accuracy)}): "
         f"float32 {accuracy['float32']:.2%}, int8 {accuracy['int8']:.2%}",
         "- int8 recall per class: "
         + ", ".join(f"{k} {percent(v)}" for k, v in accuracy["int8_per_class_recall"].items()),

@@ -108,6 +108,16 @@ def test_manifest_holds_what_running_the_model_needs(exported):
     assert manifest["training"]["data"]["words"] == ["yes", "no", "up", "down"]
 
 
+def test_the_model_card_counts_the_examples_its_accuracy_rests_on(exported):
+    out, manifest = exported
+    counts = manifest["accuracy"]["examples_per_class"]
+    assert list(counts) == manifest["labels"] and sum(counts.values()) == manifest["accuracy"]["examples"]
+    assert (
+        f"- Accuracy over 6 classes ({manifest['accuracy']['examples']} examples, {counts['_silence_']} "
+        f"_silence_, {counts['_unknown_']} _unknown_): "
+    ) in (out / "MODEL_CARD.md").read_text()
+
+
 def test_int8_model_is_full_integer_with_static_shapes(exported):
     from ai_edge_litert.interpreter import Interpreter
 
