@@ -115,8 +115,12 @@ def format_report(result: dict) -> str:
             rejected = f"{row['rejected']}/{row['examples']}"
             lines.append(f"  {word:<16} {rejected:>7}" + (f"   {taken}" if taken else ""))
     lines += ["", "confusion (rows: true, columns: predicted)"]
-    short = [label[:6] for label in labels]
-    lines.append(" " * width + "".join(f"{s:>7}" for s in short))
-    for label, row in zip(labels, result["confusion"]["matrix"], strict=True):
-        lines.append(f"{label:<{width}}" + "".join(f"{v:7d}" for v in row))
+    matrix = result["confusion"]["matrix"]
+    # Each column as wide as its label, whole: a cut "_silen" or "backwa" has to be guessed at.
+    columns = [
+        1 + max(6, len(label), *(len(str(row[i])) for row in matrix)) for i, label in enumerate(labels)
+    ]
+    lines.append(" " * width + "".join(f"{label:>{w}}" for label, w in zip(labels, columns, strict=True)))
+    for label, row in zip(labels, matrix, strict=True):
+        lines.append(f"{label:<{width}}" + "".join(f"{v:{w}d}" for v, w in zip(row, columns, strict=True)))
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """Classifier reports: accuracy, per class, by source, and other words one by one."""
 
+import re
+
 import numpy as np
 
 from kws.evaluate import format_report, report
@@ -66,6 +68,9 @@ def test_the_text_report_shows_the_figures_of_the_json_one():
     assert lines[6].split() == ["no", "n/a", "0.00%", "2"]  # never predicted: no precision to give
     assert lines[3].split() == ["_silence_", "n/a", "n/a", "0"]  # never present, never predicted
     confusion = lines[lines.index("confusion (rows: true, columns: predicted)") + 1 :]
-    assert confusion[0].split() == ["_silen", "_unkno", "yes", "no", "up"]
+    assert confusion[0].split() == ["_silence_", "_unknown_", "yes", "no", "up"]  # whole, not cut
+    # Each count ends where its label does, so a column reads straight down.
+    ends = [[match.end() for match in re.finditer(r"\S+", line)] for line in confusion]
+    assert all(row[1:] == ends[0] for row in ends[1:])
     assert confusion[3].split() == ["yes", "0", "0", "2", "0", "1"]  # rows are the true class
     assert confusion[4].split() == ["no", "0", "0", "2", "0", "0"]
