@@ -439,7 +439,8 @@ def _threshold_warnings(
         )
     if target_per_hour > 0 and not budget:
         warnings.append(
-            f"the test stream lasts {duration(hours)}, too short to measure "
+            # Rounded as the report stores them, so that its line and this one say the same length.
+            f"the test stream lasts {duration(round(hours, 3))}, too short to measure "
             f"{target_per_hour:g} false accepts per hour (that takes {1 / target_per_hour:g} h), so "
             "calibration allowed none, and may miss keywords it need not: calibrate on more "
             "validation clips, or more keyword-free speech (kws calibrate --negatives DIR), or to a "

@@ -318,6 +318,9 @@ def test_calibration_warns_of_audio_too_short_thresholds_on_few_clips_and_keywor
     assert stream_eval.false_accept_budget(0.5, 1.9996) == 0
     short = capsys.readouterr().err.splitlines()[2]
     assert short.startswith("warning: the test stream lasts 2.00 h, too short to measure 0.5")
+    # 0.2649 h is stored as 0.265 h, which the report line prints as 0.27 h: this line too.
+    stream_eval.warn(report, 0.2649, 0.5)
+    assert "the test stream lasts 0.27 h," in capsys.readouterr().err
     stream_eval.warn(report, 0.5, 0)  # no false accept at all: what any length measures
     assert len(capsys.readouterr().err.splitlines()) == 3
     # "yes" fires twice even at the highest threshold: the target is not met, and it says so.
