@@ -47,6 +47,11 @@ LENGTH = struct.Struct("!Q")  # each message: its length, then its pickle
 # A process holds the request it works on and the next, so it never waits for the HTTP process
 # to hand that one on: one at a time served 7 % fewer requests (bench/load.py, 2 cores).
 REQUESTS_PER_WORKER = 2
+# Requests that may wait for a process, per process; beyond them a request gets 503 busy. A
+# request costs up to ~0.6 s of a process (a minute of 192 kHz stereo): the last to wait is
+# answered within ~10 s, where an unbounded queue of small, cheap-to-send uploads kept a 1 s
+# clip waiting 26 s.
+WAITING_PER_WORKER = 16
 READY = "ready"  # a worker's first message, once its model is loaded
 NO_WORKER = "no worker process is running and none could be started: try again later"
 SHUTTING_DOWN = "the server is shutting down: try again"
@@ -354,6 +359,13 @@ class WorkerPool:
             if worker is not None:
                 worker.busy += 1
                 return worker
+        waiting = sum(not waiter.done() for waiter in self._waiting)  # done: given up by their clients
+        if waiting >= WAITING_PER_WORKER * self.size:
+            raise RequestError(
+                503,
+                f"busy: {waiting} requests wait for the {self.size} worker process{'es' * (self.size != 1)}; "
+                "try again",
+            )
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         try:

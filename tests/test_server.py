@@ -1357,6 +1357,33 @@ def test_requests_given_up_while_queued_leave_the_process_free_for_the_next(mode
     assert busy == 0 and cancelled == [True] * 3
 
 
+def test_requests_beyond_those_that_may_wait_get_503_busy_at_once(model, clip, monkeypatch):
+    monkeypatch.setattr(workers, "WAITING_PER_WORKER", 2)
+    long = encode(pcm16(0.1 * np.random.default_rng(8).standard_normal(300 * SAMPLE_RATE)))
+
+    async def scenario(pool):
+        running = [asyncio.ensure_future(pool.detect(long, "long.wav", 400.0, None, None)) for _ in range(2)]
+        await asyncio.sleep(0.05)  # the process holds both: the next two wait
+        waiting = [
+            asyncio.ensure_future(pool.detect(encode(clip), f"w{i}.wav", 60.0, None, None)) for i in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RequestError) as refused:
+            await pool.detect(encode(clip), "third.wav", 60.0, None, None)
+        waiting[0].cancel()  # its client gave up: its place is free again
+        await asyncio.sleep(0.05)
+        waiting.append(asyncio.ensure_future(pool.detect(encode(clip), "w2.wav", 60.0, None, None)))
+        answers = await asyncio.gather(*running, *waiting[1:])
+        return refused.value, [answer["file"] for answer in answers]
+
+    refused, answered = pool_scenario(model, 1, scenario)
+    assert (refused.status, refused.detail) == (
+        503,
+        "busy: 2 requests wait for the 1 worker process; try again",
+    )
+    assert answered == ["long.wav", "long.wav", "w1.wav", "w2.wav"]
+
+
 def test_closing_lets_a_busy_process_finish_and_refuses_what_waits(model):
     long = pcm16(0.1 * np.random.default_rng(6).standard_normal(600 * SAMPLE_RATE))  # ~0.8 s of work
     expected = recording_report(Detector(model), [long], "long.wav")
