@@ -116,6 +116,15 @@ IDLE_SECONDS = 60.0
 # The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
 # would hold every other stream up while it is scored.
 WS_MAX_BYTES = 256 * 1024
+# A stream is live audio. One sent faster is held to STREAM_SPEED times real time once it has
+# sent STREAM_BURST_S ahead (audio a client buffered while its network dropped): unheld, four
+# clients sending as fast as they could put every other stream tens of seconds behind, until
+# the pings those streams answered went unread and uvicorn closed them (1011). One whose audio
+# falls STREAM_LAG_S behind the clock (a client trickling bytes to keep a place, or sending at
+# a lower rate than its ?rate=) is closed with 1008.
+STREAM_SPEED = 2.0
+STREAM_BURST_S = 10.0
+STREAM_LAG_S = 60.0
 # A minute of audio costs a worker 0.07 s of CPU at 16 kHz, 0.55 s as 192 kHz stereo FLAC;
 # longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -464,6 +473,7 @@ class StreamSession:
     """One WebSocket's audio: PCM bytes -> (resampled) float samples -> its own Detector."""
 
     def __init__(self, model: Model, rate: int, threshold: float | dict[str, float] | None = None):
+        self.rate = rate
         self.detector = RateDetector(Detector(model, detection_config(model.manifest, threshold)), rate)
         self._odd_byte = b""  # half a sample that a message split
 
@@ -475,6 +485,24 @@ class StreamSession:
 
     def finish(self) -> list[Event]:
         return self.detector.flush()
+
+
+class StreamPace:
+    """A stream's audio against the wall clock (seconds of anyio.current_time())."""
+
+    def __init__(self, now: float):
+        self.start, self.audio = now, 0.0
+        self._due = now - STREAM_BURST_S / STREAM_SPEED  # when the audio so far is scored at most speed
+
+    def hold(self, seconds: float, now: float) -> float:
+        """How long to hold ``seconds`` more audio, arrived at ``now``, before scoring it."""
+        self.audio += seconds
+        self._due = max(self._due, now - STREAM_BURST_S / STREAM_SPEED) + seconds / STREAM_SPEED
+        return max(0.0, self._due - now)
+
+    def behind(self, now: float) -> float:
+        """How far the audio has fallen behind the clock, in seconds."""
+        return now - self.start - self.audio
 
 
 # The query parameters each endpoint reads: any other is refused, as a misspelt one
@@ -521,13 +549,25 @@ async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metri
     # One deadline, moved on by each message: a timeout around each receive (asyncio.wait_for)
     # makes a task per message, 12 µs against 4.5, or 3.5 % of a core for 60 streams of 20 ms
     # messages against 1.3 %.
+    pace = StreamPace(anyio.current_time())
     with anyio.CancelScope(deadline=anyio.current_time() + IDLE_SECONDS) as idle:
         while True:
             message = await websocket.receive()
-            idle.deadline = anyio.current_time() + IDLE_SECONDS
+            now = anyio.current_time()
+            idle.deadline = now + IDLE_SECONDS
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("bytes") is not None:
+                if len(message["bytes"]) > WS_MAX_BYTES:
+                    await websocket.close(1009, f"a message holds at most {WS_MAX_BYTES // 1024} KiB")
+                    return
+                hold = pace.hold(len(message["bytes"]) / (2 * session.rate), now)
+                if pace.behind(now) > STREAM_LAG_S:
+                    late = f"only {pace.audio:.0f} s of audio in {now - pace.start:.0f} s"
+                    await websocket.close(1008, f"{late}: send it as it is recorded, at the ?rate= given")
+                    return
+                if hold:
+                    await anyio.sleep(hold)
                 events = await _compute(websocket, session.push, message["bytes"])
                 await _send_events(websocket, metrics, events)
             elif _is_end(message.get("text") or ""):
@@ -827,9 +867,11 @@ API_DESCRIPTION = f"""Keyword spotting: keywords in recordings (POST /detect) or
 PCM, any size up to {WS_MAX_BYTES // 1024} KiB, then the text message `{{"event": "end"}}`:
 the server scores the last 0.8 s, sends its events and closes with 1000 (a client that closes
 first loses them). Each detection comes as a text message, the JSON of `Detection` below, seconds
-from the stream's start. Close codes: 1003 a text message other than the end; 1008 an unknown or
-bad query parameter, a missing API key, a web page of an origin not allowed (--cors-origin), or no
-message for {IDLE_SECONDS:g} s; 1009 a message over the size; 1011 no answer to the server's
+from the stream's start. Audio sent faster than real time is held to {STREAM_SPEED:g} times
+real time once {STREAM_BURST_S:g} s ahead. Close codes: 1003 a text message other than the end;
+1008 an unknown or bad query parameter, a missing API key, a web page of an origin not allowed
+(--cors-origin), no message for {IDLE_SECONDS:g} s, or audio {STREAM_LAG_S:g} s behind the clock
+(sent slower than its rate); 1009 a message over the size; 1011 no answer to the server's
 pings; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
 
 **Errors** are JSON `{{"detail": "..."}}`, one sentence. With an API key set, every endpoint but
@@ -892,7 +934,11 @@ def serve(settings: Settings, host: str, port: int) -> None:
         host=host,
         port=port,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        ws_max_size=WS_MAX_BYTES,
+        # Above the app's own limit, which closes with 1009 and a reason: uvicorn's, reached
+        # mid-message, drops the connection with the close frame often lost (1006).
+        ws_max_size=4 * WS_MAX_BYTES,
+        # PCM barely compresses, and a deflated message would count against the limit compressed.
+        ws_per_message_deflate=False,
         http="h11",
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )

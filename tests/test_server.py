@@ -43,9 +43,12 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import (
     DETECT_PARAMETERS,
+    STREAM_BURST_S,
+    STREAM_SPEED,
     WS_MAX_BYTES,
     AnswerAtShutdown,
     Settings,
+    StreamPace,
     UploadBudget,
     create_app,
     routes,
@@ -737,12 +740,15 @@ def test_real_server_streams_and_keeps_the_key_out_of_its_log(server, model, lon
         ws.send(END)
         events = [json.loads(message) for message in ws]
     assert events == [event.to_dict() for event in Detector(model).detect(long_recording)]
-    # A message over the size limit closes the stream rather than hold the other streams up.
+    # A message over the size limit closes the stream rather than hold the other streams up,
+    # with its reason (a client's compression, on by default, neither counts nor loses it).
+    noise = np.random.default_rng(3).bytes(WS_MAX_BYTES + 2)
     with connect(f"{url.replace('http', 'ws')}/stream?api_key={API_KEY}", max_size=None) as ws:
-        ws.send(b"\0" * (WS_MAX_BYTES + 2))
+        ws.send(noise[:-2])  # up to the limit: scored
+        ws.send(noise)
         with pytest.raises(ConnectionClosed) as too_big:
             ws.recv(timeout=10)
-    assert too_big.value.rcvd.code == 1009
+    assert (too_big.value.rcvd.code, too_big.value.rcvd.reason) == (1009, "a message holds at most 256 KiB")
     with connect(f"{url.replace('http', 'ws')}/stream?api_key=wrong") as ws:
         with pytest.raises(ConnectionClosed) as refused:
             ws.recv()
@@ -1556,6 +1562,42 @@ def test_a_body_that_stalls_gets_408_and_lets_its_bytes_go(export, clip, monkeyp
     assert (b"connection", b"close") in stalled.sent[0]["headers"]  # what came next is no request
     detail = json.loads(stalled.sent[1]["body"])["detail"]
     assert detail == "the body stalled: nothing of it arrived for 0.2 s after 1,000 bytes; send it again"
+
+
+def test_a_stream_is_held_to_its_speed_after_a_burst_and_told_when_it_falls_behind():
+    pace = StreamPace(now=100.0)
+    assert pace.hold(STREAM_BURST_S, now=100.0) == 0  # a burst: audio buffered while the network dropped
+    assert pace.hold(4.0, now=100.0) == pytest.approx(4.0 / STREAM_SPEED)  # beyond it, held to the speed
+    assert pace.hold(1.0, now=200.0) == 0 and pace.behind(now=200.0) == pytest.approx(100 - 15)
+    live = StreamPace(now=0.0)  # real time, sent as recorded: never held, never behind
+    assert all(live.hold(0.02, now=0.02 * i) == 0 for i in range(1, 5000))
+    assert abs(live.behind(now=100.0)) < 0.1
+
+
+def test_a_stream_sent_faster_than_its_speed_is_held(client, monkeypatch):
+    monkeypatch.setattr("kws.server.STREAM_BURST_S", 0.0)
+    monkeypatch.setattr("kws.server.STREAM_SPEED", 4.0)
+    started = time.monotonic()
+    with client.websocket_connect("/stream") as ws:
+        for message in frames(np.zeros(SAMPLE_RATE), 640):  # 1 s of audio, as fast as it can
+            ws.send_bytes(message)
+        ws.send_text(END)
+        with pytest.raises(WebSocketDisconnect) as ended:
+            ws.receive_text()
+    assert ended.value.code == 1000 and time.monotonic() - started >= 1.0 / 4.0
+
+
+def test_a_stream_whose_audio_falls_behind_the_clock_is_closed(client, monkeypatch):
+    monkeypatch.setattr("kws.server.STREAM_LAG_S", 0.5)
+    with client.websocket_connect("/stream") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.send_bytes(bytes(640))
+        time.sleep(1.0)  # 20 ms of audio in a second: a trickle, or the wrong ?rate=
+        ws.send_bytes(bytes(640))
+        ws.receive_text()
+    assert (closed.value.code, closed.value.reason) == (
+        1008,
+        "only 0 s of audio in 1 s: send it as it is recorded, at the ?rate= given",
+    )
 
 
 def test_a_stream_silent_for_the_idle_limit_is_closed_and_its_place_freed(client, monkeypatch):
