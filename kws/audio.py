@@ -20,6 +20,10 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 AUDIO_SUFFIX_TEXT = ".wav .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .w64 .rf64 .caf"
 AUDIO_SUFFIXES = tuple(AUDIO_SUFFIX_TEXT.split())
 CONVERT = f"convert to a format kws reads ({AUDIO_SUFFIX_TEXT}), e.g. ffmpeg -i IN OUT.wav"
+# The formats of those suffixes (and NIST Sphere, the .wav of speech corpora such as TIMIT), as
+# soundfile names them. libsndfile reads others too (SDS, PAF, VOC, ...), little used and little
+# tried: a damaged SDS upload had it print 2,000 lines to standard output, into kws detect's JSON.
+FORMATS = ("WAV", "WAVEX", "NIST", "FLAC", "OGG", "MP3", "AIFF", "AU", "W64", "RF64", "CAF")
 # Recordings libsndfile cannot read (phones' voice memos, browsers' and video containers): a
 # folder's other files (notes, transcripts) are left out quietly, these with a word on what to do.
 FOREIGN_AUDIO_SUFFIXES = (".m4a", ".aac", ".mp4", ".3gp", ".amr", ".webm", ".weba", ".wma", ".mka")
@@ -141,7 +145,14 @@ def _decoding(name: str):
 def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
     """AudioError for a header without a length, with no samples or with a rate under
     MIN_SAMPLE_RATE; TooLong for audio over ``max_seconds`` or, at its rate and channels, over
-    MAX_VALUES_PER_SECOND for each of those seconds."""
+    MAX_VALUES_PER_SECOND for each of those seconds; AudioError for a format not in FORMATS
+    or over MAX_CHANNELS channels, before a sample is decoded."""
+    if file.format not in FORMATS:
+        raise AudioError(f"{name}: {file.format_info} audio: {CONVERT}")
+    if file.channels > MAX_CHANNELS:
+        raise AudioError(
+            f"{name}: {file.channels} channels, over the {MAX_CHANNELS} kws mixes: mix it down first"
+        )
     if file.samplerate < MIN_SAMPLE_RATE:
         raise AudioError(
             f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "

@@ -932,9 +932,9 @@ def _add_detect(commands) -> None:
     detect = commands.add_parser(
         "detect",
         help="find keywords in audio files",
-        description="Run the streaming Detector over audio files (any format soundfile reads, any sample "
-        "rate from 8 kHz, any length), or every audio file in folders, and print each detection with its "
-        "time.",
+        description="Run the streaming Detector over audio files (WAV, FLAC, OGG, MP3, AIFF, AU, W64, RF64, "
+        "CAF; any sample rate from 8 kHz, any length), or every audio file in folders, and print each "
+        "detection with its time.",
         epilog="examples: kws detect recording.wav --json;  kws detect recordings/",
     )
     detect.add_argument(

@@ -88,6 +88,22 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
     assert str(refused.value).endswith(f"(Format not recognised.): {audio.CONVERT}")
 
 
+def test_formats_and_channel_counts_kws_does_not_read_are_refused_before_decoding(tmp_path, capfd):
+    sample_dump = tmp_path / "loop.sds"  # a MIDI sample dump: libsndfile reads it, kws does not
+    sf.write(sample_dump, sine(440, 16000), 16000, format="SDS", subtype="PCM_16")
+    with pytest.raises(audio.AudioError) as refused:
+        audio.decode(sample_dump.read_bytes(), "upload")
+    assert str(refused.value) == f"upload: SDS (Midi Sample Dump Standard) audio: {audio.CONVERT}"
+    with pytest.raises(audio.AudioError, match="loop.sds: SDS"):
+        audio.duration(sample_dump)  # what kws detect reads first
+    many = tmp_path / "many.wav"
+    sf.write(many, np.zeros((100, audio.MAX_CHANNELS + 1), np.float32), 16000)
+    with pytest.raises(audio.AudioError) as refused:
+        audio.load(many)
+    assert str(refused.value) == f"{many}: 65 channels, over the 64 kws mixes: mix it down first"
+    assert capfd.readouterr().out == ""
+
+
 def test_non_finite_samples_are_refused(tmp_path):
     path = tmp_path / "nan.wav"
     data = sine(440, 16000)
