@@ -11,8 +11,8 @@ import re
 def parsed(text: str, kind: type, valid, expected: str):
     """``text`` as a ``kind`` (int or float) for which ``valid`` holds, else an ArgumentTypeError
     saying what was ``expected``: argparse would name the type function for a plain ValueError."""
-    try:
-        value = kind(text)
+    try:  # ASCII only: int and float read other scripts' digits ("١" is 1), which no one means
+        value = kind(text) if text.isascii() else None
     except ValueError:
         value = None
     if value is None or not valid(value):
@@ -101,6 +101,8 @@ def threshold(text: str) -> float | dict[str, float]:
             raise argparse.ArgumentTypeError(
                 f"must be a score or KEYWORD=SCORE pairs (stop=0.99,go=0.95), got {text}"
             )
+        if word in chosen:
+            raise argparse.ArgumentTypeError(f"gives {word} twice, in {text}: give each keyword once")
         chosen[word] = score(value)
     return chosen
 

@@ -512,10 +512,14 @@ DETECT_PARAMETERS = ("threshold", "top_k")
 
 
 def _unknown_parameter(query_params, known: tuple[str, ...]) -> str | None:
-    """What is wrong with a query holding a parameter the endpoint does not read, else None."""
+    """What is wrong with a query holding a parameter the endpoint does not read, or one twice
+    (of which the last would win unsaid), else None."""
     unknown = [name for name in query_params if name not in known]
     if unknown:
         return f"unknown query parameter {unknown[0]!r}: this endpoint reads {', '.join(known)}"
+    twice = [name for name in known if len(query_params.getlist(name)) > 1]
+    if twice:
+        return f"query parameter {twice[0]!r} given {len(query_params.getlist(twice[0]))} times: give it once"
     return None
 
 

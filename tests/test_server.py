@@ -196,6 +196,9 @@ def test_top_k_limits_the_scores(client, model, clip):
         "top_k=1.5",
         "thresold=0.7",  # misspelt: it would be ignored, and the calibrated thresholds used
         "threshold=0.7&rate=48000",  # a stream's parameter
+        "threshold=0.5&threshold=0.9",  # the last would win, unsaid
+        "threshold=stop=0.5,stop=0.9",
+        "threshold=%D9%A1",  # an Arabic-Indic one, which float() reads as 1
     ],
 )
 def test_bad_query_values_get_422(client, clip, query):
@@ -209,9 +212,11 @@ def test_bad_query_values_get_422(client, clip, query):
         assert answer.json()["detail"] == (
             f"unknown query parameter {unknown!r}: this endpoint reads threshold, top_k"
         )
+    elif "&threshold" in query:
+        assert answer.json()["detail"] == "query parameter 'threshold' given 2 times: give it once"
     elif query.startswith("threshold"):  # in the words kws detect --threshold uses
         assert answer.json()["detail"].startswith(
-            ("threshold must be a score", "threshold: thresholds for nope")
+            ("threshold must be a score", "threshold: thresholds for nope", "threshold gives stop twice")
         )
 
 
