@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import json
 import math
+import os
 import queue
+import select
+import stat
 import sys
 import threading
 import time
@@ -22,6 +27,7 @@ from kws.stream import Detector, Event, RateDetector, detections_text, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
+ABORT_SECONDS = 2.0  # for a failed input's abort, after which it is left to end with the process
 # Blocks waiting for the Detector at most (10 s of audio). A file played --fast waits for the
 # Detector rather than pile up in memory; a microphone's audio thread would only wait once the
 # Detector has fallen 10 s behind, when audio is lost either way.
@@ -33,6 +39,29 @@ METER_WIDTH = 30
 
 class ListenError(AudioError):
     """An audio input that cannot be opened or stops delivering; the message says what exists."""
+
+
+class ReaderGone(ListenError):
+    """The program reading the events (``kws listen --json | program``) has exited."""
+
+
+class _ReaderWatch:
+    """Whether the program reading ``out``, a pipe, has exited: found at once, rather than at
+    the next event, which could be hours away in a quiet room and would be lost."""
+
+    def __init__(self, out):
+        self._poll = None
+        try:
+            pipe = stat.S_ISFIFO(os.fstat(out.fileno()).st_mode)
+        except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+            return
+        if pipe and hasattr(select, "poll"):  # Windows has no poll
+            self._poll = select.poll()
+            # Linux flags a pipe's writing end with POLLERR once no reader is left; others POLLHUP.
+            self._poll.register(out.fileno(), select.POLLERR | select.POLLHUP)
+
+    def gone(self) -> bool:
+        return self._poll is not None and bool(self._poll.poll(0))
 
 
 def import_sounddevice():
@@ -177,13 +206,6 @@ class FileInputStream:
         if self._error is not None:
             raise self._error
 
-    def __enter__(self) -> FileInputStream:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
 
 @dataclass(frozen=True)
 class Source:
@@ -313,6 +335,35 @@ class _Consumer:
         return Summary(self.seconds, counts, stopped_by, overflows)
 
 
+def _abandon(stream) -> None:
+    """Abort and close ``stream`` after a failure, waiting ABORT_SECONDS at most. A device gone
+    silent can hold PortAudio's stop for minutes, and a frozen sound server (PulseAudio stopped)
+    held its abort for 60 s, deaf to signals; listening is over either way, and a stream left
+    behind ends with the process. A signal meanwhile does not hide the failure being raised."""
+    if not hasattr(stream, "abort"):  # a file: its close stops its thread at once
+        stream.close()
+        return
+
+    stopped = threading.Event()  # not Thread.join: interrupted by a signal, it can call a thread ended
+
+    def stop() -> None:
+        with contextlib.suppress(Exception):  # the failure that brought us here is the one to tell
+            stream.abort()
+            stream.close()
+        stopped.set()
+
+    threading.Thread(target=stop, name="abort input", daemon=True).start()
+    deadline = time.monotonic() + ABORT_SECONDS
+    while not stopped.is_set() and time.monotonic() < deadline:
+        with contextlib.suppress(KeyboardInterrupt):
+            stopped.wait(deadline - time.monotonic())
+    sounddevice = sys.modules.get("sounddevice")
+    if not stopped.is_set() and sounddevice is not None:
+        # sounddevice ends PortAudio as the process exits, which would wait on the stream left
+        # behind: with PulseAudio frozen, for minutes.
+        atexit.unregister(sounddevice._exit_handler)
+
+
 def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
     try:
         return blocks.get(timeout=STALL_SECONDS)
@@ -356,6 +407,7 @@ def run(
         hand_over(None)
 
     consumer = _Consumer(source.samplerate, detector, out, as_json)  # its RateDetector resets detector
+    reader = _ReaderWatch(out)
     limit = sys.maxsize if seconds is None else round(seconds * source.samplerate)
     stopped_by = None
     try:
@@ -364,33 +416,38 @@ def run(
             callback=callback,
             finished_callback=finished,
         )
-        with stream:
-            try:
-                while consumer.frames < limit:
-                    if (block := _next_block(blocks, source)) is None:
-                        if source.endless:
-                            consumer.meter.clear()
-                            raise ListenError(
-                                f"{source.name} stopped delivering audio after {consumer.seconds:.1f} s "
-                                "(unplugged, or its sound server stopped)"
-                            )
-                        break
-                    if on_audio is not None:
-                        on_audio()
-                        on_audio = None
-                    consumer.hear(block[: limit - consumer.frames])
-            except BaseException:
-                # A device that went silent (found by the stall limit, or by a user pressing Ctrl-C
-                # first) can hold PortAudio's stop, which waits for its thread, for minutes, deaf to
-                # Ctrl-C; abort cancels that thread at once, and listening is over either way.
-                if hasattr(stream, "abort"):
-                    stream.abort()
-                raise
-            finally:
-                closing.set()
+        stream.start()
+        try:
+            while consumer.frames < limit:
+                if (block := _next_block(blocks, source)) is None:
+                    if source.endless:
+                        consumer.meter.clear()
+                        raise ListenError(
+                            f"{source.name} stopped delivering audio after {consumer.seconds:.1f} s "
+                            "(unplugged, or its sound server stopped)"
+                        )
+                    break
+                if on_audio is not None:
+                    on_audio()
+                    on_audio = None
+                if reader.gone():
+                    raise BrokenPipeError
+                consumer.hear(block[: limit - consumer.frames])
+        except BaseException:
+            closing.set()
+            _abandon(stream)
+            raise
+        closing.set()
+        stream.stop()
+        stream.close()
         consumer.finish()
     except source.errors as error:
         raise ListenError(f"{source.name}: {error}") from None
+    except BrokenPipeError:  # found by the watch, or by printing an event
+        raise ReaderGone(
+            f"the program reading the output exited after {consumer.seconds:.1f} s of audio: listening "
+            "stopped; start both again"
+        ) from None
     except Stopped as signal_stop:
         stopped_by = signal_stop.signal_name
     except KeyboardInterrupt:

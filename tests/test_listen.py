@@ -22,7 +22,7 @@ import soxr
 from conftest import REPO, need
 from test_stream import tone_recording
 
-from kws import listen, stream_eval
+from kws import Stopped, listen, stream_eval
 from kws.audio import ModelRate
 from kws.cli import main
 from kws.features import SAMPLE_RATE
@@ -117,6 +117,32 @@ def test_json_prints_each_detection_as_a_line_of_detects_json(words_file, model_
     assert err.splitlines()[-1].startswith(f"listened {sf.info(str(path)).duration:.1f} s: {len(expected)} ")
 
 
+def test_a_reader_that_exits_stops_listening_with_an_error_before_any_event(tmp_path, tone_export):
+    # `kws listen --json | program`: the program exits in a quiet room, where no event would be
+    # printed for hours (here a silent file); listening stops at once, as an error for a service.
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, np.zeros(90 * RATE, np.float32), RATE)
+    command = [
+        sys.executable,
+        "-m",
+        "kws",
+        "listen",
+        "--file",
+        str(quiet),
+        "--json",
+        "--model",
+        str(tone_export[0]),
+    ]
+    started = time.monotonic()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        process.stdout.close()  # the reader is gone before listening starts
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and time.monotonic() - started < 45  # the file lasts 90 s, in real time
+    assert err.splitlines()[-1].startswith("kws listen: error: the program reading the output exited after ")
+    assert err.splitlines()[-1].endswith(" s of audio: listening stopped; start both again")
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
 class Terminal(io.StringIO):
     """Output that says it is a terminal, where listen draws its level meter."""
 
@@ -207,8 +233,11 @@ def play(path, realtime, stop_after=None):
     stream = listen.FileInputStream(
         path, blocksize=2205, callback=callback, finished_callback=finished.set, realtime=realtime
     )
-    with stream:
+    stream.start()
+    try:
         finished.wait(stop_after)
+    finally:
+        stream.close()
     return stream, blocks, time.monotonic() - began, finished.is_set()
 
 
@@ -279,6 +308,18 @@ def test_ctrl_c_stops_listening_with_a_summary_and_code_0(words_file, model_args
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("play ")]
 
 
+def test_a_stop_before_listening_began_ends_as_a_stop_while_listening(
+    words_file, model_args, monkeypatch, capsys
+):
+    # systemctl stop (SIGTERM) while the model loads: code 0, as later, not 143 (a failed unit).
+    def stopped_loading(*args, **kwargs):
+        raise Stopped("SIGTERM")
+
+    monkeypatch.setattr(Model, "load", stopped_loading)
+    assert main(["listen", "--file", str(words_file[0]), *model_args]) == 0
+    assert capsys.readouterr().err.endswith("kws listen: stopped by SIGTERM before listening began\n")
+
+
 def test_a_file_played_fast_waits_for_the_detector_instead_of_piling_up(words_file, tone_export, monkeypatch):
     path, _ = words_file
     source = listen.recording(path, realtime=False)
@@ -315,10 +356,10 @@ def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
         def __init__(self, **settings):
             pass
 
-        def __enter__(self):
-            return self
+        def start(self):
+            pass
 
-        def __exit__(self, *exc_info):
+        def close(self):
             pass
 
     monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
@@ -343,18 +384,20 @@ def test_listening_is_announced_once_the_device_delivers_audio_not_when_it_opens
                 happened.append("block")
                 self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, None)
 
-        def start(self):
+        def play(self):
             self.deliver(1)
             announced.wait(5)
             self.deliver(3)
             self.finished()
 
-        def __enter__(self):
+        def start(self):
             happened.append("opened")
-            threading.Timer(0.3, self.start).start()
-            return self
+            threading.Timer(0.3, self.play).start()
 
-        def __exit__(self, *exc_info):
+        def stop(self):
+            pass
+
+        def close(self):
             pass
 
     def on_audio():
@@ -375,14 +418,17 @@ def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, mo
         def __init__(self, **settings):
             pass
 
-        def __enter__(self):
-            return self
+        def start(self):
+            pass
+
+        def stop(self):
+            raise AssertionError("stopped without aborting: PortAudio's stop would wait for minutes")
 
         def abort(self):
             SilentDevice.aborted = True
 
-        def __exit__(self, *exc_info):
-            assert SilentDevice.aborted, "stopped without aborting: PortAudio's stop would wait for minutes"
+        def close(self):
+            assert SilentDevice.aborted
 
     source = listen.Source("input device 0 'pulse'", RATE, SilentDevice, endless=True)
     detector = Detector(Model.load(tone_export[0]))
@@ -393,6 +439,33 @@ def test_an_input_gone_silent_is_aborted_as_stopping_it_can_hang(tone_export, mo
         monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
         with pytest.raises(listen.ListenError, match="delivered no audio for 0.2 s"):
             listen.run(source, detector, io.StringIO())
+    assert SilentDevice.aborted
+
+
+def test_an_abort_that_hangs_is_left_behind_and_a_signal_meanwhile_hides_no_error(tone_export, monkeypatch):
+    class FrozenServer:  # PulseAudio stopped (SIGSTOP): PortAudio's abort waited 60 s for it
+        def __init__(self, **settings):
+            pass
+
+        def start(self):
+            pass
+
+        def abort(self):
+            time.sleep(30)
+
+    monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
+    monkeypatch.setattr(listen, "ABORT_SECONDS", 1.0)
+    # sounddevice's exit handler ends PortAudio, which would wait on the stream left behind.
+    sounddevice = types.SimpleNamespace(_exit_handler=lambda: None)
+    monkeypatch.setitem(sys.modules, "sounddevice", sounddevice)
+    unregistered = []
+    monkeypatch.setattr(listen.atexit, "unregister", unregistered.append)
+    source = listen.Source("input device 0 'pulse'", RATE, FrozenServer, endless=True)
+    threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT)).start()  # while the abort hangs
+    started = time.monotonic()
+    with pytest.raises(listen.ListenError, match="delivered no audio for 0.2 s"):
+        listen.run(source, Detector(Model.load(tone_export[0])), io.StringIO())
+    assert 1.2 <= time.monotonic() - started < 5 and unregistered == [sounddevice._exit_handler]
 
 
 DEVICES = [
@@ -661,14 +734,19 @@ class EndingStream:
         self.callback, self.finished, self.blocksize = callback, finished_callback, blocksize
         self.blocks, self.overflows = blocks, overflows
 
-    def __enter__(self):
+    def start(self):
         for index in range(self.blocks):
             status = types.SimpleNamespace(input_overflow=index in self.overflows)
             self.callback(np.zeros((self.blocksize, 1), np.float32), self.blocksize, None, status)
         self.finished()
-        return self
 
-    def __exit__(self, *exc_info):
+    def stop(self):
+        pass
+
+    def abort(self):
+        pass
+
+    def close(self):
         pass
 
 
