@@ -93,7 +93,8 @@ def _no_input_device(sd) -> ListenError:
     seen = f"PortAudio lists only outputs: {_names(devices)}" if devices else "PortAudio lists no devices"
     return ListenError(
         f"no audio input device found ({seen}); plug in a microphone and check that the system "
-        "sees it (Linux: arecord -l)"
+        "sees it (Linux: arecord -l; run as a service, that the user's sound server, PulseAudio or "
+        "PipeWire, is running)"
     )
 
 

@@ -525,6 +525,11 @@ def test_device_is_picked_by_index_or_name(monkeypatch, wanted, default_input, i
     ("devices", "argv", "message"),
     [
         ([], ["listen"], "no audio input device found (PortAudio lists no devices); plug in a microphone"),
+        (
+            [],
+            ["listen"],
+            "run as a service, that the user's sound server, PulseAudio or PipeWire, is running)",
+        ),
         ([], ["listen", "--list-devices"], "no audio input device found (PortAudio lists no devices)"),
         (
             DEVICES[1:2],
