@@ -524,11 +524,12 @@ def test_device_is_picked_by_index_or_name(monkeypatch, wanted, default_input, i
 @pytest.mark.parametrize(
     ("devices", "argv", "message"),
     [
-        ([], ["listen"], "no audio input device found (PortAudio lists no devices); plug in a microphone"),
         (
             [],
             ["listen"],
-            "run as a service, that the user's sound server, PulseAudio or PipeWire, is running)",
+            "no audio input device found (PortAudio lists no devices); plug in a microphone and check that "
+            "the system sees it (Linux: arecord -l; run as a service, that the user's sound server, "
+            "PulseAudio or PipeWire, is running)\n",
         ),
         ([], ["listen", "--list-devices"], "no audio input device found (PortAudio lists no devices)"),
         (
