@@ -136,6 +136,8 @@ def _decoding(name: str):
         raise
     except Exception as error:  # soundfile raises several types for undecodable input
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
+        if "not a regular file" in reason:  # its words for an MP3 too short to find a frame in
+            reason = "too short or damaged to find audio in"
         advice = ""
         if "not recognised" in reason:  # AAC (.m4a), WebM, AMR: containers libsndfile never reads
             advice = f": {CONVERT}"

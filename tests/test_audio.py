@@ -104,6 +104,14 @@ def test_formats_and_channel_counts_kws_does_not_read_are_refused_before_decodin
     assert capfd.readouterr().out == ""
 
 
+def test_an_mp3_cut_before_its_first_frame_is_not_called_a_missing_file(tmp_path):
+    path = tmp_path / "tone.mp3"
+    sf.write(path, sine(440, 16000), 16000, format="MP3")
+    with pytest.raises(audio.AudioError) as refused:
+        audio.decode(path.read_bytes()[:200], "upload")
+    assert str(refused.value) == "upload: cannot decode audio (too short or damaged to find audio in)"
+
+
 def test_non_finite_samples_are_refused(tmp_path):
     path = tmp_path / "nan.wav"
     data = sine(440, 16000)
