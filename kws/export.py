@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kws import KwsError, __version__, features, plots
-from kws.c_frontend import c_frontend_sources
+from kws.c_frontend import QUANTIZATION_CHECK, c_frontend_sources, scale_bits
 from kws.data import SpeechData
 from kws.evaluate import percent, report
 from kws.files import json_text, write_files
@@ -179,7 +179,11 @@ def c_array(tflite: bytes, manifest: dict, name: str = "kws_model_data") -> tupl
         f"#define KWS_QUIET_RUNS {quiet_runs} /* runs after an event that fire nothing */\n"
         "extern const char *const kws_labels[KWS_NUM_LABELS];\n"
         "/* Per label, for the averaged softmax score; above 1 for labels that never fire. */\n"
-        "extern const double kws_thresholds[KWS_NUM_LABELS];\n\n#endif\n"
+        "extern const double kws_thresholds[KWS_NUM_LABELS];\n\n"
+        "/* The input quantization, which kws_frontend.h of the same export applies. */\n"
+        f"#define KWS_MODEL_INPUT_SCALE_BITS {scale_bits(manifest['input']['scale'])}\n"
+        f"#define KWS_MODEL_INPUT_ZERO_POINT {manifest['input']['zero_point']}\n"
+        f"{QUANTIZATION_CHECK}\n#endif\n"
     )
     spotted = set(keywords(labels))
     names = ", ".join(json.dumps(label) for label in labels)
@@ -485,6 +489,9 @@ def model_card(manifest: dict) -> str:
         "noise unlike the training clips' will lower recall.",
         "- Words it never heard can still be taken for keywords; the false-accept figures above are the "
         "best guide to how often.",
+        "- The weights are made from the training data above: share them as its licences allow (Speech "
+        "Commands and LibriSpeech are CC BY 4.0: credit P. Warden, arXiv:1804.03209, and V. Panayotov et "
+        "al., ICASSP 2015)",
         "",
     ]
     return "\n".join(lines)

@@ -264,7 +264,7 @@ class Model:
         source: str | None = None,
     ):
         """``reference_kernels``: TFLite's reference ops instead of XNNPACK; slower, but they round
-        as TFLite Micro does, which makes outputs comparable bit for bit with a device.
+        as TFLite Micro does: outputs then match a device's but for a rare step of one (3 in 10,000).
         ``source``: where ``tflite`` bytes came from, for messages."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 

@@ -14,7 +14,7 @@ from conftest import readme_code
 
 from kws import audio, stream
 from kws import features as F
-from kws.c_frontend import c_frontend_sources
+from kws.c_frontend import c_frontend_sources, scale_bits
 from kws.export import c_array
 from kws.files import write_files
 from kws.runtime import Model, resolve
@@ -290,7 +290,7 @@ def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_s
     tflite, manifest = resolve(None)
     header, source = c_array(tflite.read_bytes(), manifest)
     config = detection_config(manifest)
-    constants = dict(re.findall(r"#define (KWS_\w+) (\d+)", header))
+    constants = dict(re.findall(r"#define (KWS_\w+) (\w+)", header))
     hop_s = config.hop_frames * F.HOP_SAMPLES / F.SAMPLE_RATE
     assert constants == {
         "KWS_ARENA_BYTES": str(manifest["sizes"]["tflm_arena_bytes"]),
@@ -299,6 +299,8 @@ def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_s
         "KWS_AVERAGE_RUNS": str(config.average_count),
         "KWS_MIN_COUNT": str(config.min_count),
         "KWS_QUIET_RUNS": str(math.ceil(config.suppression_ms / 1000 / hop_s - 1e-6) - 1),
+        "KWS_MODEL_INPUT_SCALE_BITS": scale_bits(manifest["input"]["scale"]),
+        "KWS_MODEL_INPUT_ZERO_POINT": str(manifest["input"]["zero_point"]),
     }
     labels = re.search(r"kws_labels\[KWS_NUM_LABELS\] = \{(.*)\};", source).group(1)
     assert re.findall(r'"(.*?)"', labels) == manifest["labels"]
@@ -308,6 +310,35 @@ def test_model_data_header_holds_the_manifests_labels_thresholds_and_detection_s
     assert thresholds == [config.threshold(label) if label in keywords else 2 for label in manifest["labels"]]
     code = re.sub(r"//.*", "", readme_sketch())
     assert not re.search(r"\d\.\d", code)  # the README's sketch takes them all from the header
+
+
+@pytest.mark.parametrize("first", ["model_data.h", "kws_frontend.h"])
+def test_a_frontend_and_model_of_different_exports_do_not_build_together(tmp_path, first):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc or gcc) on PATH")
+    tflite, manifest = resolve(None)
+    header, _ = c_array(tflite.read_bytes(), manifest)
+    scale, zero_point = manifest["input"]["scale"], manifest["input"]["zero_point"]
+    second = "kws_frontend.h" if first == "model_data.h" else "model_data.h"
+    (tmp_path / "main.c").write_text(
+        f'#include "{first}"\n#include "{second}"\nint main(void) {{ return 0; }}\n'
+    )
+    (tmp_path / "model_data.h").write_text(header)
+    built = {}
+    for export, quantization in {"same": (scale, zero_point), "another": (scale * 1.01, zero_point)}.items():
+        (tmp_path / "kws_frontend.h").write_text(c_frontend_sources(*quantization)["kws_frontend.h"])
+        built[export] = subprocess.run(
+            [compiler, "-fsyntax-only", "-I", str(tmp_path), str(tmp_path / "main.c")],
+            capture_output=True,
+            text=True,
+        )
+    assert built["same"].returncode == 0, built["same"].stderr
+    assert built["another"].returncode != 0
+    assert (
+        "kws_frontend.h and model_data.h come from different exports: copy both from one"
+        in built["another"].stderr
+    )
 
 
 def build_sketch(folder: Path, model: Model, manifest: dict) -> Path:

@@ -12,6 +12,7 @@
 #define KWS_NUM_FRAMES 49
 #define KWS_INPUT_SCALE 0.47301283f
 #define KWS_INPUT_ZERO_POINT 57
+#define KWS_INPUT_SCALE_BITS 0x3EF22EBDu /* KWS_INPUT_SCALE's bits, which #if can compare */
 
 /* Usage: every KWS_HOP_SAMPLES new samples (20 ms), call kws_frontend_frame on the latest
  * KWS_WINDOW_SAMPLES samples (16 kHz mono int16). Each call gives one row of the model's
@@ -33,6 +34,12 @@ void kws_frontend_frame_float(const int16_t samples[KWS_WINDOW_SAMPLES], float o
 
 #ifdef __cplusplus
 }
+#endif
+
+#if defined(KWS_INPUT_SCALE_BITS) && defined(KWS_MODEL_INPUT_SCALE_BITS)
+#if KWS_INPUT_SCALE_BITS != KWS_MODEL_INPUT_SCALE_BITS || KWS_INPUT_ZERO_POINT != KWS_MODEL_INPUT_ZERO_POINT
+#error "kws_frontend.h and model_data.h come from different exports: copy both from one"
+#endif
 #endif
 
 #endif /* KWS_FRONTEND_H */

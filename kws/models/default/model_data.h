@@ -19,4 +19,13 @@ extern const char *const kws_labels[KWS_NUM_LABELS];
 /* Per label, for the averaged softmax score; above 1 for labels that never fire. */
 extern const double kws_thresholds[KWS_NUM_LABELS];
 
+/* The input quantization, which kws_frontend.h of the same export applies. */
+#define KWS_MODEL_INPUT_SCALE_BITS 0x3EF22EBDu
+#define KWS_MODEL_INPUT_ZERO_POINT 57
+#if defined(KWS_INPUT_SCALE_BITS) && defined(KWS_MODEL_INPUT_SCALE_BITS)
+#if KWS_INPUT_SCALE_BITS != KWS_MODEL_INPUT_SCALE_BITS || KWS_INPUT_ZERO_POINT != KWS_MODEL_INPUT_ZERO_POINT
+#error "kws_frontend.h and model_data.h come from different exports: copy both from one"
+#endif
+#endif
+
 #endif
