@@ -27,7 +27,8 @@ WebSocket protocol of ``/stream``:
   ``{"label": "yes", "score": 0.93, "start": 12.34, "end": 13.34}`` (seconds since the
   stream began), the same events as ``Detector.detect`` on the whole recording.
 - Close codes: 1008 for an unknown query parameter, a bad ``rate`` or ``threshold``, a
-  missing/wrong API key, a web page of an origin not allowed, or no message for IDLE_SECONDS;
+  missing/wrong API key, a web page of an origin not allowed, no message for IDLE_SECONDS, or
+  audio sent under MIN_STREAM_SPEED times real time over STREAM_WINDOW_S;
   1003 for a text message other than the end event; 1013 while the model is still loading or
   MAX_STREAMS streams are open.
 
@@ -50,7 +51,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import heapq
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -116,15 +119,10 @@ IDLE_SECONDS = 60.0
 # The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
 # would hold every other stream up while it is scored.
 WS_MAX_BYTES = 256 * 1024
-# A stream is live audio. One sent faster is held to STREAM_SPEED times real time once it has
-# sent STREAM_BURST_S ahead (audio a client buffered while its network dropped): unheld, four
-# clients sending as fast as they could put every other stream tens of seconds behind, until
-# the pings those streams answered went unread and uvicorn closed them (1011). One whose audio
-# falls STREAM_LAG_S behind the clock (a client trickling bytes to keep a place, or sending at
-# a lower rate than its ?rate=) is closed with 1008.
-STREAM_SPEED = 2.0
-STREAM_BURST_S = 10.0
-STREAM_LAG_S = 60.0
+# A stream that sends under MIN_STREAM_SPEED times real time over a STREAM_WINDOW_S (a client
+# trickling bytes to keep a place, or sending at a lower rate than its ?rate=) is closed (1008).
+STREAM_WINDOW_S = 60.0
+MIN_STREAM_SPEED = 0.5
 # A minute of audio costs a worker 0.07 s of CPU at 16 kHz, 0.55 s as 192 kHz stereo FLAC;
 # longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -487,22 +485,72 @@ class StreamSession:
         return self.detector.flush()
 
 
-class StreamPace:
-    """A stream's audio against the wall clock (seconds of anyio.current_time())."""
+class StreamClock:
+    """A stream's audio against the wall clock (anyio.current_time()), from its first message."""
 
-    def __init__(self, now: float):
-        self.start, self.audio = now, 0.0
-        self._due = now - STREAM_BURST_S / STREAM_SPEED  # when the audio so far is scored at most speed
+    def __init__(self):
+        self.start: float | None = None
+        self.audio = 0.0  # seconds
+        self._window: tuple[float, float] = (0.0, 0.0)  # when the current window began, its audio
 
-    def hold(self, seconds: float, now: float) -> float:
-        """How long to hold ``seconds`` more audio, arrived at ``now``, before scoring it."""
+    def heard(self, seconds: float, now: float) -> str | None:
+        """Count ``seconds`` more audio, arrived at ``now``; why the stream must close, if it sends
+        too slowly. Each STREAM_WINDOW_S is judged on its own: audio a client lost once (an
+        overflow, a slow sound card) is not held against it for ever."""
+        if self.start is None:
+            self.start, self._window = now, (now, 0.0)
+        began, audio = self._window[0], self._window[1] + seconds
         self.audio += seconds
-        self._due = max(self._due, now - STREAM_BURST_S / STREAM_SPEED) + seconds / STREAM_SPEED
-        return max(0.0, self._due - now)
+        self._window = (began, audio)
+        if now - began < STREAM_WINDOW_S:
+            return None
+        self._window = (now, 0.0)
+        if audio >= MIN_STREAM_SPEED * (now - began):
+            return None
+        late = f"only {audio:.0f} s of audio in {now - began:.0f} s"
+        return f"{late}: send it as it is recorded, at the ?rate= given"
 
-    def behind(self, now: float) -> float:
-        """How far the audio has fallen behind the clock, in seconds."""
-        return now - self.start - self.audio
+    def lead(self, now: float) -> float:
+        """How far the audio is ahead of real time (seconds; below 0: behind)."""
+        return 0.0 if self.start is None else self.audio - (now - self.start)
+
+
+class StreamTurns:
+    """The streams' work, one at a time in a thread (the streams share one Model, whose
+    interpreter runs one inference at a time), the stream least ahead of real time first. In
+    arrival order, four clients sending audio as fast as they could (16 s a message) put every
+    live stream 40 s behind, until the pings of those streams went unanswered (1011); now a
+    stream ahead of real time gets the time live streams leave."""
+
+    def __init__(self):
+        self._busy = False
+        self._waiting: list[tuple[float, int, anyio.Event]] = []  # a heap: lead, arrival, its go
+        self._arrivals = itertools.count()
+
+    async def run(self, lead: float, function, *args):
+        if self._busy:
+            turn = (lead, next(self._arrivals), anyio.Event())
+            heapq.heappush(self._waiting, turn)
+            try:
+                await turn[2].wait()
+            except BaseException:  # the client went, or the server stops
+                if turn[2].is_set():
+                    self._hand_on()  # given the turn as it was cancelled: the next one's
+                else:
+                    self._waiting.remove(turn)
+                    heapq.heapify(self._waiting)
+                raise
+        self._busy = True
+        try:
+            return await anyio.to_thread.run_sync(function, *args)
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """The turn to the waiting stream least ahead, or free."""
+        self._busy = bool(self._waiting)
+        if self._waiting:
+            heapq.heappop(self._waiting)[2].set()
 
 
 # The query parameters each endpoint reads: any other is refused, as a misspelt one
@@ -542,10 +590,9 @@ def _is_end(text: str) -> bool:
         return False
 
 
-async def _compute(websocket: WebSocket, function, *args):
-    """Run a stream's work in a thread, one stream at a time: the streams share one Model, whose
-    interpreter runs one inference at a time, and cost ~1.5 % of a core each (20 ms messages)."""
-    return await anyio.to_thread.run_sync(function, *args, limiter=websocket.app.state.streams)
+async def _compute(websocket: WebSocket, clock: StreamClock, function, *args):
+    """Run a stream's work in its turn (~1.5 % of a core for a stream of 20 ms messages)."""
+    return await websocket.app.state.streams.run(clock.lead(anyio.current_time()), function, *args)
 
 
 async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
@@ -553,7 +600,7 @@ async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metri
     # One deadline, moved on by each message: a timeout around each receive (asyncio.wait_for)
     # makes a task per message, 12 µs against 4.5, or 3.5 % of a core for 60 streams of 20 ms
     # messages against 1.3 %.
-    pace = StreamPace(anyio.current_time())
+    clock = StreamClock()
     with anyio.CancelScope(deadline=anyio.current_time() + IDLE_SECONDS) as idle:
         while True:
             message = await websocket.receive()
@@ -565,17 +612,14 @@ async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metri
                 if len(message["bytes"]) > WS_MAX_BYTES:
                     await websocket.close(1009, f"a message holds at most {WS_MAX_BYTES // 1024} KiB")
                     return
-                hold = pace.hold(len(message["bytes"]) / (2 * session.rate), now)
-                if pace.behind(now) > STREAM_LAG_S:
-                    late = f"only {pace.audio:.0f} s of audio in {now - pace.start:.0f} s"
-                    await websocket.close(1008, f"{late}: send it as it is recorded, at the ?rate= given")
+                too_slow = clock.heard(len(message["bytes"]) / (2 * session.rate), now)
+                if too_slow:
+                    await websocket.close(1008, too_slow)
                     return
-                if hold:
-                    await anyio.sleep(hold)
-                events = await _compute(websocket, session.push, message["bytes"])
+                events = await _compute(websocket, clock, session.push, message["bytes"])
                 await _send_events(websocket, metrics, events)
             elif _is_end(message.get("text") or ""):
-                await _send_events(websocket, metrics, await _compute(websocket, session.finish))
+                await _send_events(websocket, metrics, await _compute(websocket, clock, session.finish))
                 await websocket.close(1000)
                 return
             else:
@@ -678,7 +722,7 @@ async def _lifespan(app: FastAPI):
     try:
         await workers.start()
         app.state.model, app.state.workers = model, workers
-        app.state.streams = anyio.CapacityLimiter(1)
+        app.state.streams = StreamTurns()
         app.state.open_streams = 0
         app.state.uploads = UploadBudget(MAX_UPLOAD_BYTES)
         log.info(
@@ -871,12 +915,13 @@ API_DESCRIPTION = f"""Keyword spotting: keywords in recordings (POST /detect) or
 PCM, any size up to {WS_MAX_BYTES // 1024} KiB, then the text message `{{"event": "end"}}`:
 the server scores the last 0.8 s, sends its events and closes with 1000 (a client that closes
 first loses them). Each detection comes as a text message, the JSON of `Detection` below, seconds
-from the stream's start. Audio sent faster than real time is held to {STREAM_SPEED:g} times
-real time once {STREAM_BURST_S:g} s ahead. Close codes: 1003 a text message other than the end;
+from the stream's start. A stream sent faster than real time is scored in the time live streams
+leave. Close codes: 1003 a text message other than the end;
 1008 an unknown or bad query parameter, a missing API key, a web page of an origin not allowed
-(--cors-origin), no message for {IDLE_SECONDS:g} s, or audio {STREAM_LAG_S:g} s behind the clock
-(sent slower than its rate); 1009 a message over the size; 1011 no answer to the server's
-pings; 1012 the server is stopping; 1013 the model is loading or {MAX_STREAMS} streams are open.
+(--cors-origin), no message for {IDLE_SECONDS:g} s, or under {MIN_STREAM_SPEED:g} s of audio a
+second over {STREAM_WINDOW_S:g} s (sent slower than its rate); 1009 a message over the size; 1011
+no answer to the server's pings; 1012 the server is stopping; 1013 the model is loading or
+{MAX_STREAMS} streams are open.
 
 **Errors** are JSON `{{"detail": "..."}}`, one sentence. With an API key set, every endpoint but
 /health needs it as `X-API-Key` or `Authorization: Bearer`; a WebSocket may send `?api_key=`."""
@@ -941,7 +986,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         # Above the app's own limit, which closes with 1009 and a reason: uvicorn's, reached
         # mid-message, drops the connection with the close frame often lost (1006).
         ws_max_size=4 * WS_MAX_BYTES,
-        # PCM barely compresses, and a deflated message would count against the limit compressed.
+        # PCM barely compresses: inflating every message would cost CPU for nothing.
         ws_per_message_deflate=False,
         http="h11",
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,

@@ -24,6 +24,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import anyio
 import httpx2
 import numpy as np
 import pytest
@@ -43,12 +44,12 @@ from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import (
     DETECT_PARAMETERS,
-    STREAM_BURST_S,
-    STREAM_SPEED,
+    STREAM_WINDOW_S,
     WS_MAX_BYTES,
     AnswerAtShutdown,
     Settings,
-    StreamPace,
+    StreamClock,
+    StreamTurns,
     UploadBudget,
     create_app,
     routes,
@@ -1569,31 +1570,54 @@ def test_a_body_that_stalls_gets_408_and_lets_its_bytes_go(export, clip, monkeyp
     assert detail == "the body stalled: nothing of it arrived for 0.2 s after 1,000 bytes; send it again"
 
 
-def test_a_stream_is_held_to_its_speed_after_a_burst_and_told_when_it_falls_behind():
-    pace = StreamPace(now=100.0)
-    assert pace.hold(STREAM_BURST_S, now=100.0) == 0  # a burst: audio buffered while the network dropped
-    assert pace.hold(4.0, now=100.0) == pytest.approx(4.0 / STREAM_SPEED)  # beyond it, held to the speed
-    assert pace.hold(1.0, now=200.0) == 0 and pace.behind(now=200.0) == pytest.approx(100 - 15)
-    live = StreamPace(now=0.0)  # real time, sent as recorded: never held, never behind
-    assert all(live.hold(0.02, now=0.02 * i) == 0 for i in range(1, 5000))
-    assert abs(live.behind(now=100.0)) < 0.1
+def test_a_stream_clock_closes_a_stream_sent_too_slowly_judging_each_window_on_its_own():
+    live = StreamClock()  # real time, sent as recorded, from its first message on
+    assert not any(live.heard(0.02, now=5.0 + 0.02 * i) for i in range(20_000))
+    assert abs(live.lead(now=5.0 + 0.02 * 19_999)) < 0.1
+    # A client that loses 40 % of its audio for five minutes: behind by 2 minutes, but each window
+    # holds over half of its time, and none is held against the next.
+    lossy = StreamClock()
+    assert not any(lossy.heard(0.012, now=0.02 * i) for i in range(5 * round(STREAM_WINDOW_S / 0.02)))
+    assert lossy.lead(now=5 * STREAM_WINDOW_S) == pytest.approx(-2 * STREAM_WINDOW_S, abs=0.1)
+    trickle = StreamClock()  # 2 bytes every 25 s, to keep a place
+    assert trickle.heard(1e-4, now=0.0) is None and trickle.heard(1e-4, now=25.0) is None
+    assert (
+        trickle.heard(1e-4, now=75.0)
+        == "only 0 s of audio in 75 s: send it as it is recorded, at the ?rate= given"
+    )
+    fast = StreamClock()  # a recording sent as fast as it goes: 16 s a message
+    fast.heard(16.0, now=0.0)
+    assert fast.heard(16.0, now=0.1) is None and fast.lead(now=0.1) == pytest.approx(31.9)
 
 
-def test_a_stream_sent_faster_than_its_speed_is_held(client, monkeypatch):
-    monkeypatch.setattr("kws.server.STREAM_BURST_S", 0.0)
-    monkeypatch.setattr("kws.server.STREAM_SPEED", 4.0)
-    started = time.monotonic()
-    with client.websocket_connect("/stream") as ws:
-        for message in frames(np.zeros(SAMPLE_RATE), 640):  # 1 s of audio, as fast as it can
-            ws.send_bytes(message)
-        ws.send_text(END)
-        with pytest.raises(WebSocketDisconnect) as ended:
-            ws.receive_text()
-    assert ended.value.code == 1000 and time.monotonic() - started >= 1.0 / 4.0
+def test_stream_turns_go_to_the_stream_least_ahead_of_real_time_and_pass_on_when_cancelled():
+    order = []
+
+    async def scenario():
+        turns, started = StreamTurns(), anyio.Event()
+
+        def first():
+            order.append("first")
+            anyio.from_thread.run_sync(started.set)
+            time.sleep(0.2)  # the turn is busy while the others come
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(turns.run, 0.0, first)
+            await started.wait()
+            for name, lead in (("fast", 40.0), ("live", -0.1), ("ahead", 2.0), ("gone", -5.0)):
+                tasks.start_soon(turns.run, lead, order.append, name)
+            await anyio.sleep(0.05)
+            with anyio.CancelScope() as gone:  # the client least ahead leaves while it waits
+                gone.cancel()
+                await turns.run(-9.0, order.append, "cancelled")
+        return turns
+
+    turns = anyio.run(scenario)
+    assert order == ["first", "gone", "live", "ahead", "fast"] and not turns._busy and not turns._waiting
 
 
-def test_a_stream_whose_audio_falls_behind_the_clock_is_closed(client, monkeypatch):
-    monkeypatch.setattr("kws.server.STREAM_LAG_S", 0.5)
+def test_a_stream_sent_too_slowly_is_closed(client, monkeypatch):
+    monkeypatch.setattr("kws.server.STREAM_WINDOW_S", 0.5)
     with client.websocket_connect("/stream") as ws, pytest.raises(WebSocketDisconnect) as closed:
         ws.send_bytes(bytes(640))
         time.sleep(1.0)  # 20 ms of audio in a second: a trickle, or the wrong ?rate=
