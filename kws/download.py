@@ -51,19 +51,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_sha256(path: Path, sha256: str | None, found: str) -> None:
-    """DownloadError unless ``path`` (which ``found`` says how it came) has the SHA-256 expected.
-    The file stays: a mirror may pack the data set its own way, and its 2.3 GB are not fetched
-    twice for that."""
+def _check_sha256(path: Path, sha256: str | None, found: str, url: str) -> None:
+    """DownloadError unless ``path`` (which ``found`` says how it came from ``url``) has the
+    SHA-256 expected. The file stays: a mirror may pack the data set its own way, and its 2.3 GB
+    are not fetched twice for that. From the official address, it is damaged."""
     if not sha256:
         return
     actual = _sha256(path)
-    if actual != sha256.lower():
-        raise DownloadError(
-            f"{found} {path}, whose SHA-256 is {actual}, not the {sha256} expected: if it came from a "
-            f"mirror that packs the data set its own way, run kws download again with --sha256 {actual} "
-            f"to unpack it; else delete {path} and run again to download it afresh"
+    if actual == sha256.lower():
+        return
+    again = f"delete {path} and run again to download it afresh"
+    if url != DATASET_URL:
+        again = (
+            f"if {url} is a mirror that packs the data set its own way, run kws download again with "
+            f"--sha256 {actual} to unpack it; else {again}"
         )
+    raise DownloadError(f"{found} {path}, whose SHA-256 is {actual}, not the {sha256} expected: {again}")
 
 
 def _transfer(url: str, part: Path, timeout: float) -> bool:
@@ -77,12 +80,14 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
             return True
         raise
     with response:
+        remaining = int(response.headers.get("Content-Length", 0)) or None
         if have and response.status != 206:
+            if remaining == have:  # the whole file, which a server ignoring Range sends: we have it
+                return True
             tqdm.write(
                 f"{url} does not resume downloads: starting again from its first byte", file=sys.stderr
             )
             have = 0
-        remaining = int(response.headers.get("Content-Length", 0)) or None
         total = have + remaining if remaining else None
         with (
             open(part, "ab" if have else "wb") as out,
@@ -108,7 +113,7 @@ def fetch(url: str, destination: Path, sha256: str | None, attempts: int = 8, ti
         raise DownloadError(f"--url {url!r} is not an http:// or https:// address")
     destination = Path(destination)
     if destination.exists():  # fetched before, by kws or by hand
-        _check_sha256(destination, sha256, "the archive is")
+        _check_sha256(destination, sha256, "the archive is", url)
         return destination
     made = _made_folder(destination.parent)
     try:
@@ -162,7 +167,7 @@ def _fetch_into(url: str, destination: Path, sha256: str | None, attempts: int, 
             )
             tqdm.write(f"{what} in {attempt} s", file=sys.stderr)
             time.sleep(attempt)
-    _check_sha256(part, sha256, f"{url} was downloaded to")
+    _check_sha256(part, sha256, "the download is", url)
     os.replace(part, destination)
     return destination
 

@@ -101,25 +101,27 @@ def test_a_partial_file_from_a_killed_process_is_continued(tmp_path, archive):
     assert (tmp_path / "speech_commands_v0.02.tar.gz").read_bytes() == payload
 
 
-def test_a_checksum_mismatch_keeps_the_download_and_says_how_to_unpack_it(tmp_path, archive):
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_checksum_mismatch_keeps_the_download_and_says_how_to_unpack_it(tmp_path, archive, ranges, capsys):
     payload, digest = archive
-    server = Server(payload)
+    server = Server(payload, ranges=ranges)
     try:
         with pytest.raises(download.DownloadError) as mismatch:
             download.download_dataset(tmp_path, server.url, "0" * 64)
         part = tmp_path / "speech_commands_v0.02.tar.gz.part"
         assert str(mismatch.value) == (
-            f"{server.url} was downloaded to {part}, whose SHA-256 is {digest}, not the {'0' * 64} "
-            f"expected: if it came from a mirror that packs the data set its own way, run kws download "
-            f"again with --sha256 {digest} to unpack it; else delete {part} and run again to download "
-            "it afresh"
+            f"the download is {part}, whose SHA-256 is {digest}, not the {'0' * 64} expected: if "
+            f"{server.url} is a mirror that packs the data set its own way, run kws download again with "
+            f"--sha256 {digest} to unpack it; else delete {part} and run again to download it afresh"
         )
-        # As told: the bytes kept are unpacked, not fetched again (the server has none after them).
+        # As told: the bytes kept are unpacked, not fetched again, whether the server answers the
+        # range after them (416) or ignores it and offers the whole file again (200).
         folder = download.download_dataset(tmp_path, server.url, digest)
     finally:
         server.close()
     assert server.requests == [None, f"bytes={len(payload)}-"]
     assert len(list((folder / "yes").iterdir())) == 30
+    assert "starting again from its first byte" not in capsys.readouterr().err
 
 
 def test_an_archive_already_there_is_checked_and_kept_when_it_is_not_the_one_expected(tmp_path, archive):
@@ -129,6 +131,10 @@ def test_an_archive_already_there_is_checked_and_kept_when_it_is_not_the_one_exp
     with pytest.raises(download.DownloadError, match=f"^the archive is {there}, whose SHA-256 is {digest}"):
         download.download_dataset(tmp_path, "http://127.0.0.1:9/speech_commands_v0.02.tar.gz", "0" * 64)
     assert there.read_bytes() == payload and not (tmp_path / "speech_commands_v0.02").exists()
+    # From the official address a mismatch is damage, not a mirror's packing: no way around the check.
+    with pytest.raises(download.DownloadError) as damaged:
+        download.download_dataset(tmp_path, download.DATASET_URL, "0" * 64)
+    assert str(damaged.value).endswith(f"expected: delete {there} and run again to download it afresh")
     folder = download.download_dataset(tmp_path, "http://127.0.0.1:9/speech_commands_v0.02.tar.gz", digest)
     assert len(list((folder / "yes").iterdir())) == 30  # never contacted: the archive was there
 
