@@ -562,11 +562,11 @@ def cmd_listen(args) -> int:
     try:
         source = listen.recording(args.file, not args.fast) if args.file else listen.microphone(args.device)
         model = Model.load(args.model, named="--model")
+        detector = Detector(model, _detection_config(model, args.threshold))
     except KeyboardInterrupt as stop:  # a service stopped as it starts ends as one stopped listening
         how = f"by {stop.signal_name}" if isinstance(stop, Stopped) else "with Ctrl-C"
         print(f"kws listen: stopped {how} before listening began", file=sys.stderr)
         return 0
-    detector = Detector(model, _detection_config(model, args.threshold))
     print(
         f"kws listen: {source.name} at {source.samplerate:.0f} Hz, model {model.manifest.get('name')}",
         file=sys.stderr,
@@ -577,13 +577,12 @@ def cmd_listen(args) -> int:
 
     try:
         summary = listen.run(source, detector, sys.stdout, args.seconds, args.json, on_audio=listening)
+        if summary.stopped_by == listen.READER_GONE:  # as `kws detect | head`: the reader is done
+            _silence(sys.stdout)
         # With --json, standard output holds only the events, for the program reading them.
-        print(summary, file=sys.stderr if args.json else sys.stdout)
-    except listen.ReaderGone:
-        # An error, unlike `kws detect | head`: a service (systemd's Restart=, a shell's pipefail)
-        # must learn that the pipeline stopped.
-        _silence(sys.stdout)
-        raise
+        print(
+            summary, file=sys.stderr if args.json or summary.stopped_by == listen.READER_GONE else sys.stdout
+        )
     except OSError as error:
         if error.errno != errno.EIO:
             raise

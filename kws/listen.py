@@ -41,23 +41,24 @@ class ListenError(AudioError):
     """An audio input that cannot be opened or stops delivering; the message says what exists."""
 
 
-class ReaderGone(ListenError):
-    """The program reading the events (``kws listen --json | program``) has exited."""
+# How a listen ended when the program reading its output exited (`kws listen --json | program`).
+READER_GONE = "its reader's exit"
 
 
 class _ReaderWatch:
-    """Whether the program reading ``out``, a pipe, has exited: found at once, rather than at
-    the next event, which could be hours away in a quiet room and would be lost."""
+    """Whether the program reading ``out``, a pipe or a socket (Node.js gives its children
+    socket pairs), has exited: found at once, rather than at the next event, which could be
+    hours away in a quiet room and would be lost."""
 
     def __init__(self, out):
         self._poll = None
         try:
-            pipe = stat.S_ISFIFO(os.fstat(out.fileno()).st_mode)
+            mode = os.fstat(out.fileno()).st_mode
         except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
             return
-        if pipe and hasattr(select, "poll"):  # Windows has no poll
+        if (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) and hasattr(select, "poll"):  # Windows has none
             self._poll = select.poll()
-            # Linux flags a pipe's writing end with POLLERR once no reader is left; others POLLHUP.
+            # Linux flags a pipe's writing end with POLLERR once no reader is left, a socket with POLLHUP.
             self._poll.register(out.fileno(), select.POLLERR | select.POLLHUP)
 
     def gone(self) -> bool:
@@ -279,7 +280,7 @@ class Meter:
 class Summary:
     seconds: float  # audio heard
     counts: dict[str, int]  # detections per keyword, every keyword of the model
-    stopped_by: str | None  # "Ctrl-C" or a signal's name; None when the audio ended
+    stopped_by: str | None  # "Ctrl-C", a signal's name or READER_GONE; None when the audio ended
     overflows: int = 0  # blocks after which the input had dropped audio
 
     def __str__(self) -> str:
@@ -358,11 +359,11 @@ def _abandon(stream) -> None:
     while not stopped.is_set() and time.monotonic() < deadline:
         with contextlib.suppress(KeyboardInterrupt):
             stopped.wait(deadline - time.monotonic())
-    sounddevice = sys.modules.get("sounddevice")
-    if not stopped.is_set() and sounddevice is not None:
+    exit_handler = getattr(sys.modules.get("sounddevice"), "_exit_handler", None)
+    if not stopped.is_set() and exit_handler is not None:
         # sounddevice ends PortAudio as the process exits, which would wait on the stream left
         # behind: with PulseAudio frozen, for minutes.
-        atexit.unregister(sounddevice._exit_handler)
+        atexit.unregister(exit_handler)
 
 
 def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
@@ -417,8 +418,8 @@ def run(
             callback=callback,
             finished_callback=finished,
         )
-        stream.start()
         try:
+            stream.start()
             while consumer.frames < limit:
                 if (block := _next_block(blocks, source)) is None:
                     if source.endless:
@@ -445,10 +446,7 @@ def run(
     except source.errors as error:
         raise ListenError(f"{source.name}: {error}") from None
     except BrokenPipeError:  # found by the watch, or by printing an event
-        raise ReaderGone(
-            f"the program reading the output exited after {consumer.seconds:.1f} s of audio: listening "
-            "stopped; start both again"
-        ) from None
+        stopped_by = READER_GONE
     except Stopped as signal_stop:
         stopped_by = signal_stop.signal_name
     except KeyboardInterrupt:
