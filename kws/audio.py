@@ -1,4 +1,4 @@
-"""Audio in: decode any file or bytes soundfile reads, mix to mono, resample to 16 kHz."""
+"""Audio in: decode files or bytes of the FORMATS below, mix to mono, resample to 16 kHz."""
 
 from __future__ import annotations
 

@@ -95,6 +95,7 @@ from kws.workers import (
     NO_WORKER,
     SHUTTING_DOWN,
     TOO_LONG_ADVICE,
+    WAITING_PER_WORKER,
     RequestError,
     WorkerPool,
     default_workers,
@@ -705,10 +706,10 @@ DETECT_ERRORS = {
         408: f"no part of the body arrived for {IDLE_SECONDS:g} s",
         413: "body over the byte limit or audio over the duration limit",
         415: "not audio that can be used; the detail gives the decoder's reason",
-        422: "a query parameter that is unknown or has a value it cannot take",
+        422: "a query parameter that is unknown, given twice or has a value it cannot take",
         503: "no worker process can take it now (the model is loading, a process died on it or got "
-        f"stuck, the uploads held fill its {MAX_UPLOAD_BYTES // 1_000_000} MB, or the server is "
-        "shutting down): try again",
+        f"stuck, {WAITING_PER_WORKER} requests per process already wait, the uploads held fill its "
+        f"{MAX_UPLOAD_BYTES // 1_000_000} MB, or the server is shutting down): try again",
     }.items()
 }
 
