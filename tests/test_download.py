@@ -273,6 +273,27 @@ def test_a_damaged_archive_without_a_checksum_is_refused_not_marked_complete(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech_commands_v0.02.tar.gz"]  # to delete
 
 
+def test_a_full_disk_while_unpacking_is_a_clear_error_and_leaves_nothing_half_unpacked(
+    tmp_path, archive, monkeypatch
+):
+    (tmp_path / "a.tar.gz").write_bytes(archive[0])
+    extract = tarfile.TarFile.extract
+
+    def disk_full_after_some(self, member, *args, **kwargs):
+        if member.name.endswith("_nohash_0.wav") and int(member.name[4:12], 16) > 10:
+            raise OSError(28, "No space left on device")
+        return extract(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", disk_full_after_some)
+    with pytest.raises(download.DownloadError) as full:
+        download.unpack(tmp_path / "a.tar.gz", tmp_path / "out")
+    assert str(full.value) == (
+        f"cannot unpack {tmp_path / 'a.tar.gz'} into {tmp_path} (No space left on device): free some space "
+        "there, or pick another --dir"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz"]
+
+
 def test_a_url_with_a_query_names_the_files_by_its_path(tmp_path, archive):
     server = Server(archive[0])
     try:
