@@ -295,35 +295,30 @@ def test_own_takes_beside_speech_commands_folders_are_warned_of(tmp_path, capsys
     )
 
 
-def test_training_warns_of_speakers_the_lists_put_on_both_sides(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("split", "speaker", "word", "measure"),
+    [("validation", "00yesab", "yes", "validation"), ("testing", "02upab", "up", "test")],
+)
+def test_training_warns_of_speakers_the_lists_put_on_both_sides(
+    tmp_path, capsys, split, speaker, word, measure
+):
     from kws.data import SpeechData, which_set
     from kws.train import _checked_validation
 
     dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
     config = run_config(dataset, epochs=1)
     _checked_validation(SpeechData(config.data), config.train)
-    assert "in validation and in training" not in capsys.readouterr().err  # the lists go by speaker
-    # A validation speaker's "no", which the list leaves out and the speaker hash puts in training.
-    extra_take = dataset / "no" / "00yesab_nohash_1.wav"
+    assert "and in training" not in capsys.readouterr().err  # the lists go by speaker
+    # A listed speaker's "no", which the list leaves out and the speaker hash puts in training.
+    extra_take = dataset / "no" / f"{speaker}_nohash_1.wav"
     assert which_set(extra_take, config.data.validation_percent, config.data.testing_percent) == "training"
-    shutil.copy(dataset / "yes" / "00yesab_nohash_0.wav", extra_take)
+    shutil.copy(dataset / word / f"{speaker}_nohash_0.wav", extra_take)
     _checked_validation(SpeechData(config.data), config.train)
     assert (
-        f"warning: 1 speaker of {dataset} has clips in validation and in training (as 00yesab: "
-        "yes/00yesab_nohash_0.wav in validation, no/00yesab_nohash_1.wav in training), as "
-        "validation_list.txt names only some of their clips"
-    ) in capsys.readouterr().err
-    # The same of testing_list.txt: a test speaker's take that the hash puts in training.
-    extra_take.unlink()
-    test_take = dataset / "no" / "02upab_nohash_1.wav"
-    assert which_set(test_take, config.data.validation_percent, config.data.testing_percent) == "training"
-    shutil.copy(dataset / "up" / "02upab_nohash_0.wav", test_take)
-    _checked_validation(SpeechData(config.data), config.train)
-    assert (
-        f"warning: 1 speaker of {dataset} has clips in testing and in training (as 02upab: "
-        "up/02upab_nohash_0.wav in testing, no/02upab_nohash_1.wav in training), as testing_list.txt "
-        "names only some of their clips: the model hears their voices in training, so test accuracy "
-        "reads a little high"
+        f"warning: 1 speaker of {dataset} has clips in {split} and in training (as {speaker}: "
+        f"{word}/{speaker}_nohash_0.wav in {split}, no/{speaker}_nohash_1.wav in training), as "
+        f"{split}_list.txt names only some of their clips: the model hears their voices in training, so "
+        f"{measure} accuracy reads a little high"
     ) in capsys.readouterr().err
 
 
