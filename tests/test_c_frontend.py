@@ -363,6 +363,14 @@ def build_sketch(folder: Path, model: Model, manifest: dict) -> Path:
         f"-DNUM_OUTPUTS={len(model.labels)}",
     ]
     binary = folder / "sketch"
+    # The sketch alone under the flags firmware builds use: no silent int-to-float or double math.
+    strict = ["-Wall", "-Wextra", "-Wconversion", "-Wdouble-promotion", "-Werror"]
+    checked = subprocess.run(
+        [compiler, "-std=c++17", "-fsyntax-only", *strict, "-I", str(folder), str(folder / "sketch.cc")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stderr
     built = subprocess.run(
         [compiler, "-std=c++17", "-O2", "-Wall", "-Werror", *defines, "-I", str(folder)]
         + [str(folder / "main.cc"), str(folder / "model_data.cc"), str(folder / "kws_frontend.c")]
