@@ -56,6 +56,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -120,10 +121,14 @@ IDLE_SECONDS = 60.0
 # The largest WebSocket message (8 s at 16 kHz): the streams take turns, and one huge message
 # would hold every other stream up while it is scored.
 WS_MAX_BYTES = 256 * 1024
-# A stream that sends under MIN_STREAM_SPEED times real time over a STREAM_WINDOW_S (a client
-# trickling bytes to keep a place, or sending at a lower rate than its ?rate=) is closed (1008).
+# A stream that sends under MIN_STREAM_SPEED times real time over a STREAM_WINDOW_S of the
+# server waiting for it (a client trickling bytes to keep a place, or sending at a lower rate
+# than its ?rate=) is closed (1008).
 STREAM_WINDOW_S = 60.0
 MIN_STREAM_SPEED = 0.5
+# A stream behind real time goes before live ones by this much at most: a client that sent
+# slowly for an hour would otherwise take every turn until it caught up.
+CATCH_UP_S = 2.0
 # A minute of audio costs a worker 0.07 s of CPU at 16 kHz, 0.55 s as 192 kHz stereo FLAC;
 # longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -487,50 +492,50 @@ class StreamSession:
 
 
 class StreamClock:
-    """A stream's audio against the wall clock (anyio.current_time()), from its first message."""
+    """A stream's audio against the clock (anyio.current_time()): when its audio is due, which
+    orders the streams' turns, and whether the client sends it fast enough."""
 
     def __init__(self):
-        self.start: float | None = None
-        self.audio = 0.0  # seconds
-        self._window: tuple[float, float] = (0.0, 0.0)  # when the current window began, its audio
+        self.due = -math.inf  # when the audio received so far ends, had it come in real time
+        self._window = (0.0, 0.0)  # the current window: seconds the server waited for the client, audio
 
-    def heard(self, seconds: float, now: float) -> str | None:
-        """Count ``seconds`` more audio, arrived at ``now``; why the stream must close, if it sends
-        too slowly. Each STREAM_WINDOW_S is judged on its own: audio a client lost once (an
-        overflow, a slow sound card) is not held against it for ever."""
-        if self.start is None:
-            self.start, self._window = now, (now, 0.0)
-        began, audio = self._window[0], self._window[1] + seconds
-        self.audio += seconds
-        self._window = (began, audio)
-        if now - began < STREAM_WINDOW_S:
+    def heard(self, seconds: float, now: float, waited: float) -> str | None:
+        """Count ``seconds`` more audio, arrived at ``now`` after the server ``waited`` for it;
+        why the stream must close, if it sends too slowly. Only the time spent waiting for the
+        client counts (not the server's own, scoring other streams), and each STREAM_WINDOW_S of
+        it is judged alone: audio a client lost once (an overflow, a slow sound card) is not
+        held against it for ever."""
+        self.due = max(self.due, now - CATCH_UP_S) + seconds
+        waiting, audio = self._window[0] + waited, self._window[1] + seconds
+        self._window = (waiting, audio)
+        if waiting < STREAM_WINDOW_S:
             return None
-        self._window = (now, 0.0)
-        if audio >= MIN_STREAM_SPEED * (now - began):
+        self._window = (0.0, 0.0)
+        if audio >= MIN_STREAM_SPEED * waiting:
             return None
-        late = f"only {audio:.0f} s of audio in {now - began:.0f} s"
-        return f"{late}: send it as it is recorded, at the ?rate= given"
-
-    def lead(self, now: float) -> float:
-        """How far the audio is ahead of real time (seconds; below 0: behind)."""
-        return 0.0 if self.start is None else self.audio - (now - self.start)
+        return (
+            f"only {audio:.0f} s of audio in {waiting:.0f} s: send it as it is recorded, at the ?rate= given"
+        )
 
 
 class StreamTurns:
     """The streams' work, one at a time in a thread (the streams share one Model, whose
-    interpreter runs one inference at a time), the stream least ahead of real time first. In
-    arrival order, four clients sending audio as fast as they could (16 s a message) put every
+    interpreter runs one inference at a time), the stream whose audio is due first going first.
+    In arrival order, four clients sending audio as fast as they could (16 s a message) put every
     live stream 40 s behind, until the pings of those streams went unanswered (1011); now a
-    stream ahead of real time gets the time live streams leave."""
+    stream ahead of real time gets the time live streams leave. The due time, unlike how far
+    ahead a stream is, does not change while it waits: a live stream that waited is not passed
+    by those that came after it."""
 
     def __init__(self):
         self._busy = False
-        self._waiting: list[tuple[float, int, anyio.Event]] = []  # a heap: lead, arrival, its go
+        self._waiting: list[tuple[float, int, anyio.Event]] = []  # a heap: due, arrival, its go
         self._arrivals = itertools.count()
+        self._thread = anyio.CapacityLimiter(1)  # not anyio's shared one, which others may fill
 
-    async def run(self, lead: float, function, *args):
+    async def run(self, due: float, function, *args):
         if self._busy:
-            turn = (lead, next(self._arrivals), anyio.Event())
+            turn = (due, next(self._arrivals), anyio.Event())
             heapq.heappush(self._waiting, turn)
             try:
                 await turn[2].wait()
@@ -543,12 +548,12 @@ class StreamTurns:
                 raise
         self._busy = True
         try:
-            return await anyio.to_thread.run_sync(function, *args)
+            return await anyio.to_thread.run_sync(function, *args, limiter=self._thread)
         finally:
             self._hand_on()
 
     def _hand_on(self) -> None:
-        """The turn to the waiting stream least ahead, or free."""
+        """The turn to the waiting stream due first, or free."""
         self._busy = bool(self._waiting)
         if self._waiting:
             heapq.heappop(self._waiting)[2].set()
@@ -593,34 +598,40 @@ def _is_end(text: str) -> bool:
 
 async def _compute(websocket: WebSocket, clock: StreamClock, function, *args):
     """Run a stream's work in its turn (~1.5 % of a core for a stream of 20 ms messages)."""
-    return await websocket.app.state.streams.run(clock.lead(anyio.current_time()), function, *args)
+    return await websocket.app.state.streams.run(clock.due, function, *args)
 
 
 async def _converse(websocket: WebSocket, session: StreamSession, metrics: Metrics) -> None:
     """Audio messages in, events out, until the client ends the stream, goes away or idles."""
     # One deadline, moved on by each message: a timeout around each receive (asyncio.wait_for)
     # makes a task per message, 12 µs against 4.5, or 3.5 % of a core for 60 streams of 20 ms
-    # messages against 1.3 %.
+    # messages against 1.3 %. It is lifted while the stream waits for its turn: the server's time.
     clock = StreamClock()
-    with anyio.CancelScope(deadline=anyio.current_time() + IDLE_SECONDS) as idle:
+    with anyio.CancelScope() as idle:
         while True:
+            asked = anyio.current_time()
+            idle.deadline = asked + IDLE_SECONDS
             message = await websocket.receive()
             now = anyio.current_time()
-            idle.deadline = now + IDLE_SECONDS
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("bytes") is not None:
                 if len(message["bytes"]) > WS_MAX_BYTES:
                     await websocket.close(1009, f"a message holds at most {WS_MAX_BYTES // 1024} KiB")
                     return
-                too_slow = clock.heard(len(message["bytes"]) / (2 * session.rate), now)
+                too_slow = clock.heard(len(message["bytes"]) / (2 * session.rate), now, now - asked)
                 if too_slow:
                     await websocket.close(1008, too_slow)
                     return
+                idle.deadline = math.inf
                 events = await _compute(websocket, clock, session.push, message["bytes"])
+                idle.deadline = anyio.current_time() + IDLE_SECONDS
                 await _send_events(websocket, metrics, events)
             elif _is_end(message.get("text") or ""):
-                await _send_events(websocket, metrics, await _compute(websocket, clock, session.finish))
+                idle.deadline = math.inf
+                events = await _compute(websocket, clock, session.finish)
+                idle.deadline = anyio.current_time() + IDLE_SECONDS
+                await _send_events(websocket, metrics, events)
                 await websocket.close(1000)
                 return
             else:

@@ -43,6 +43,7 @@ from kws.cli import main
 from kws.features import CLIP_SAMPLES, SAMPLE_RATE
 from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import (
+    CATCH_UP_S,
     DETECT_PARAMETERS,
     STREAM_WINDOW_S,
     WS_MAX_BYTES,
@@ -1571,26 +1572,36 @@ def test_a_body_that_stalls_gets_408_and_lets_its_bytes_go(export, clip, monkeyp
 
 
 def test_a_stream_clock_closes_a_stream_sent_too_slowly_judging_each_window_on_its_own():
-    live = StreamClock()  # real time, sent as recorded, from its first message on
-    assert not any(live.heard(0.02, now=5.0 + 0.02 * i) for i in range(20_000))
-    assert abs(live.lead(now=5.0 + 0.02 * 19_999)) < 0.1
-    # A client that loses 40 % of its audio for five minutes: behind by 2 minutes, but each window
-    # holds over half of its time, and none is held against the next.
+    live = StreamClock()  # real time, sent as recorded
+    assert not any(live.heard(0.02, now=5.0 + 0.02 * i, waited=0.02) for i in range(20_000))
+    assert live.due == pytest.approx(5.0 + 0.02 * 19_999 - CATCH_UP_S + 0.02)
+    # A client that loses 40 % of its audio for five minutes: each window holds over half of its
+    # time, and none is held against the next.
     lossy = StreamClock()
-    assert not any(lossy.heard(0.012, now=0.02 * i) for i in range(5 * round(STREAM_WINDOW_S / 0.02)))
-    assert lossy.lead(now=5 * STREAM_WINDOW_S) == pytest.approx(-2 * STREAM_WINDOW_S, abs=0.1)
-    trickle = StreamClock()  # 2 bytes every 25 s, to keep a place
-    assert trickle.heard(1e-4, now=0.0) is None and trickle.heard(1e-4, now=25.0) is None
-    assert (
-        trickle.heard(1e-4, now=75.0)
-        == "only 0 s of audio in 75 s: send it as it is recorded, at the ?rate= given"
+    assert not any(
+        lossy.heard(0.012, now=0.02 * i, waited=0.02) for i in range(5 * round(STREAM_WINDOW_S / 0.02))
     )
-    fast = StreamClock()  # a recording sent as fast as it goes: 16 s a message
-    fast.heard(16.0, now=0.0)
-    assert fast.heard(16.0, now=0.1) is None and fast.lead(now=0.1) == pytest.approx(31.9)
+    # A server busy with other streams reads a live stream's messages late: its time, not the client's.
+    busy = StreamClock()
+    assert not any(busy.heard(0.02, now=0.5 * i, waited=0.001) for i in range(1000))
+    trickle = StreamClock()  # 2 bytes every 25 s, to keep a place
+    assert (
+        trickle.heard(1e-4, now=0.0, waited=0.0) is None
+        and trickle.heard(1e-4, now=25.0, waited=25.0) is None
+    )
+    assert trickle.heard(1e-4, now=75.0, waited=50.0) == (
+        "only 0 s of audio in 75 s: send it as it is recorded, at the ?rate= given"
+    )
+    fast = StreamClock()  # a recording sent as fast as it goes, 16 s a message: due ever later
+    fast.heard(16.0, now=0.0, waited=0.0)
+    assert fast.heard(16.0, now=0.1, waited=0.0) is None and fast.due == pytest.approx(32.0 - CATCH_UP_S)
+    slow = StreamClock()  # half real time for an hour: behind by 30 min, but first by CATCH_UP_S only
+    for i in range(3600):
+        slow.heard(0.5, now=float(i), waited=1.0)
+    assert slow.due == pytest.approx(3599 - CATCH_UP_S + 0.5)
 
 
-def test_stream_turns_go_to_the_stream_least_ahead_of_real_time_and_pass_on_when_cancelled():
+def test_stream_turns_go_to_the_stream_due_first_and_pass_on_when_cancelled():
     order = []
 
     async def scenario():
