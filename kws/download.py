@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -61,7 +62,9 @@ def _check_sha256(path: Path, sha256: str | None, found: str, url: str) -> None:
     if actual == sha256.lower():
         return
     again = f"delete {path} and run again to download it afresh"
-    if url != DATASET_URL:
+    if url == DATASET_URL and sha256.lower() != DATASET_SHA256:
+        again = f"the official archive's is {DATASET_SHA256}: leave --sha256 out"
+    elif url != DATASET_URL:
         again = (
             f"if {url} is a mirror that packs the data set its own way, run kws download again with "
             f"--sha256 {actual} to unpack it; else {again}"
@@ -69,8 +72,9 @@ def _check_sha256(path: Path, sha256: str | None, found: str, url: str) -> None:
     raise DownloadError(f"{found} {path}, whose SHA-256 is {actual}, not the {sha256} expected: {again}")
 
 
-def _transfer(url: str, part: Path, timeout: float) -> bool:
-    """Append the rest of ``url`` to ``part``; True when the server had nothing left to send."""
+def _transfer(url: str, part: Path, timeout: float, checked: bool) -> bool:
+    """Append the rest of ``url`` to ``part``; True when the server had nothing left to send.
+    ``checked``: a checksum will be checked, so that a ``part`` as long as the file is taken for it."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -82,7 +86,7 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
     with response:
         remaining = int(response.headers.get("Content-Length", 0)) or None
         if have and response.status != 206:
-            if remaining == have:  # the whole file, which a server ignoring Range sends: we have it
+            if checked and remaining == have:  # the whole file, which a server ignoring Range sends
                 return True
             tqdm.write(
                 f"{url} does not resume downloads: starting again from its first byte", file=sys.stderr
@@ -151,7 +155,7 @@ def _fetch_into(url: str, destination: Path, sha256: str | None, attempts: int, 
     part = destination.with_name(destination.name + ".part")
     for attempt in range(1, attempts + 1):
         try:
-            _transfer(url, part, timeout)
+            _transfer(url, part, timeout, checked=bool(sha256))
             break
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
             if isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500:
@@ -238,9 +242,13 @@ def unpack(archive: Path, target: Path) -> Path:
         raise
     except OSError as error:  # a full disk, most likely: the 2.3 GB unpack to about 3.8 GB
         shutil.rmtree(staging, ignore_errors=True)
+        fix = (
+            "free some space there, or pick another --dir"
+            if error.errno == errno.ENOSPC
+            else "pick another --dir"
+        )
         raise DownloadError(
-            f"cannot unpack {archive} into {target.parent} ({error.strerror or error}): free some space "
-            "there, or pick another --dir"
+            f"cannot unpack {archive} into {target.parent} ({error.strerror or error}): {fix}"
         ) from None
     (staging / COMPLETE_MARKER).touch()
     os.replace(staging, target)

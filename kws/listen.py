@@ -46,9 +46,9 @@ READER_GONE = "its reader's exit"
 
 
 class _ReaderWatch:
-    """Whether the program reading ``out``, a pipe or a socket (Node.js gives its children
-    socket pairs), has exited: found at once, rather than at the next event, which could be
-    hours away in a quiet room and would be lost."""
+    """Whether the program reading ``out``, a pipe or a Unix socket (Node.js gives its children
+    socket pairs; a TCP peer's leaving shows only at the next write), has exited: found at once,
+    rather than at the next event, which could be hours away in a quiet room and would be lost."""
 
     def __init__(self, out):
         self._poll = None

@@ -131,10 +131,16 @@ def test_an_archive_already_there_is_checked_and_kept_when_it_is_not_the_one_exp
     with pytest.raises(download.DownloadError, match=f"^the archive is {there}, whose SHA-256 is {digest}"):
         download.download_dataset(tmp_path, "http://127.0.0.1:9/speech_commands_v0.02.tar.gz", "0" * 64)
     assert there.read_bytes() == payload and not (tmp_path / "speech_commands_v0.02").exists()
-    # From the official address a mismatch is damage, not a mirror's packing: no way around the check.
+    # From the official address a mismatch is damage, not a mirror's packing: no way around the check;
+    # unless the checksum given is not the official one.
     with pytest.raises(download.DownloadError) as damaged:
-        download.download_dataset(tmp_path, download.DATASET_URL, "0" * 64)
+        download.download_dataset(tmp_path, download.DATASET_URL, download.DATASET_SHA256)
     assert str(damaged.value).endswith(f"expected: delete {there} and run again to download it afresh")
+    with pytest.raises(download.DownloadError) as mistyped:
+        download.download_dataset(tmp_path, download.DATASET_URL, "0" * 64)
+    assert str(mistyped.value).endswith(
+        f"the official archive's is {download.DATASET_SHA256}: leave --sha256 out"
+    )
     folder = download.download_dataset(tmp_path, "http://127.0.0.1:9/speech_commands_v0.02.tar.gz", digest)
     assert len(list((folder / "yes").iterdir())) == 30  # never contacted: the archive was there
 
