@@ -311,10 +311,12 @@ def cmd_eval(args) -> int:
             "set's layout), and remove it before training on it",
             file=sys.stderr,
         )
-    unspotted = sorted(
+    # A test set package's word folders are its keywords: the official one's on and off are not
+    # the built-in model's.
+    unspotted = data.package and sorted(
         {clip.word for clip in data.clips if not clip.word.startswith("_")} - set(data.config.words)
     )
-    if data.package and unspotted:  # the official one holds on and off, which the built-in model lacks
+    if unspotted:
         print(
             f"note: {args.data} has clips of {', '.join(unspotted)}, which this model does not spot: "
             f"they are scored as {UNKNOWN}, and listed with the other words below",
@@ -577,12 +579,11 @@ def cmd_listen(args) -> int:
 
     try:
         summary = listen.run(source, detector, sys.stdout, args.seconds, args.json, on_audio=listening)
-        if summary.stopped_by == listen.READER_GONE:  # as `kws detect | head`: the reader is done
+        reader_gone = summary.stopped_by == listen.READER_GONE
+        if reader_gone:  # as `kws detect | head`: the reader is done
             _silence(sys.stdout)
         # With --json, standard output holds only the events, for the program reading them.
-        print(
-            summary, file=sys.stderr if args.json or summary.stopped_by == listen.READER_GONE else sys.stdout
-        )
+        print(summary, file=sys.stderr if args.json or reader_gone else sys.stdout)
     except OSError as error:
         if error.errno != errno.EIO:
             raise
