@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import select
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +45,8 @@ MAX_CHANNELS = 64
 # Floats past this peak (12 dB over full scale) are integer PCM converted without scaling, the
 # usual slip (np.frombuffer(data, np.int16).astype(np.float32)): clipped, they are noise.
 MAX_FLOAT_PEAK = 4.0
+STDIN_NAME = "standard input"  # how messages name audio piped in
+PIPED = "pipe in WAV, MP3 or OGG, as arecord and ffmpeg -f wav - write it (raw samples do not say their rate)"
 
 
 class AudioError(KwsError, ValueError):
@@ -128,8 +132,9 @@ class ModelRate:
 
 
 @contextlib.contextmanager
-def _decoding(name: str):
-    """Any failure of the decoder as an AudioError naming the source and the decoder's reason."""
+def _decoding(name: str, advice: str | None = None):
+    """Any failure of the decoder as an AudioError naming the source, the decoder's reason and
+    ``advice`` (by default CONVERT, for formats libsndfile does not know)."""
     try:
         yield
     except AudioError:
@@ -138,17 +143,19 @@ def _decoding(name: str):
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         if "not a regular file" in reason:  # its words for an MP3 too short to find a frame in
             reason = "too short or damaged to find audio in"
-        advice = ""
-        if "not recognised" in reason:  # AAC (.m4a), WebM, AMR: containers libsndfile never reads
-            advice = f": {CONVERT}"
-        raise AudioError(f"{name}: cannot decode audio ({reason}){advice}") from None
+        if advice is None and "not recognised" in reason:  # AAC (.m4a), WebM, AMR: never read
+            advice = CONVERT
+        raise AudioError(
+            f"{name}: cannot decode audio ({reason})" + (f": {advice}" if advice else "")
+        ) from None
 
 
-def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
-    """AudioError for a header without a length, with no samples or with a rate under
-    MIN_SAMPLE_RATE; TooLong for audio over ``max_seconds`` or, at its rate and channels, over
-    MAX_VALUES_PER_SECOND for each of those seconds; AudioError for a format not in FORMATS
-    or over MAX_CHANNELS channels, before a sample is decoded."""
+def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None, live: bool = False) -> None:
+    """AudioError for a header without a length (unless ``live``: a pipe's audio ends when its
+    writer stops), with no samples or with a rate under MIN_SAMPLE_RATE; TooLong for audio over
+    ``max_seconds`` or, at its rate and channels, over MAX_VALUES_PER_SECOND for each of those
+    seconds; AudioError for a format not in FORMATS or over MAX_CHANNELS channels, before a
+    sample is decoded."""
     if file.format not in FORMATS:
         raise AudioError(f"{name}: {file.format_info} audio: {CONVERT}")
     if file.channels > MAX_CHANNELS:
@@ -160,6 +167,8 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> N
             f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
             "record it again at 16 kHz"
         )
+    if live:
+        return
     if file.frames >= UNKNOWN_LENGTH:
         raise AudioError(f"{name}: its header gives no length (written to a pipe?): encode it again")
     if not file.frames:
@@ -245,15 +254,46 @@ def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndar
     return _blocks(_existing(path), str(path), seconds)
 
 
-def native_blocks(path: str | Path, frames: int) -> Iterator[np.ndarray]:
-    """A file's audio at its own rate and channels, ``frames`` at a time ((frames, channels)
-    float32), checked and clipped as ``load``'s is: what a microphone would deliver."""
-    name = str(path)
-    with _decoding(name), sf.SoundFile(_existing(path)) as file:
-        _check_header(file, name, None)
-        # Decoded in blocks as large as load's: libmpg123 logs a decoding error on stderr for
-        # many reads of a few milliseconds (the audio comes out right all the same).
-        yield from _checked(file, frames, name, max(1, _decode_frames(file) // frames) * frames)
+class NativeAudio:
+    """Audio at its own rate and channels, checked and clipped as ``load``'s is, read in blocks
+    as a microphone delivers them: a file, or with ``path`` None standard input, read as it
+    arrives from a program writing WAV, MP3 or OGG there (arecord, ffmpeg). The header is read
+    and checked at once; ``blocks`` reads the rest, once, and closes it."""
+
+    def __init__(self, path: str | Path | None):
+        self.live = path is None
+        self.name = STDIN_NAME if self.live else str(path)
+        with _decoding(self.name, PIPED if self.live else None):
+            self._file = _piped_input() if self.live else sf.SoundFile(_existing(path))
+        try:
+            _check_header(self._file, self.name, None, self.live)
+        except AudioError:
+            self._file.close()
+            raise
+        self.samplerate = self._file.samplerate
+        self.channels = self._file.channels
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        """(frames, channels) float32 blocks."""
+        with _decoding(self.name), self._file as file:
+            # A file is decoded in blocks as large as load's: libmpg123 logs a decoding error on
+            # stderr for many reads of a few milliseconds (the audio comes out right all the
+            # same). A pipe's block is read as soon as it has arrived, as a microphone's is.
+            decode = frames if self.live else max(1, _decode_frames(file) // frames) * frames
+            yield from _checked(file, frames, self.name, decode)
+
+
+def _piped_input() -> sf.SoundFile:
+    """Standard input opened by libsndfile, which reads a pipe without seeking (WAV, MP3, OGG;
+    not FLAC). Only once its first bytes are there: libsndfile waiting for a header would not
+    return to Python for a Ctrl-C."""
+    stdin = sys.stdin.fileno()
+    if hasattr(select, "poll"):  # Windows has none; there, Ctrl-C waits for the first bytes
+        waiting = select.poll()
+        waiting.register(stdin, select.POLLIN)
+        while not waiting.poll(100):  # in steps, for a signal that another thread received
+            pass
+    return sf.SoundFile(stdin, closefd=False)
 
 
 def info(path: str | Path):

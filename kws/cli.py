@@ -420,7 +420,7 @@ def cmd_calibrate(args) -> int:
 
 
 LONG_RECORDING_SECONDS = 600.0  # kws detect shows a progress bar from this length on
-STDIN = "-"  # kws detect's FILE for a file's bytes on standard input (./- is a file named -)
+STDIN = "-"  # detect's FILE and listen's --file for standard input (./- is a file named -)
 
 
 def _file_or_stdin(text: str) -> Path | str:
@@ -558,11 +558,18 @@ def cmd_listen(args) -> int:
         return 0
     if args.fast and not args.file:
         raise UserError("--fast plays a --file faster than real time: give --file AUDIO")
+    if args.file == STDIN and (sys.stdin is None or sys.stdin.isatty()):  # it would wait for typing
+        raise UserError(
+            "--file - reads audio piped in, as in: arecord -f S16_LE -r 16000 | kws listen --file -"
+        )
     from kws.runtime import Model
     from kws.stream import Detector
 
     try:
-        source = listen.recording(args.file, not args.fast) if args.file else listen.microphone(args.device)
+        if args.file:
+            source = listen.recording(None if args.file == STDIN else args.file, not args.fast)
+        else:
+            source = listen.microphone(args.device)
         model = Model.load(args.model, named="--model")
         detector = Detector(model, _detection_config(model, args.threshold))
     except KeyboardInterrupt as stop:  # a service stopped as it starts ends as one stopped listening
@@ -904,10 +911,11 @@ def _add_listen(commands) -> None:
         help="spot keywords live in a microphone's audio",
         description="Listen to a microphone at its own sample rate, resample to 16 kHz on the fly and print "
         "each detection as it happens (with a level meter on a terminal). --file plays an audio file "
-        "through the same path instead. Ctrl-C stops listening, prints a summary (audio heard, "
-        "detections per keyword) and exits with code 0.",
+        "through the same path instead, and --file - the audio another program pipes in. Ctrl-C stops "
+        "listening, prints a summary (audio heard, detections per keyword) and exits with code 0.",
         epilog="examples: kws listen --list-devices;  kws listen --device 2;  "
-        "kws listen --file a.wav --fast;  kws listen --json | while read -r event; do ...; done",
+        "kws listen --file a.wav --fast;  arecord -f S16_LE -r 16000 | kws listen --file -;  "
+        "kws listen --json | while read -r event; do ...; done",
     )
     inputs = listen.add_mutually_exclusive_group()
     inputs.add_argument(
@@ -916,7 +924,11 @@ def _add_listen(commands) -> None:
     )
     inputs.add_argument("--list-devices", action="store_true", help="list the input devices and exit")
     inputs.add_argument(
-        "--file", type=Path, metavar="AUDIO", help="play an audio file through the microphone's code path"
+        "--file",
+        type=_file_or_stdin,
+        metavar="AUDIO",
+        help="play an audio file through the microphone's code path; - reads audio piped in (WAV, MP3 or "
+        "OGG: arecord, ffmpeg -f wav -) as it arrives",
     )
     listen.add_argument(
         "--fast", action="store_true", help="with --file: as fast as possible, not in real time"

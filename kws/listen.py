@@ -154,21 +154,29 @@ def device_table() -> str:
 
 
 class FileInputStream:
-    """An audio file played like a microphone: the part of ``sounddevice.InputStream`` that ``run`` uses.
+    """Audio read from a file or a pipe, played like a microphone: the part of
+    ``sounddevice.InputStream`` that ``run`` uses.
 
     A thread calls ``callback(block, frames, None, None)`` with float32 blocks of shape
-    (``blocksize``, channels) at the file's own rate, each when a microphone would have
-    finished recording it (``realtime``) or as fast as the consumer takes them, then
-    ``finished_callback()`` at the end of the file or on ``stop``. Audio that cannot be used (NaN,
-    a decoding error midway, where ``kws detect`` reports the part before it) ends the play, and
-    ``close`` raises its AudioError.
+    (``blocksize``, channels) at the audio's own rate, each when a microphone would have
+    finished recording it (``realtime``) or as fast as the consumer takes them (a pipe: as they
+    arrive), then ``finished_callback()`` at the end of the audio or on ``stop``. Audio that
+    cannot be used (NaN, a decoding error midway, where ``kws detect`` reports the part before
+    it) ends the play, and ``close`` raises its AudioError.
     """
 
-    def __init__(self, path, *, blocksize: int, callback, finished_callback=None, realtime: bool = True):
-        info = audio.info(path)
-        self.path = path
-        self.samplerate = info.samplerate
-        self.channels = info.channels
+    def __init__(
+        self,
+        recording: audio.NativeAudio,
+        *,
+        blocksize: int,
+        callback,
+        finished_callback=None,
+        realtime: bool = True,
+    ):
+        self.recording = recording
+        self.samplerate = recording.samplerate
+        self.channels = recording.channels
         self.blocksize = blocksize
         self.realtime = realtime
         self._callback = callback
@@ -181,7 +189,7 @@ class FileInputStream:
         started = time.monotonic()
         sent = 0
         try:
-            for block in audio.native_blocks(self.path, self.blocksize):
+            for block in self.recording.blocks(self.blocksize):
                 sent += len(block)
                 due = started + sent / self.samplerate if self.realtime else 0.0
                 if self._stopping.wait(max(0.0, due - time.monotonic())):
@@ -195,13 +203,15 @@ class FileInputStream:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._play, name=f"play {self.path}", daemon=True)
+        self._thread = threading.Thread(target=self._play, name=f"play {self.recording.name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            # A file's thread ends within a block; a pipe's may wait on a writer that sends
+            # nothing, and then ends with the process.
+            self._thread.join(ABORT_SECONDS)
 
     def close(self) -> None:
         self.stop()
@@ -236,10 +246,14 @@ def microphone(wanted: str | None = None) -> Source:
     return Source(name, rate, stream, (sd.PortAudioError,), endless=True)
 
 
-def recording(path: str | Path, realtime: bool = True) -> Source:
-    """An audio file played through the microphone's code path, in real time or as fast as possible."""
-    rate = audio.info(path).samplerate
-    return Source(str(path), rate, functools.partial(FileInputStream, path, realtime=realtime))
+def recording(path: str | Path | None, realtime: bool = True) -> Source:
+    """An audio file played through the microphone's code path, in real time or as fast as
+    possible; with ``path`` None, audio piped to standard input, as it arrives."""
+    native = audio.NativeAudio(path)
+    realtime = realtime and not native.live  # a pipe's writer sets its pace
+    return Source(
+        native.name, native.samplerate, functools.partial(FileInputStream, native, realtime=realtime)
+    )
 
 
 class Meter:

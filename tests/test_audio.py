@@ -80,7 +80,7 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
     with pytest.raises(audio.AudioError, match="low.wav: recorded at 4000 Hz, under the 8000 Hz"):
         audio.load(low)
     with pytest.raises(audio.AudioError, match="recorded at 4000 Hz"):  # what kws listen --file plays
-        next(audio.native_blocks(low, 512))
+        next(audio.NativeAudio(low).blocks(512))
     memo = tmp_path / "memo.m4a"  # a phone's voice memo: AAC in an MP4 container
     memo.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
     with pytest.raises(audio.AudioError) as refused:
@@ -124,7 +124,7 @@ def test_non_finite_samples_are_refused(tmp_path):
 def test_float_samples_beyond_full_scale_are_clipped_as_a_converter_would(tmp_path):
     path = tmp_path / "loud.wav"
     sf.write(path, 1000 * sine(440, 16000), 16000, subtype="FLOAT")  # floats hold any value
-    for samples in (audio.load(path), np.concatenate(list(audio.native_blocks(path, 800)))):
+    for samples in (audio.load(path), np.concatenate(list(audio.NativeAudio(path).blocks(800)))):
         assert samples.min() == -1.0 and samples.max() == 1.0
 
 
@@ -200,7 +200,7 @@ def test_blocks_refuse_bad_audio_where_they_find_it(tmp_path):
         list(pieces)
     played = []  # as listen --file plays it, 50 ms at a time: up to the block holding the NaN
     with pytest.raises(audio.AudioError, match="nan.wav: holds NaN"):
-        played.extend(audio.native_blocks(path, 800))
+        played.extend(audio.NativeAudio(path).blocks(800))
     assert len(played) == 20000 // 800
     with pytest.raises(audio.AudioError, match="missing.wav: no such file"):
         audio.blocks(tmp_path / "missing.wav")
@@ -221,4 +221,4 @@ def test_a_truncated_mp3_gives_the_audio_it_holds_and_never_repeats_it(tmp_path)
     assert 10 * SAMPLE_RATE < len(samples) < 14 * SAMPLE_RATE
     second = SAMPLE_RATE
     assert np.abs(samples[-second:] - samples[-11 * second : -10 * second]).max() > 0.1  # not played twice
-    assert sum(len(block) for block in audio.native_blocks(tmp_path / "cut.mp3", 800)) == len(samples)
+    assert sum(len(block) for block in audio.NativeAudio(tmp_path / "cut.mp3").blocks(800)) == len(samples)

@@ -1,10 +1,12 @@
 """`kws listen`: microphone and file share one path (callback, queue, resampling, Detector, printing)."""
 
+import contextlib
 import functools
 import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -23,7 +25,7 @@ import soxr
 from conftest import REPO, need
 from test_stream import tone_recording
 
-from kws import Stopped, listen, stream_eval
+from kws import Stopped, audio, listen, stream_eval
 from kws.audio import ModelRate
 from kws.cli import main
 from kws.features import SAMPLE_RATE
@@ -151,6 +153,78 @@ def test_a_reader_that_exits_stops_listening_at_once_not_at_the_next_event(tmp_p
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
+def test_audio_piped_in_is_heard_as_it_arrives_as_the_file_is(words_file, tone_export):
+    # arecord | kws listen --file -: the writer holds the pipe open, and each keyword is printed
+    # while it does, not at the end of the audio.
+    path, _ = words_file
+    data = path.read_bytes()
+    last_second = RATE * 2 * 4  # stereo float32
+    command = [sys.executable, "-m", "kws", "listen", "--file", "-", "--json", "--model", str(tone_export[0])]
+    with subprocess.Popen(
+        [*command, "--threshold", "0.6"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as process:
+        process.stdin.write(data[:-last_second])
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        first = json.loads(process.stdout.readline()) if ready else None
+        process.stdin.write(data[-last_second:])
+        process.stdin.close()
+        rest = [json.loads(line) for line in process.stdout.read().splitlines()]
+    expected = detect_file(tone_export, path)
+    assert first is not None and process.returncode == 0
+    assert [event["label"] for event in [first, *rest]] == [event.label for event in expected] != []
+    for event, want in zip([first, *rest], expected, strict=True):
+        assert event["start"] == pytest.approx(want.start, abs=HOP_SECONDS)
+
+
+@pytest.fixture
+def piped_stdin(monkeypatch):
+    """Standard input as the reading end of a pipe; yields its writing end's descriptor."""
+    reading, writing = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(reading, "rb"))
+    yield writing
+    with contextlib.suppress(OSError):
+        os.close(writing)
+
+
+def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, model_args, capsys):
+    # The writer (ffmpeg connecting to a camera) has sent nothing yet: libsndfile, left to wait for
+    # a header, would not return for Ctrl-C. Past 10 s the pipe is closed to end the test.
+    threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,)).start()
+    rescue = threading.Timer(10, os.close, (piped_stdin,))
+    rescue.start()
+    started = time.monotonic()
+    assert main(["listen", "--file", "-", *model_args]) == 0
+    assert time.monotonic() - started < 5
+    rescue.cancel()
+    assert capsys.readouterr().err == "kws listen: stopped with Ctrl-C before listening began\n"
+
+
+@pytest.mark.parametrize(
+    ("piped", "reason"),
+    [
+        (np.zeros(SAMPLE_RATE, np.int16).tobytes(), "Format not recognised."),  # raw samples
+        (b"", "Format not recognised."),  # a writer that ended without a word
+    ],
+)
+def test_audio_piped_in_without_a_header_says_what_to_pipe(piped_stdin, model_args, capsys, piped, reason):
+    threading.Thread(target=lambda: (os.write(piped_stdin, piped), os.close(piped_stdin))).start()
+    assert main(["listen", "--file", "-", *model_args]) == 2
+    assert capsys.readouterr().err == (
+        f"kws listen: error: standard input: cannot decode audio ({reason}): pipe in WAV, MP3 or OGG, as "
+        "arecord and ffmpeg -f wav - write it (raw samples do not say their rate)\n"
+    )
+
+
+def test_file_dash_from_a_terminal_says_how_to_pipe_audio_in(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    assert main(["listen", "--file", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "kws listen: error: --file - reads audio piped in, as in: "
+        "arecord -f S16_LE -r 16000 | kws listen --file -\n"
+    )
+
+
 class Terminal(io.StringIO):
     """Output that says it is a terminal, where listen draws its level meter."""
 
@@ -239,7 +313,11 @@ def play(path, realtime, stop_after=None):
 
     began = time.monotonic()
     stream = listen.FileInputStream(
-        path, blocksize=2205, callback=callback, finished_callback=finished.set, realtime=realtime
+        audio.NativeAudio(path),
+        blocksize=2205,
+        callback=callback,
+        finished_callback=finished.set,
+        realtime=realtime,
     )
     stream.start()
     try:
