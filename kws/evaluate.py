@@ -37,6 +37,7 @@ def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sour
     }
     result = {
         "accuracy": float(hits.sum() / max(1, matrix.sum())),
+        "accuracy_interval": accuracy_interval(int(hits.sum()), int(matrix.sum())),
         "examples": int(matrix.sum()),
         "per_class": per_class,
         "confusion": {"labels": list(labels), "matrix": matrix.tolist()},
@@ -54,6 +55,19 @@ def report(labels: list[str], targets: np.ndarray, predictions: np.ndarray, sour
         other = np.asarray(sources) == "other word"
         result["other_words"] = other_words(labels, np.asarray(words)[other], np.asarray(predictions)[other])
     return result
+
+
+def accuracy_interval(correct: int, examples: int) -> list[float] | None:
+    """The 95 % confidence interval of an accuracy of ``correct`` in ``examples`` (Wilson's, which
+    stays within [0, 1] for few examples or all right): the accuracies that many examples cannot
+    tell apart. None for no examples. Clips by one speaker fail together, so the true spread is
+    wider still."""
+    if not examples:
+        return None
+    from scipy.stats import binomtest  # 0.7 s to import: only for the commands that score
+
+    interval = binomtest(correct, examples).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(float(interval.low), 5), round(float(interval.high), 5)]
 
 
 def other_words(labels: list[str], words: np.ndarray, predictions: np.ndarray) -> dict:
@@ -92,11 +106,16 @@ def percent(value: float | None, places: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{places}%}"
 
 
+def _interval(result: dict) -> str:
+    interval = result.get("accuracy_interval")
+    return f" (95 % interval {interval[0]:.1%} to {interval[1]:.1%})" if interval else ""
+
+
 def format_report(result: dict) -> str:
     """Human-readable text of ``report``."""
     labels = result["confusion"]["labels"]
     width = max(9, *(len(label) for label in labels))
-    lines = [f"accuracy {result['accuracy']:.2%} on {result['examples']} examples", ""]
+    lines = [f"accuracy {result['accuracy']:.2%} on {result['examples']} examples{_interval(result)}", ""]
     lines.append(f"{'class':<{width}}  precision  recall  support")
     for label, row in result["per_class"].items():
         precision, recall = percent(row["precision"], 2), percent(row["recall"], 2)

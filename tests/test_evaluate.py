@@ -1,8 +1,10 @@
 """Classifier reports: accuracy, per class, by source, and other words one by one."""
 
+import math
 import re
 
 import numpy as np
+import pytest
 
 from kws.evaluate import format_report, report
 
@@ -61,7 +63,7 @@ def test_the_text_report_shows_the_figures_of_the_json_one():
     assert result["per_class"]["no"] == {"precision": None, "recall": 0.0, "support": 2}
     assert result["per_class"]["_silence_"] == {"precision": None, "recall": None, "support": 0}
     lines = format_report(result).splitlines()
-    assert lines[0] == "accuracy 50.00% on 6 examples"
+    assert lines[0] == "accuracy 50.00% on 6 examples (95 % interval 18.8% to 81.2%)"
     assert lines[1:3] == ["", "class      precision  recall  support"]
     assert lines[5].split() == ["yes", "50.00%", "66.67%", "3"]
     assert lines[7].split() == ["up", "50.00%", "100.00%", "1"]
@@ -74,3 +76,17 @@ def test_the_text_report_shows_the_figures_of_the_json_one():
     assert all(row[1:] == ends[0] for row in ends[1:])
     assert confusion[3].split() == ["yes", "0", "0", "2", "0", "1"]  # rows are the true class
     assert confusion[4].split() == ["no", "0", "0", "2", "0", "0"]
+
+
+@pytest.mark.parametrize(("correct", "examples"), [(9, 10), (10, 10), (0, 5), (2299, 2440)])
+def test_the_accuracy_comes_with_wilsons_95_percent_interval(correct, examples):
+    # Wilson's score interval, written out: it stays inside [0, 1] where "p +- 2 standard
+    # errors" would pass 100 % for 10 of 10.
+    z, p = 1.959964, correct / examples
+    centre = (p + z**2 / (2 * examples)) / (1 + z**2 / examples)
+    half = z / (1 + z**2 / examples) * math.sqrt(p * (1 - p) / examples + z**2 / (4 * examples**2))
+    targets = np.zeros(examples, int)
+    predictions = np.where(np.arange(examples) < correct, 0, 1)
+    low, high = report(LABELS, targets, predictions)["accuracy_interval"]
+    assert low == pytest.approx(centre - half, abs=1e-5) and high == pytest.approx(centre + half, abs=1e-5)
+    assert 0 <= low <= p <= high <= 1
