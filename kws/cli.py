@@ -965,7 +965,8 @@ def _add_detect(commands) -> None:
         nargs="+",
         metavar="FILE",
         help="audio files, or folders: every audio file in them; - reads one file's bytes from "
-        "standard input (ffmpeg -i talk.m4a -f wav - | kws detect -)",
+        "standard input (ffmpeg -i talk.m4a -f wav - | kws detect -), whole: for audio that keeps "
+        "coming, kws listen --file -",
     )
     _add_detector_options(detect)
     detect.add_argument(
