@@ -46,7 +46,10 @@ MAX_CHANNELS = 64
 # usual slip (np.frombuffer(data, np.int16).astype(np.float32)): clipped, they are noise.
 MAX_FLOAT_PEAK = 4.0
 STDIN_NAME = "standard input"  # how messages name audio piped in
-PIPED = "pipe in WAV, MP3 or OGG, as arecord and ffmpeg -f wav - write it (raw samples do not say their rate)"
+PIPED = (
+    "pipe in WAV as arecord and ffmpeg -f wav - write it (raw samples do not say their rate), or give a "
+    "file by its path"
+)
 
 
 class AudioError(KwsError, ValueError):
@@ -143,6 +146,8 @@ def _decoding(name: str, advice: str | None = None):
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         if "not a regular file" in reason:  # its words for an MP3 too short to find a frame in
             reason = "too short or damaged to find audio in"
+        if "psf_fseek" in reason:  # in a pipe, where an MP3 file's seek table sends it back
+            reason = "its decoder needs to go back in it, which a pipe cannot"
         if advice is None and "not recognised" in reason:  # AAC (.m4a), WebM, AMR: never read
             advice = CONVERT
         raise AudioError(
@@ -257,8 +262,8 @@ def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndar
 class NativeAudio:
     """Audio at its own rate and channels, checked and clipped as ``load``'s is, read in blocks
     as a microphone delivers them: a file, or with ``path`` None standard input, read as it
-    arrives from a program writing WAV, MP3 or OGG there (arecord, ffmpeg). The header is read
-    and checked at once; ``blocks`` reads the rest, once, and closes it."""
+    arrives from a program writing audio there (arecord, ffmpeg). The header is read and checked
+    at once; ``blocks`` reads the rest, once, and closes it."""
 
     def __init__(self, path: str | Path | None):
         self.live = path is None
@@ -275,7 +280,7 @@ class NativeAudio:
 
     def blocks(self, frames: int) -> Iterator[np.ndarray]:
         """(frames, channels) float32 blocks."""
-        with _decoding(self.name), self._file as file:
+        with _decoding(self.name, PIPED if self.live else None), self._file as file:
             # A file is decoded in blocks as large as load's: libmpg123 logs a decoding error on
             # stderr for many reads of a few milliseconds (the audio comes out right all the
             # same). A pipe's block is read as soon as it has arrived, as a microphone's is.
@@ -284,9 +289,9 @@ class NativeAudio:
 
 
 def _piped_input() -> sf.SoundFile:
-    """Standard input opened by libsndfile, which reads a pipe without seeking (WAV, MP3, OGG;
-    not FLAC). Only once its first bytes are there: libsndfile waiting for a header would not
-    return to Python for a Ctrl-C."""
+    """Standard input opened by libsndfile, which reads a pipe without seeking back (WAV, OGG,
+    MP3 as streamed; not FLAC, nor an MP3 file's seek table). Only once its first bytes are
+    there: libsndfile waiting for a header would not return to Python for a Ctrl-C."""
     stdin = sys.stdin.fileno()
     if hasattr(select, "poll"):  # Windows has none; there, Ctrl-C waits for the first bytes
         waiting = select.poll()

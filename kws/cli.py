@@ -927,8 +927,8 @@ def _add_listen(commands) -> None:
         "--file",
         type=_file_or_stdin,
         metavar="AUDIO",
-        help="play an audio file through the microphone's code path; - reads audio piped in (WAV, MP3 or "
-        "OGG: arecord, ffmpeg -f wav -) as it arrives",
+        help="play an audio file through the microphone's code path; - reads audio piped in as it arrives "
+        "(WAV as arecord and ffmpeg -f wav - write it, OGG, streamed MP3)",
     )
     listen.add_argument(
         "--fast", action="store_true", help="with --file: as fast as possible, not in real time"

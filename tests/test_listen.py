@@ -208,11 +208,27 @@ def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, mod
     ],
 )
 def test_audio_piped_in_without_a_header_says_what_to_pipe(piped_stdin, model_args, capsys, piped, reason):
-    threading.Thread(target=lambda: (os.write(piped_stdin, piped), os.close(piped_stdin))).start()
+    threading.Thread(
+        target=lambda: (os.write(piped_stdin, piped), os.close(piped_stdin)), daemon=True
+    ).start()
     assert main(["listen", "--file", "-", *model_args]) == 2
     assert capsys.readouterr().err == (
-        f"kws listen: error: standard input: cannot decode audio ({reason}): pipe in WAV, MP3 or OGG, as "
-        "arecord and ffmpeg -f wav - write it (raw samples do not say their rate)\n"
+        f"kws listen: error: standard input: cannot decode audio ({reason}): pipe in WAV as arecord and "
+        "ffmpeg -f wav - write it (raw samples do not say their rate), or give a file by its path\n"
+    )
+
+
+def test_an_mp3_file_piped_in_is_sent_to_its_path(piped_stdin, model_args, tmp_path, capsys):
+    # libsndfile writes an MP3 file's seek table, and reading it goes back in the file.
+    mp3 = tmp_path / "words.mp3"
+    sf.write(mp3, tone_recording(["yes"])[0], SAMPLE_RATE, format="MP3")
+    data = mp3.read_bytes()
+    threading.Thread(target=lambda: (os.write(piped_stdin, data), os.close(piped_stdin)), daemon=True).start()
+    assert main(["listen", "--file", "-", *model_args]) == 2
+    assert capsys.readouterr().err.endswith(
+        "kws listen: error: standard input: cannot decode audio (its decoder needs to go back in it, which a "
+        "pipe cannot): pipe in WAV as arecord and ffmpeg -f wav - write it (raw samples do not say their "
+        "rate), or give a file by its path\n"
     )
 
 
