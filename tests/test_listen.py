@@ -187,6 +187,11 @@ def piped_stdin(monkeypatch):
         os.close(writing)
 
 
+def send_and_close(writing, data):
+    """Write ``data`` to a pipe and close it, from a thread: a pipe holds only 64 KiB unread."""
+    threading.Thread(target=lambda: (os.write(writing, data), os.close(writing)), daemon=True).start()
+
+
 def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, model_args, capsys):
     # The writer (ffmpeg connecting to a camera) has sent nothing yet: libsndfile, left to wait for
     # a header, would not return for Ctrl-C. Past 10 s the pipe is closed to end the test.
@@ -208,9 +213,7 @@ def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, mod
     ],
 )
 def test_audio_piped_in_without_a_header_says_what_to_pipe(piped_stdin, model_args, capsys, piped, reason):
-    threading.Thread(
-        target=lambda: (os.write(piped_stdin, piped), os.close(piped_stdin)), daemon=True
-    ).start()
+    send_and_close(piped_stdin, piped)
     assert main(["listen", "--file", "-", *model_args]) == 2
     assert capsys.readouterr().err == (
         f"kws listen: error: standard input: cannot decode audio ({reason}): pipe in WAV as arecord and "
@@ -223,7 +226,7 @@ def test_an_mp3_file_piped_in_is_sent_to_its_path(piped_stdin, model_args, tmp_p
     mp3 = tmp_path / "words.mp3"
     sf.write(mp3, tone_recording(["yes"])[0], SAMPLE_RATE, format="MP3")
     data = mp3.read_bytes()
-    threading.Thread(target=lambda: (os.write(piped_stdin, data), os.close(piped_stdin)), daemon=True).start()
+    send_and_close(piped_stdin, data)
     assert main(["listen", "--file", "-", *model_args]) == 2
     assert capsys.readouterr().err.endswith(
         "kws listen: error: standard input: cannot decode audio (its decoder needs to go back in it, which a "
