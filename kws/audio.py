@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import select
+import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +48,26 @@ MAX_CHANNELS = 64
 MAX_FLOAT_PEAK = 4.0
 STDIN_NAME = "standard input"  # how messages name audio piped in
 PIPED = (
-    "pipe in WAV as arecord and ffmpeg -f wav - write it (raw samples do not say their rate), or give a "
-    "file by its path"
+    "pipe in WAV, as arecord and ffmpeg -f wav - write it (raw samples do not say their rate), or give "
+    "a file by its path"
 )
+# A WAV writer to a pipe cannot come back to fill in its data size: it writes 0 or a size this
+# large or larger (ffmpeg 0xFFFFFFFF, arecord 0x80000000, sox 0x7FFFF000), and its audio ends
+# when it stops writing.
+PLACEHOLDER_SIZE = 0x7FFF0000
+# WAV format tags and sample widths in bits -> libsndfile's subtypes for their raw samples
+WAV_SUBTYPES = {
+    (1, 8): "PCM_U8",
+    (1, 16): "PCM_16",
+    (1, 24): "PCM_24",
+    (1, 32): "PCM_32",
+    (3, 32): "FLOAT",
+    (3, 64): "DOUBLE",
+    (6, 8): "ALAW",
+    (7, 8): "ULAW",
+}
+WAV_EXTENSIBLE = 0xFFFE  # its real format tag is the first two bytes of a GUID in the fmt chunk
+MAX_WAV_HEADER = 1 << 20  # bytes before the samples: more is not a WAV header
 
 
 class AudioError(KwsError, ValueError):
@@ -146,8 +164,6 @@ def _decoding(name: str, advice: str | None = None):
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's own words
         if "not a regular file" in reason:  # its words for an MP3 too short to find a frame in
             reason = "too short or damaged to find audio in"
-        if "psf_fseek" in reason:  # in a pipe, where an MP3 file's seek table sends it back
-            reason = "its decoder needs to go back in it, which a pipe cannot"
         if advice is None and "not recognised" in reason:  # AAC (.m4a), WebM, AMR: never read
             advice = CONVERT
         raise AudioError(
@@ -156,12 +172,12 @@ def _decoding(name: str, advice: str | None = None):
 
 
 def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None, live: bool = False) -> None:
-    """AudioError for a header without a length (unless ``live``: a pipe's audio ends when its
-    writer stops), with no samples or with a rate under MIN_SAMPLE_RATE; TooLong for audio over
-    ``max_seconds`` or, at its rate and channels, over MAX_VALUES_PER_SECOND for each of those
-    seconds; AudioError for a format not in FORMATS or over MAX_CHANNELS channels, before a
-    sample is decoded."""
-    if file.format not in FORMATS:
+    """AudioError for a header without a length, with no samples or with a rate under
+    MIN_SAMPLE_RATE; TooLong for audio over ``max_seconds`` or, at its rate and channels, over
+    MAX_VALUES_PER_SECOND for each of those seconds; AudioError for a format not in FORMATS
+    or over MAX_CHANNELS channels, before a sample is decoded. ``live``: the raw samples of a
+    pipe, whose length and format its WAV header gave; only the rate and channels are checked."""
+    if not live and file.format not in FORMATS:  # live: raw samples, their WAV header already read
         raise AudioError(f"{name}: {file.format_info} audio: {CONVERT}")
     if file.channels > MAX_CHANNELS:
         raise AudioError(
@@ -196,14 +212,18 @@ def _decode_frames(file: sf.SoundFile, seconds: float = BLOCK_SECONDS) -> int:
 
 
 def _checked(
-    file: sf.SoundFile, frames: int, name: str, decode_frames: int | None = None
+    file: sf.SoundFile, frames: int, name: str, decode_frames: int | None = None, limit: int | None = None
 ) -> Iterator[np.ndarray]:
     """The file's samples at its own rate, (frames, channels) float32 blocks of ``frames``,
     as a microphone gives them: NaN refused, and clipped to full scale. Decoded
-    ``decode_frames`` (a multiple of ``frames``) at a time, then cut."""
+    ``decode_frames`` (a multiple of ``frames``) at a time, then cut; ``limit`` frames at most."""
+    left = UNKNOWN_LENGTH if limit is None else limit
     # Not file.blocks: where a header claims more frames than the file holds (a truncated MP3),
     # it hands the last block out again instead of stopping.
-    while len(decoded := file.read(decode_frames or frames, dtype="float32", always_2d=True)):
+    while left and len(
+        decoded := file.read(min(decode_frames or frames, left), dtype="float32", always_2d=True)
+    ):
+        left -= len(decoded)
         for block in (decoded[start : start + frames] for start in range(0, len(decoded), frames)):
             if not np.isfinite(block).all():
                 raise AudioError(f"{name}: holds NaN or infinite samples")
@@ -261,15 +281,19 @@ def blocks(path: str | Path, seconds: float = BLOCK_SECONDS) -> Iterator[np.ndar
 
 class NativeAudio:
     """Audio at its own rate and channels, checked and clipped as ``load``'s is, read in blocks
-    as a microphone delivers them: a file, or with ``path`` None standard input, read as it
-    arrives from a program writing audio there (arecord, ffmpeg). The header is read and checked
-    at once; ``blocks`` reads the rest, once, and closes it."""
+    as a microphone delivers them: a file, or with ``path`` None the WAV another program writes
+    to standard input (arecord, ffmpeg -f wav -), read as it arrives. The header is read and
+    checked at once; ``blocks`` reads the rest, once, and closes it."""
 
     def __init__(self, path: str | Path | None):
         self.live = path is None
         self.name = STDIN_NAME if self.live else str(path)
-        with _decoding(self.name, PIPED if self.live else None):
-            self._file = _piped_input() if self.live else sf.SoundFile(_existing(path))
+        self._limit = None  # frames: a pipe's WAV header gives them only for a file catted in
+        if self.live:
+            self._file, self._limit = _piped_wav()
+        else:
+            with _decoding(self.name):
+                self._file = sf.SoundFile(_existing(path))
         try:
             _check_header(self._file, self.name, None, self.live)
         except AudioError:
@@ -280,25 +304,86 @@ class NativeAudio:
 
     def blocks(self, frames: int) -> Iterator[np.ndarray]:
         """(frames, channels) float32 blocks."""
-        with _decoding(self.name, PIPED if self.live else None), self._file as file:
+        with _decoding(self.name), self._file as file:
             # A file is decoded in blocks as large as load's: libmpg123 logs a decoding error on
             # stderr for many reads of a few milliseconds (the audio comes out right all the
             # same). A pipe's block is read as soon as it has arrived, as a microphone's is.
             decode = frames if self.live else max(1, _decode_frames(file) // frames) * frames
-            yield from _checked(file, frames, self.name, decode)
+            yield from _checked(file, frames, self.name, decode, self._limit)
 
 
-def _piped_input() -> sf.SoundFile:
-    """Standard input opened by libsndfile, which reads a pipe without seeking back (WAV, OGG,
-    MP3 as streamed; not FLAC, nor an MP3 file's seek table). Only once its first bytes are
-    there: libsndfile waiting for a header would not return to Python for a Ctrl-C."""
+def _piped_wav() -> tuple[sf.SoundFile, int | None]:
+    """Standard input's WAV: its header read here, its samples opened as raw audio for
+    libsndfile, with the frames its header gives (None where the size is a placeholder).
+
+    Not libsndfile's own WAV reader: it stops at the header's size, which a writer to a pipe
+    cannot know (ffmpeg's placeholder ends a 48 kHz stream after 12 h), and, waiting in C for a
+    header, it would not return to Python for a signal.
+    """
     stdin = sys.stdin.fileno()
-    if hasattr(select, "poll"):  # Windows has none; there, Ctrl-C waits for the first bytes
-        waiting = select.poll()
-        waiting.register(stdin, select.POLLIN)
-        while not waiting.poll(100):  # in steps, for a signal that another thread received
+    fmt, size = _wav_header(stdin)
+    tag, channels, rate = struct.unpack_from("<HHI", fmt)
+    (bits,) = struct.unpack_from("<H", fmt, 14)
+    if tag == WAV_EXTENSIBLE and len(fmt) >= 26:
+        (tag,) = struct.unpack_from("<H", fmt, 24)
+    subtype = WAV_SUBTYPES.get((tag, bits))
+    if subtype is None:
+        raise AudioError(
+            f"{STDIN_NAME}: WAV of format {tag} with {bits}-bit samples, which kws does not read from a "
+            "pipe: pipe in PCM or float samples (ffmpeg -f wav - writes 16-bit PCM)"
+        )
+    with _decoding(STDIN_NAME, PIPED):  # a rate or channel count libsndfile refuses
+        raw = sf.SoundFile(
+            stdin,
+            format="RAW",
+            subtype=subtype,
+            samplerate=rate,
+            channels=channels,
+            endian="LITTLE",
+            closefd=False,
+        )
+    placeholder = size == 0 or size >= PLACEHOLDER_SIZE
+    return raw, None if placeholder else size // (channels * bits // 8)
+
+
+def _wav_header(fd: int) -> tuple[bytes, int]:
+    """The format chunk of the WAV header at the start of ``fd``, and the size its data chunk
+    gives, read up to where the samples begin."""
+    riff = _read_exactly(fd, 12)
+    if not riff:
+        raise AudioError(f"{STDIN_NAME}: nothing arrived (its writer ended before sending audio): {PIPED}")
+    if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:] != b"WAVE":
+        raise AudioError(f"{STDIN_NAME}: not WAV audio (it begins {riff!r}): {PIPED}")
+    fmt, read = b"", 12
+    while len(chunk := _read_exactly(fd, 8)) == 8:
+        kind, size = struct.unpack("<4sI", chunk)
+        if kind == b"data":
+            if len(fmt) < 16:
+                break
+            return fmt, size
+        read += 8 + size + size % 2  # chunks are padded to even sizes
+        if read > MAX_WAV_HEADER:
+            break
+        body = _read_exactly(fd, size + size % 2)
+        if kind == b"fmt ":
+            fmt = body
+    raise AudioError(f"{STDIN_NAME}: its WAV header ends before a format and samples: {PIPED}")
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    """``count`` bytes of ``fd``, fewer at its end. Waiting in steps for a signal that another
+    thread received: Ctrl-C must stop a wait for a writer that sends nothing."""
+    data = b""
+    waiting = select.poll() if hasattr(select, "poll") else None  # Windows has none
+    if waiting is not None:
+        waiting.register(fd, select.POLLIN)
+    while len(data) < count:
+        while waiting is not None and not waiting.poll(100):
             pass
-    return sf.SoundFile(stdin, closefd=False)
+        if not (more := os.read(fd, count - len(data))):
+            break
+        data += more
+    return data
 
 
 def info(path: str | Path):

@@ -558,6 +558,8 @@ def cmd_listen(args) -> int:
         return 0
     if args.fast and not args.file:
         raise UserError("--fast plays a --file faster than real time: give --file AUDIO")
+    if args.fast and args.file == STDIN:
+        raise UserError("--fast is for a file: audio piped in comes as fast as its writer sends it")
     if args.file == STDIN and (sys.stdin is None or sys.stdin.isatty()):  # it would wait for typing
         raise UserError(
             "--file - reads audio piped in, as in: arecord -f S16_LE -r 16000 | kws listen --file -"
@@ -927,8 +929,8 @@ def _add_listen(commands) -> None:
         "--file",
         type=_file_or_stdin,
         metavar="AUDIO",
-        help="play an audio file through the microphone's code path; - reads audio piped in as it arrives "
-        "(WAV as arecord and ffmpeg -f wav - write it, OGG, streamed MP3)",
+        help="play an audio file through the microphone's code path; - reads WAV piped in as it arrives "
+        "(arecord, ffmpeg -f wav -)",
     )
     listen.add_argument(
         "--fast", action="store_true", help="with --file: as fast as possible, not in real time"

@@ -27,6 +27,8 @@ from kws.stream import Detector, Event, RateDetector, detections_text, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
 STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
+READER_CHECK_SECONDS = 0.5  # how soon the reader's exit is seen while the input sends nothing
+STOP_SECONDS = 0.2  # for a file or pipe's thread to end when stopped
 ABORT_SECONDS = 2.0  # for a failed input's abort, after which it is left to end with the process
 # Blocks waiting for the Detector at most (10 s of audio). A file played --fast waits for the
 # Detector rather than pile up in memory; a microphone's audio thread would only wait once the
@@ -209,9 +211,10 @@ class FileInputStream:
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            # A file's thread ends within a block; a pipe's may wait on a writer that sends
-            # nothing, and then ends with the process.
-            self._thread.join(ABORT_SECONDS)
+            # A file's thread ends within a block. A pipe's may wait on a writer that sends
+            # nothing, and then ends with the process; a block it reads after the stop goes to a
+            # consumer that has stopped taking them.
+            self._thread.join(STOP_SECONDS)
 
     def close(self) -> None:
         self.stop()
@@ -380,11 +383,16 @@ def _abandon(stream) -> None:
         atexit.unregister(exit_handler)
 
 
-def _next_block(blocks: queue.Queue, source: Source) -> np.ndarray | None:
-    try:
-        return blocks.get(timeout=STALL_SECONDS)
-    except queue.Empty:
-        raise ListenError(f"{source.name} delivered no audio for {STALL_SECONDS:g} s") from None
+def _next_block(blocks: queue.Queue, source: Source, reader: _ReaderWatch) -> np.ndarray | None:
+    """The source's next block (None at its end); BrokenPipeError once the reader has gone,
+    even while the source sends nothing."""
+    deadline = time.monotonic() + STALL_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        if reader.gone():
+            raise BrokenPipeError
+        with contextlib.suppress(queue.Empty):
+            return blocks.get(timeout=min(left, READER_CHECK_SECONDS))
+    raise ListenError(f"{source.name} delivered no audio for {STALL_SECONDS:g} s")
 
 
 def run(
@@ -435,7 +443,7 @@ def run(
         try:
             stream.start()
             while consumer.frames < limit:
-                if (block := _next_block(blocks, source)) is None:
+                if (block := _next_block(blocks, source, reader)) is None:
                     if source.endless:
                         consumer.meter.clear()
                         raise ListenError(
@@ -446,8 +454,6 @@ def run(
                 if on_audio is not None:
                     on_audio()
                     on_audio = None
-                if reader.gone():
-                    raise BrokenPipeError
                 consumer.hear(block[: limit - consumer.frames])
         except BaseException:
             closing.set()

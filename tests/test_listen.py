@@ -10,6 +10,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -177,26 +178,59 @@ def test_audio_piped_in_is_heard_as_it_arrives_as_the_file_is(words_file, tone_e
         assert event["start"] == pytest.approx(want.start, abs=HOP_SECONDS)
 
 
+class Writer:
+    """The writing end of the pipe a test puts on standard input."""
+
+    def __init__(self, descriptor):
+        self.descriptor = descriptor
+        self._closing = threading.Lock()
+        self._sender = None
+
+    def write(self, data):
+        os.write(self.descriptor, data)
+
+    def send_and_close(self, data):
+        """Write ``data`` and close, from a thread: a pipe holds only 64 KiB unread."""
+
+        def send():
+            with contextlib.suppress(BrokenPipeError):  # kws stopped reading, as it may
+                self.write(data)
+            self.close()
+
+        self._sender = threading.Thread(target=send, daemon=True)
+        self._sender.start()
+
+    def close(self):
+        with self._closing:
+            if self.descriptor is not None:
+                os.close(self.descriptor)
+                self.descriptor = None
+
+    def finish(self):
+        if self._sender is not None:
+            self._sender.join(10)
+        self.close()
+
+
 @pytest.fixture
 def piped_stdin(monkeypatch):
-    """Standard input as the reading end of a pipe; yields its writing end's descriptor."""
+    """Standard input as the reading end of a pipe; yields its Writer."""
     reading, writing = os.pipe()
     monkeypatch.setattr(sys, "stdin", os.fdopen(reading, "rb"))
-    yield writing
-    with contextlib.suppress(OSError):
-        os.close(writing)
+    writer = Writer(writing)
+    yield writer
+    sys.stdin.close()  # first: a sender blocked on a full pipe gets its BrokenPipeError
+    writer.finish()
 
 
-def send_and_close(writing, data):
-    """Write ``data`` to a pipe and close it, from a thread: a pipe holds only 64 KiB unread."""
-    threading.Thread(target=lambda: (os.write(writing, data), os.close(writing)), daemon=True).start()
-
-
-def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, model_args, capsys):
-    # The writer (ffmpeg connecting to a camera) has sent nothing yet: libsndfile, left to wait for
-    # a header, would not return for Ctrl-C. Past 10 s the pipe is closed to end the test.
+@pytest.mark.parametrize("sent", [b"", b"RIFF\x24\x00\x00\x00WA"], ids=["nothing", "part of a header"])
+def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, model_args, capsys, sent):
+    # The writer (ffmpeg connecting to a camera) has sent nothing, or not its whole header, yet:
+    # libsndfile, left to wait for it, would not return for Ctrl-C. Past 10 s the pipe is closed
+    # to end the test.
+    piped_stdin.write(sent)
     threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,)).start()
-    rescue = threading.Timer(10, os.close, (piped_stdin,))
+    rescue = threading.Timer(10, piped_stdin.close)
     rescue.start()
     started = time.monotonic()
     assert main(["listen", "--file", "-", *model_args]) == 0
@@ -205,34 +239,65 @@ def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, mod
     assert capsys.readouterr().err == "kws listen: stopped with Ctrl-C before listening began\n"
 
 
+def wav_bytes(samples, data_size=None, after=b""):
+    """16 kHz 16-bit mono WAV of float ``samples``, its data chunk's size field set to
+    ``data_size`` (as a writer to a pipe sets it: 0xFFFFFFFF) and ``after`` its samples."""
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+    data = struct.pack("<4sI", b"data", len(pcm) if data_size is None else data_size)
+    body = b"WAVE" + fmt + data + pcm + after
+    return struct.pack("<4sI", b"RIFF", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("data_size", "heard"),
+    [
+        (0xFFFFFFFF, 6.0),  # ffmpeg's placeholder: the audio goes on to the end of the pipe
+        (0, 6.0),  # others'
+        (2 * 2 * SAMPLE_RATE, 2.0),  # a file's own: what follows its samples is another chunk
+    ],
+)
+def test_a_pipes_wav_is_read_to_its_end_unless_its_header_gives_its_size(
+    piped_stdin, model_args, capsys, data_size, heard
+):
+    samples = audio.fix_length(tone_recording(["yes", "no"])[0], 6 * SAMPLE_RATE)
+    piped = wav_bytes(samples, data_size, after=b"LIST\x04\x00\x00\x00INFO")
+    piped_stdin.send_and_close(piped)
+    assert main(["listen", "--file", "-", *model_args]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"listened {heard:.1f} s: ")
+
+
 @pytest.mark.parametrize(
     ("piped", "reason"),
     [
-        (np.zeros(SAMPLE_RATE, np.int16).tobytes(), "Format not recognised."),  # raw samples
-        (b"", "Format not recognised."),  # a writer that ended without a word
+        (b"", "nothing arrived (its writer ended before sending audio)"),
+        (np.zeros(SAMPLE_RATE, np.int16).tobytes(), f"not WAV audio (it begins {bytes(12)!r})"),
+        (b"OggS\x00\x02" + bytes(200), "not WAV audio (it begins b'OggS\\x00\\x02" + "\\x00" * 6 + "')"),
+        (wav_bytes(np.zeros(100))[:40], "its WAV header ends before a format and samples"),
     ],
+    ids=["nothing", "raw samples", "ogg", "cut header"],
 )
-def test_audio_piped_in_without_a_header_says_what_to_pipe(piped_stdin, model_args, capsys, piped, reason):
-    send_and_close(piped_stdin, piped)
+def test_audio_piped_in_that_is_not_wav_says_what_to_pipe(piped_stdin, model_args, capsys, piped, reason):
+    piped_stdin.send_and_close(piped)
     assert main(["listen", "--file", "-", *model_args]) == 2
     assert capsys.readouterr().err == (
-        f"kws listen: error: standard input: cannot decode audio ({reason}): pipe in WAV as arecord and "
-        "ffmpeg -f wav - write it (raw samples do not say their rate), or give a file by its path\n"
+        f"kws listen: error: standard input: {reason}: pipe in WAV, as arecord and ffmpeg -f wav - write it "
+        "(raw samples do not say their rate), or give a file by its path\n"
     )
 
 
-def test_an_mp3_file_piped_in_is_sent_to_its_path(piped_stdin, model_args, tmp_path, capsys):
-    # libsndfile writes an MP3 file's seek table, and reading it goes back in the file.
-    mp3 = tmp_path / "words.mp3"
-    sf.write(mp3, tone_recording(["yes"])[0], SAMPLE_RATE, format="MP3")
-    data = mp3.read_bytes()
-    send_and_close(piped_stdin, data)
-    assert main(["listen", "--file", "-", *model_args]) == 2
-    assert capsys.readouterr().err.endswith(
-        "kws listen: error: standard input: cannot decode audio (its decoder needs to go back in it, which a "
-        "pipe cannot): pipe in WAV as arecord and ffmpeg -f wav - write it (raw samples do not say their "
-        "rate), or give a file by its path\n"
-    )
+def test_a_readers_exit_is_seen_while_a_pipe_sends_nothing(piped_stdin, tone_export):
+    # The writer holds the pipe open and sends nothing; the program reading the events exits:
+    # listening stops then, not at the stall's error 5 s on.
+    piped_stdin.write(wav_bytes(np.zeros(SAMPLE_RATE), 0xFFFFFFFF))
+    reading, writing = os.pipe()
+    model = Model.load(tone_export[0])
+    with os.fdopen(writing, "w") as out:
+        threading.Timer(1.0, os.close, (reading,)).start()
+        started = time.monotonic()
+        summary = listen.run(listen.recording(None), Detector(model), out, as_json=True)
+    assert summary.stopped_by == listen.READER_GONE and summary.seconds == 1.0
+    assert time.monotonic() - started < 1.0 + 2 * listen.READER_CHECK_SECONDS + 0.5
 
 
 def test_file_dash_from_a_terminal_says_how_to_pipe_audio_in(monkeypatch, capsys):
