@@ -765,6 +765,10 @@ def test_missing_portaudio_says_what_to_install(monkeypatch, tmp_path, capsys):
     ("argv", "message"),
     [
         (["--fast"], "--fast plays a --file faster than real time: give --file AUDIO"),
+        (
+            ["--file", "-", "--fast"],
+            "--fast is for a file: audio piped in comes as fast as its writer sends it",
+        ),
         (["--file", "nowhere.wav"], "nowhere.wav: no such file"),
         (["--file", "."], ".: a folder, not an audio file"),
     ],
