@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import select
+import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -47,7 +49,7 @@ MAX_CHANNELS = 64
 # usual slip (np.frombuffer(data, np.int16).astype(np.float32)): clipped, they are noise.
 MAX_FLOAT_PEAK = 4.0
 STDIN_NAME = "standard input"  # how messages name audio piped in
-PIPED = (
+PIPE_ADVICE = (
     "pipe in WAV, as arecord and ffmpeg -f wav - write it (raw samples do not say their rate), or give "
     "a file by its path"
 )
@@ -155,7 +157,7 @@ class ModelRate:
 @contextlib.contextmanager
 def _decoding(name: str, advice: str | None = None):
     """Any failure of the decoder as an AudioError naming the source, the decoder's reason and
-    ``advice`` (by default CONVERT, for formats libsndfile does not know)."""
+    ``advice``; without it, CONVERT for a format libsndfile does not know."""
     try:
         yield
     except AudioError:
@@ -171,25 +173,14 @@ def _decoding(name: str, advice: str | None = None):
         ) from None
 
 
-def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None, live: bool = False) -> None:
+def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> None:
     """AudioError for a header without a length, with no samples or with a rate under
     MIN_SAMPLE_RATE; TooLong for audio over ``max_seconds`` or, at its rate and channels, over
     MAX_VALUES_PER_SECOND for each of those seconds; AudioError for a format not in FORMATS
-    or over MAX_CHANNELS channels, before a sample is decoded. ``live``: the raw samples of a
-    pipe, whose length and format its WAV header gave; only the rate and channels are checked."""
-    if not live and file.format not in FORMATS:  # live: raw samples, their WAV header already read
+    or over MAX_CHANNELS channels, before a sample is decoded."""
+    if file.format not in FORMATS:
         raise AudioError(f"{name}: {file.format_info} audio: {CONVERT}")
-    if file.channels > MAX_CHANNELS:
-        raise AudioError(
-            f"{name}: {file.channels} channels, over the {MAX_CHANNELS} kws mixes: mix it down first"
-        )
-    if file.samplerate < MIN_SAMPLE_RATE:
-        raise AudioError(
-            f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
-            "record it again at 16 kHz"
-        )
-    if live:
-        return
+    _check_channels_and_rate(file, name)
     if file.frames >= UNKNOWN_LENGTH:
         raise AudioError(f"{name}: its header gives no length (written to a pipe?): encode it again")
     if not file.frames:
@@ -203,6 +194,19 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None, live
         raise TooLong(
             f"{name}: {file.channels} channels at {file.samplerate} Hz for {seconds:.1f} s, more samples "
             f"than {max_seconds:g} s of stereo at 192 kHz"
+        )
+
+
+def _check_channels_and_rate(file: sf.SoundFile, name: str) -> None:
+    """AudioError for over MAX_CHANNELS channels or a rate under MIN_SAMPLE_RATE."""
+    if file.channels > MAX_CHANNELS:
+        raise AudioError(
+            f"{name}: {file.channels} channels, over the {MAX_CHANNELS} kws mixes: mix it down first"
+        )
+    if file.samplerate < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
+            "record it again at 16 kHz"
         )
 
 
@@ -260,7 +264,9 @@ def _existing(path: str | Path) -> bytes:
     if not Path(path).exists():
         raise AudioError(f"{path}: no such file")
     if not Path(path).is_file():  # a device or a pipe: no length to read ahead, no rewinding
-        raise AudioError(f"{path}: not a regular file; save the audio to a file first")
+        raise AudioError(
+            f"{path}: not a regular file; save the audio to a file first, or pipe it to standard input as -"
+        )
     if not os.access(path, os.R_OK):  # libsndfile would say only "System error"
         raise AudioError(f"{path}: no permission to read it; check its owner and mode (ls -l)")
     if not Path(path).stat().st_size:  # libsndfile would blame the format
@@ -289,13 +295,19 @@ class NativeAudio:
         self.live = path is None
         self.name = STDIN_NAME if self.live else str(path)
         self._limit = None  # frames: a pipe's WAV header gives them only for a file catted in
-        if self.live:
+        if self.live and not _regular_file(sys.stdin.fileno()):
             self._file, self._limit = _piped_wav()
+            check = _check_channels_and_rate
         else:
             with _decoding(self.name):
-                self._file = sf.SoundFile(_existing(path))
+                self._file = (
+                    sf.SoundFile(_rewound_stdin(), closefd=False)
+                    if self.live
+                    else sf.SoundFile(_existing(path))
+                )
+            check = functools.partial(_check_header, max_seconds=None)
         try:
-            _check_header(self._file, self.name, None, self.live)
+            check(self._file, self.name)
         except AudioError:
             self._file.close()
             raise
@@ -310,6 +322,19 @@ class NativeAudio:
             # same). A pipe's block is read as soon as it has arrived, as a microphone's is.
             decode = frames if self.live else max(1, _decode_frames(file) // frames) * frames
             yield from _checked(file, frames, self.name, decode, self._limit)
+
+
+def _regular_file(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _rewound_stdin() -> int:
+    """Standard input redirected from a file (kws listen --file - < talk.wav), at its start:
+    libsndfile takes a file it opens part way in for one embedded in another, which its raw
+    reader refuses."""
+    stdin = sys.stdin.fileno()
+    os.lseek(stdin, 0, os.SEEK_SET)
+    return stdin
 
 
 def _piped_wav() -> tuple[sf.SoundFile, int | None]:
@@ -332,7 +357,7 @@ def _piped_wav() -> tuple[sf.SoundFile, int | None]:
             f"{STDIN_NAME}: WAV of format {tag} with {bits}-bit samples, which kws does not read from a "
             "pipe: pipe in PCM or float samples (ffmpeg -f wav - writes 16-bit PCM)"
         )
-    with _decoding(STDIN_NAME, PIPED):  # a rate or channel count libsndfile refuses
+    with _decoding(STDIN_NAME, PIPE_ADVICE):  # a rate or channel count libsndfile refuses
         raw = sf.SoundFile(
             stdin,
             format="RAW",
@@ -351,23 +376,30 @@ def _wav_header(fd: int) -> tuple[bytes, int]:
     gives, read up to where the samples begin."""
     riff = _read_exactly(fd, 12)
     if not riff:
-        raise AudioError(f"{STDIN_NAME}: nothing arrived (its writer ended before sending audio): {PIPED}")
+        raise AudioError(
+            f"{STDIN_NAME}: nothing arrived (its writer ended before sending audio): {PIPE_ADVICE}"
+        )
     if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:] != b"WAVE":
-        raise AudioError(f"{STDIN_NAME}: not WAV audio (it begins {riff!r}): {PIPED}")
+        raise AudioError(f"{STDIN_NAME}: not WAV audio (it begins {riff!r}): {PIPE_ADVICE}")
     fmt, read = b"", 12
     while len(chunk := _read_exactly(fd, 8)) == 8:
         kind, size = struct.unpack("<4sI", chunk)
-        if kind == b"data":
-            if len(fmt) < 16:
-                break
+        if kind == b"data" and len(fmt) >= 16:
             return fmt, size
+        if kind == b"data":
+            raise AudioError(
+                f"{STDIN_NAME}: its WAV header gives no format before its samples: {PIPE_ADVICE}"
+            )
         read += 8 + size + size % 2  # chunks are padded to even sizes
         if read > MAX_WAV_HEADER:
-            break
+            raise AudioError(
+                f"{STDIN_NAME}: its WAV header runs over {MAX_WAV_HEADER:,} bytes before its samples: "
+                + PIPE_ADVICE
+            )
         body = _read_exactly(fd, size + size % 2)
         if kind == b"fmt ":
             fmt = body
-    raise AudioError(f"{STDIN_NAME}: its WAV header ends before a format and samples: {PIPED}")
+    raise AudioError(f"{STDIN_NAME}: it ended inside its WAV header: {PIPE_ADVICE}")
 
 
 def _read_exactly(fd: int, count: int) -> bytes:

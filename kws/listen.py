@@ -26,9 +26,9 @@ from kws.audio import MIN_SAMPLE_RATE, AudioError
 from kws.stream import Detector, Event, RateDetector, detections_text, keywords
 
 BLOCK_SECONDS = 0.05  # audio handed over per callback
-STALL_SECONDS = 5.0  # an input that delivers nothing for this long has died
+STALL_SECONDS = 5.0  # a microphone that delivers nothing for this long has died
 READER_CHECK_SECONDS = 0.5  # how soon the reader's exit is seen while the input sends nothing
-STOP_SECONDS = 0.2  # for a file or pipe's thread to end when stopped
+PIPE_STOP_SECONDS = 0.2  # for a pipe's thread to end when stopped, after which it is left behind
 ABORT_SECONDS = 2.0  # for a failed input's abort, after which it is left to end with the process
 # Blocks waiting for the Detector at most (10 s of audio). A file played --fast waits for the
 # Detector rather than pile up in memory; a microphone's audio thread would only wait once the
@@ -214,7 +214,7 @@ class FileInputStream:
             # A file's thread ends within a block. A pipe's may wait on a writer that sends
             # nothing, and then ends with the process; a block it reads after the stop goes to a
             # consumer that has stopped taking them.
-            self._thread.join(STOP_SECONDS)
+            self._thread.join(PIPE_STOP_SECONDS if self.recording.live else None)
 
     def close(self) -> None:
         self.stop()
@@ -359,7 +359,7 @@ def _abandon(stream) -> None:
     silent can hold PortAudio's stop for minutes, and a frozen sound server (PulseAudio stopped)
     held its abort for 60 s, deaf to signals; listening is over either way, and a stream left
     behind ends with the process. A signal meanwhile does not hide the failure being raised."""
-    if not hasattr(stream, "abort"):  # a file: its close stops its thread at once
+    if not hasattr(stream, "abort"):  # a file or pipe: its close stops its thread, or leaves it
         stream.close()
         return
 
@@ -385,8 +385,9 @@ def _abandon(stream) -> None:
 
 def _next_block(blocks: queue.Queue, source: Source, reader: _ReaderWatch) -> np.ndarray | None:
     """The source's next block (None at its end); BrokenPipeError once the reader has gone,
-    even while the source sends nothing."""
-    deadline = time.monotonic() + STALL_SECONDS
+    even while the source sends nothing. A microphone silent for STALL_SECONDS has died; a
+    pipe's writer may pause (a camera's stream over a bad link) and ends by closing it."""
+    deadline = time.monotonic() + (STALL_SECONDS if source.endless else math.inf)
     while (left := deadline - time.monotonic()) > 0:
         if reader.gone():
             raise BrokenPipeError

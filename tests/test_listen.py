@@ -229,14 +229,23 @@ def test_ctrl_c_while_a_pipe_is_yet_to_send_audio_stops_at_once(piped_stdin, mod
     # libsndfile, left to wait for it, would not return for Ctrl-C. Past 10 s the pipe is closed
     # to end the test.
     piped_stdin.write(sent)
-    threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,)).start()
-    rescue = threading.Timer(10, piped_stdin.close)
-    rescue.start()
     started = time.monotonic()
-    assert main(["listen", "--file", "-", *model_args]) == 0
+    with later(0.5, signal.raise_signal, signal.SIGINT), later(10, piped_stdin.close):
+        assert main(["listen", "--file", "-", *model_args]) == 0
     assert time.monotonic() - started < 5
-    rescue.cancel()
     assert capsys.readouterr().err == "kws listen: stopped with Ctrl-C before listening began\n"
+
+
+@contextlib.contextmanager
+def later(seconds, action, *args):
+    """Do ``action(*args)`` in ``seconds`` unless the block has ended by then: a signal left
+    to go off would stop another test."""
+    timer = threading.Timer(seconds, action, args)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def wav_bytes(samples, data_size=None, after=b""):
@@ -273,7 +282,7 @@ def test_a_pipes_wav_is_read_to_its_end_unless_its_header_gives_its_size(
         (b"", "nothing arrived (its writer ended before sending audio)"),
         (np.zeros(SAMPLE_RATE, np.int16).tobytes(), f"not WAV audio (it begins {bytes(12)!r})"),
         (b"OggS\x00\x02" + bytes(200), "not WAV audio (it begins b'OggS\\x00\\x02" + "\\x00" * 6 + "')"),
-        (wav_bytes(np.zeros(100))[:40], "its WAV header ends before a format and samples"),
+        (wav_bytes(np.zeros(100))[:40], "it ended inside its WAV header"),
     ],
     ids=["nothing", "raw samples", "ogg", "cut header"],
 )
@@ -291,13 +300,65 @@ def test_a_readers_exit_is_seen_while_a_pipe_sends_nothing(piped_stdin, tone_exp
     # listening stops then, not at the stall's error 5 s on.
     piped_stdin.write(wav_bytes(np.zeros(SAMPLE_RATE), 0xFFFFFFFF))
     reading, writing = os.pipe()
-    model = Model.load(tone_export[0])
-    with os.fdopen(writing, "w") as out:
-        threading.Timer(1.0, os.close, (reading,)).start()
+    detector = Detector(Model.load(tone_export[0]))
+    with os.fdopen(reading, "rb") as reader, os.fdopen(writing, "w") as out:
         started = time.monotonic()
-        summary = listen.run(listen.recording(None), Detector(model), out, as_json=True)
+        with later(1.0, reader.close):
+            summary = listen.run(listen.recording(None), detector, out, as_json=True)
     assert summary.stopped_by == listen.READER_GONE and summary.seconds == 1.0
     assert time.monotonic() - started < 1.0 + 2 * listen.READER_CHECK_SECONDS + 0.5
+
+
+def test_a_pipe_that_pauses_is_waited_for_where_a_silent_microphone_is_an_error(
+    piped_stdin, tone_export, monkeypatch
+):
+    monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
+    piped_stdin.write(wav_bytes(np.zeros(SAMPLE_RATE), 0xFFFFFFFF))
+    detector = Detector(Model.load(tone_export[0]))
+    with later(1.0, piped_stdin.send_and_close, wav_bytes(np.zeros(SAMPLE_RATE))[44:]):
+        summary = listen.run(listen.recording(None), detector, io.StringIO())
+    assert summary.seconds == 2.0 and summary.stopped_by is None
+
+
+def test_standard_input_redirected_from_a_file_is_heard_whole(
+    words_file, model_args, tone_export, monkeypatch, capsys
+):
+    # kws listen --file - < words.wav, or systemd's StandardInput=file:
+    path, _ = words_file
+    with open(path, "rb") as file:
+        monkeypatch.setattr(sys, "stdin", file)
+        assert main(["listen", "--file", "-", "--json", *model_args]) == 0
+    printed = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [event.label for event in detect_file(tone_export, path)] != []
+
+
+def wav_variant(samples, variant):
+    """WAV bytes of float ``samples`` (16 kHz mono) as other writers make them."""
+    if variant == "float extensible":  # ffmpeg's float, or over 2 channels
+        sub = struct.pack("<HIH", 22, 32, 0) + struct.pack("<H", 3) + bytes(14)
+        fmt = struct.pack("<HHIIHH", 0xFFFE, 1, SAMPLE_RATE, 4 * SAMPLE_RATE, 4, 32) + sub
+        pcm = samples.astype("<f4").tobytes()
+    else:  # 24-bit PCM, after an odd-sized chunk padded to an even size
+        ints = np.round(np.clip(samples, -1, 1) * (2**23 - 1)).astype("<i4")
+        pcm = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+        fmt = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 3 * SAMPLE_RATE, 3, 24)
+    chunks = struct.pack("<4sI", b"fmt ", len(fmt)) + fmt
+    if variant == "24-bit after an odd chunk":
+        chunks = struct.pack("<4sI", b"junk", 3) + b"abc\x00" + chunks
+    body = b"WAVE" + chunks + struct.pack("<4sI", b"data", 0xFFFFFFFF) + pcm
+    return struct.pack("<4sI", b"RIFF", 0xFFFFFFFF) + body
+
+
+@pytest.mark.parametrize("variant", ["float extensible", "24-bit after an odd chunk"])
+def test_a_pipes_wav_header_is_read_however_it_is_laid_out_and_sent(piped_stdin, variant):
+    samples = np.sin(np.arange(SAMPLE_RATE) / 7.0).astype(np.float32) * 0.5
+    piped = wav_variant(samples, variant)
+    piped_stdin.write(piped[:7])  # a header that arrives in pieces
+    with later(0.2, piped_stdin.send_and_close, piped[7:]):
+        native = audio.NativeAudio(None)
+        heard = np.concatenate(list(native.blocks(800)))
+    assert (native.samplerate, native.channels) == (SAMPLE_RATE, 1)
+    np.testing.assert_allclose(heard[:, 0], samples, atol=1e-6)
 
 
 def test_file_dash_from_a_terminal_says_how_to_pipe_audio_in(monkeypatch, capsys):
@@ -534,7 +595,7 @@ def test_an_input_that_goes_silent_is_an_error(monkeypatch, tone_export):
 
     monkeypatch.setattr(listen, "STALL_SECONDS", 0.2)
     model = Model.load(tone_export[0])
-    source = listen.Source("input device 7 'broken'", RATE, DeadStream)
+    source = listen.Source("input device 7 'broken'", RATE, DeadStream, endless=True)
     announced = []
     with pytest.raises(listen.ListenError, match=r"^input device 7 'broken' delivered no audio for 0.2 s$"):
         listen.run(source, Detector(model), io.StringIO(), on_audio=lambda: announced.append(True))
