@@ -299,12 +299,9 @@ class NativeAudio:
             self._file, self._limit = _piped_wav()
             check = _check_channels_and_rate
         else:
+            source = _rewound_stdin() if self.live else _existing(path)
             with _decoding(self.name):
-                self._file = (
-                    sf.SoundFile(_rewound_stdin(), closefd=False)
-                    if self.live
-                    else sf.SoundFile(_existing(path))
-                )
+                self._file = sf.SoundFile(source, closefd=False)  # standard input stays open
             check = functools.partial(_check_header, max_seconds=None)
         try:
             check(self._file, self.name)
