@@ -169,8 +169,8 @@ def test_audio_piped_in_is_heard_as_it_arrives_as_the_file_is(words_file, tone_e
         ready, _, _ = select.select([process.stdout], [], [], 60)
         first = json.loads(process.stdout.readline()) if ready else None
         process.stdin.write(data[-last_second:])
-        process.stdin.close()
-        rest = [json.loads(line) for line in process.stdout.read().splitlines()]
+        out, _ = process.communicate(timeout=60)
+        rest = [json.loads(line) for line in out.splitlines()]
     expected = detect_file(tone_export, path)
     assert first is not None and process.returncode == 0
     assert [event["label"] for event in [first, *rest]] == [event.label for event in expected] != []
