@@ -373,30 +373,27 @@ def _wav_header(fd: int) -> tuple[bytes, int]:
     gives, read up to where the samples begin."""
     riff = _read_exactly(fd, 12)
     if not riff:
-        raise AudioError(
-            f"{STDIN_NAME}: nothing arrived (its writer ended before sending audio): {PIPE_ADVICE}"
-        )
+        raise _pipe_error("nothing arrived (its writer ended before sending audio)")
     if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:] != b"WAVE":
-        raise AudioError(f"{STDIN_NAME}: not WAV audio (it begins {riff!r}): {PIPE_ADVICE}")
+        raise _pipe_error(f"not WAV audio (it begins {riff!r})")
     fmt, read = b"", 12
     while len(chunk := _read_exactly(fd, 8)) == 8:
         kind, size = struct.unpack("<4sI", chunk)
         if kind == b"data" and len(fmt) >= 16:
             return fmt, size
         if kind == b"data":
-            raise AudioError(
-                f"{STDIN_NAME}: its WAV header gives no format before its samples: {PIPE_ADVICE}"
-            )
+            raise _pipe_error("its WAV header gives no format before its samples")
         read += 8 + size + size % 2  # chunks are padded to even sizes
         if read > MAX_WAV_HEADER:
-            raise AudioError(
-                f"{STDIN_NAME}: its WAV header runs over {MAX_WAV_HEADER:,} bytes before its samples: "
-                + PIPE_ADVICE
-            )
+            raise _pipe_error(f"its WAV header runs over {MAX_WAV_HEADER:,} bytes before its samples")
         body = _read_exactly(fd, size + size % 2)
         if kind == b"fmt ":
             fmt = body
-    raise AudioError(f"{STDIN_NAME}: it ended inside its WAV header: {PIPE_ADVICE}")
+    raise _pipe_error("it ended inside its WAV header")
+
+
+def _pipe_error(problem: str) -> AudioError:
+    return AudioError(f"{STDIN_NAME}: {problem}: {PIPE_ADVICE}")
 
 
 def _read_exactly(fd: int, count: int) -> bytes:
