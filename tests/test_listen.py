@@ -248,14 +248,21 @@ def later(seconds, action, *args):
         timer.cancel()
 
 
-def wav_bytes(samples, data_size=None, after=b""):
-    """16 kHz 16-bit mono WAV of float ``samples``, its data chunk's size field set to
-    ``data_size`` (as a writer to a pipe sets it: 0xFFFFFFFF) and ``after`` its samples."""
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
-    data = struct.pack("<4sI", b"data", len(pcm) if data_size is None else data_size)
-    body = b"WAVE" + fmt + data + pcm + after
+def riff(fmt, pcm, data_size=None, before=b"", after=b""):
+    """A WAV's bytes: ``before`` (other chunks), the fmt chunk ``fmt``, the data chunk of ``pcm``
+    with its size field set to ``data_size`` (as a writer to a pipe sets it: 0xFFFFFFFF), and
+    ``after`` its samples."""
+    size = len(pcm) if data_size is None else data_size
+    body = b"WAVE" + before + struct.pack("<4sI", b"fmt ", len(fmt)) + fmt
+    body += struct.pack("<4sI", b"data", size) + pcm + after
     return struct.pack("<4sI", b"RIFF", len(body)) + body
+
+
+def wav_bytes(samples, data_size=None, after=b""):
+    """16 kHz 16-bit mono WAV of float ``samples``, as ``riff`` lays it out."""
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+    return riff(fmt, pcm, data_size, after=after)
 
 
 @pytest.mark.parametrize(
@@ -342,11 +349,8 @@ def wav_variant(samples, variant):
         ints = np.round(np.clip(samples, -1, 1) * (2**23 - 1)).astype("<i4")
         pcm = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
         fmt = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 3 * SAMPLE_RATE, 3, 24)
-    chunks = struct.pack("<4sI", b"fmt ", len(fmt)) + fmt
-    if variant == "24-bit after an odd chunk":
-        chunks = struct.pack("<4sI", b"junk", 3) + b"abc\x00" + chunks
-    body = b"WAVE" + chunks + struct.pack("<4sI", b"data", 0xFFFFFFFF) + pcm
-    return struct.pack("<4sI", b"RIFF", 0xFFFFFFFF) + body
+    odd_chunk = struct.pack("<4sI", b"junk", 3) + b"abc\x00"
+    return riff(fmt, pcm, 0xFFFFFFFF, before=odd_chunk if variant == "24-bit after an odd chunk" else b"")
 
 
 @pytest.mark.parametrize("variant", ["float extensible", "24-bit after an odd chunk"])
