@@ -147,14 +147,23 @@ def speaker_id(path: Path) -> str:
     return librispeech.group(1) if librispeech else path.stem
 
 
+def clip_speaker(relative: Path) -> str | None:
+    """Speaker of a clip at ``relative`` below its word's folder: the part of its name before
+    ``_nohash_``, else the subfolder it sits in (``alice/take1.wav``: a folder per speaker, whose
+    files need not say it), else None: the file names no speaker."""
+    if "_nohash_" in relative.name:
+        return speaker_id(relative)
+    return relative.parts[0] if len(relative.parts) > 1 else None
+
+
 def speaker_hash(speaker: str) -> str:
     """SHA-1 of a speaker id, hex, as the data set's split rule takes it (names need not be UTF-8)."""
     return hashlib.sha1(os.fsencode(speaker)).hexdigest()
 
 
-def which_set(path: Path, validation_percent: float, testing_percent: float) -> str:
+def which_set(speaker: str, validation_percent: float, testing_percent: float) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
-    digest = speaker_hash(speaker_id(path))
+    digest = speaker_hash(speaker)
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
         return "validation"
@@ -169,6 +178,7 @@ class Clip:
     word: str  # folder name: a word, or _silence_ / _unknown_ in the test package
     split: str
     hashed: bool = False  # split by the speaker hash, not by a list
+    speaker: str | None = None  # None: the file names none, and is split as a speaker of its own
 
 
 def speakers_on_both_sides(clips: list[Clip], held_out: str) -> dict[str, tuple[Clip, Clip]]:
@@ -177,8 +187,8 @@ def speakers_on_both_sides(clips: list[Clip], held_out: str) -> dict[str, tuple[
     clips do that; the speaker hash keeps each speaker on one side."""
     sides: dict[str, dict[str, Clip]] = {}
     for clip in clips:
-        if "_nohash_" in clip.path.name and clip.split in ("training", held_out):
-            sides.setdefault(speaker_id(clip.path), {}).setdefault(clip.split, clip)
+        if clip.speaker is not None and clip.split in ("training", held_out):
+            sides.setdefault(clip.speaker, {}).setdefault(clip.split, clip)
     return {speaker: (side[held_out], side["training"]) for speaker, side in sides.items() if len(side) == 2}
 
 
@@ -397,8 +407,10 @@ def scan(
         if word.startswith("_") and word not in (SILENCE, UNKNOWN):
             continue
         for path in audio.audio_files_under(folder, others):  # subfolders too
-            key = _clip_key(word, path.relative_to(folder).as_posix())
+            relative = path.relative_to(folder)
+            key = _clip_key(word, relative.as_posix())
             keys.append(key)
+            speaker = clip_speaker(relative)
             hashed = False
             if split:
                 clip_split = split
@@ -409,8 +421,9 @@ def scan(
             elif key in testing:
                 clip_split = "testing"
             else:
-                clip_split, hashed = which_set(path, validation_percent, testing_percent), True
-            clips.append(Clip(path, word, clip_split, hashed))
+                split_by = speaker if speaker is not None else speaker_id(path)
+                clip_split, hashed = which_set(split_by, validation_percent, testing_percent), True
+            clips.append(Clip(path, word, clip_split, hashed, speaker))
     if not clips:
         raise _no_clips(root)
     found = set(keys)

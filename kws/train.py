@@ -28,6 +28,7 @@ from kws import KwsError, audio, features, plots
 from kws.data import (
     NOISE_FOLDER,
     SPLIT_LISTS,
+    SPLITS,
     AugmentConfig,
     DataConfig,
     DataError,
@@ -268,9 +269,22 @@ def _why_no_clips(data: SpeechData, word: str) -> str:
     unread = sum(clip.word == word and clip.split == "training" for clip in data.clips)
     if unread:
         return f"none of the {unread} training clips in {folder} could be read (each is named above)"
+    clips = [clip for clip in data.clips if clip.word == word]
+    splits = Counter(clip.split for clip in clips)
+    placed = (
+        f"every clip in {folder} is in validation or test ({splits['validation']} and {splits['testing']})"
+    )
+    speakers = {clip.speaker for clip in clips}
+    if len(speakers) == 1 and None not in speakers and all(clip.hashed for clip in clips):
+        return (
+            f"{placed}: they are all one speaker's ({next(iter(speakers))}), and the speaker hash puts "
+            "a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
+            "files without _nohash_ and put them directly in the word's folder, so that each clip is split "
+            "on its own, 10 % to validation"
+        )
     return (
-        f"the lists or the speaker hash put every clip in {folder} in validation or test (each "
-        "speaker's clips, named by what comes before _nohash_, go to one split: record several speakers)"
+        f"{placed}, by the split lists or by the speaker hash, which puts each speaker's clips (named "
+        "before _nohash_, or by their subfolder) in one split: record more speakers"
     )
 
 
@@ -331,9 +345,7 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
         )
     own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
     # Clips the hash put in validation with no speaker in their name: each is a speaker of its own.
-    unnamed = sorted(
-        {c.word for c in own if c.hashed and c.split == "validation" and "_nohash_" not in c.path.name}
-    )
+    unnamed = sorted({c.word for c in own if c.hashed and c.split == "validation" and c.speaker is None})
     if unnamed:
         listed = (data.root / SPLIT_LISTS["validation"]).exists()
         folders = ", ".join(f"{word}/" for word in unnamed[:3]) + (
@@ -392,6 +404,17 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
     return data.evaluation_set("validation"), warnings
 
 
+def _clips_per_split(counts: dict) -> str:
+    """One line of each word's clips in training, validation and test, as the lists and the
+    speaker hash placed them: a split that took more than meant shows before the minutes of work."""
+    names = {label: label for label in counts["training"] if label not in (SILENCE, UNKNOWN)}
+    names[UNKNOWN] = "other words"
+    placed = ", ".join(
+        f"{name} " + "/".join(str(counts[split][label]) for split in SPLITS) for label, name in names.items()
+    )
+    return f"clips in training/validation/test: {placed}"
+
+
 def _few_steps(train: TrainConfig, examples: int) -> str | None:
     """A warning if the run takes fewer than FEW_STEPS optimizer steps: an epoch is one pass over
     the examples, and a few clips make an epoch of a batch or two."""
@@ -433,6 +456,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     validation, warnings = _checked_validation(data, config.train)
     val_features = features.mfcc(validation.audio)
     config.data_summary = {**data.summary(), "warnings": warnings}
+    tqdm.write(_clips_per_split(config.data_summary["clips_per_split"]), file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 

@@ -36,12 +36,12 @@ def config(root, **kw):
     ],
 )
 def test_speaker_hash_reproduces_official_assignments(name, split):
-    assert D.which_set(Path("yes") / name, 10, 10) == split
+    assert D.which_set(D.speaker_id(Path("yes") / name), 10, 10) == split
 
 
 def test_speaker_hash_keeps_a_speaker_in_one_split_with_the_10_10_80_shares():
     names = [Path(f"w/{i:08x}_nohash_{k}.wav") for i in range(3000) for k in range(2)]
-    splits = [D.which_set(n, 10, 10) for n in names]
+    splits = [D.which_set(D.speaker_id(n), 10, 10) for n in names]
     assert all(splits[2 * i] == splits[2 * i + 1] for i in range(3000))
     shares = {s: splits.count(s) / len(splits) for s in D.SPLITS}
     assert shares["validation"] == pytest.approx(0.1, abs=0.02)
@@ -62,7 +62,7 @@ def test_scan_uses_lists_then_hash_and_matches_flac_copies_of_wav_lists(tmp_path
     assert by_name["02noab_nohash_0.flac"].split == "testing"
     for clip in clips:
         if int(clip.path.name[:2]) >= 3:
-            assert clip.split == D.which_set(clip.path, 10, 10)
+            assert clip.split == D.which_set(D.speaker_id(clip.path), 10, 10)
     assert {c.word for c in clips} == {"yes", "no", "up", "down", "bed", "cat"}
 
 
@@ -463,9 +463,28 @@ def test_clips_in_subfolders_are_read_and_named_by_their_path_in_the_lists(tmp_p
     split = {clip.path.relative_to(data).as_posix(): clip.split for clip in D.scan(data)}
     assert len([name for name in split if name.count("/") == 2]) == 6
     assert split["yes/alice/take1.wav"] == "validation"  # by the list
-    assert split["yes/bob/take1.wav"] == D.which_set(Path("take1.wav"), 10, 10) != "validation"  # not alice's
+    assert split["yes/bob/take1.wav"] == D.which_set("bob", 10, 10) != "validation"  # not alice's
     assert split["yes/bob/take0.wav"] == split["yes/bob/take2.wav"] == "validation"  # written other ways
     assert "that name no clip there: 1 of " in capsys.readouterr().err  # "yes/": warned, not a crash
+
+
+def test_a_folder_per_speaker_names_the_speaker_of_files_that_do_not(tmp_path):
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    speakers = [f"speaker{n}" for n in range(12)]
+    for speaker in speakers:  # every speaker's takes share their names, as recorders number them
+        (data / "yes" / speaker / "session").mkdir(parents=True)
+        for take in range(3):
+            sf.write(data / "yes" / speaker / f"take{take}.wav", tone(400.0, seed=take), 16000)
+        sf.write(data / "yes" / speaker / "session" / "dan_nohash_0.wav", tone(300.0), 16000)
+    clips = [c for c in D.scan(data) if c.path.parent.parent.name == "yes"]
+    splits = {speaker: {c.split for c in clips if c.speaker == speaker} for speaker in speakers}
+    assert len(clips) == 36 and splits == {speaker: {D.which_set(speaker, 10, 10)} for speaker in speakers}
+    assert len(set.union(*splits.values())) == 2  # "training" and "testing": not by take
+    clips = D.scan(data)
+    assert {c.speaker for c in clips if c.path.name == "dan_nohash_0.wav"} == {"dan"}  # the name first
+    assert {c.speaker for c in clips if c.path.parent.name == "yes"} == {"00yesab", "01yesab", "02yesab"}
+    (data / "yes" / "plain.wav").write_bytes((data / "yes" / "speaker0" / "take0.wav").read_bytes())
+    assert [c.speaker for c in D.scan(data) if c.path.name == "plain.wav"] == [None]  # a speaker of its own
 
 
 def test_a_keywords_folder_inside_another_words_or_a_file_in_its_place_is_refused(tmp_path):

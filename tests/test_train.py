@@ -15,7 +15,7 @@ from conftest import WORD_TONES, make_dataset, tone
 from conftest import tone_run_config as run_config
 
 from kws.cli import main
-from kws.data import DataError
+from kws.data import SPLITS, DataError
 from kws.features import NUM_FRAMES, NUM_MFCC
 from kws.runtime import ModelError
 from kws.train import RunConfig, TrainConfig, _resumed, latest_checkpoint, train
@@ -302,7 +302,7 @@ def test_own_takes_beside_speech_commands_folders_are_warned_of(tmp_path, capsys
 def test_training_warns_of_speakers_the_lists_put_on_both_sides(
     tmp_path, capsys, split, speaker, word, measure
 ):
-    from kws.data import SpeechData, which_set
+    from kws.data import SpeechData, speaker_id, which_set
     from kws.train import _checked_validation
 
     dataset = make_dataset(tmp_path / "speech_commands", speakers_per_word=12)
@@ -311,7 +311,8 @@ def test_training_warns_of_speakers_the_lists_put_on_both_sides(
     assert "and in training" not in capsys.readouterr().err  # the lists go by speaker
     # A listed speaker's "no", which the list leaves out and the speaker hash puts in training.
     extra_take = dataset / "no" / f"{speaker}_nohash_1.wav"
-    assert which_set(extra_take, config.data.validation_percent, config.data.testing_percent) == "training"
+    hashed_to = which_set(speaker_id(extra_take), config.data.validation_percent, config.data.testing_percent)
+    assert hashed_to == "training"
     shutil.copy(dataset / word / f"{speaker}_nohash_0.wav", extra_take)
     _checked_validation(SpeechData(config.data), config.train)
     assert (
@@ -383,11 +384,16 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     assert main([*base, "--epochs", "1"]) == 0
     validation = json.loads((run / "metrics.json").read_text())["validation"]
     unknown, silence = (validation["per_class"][label] for label in ("_unknown_", "_silence_"))
+    printed = capsys.readouterr()
     assert (
         f"validation accuracy {validation['accuracy']:.2%} of {validation['examples']} examples "
         f"(_unknown_ recall {unknown['recall']:.2%} of {unknown['support']}, _silence_ recall "
         f"{silence['recall']:.2%} of {silence['support']});"
-    ) in capsys.readouterr().out
+    ) in printed.out
+    clips = json.loads((run / "config.json").read_text())["data_summary"]["clips_per_split"]
+    placed = {word: "/".join(str(clips[split][word]) for split in SPLITS) for word in (WORDS[0], "_unknown_")}
+    assert f"clips in training/validation/test: {WORDS[0]} {placed[WORDS[0]]}, " in printed.err
+    assert f", other words {placed['_unknown_']}\n" in printed.err and placed["_unknown_"] != "0/0/0"
     assert main([*base, "--epochs", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
     # A setting the resumed run would not use is refused, not silently dropped.
@@ -555,6 +561,17 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     assert main(["train", "--data", str(data), "--out", str(run)]) == 2
     assert f"--out {run} is a file: a run is a folder" in capsys.readouterr().err
     run.unlink()
+    (data / "hey").mkdir()
+    take = next((data / "up").iterdir())
+    for n in range(4):  # one speaker, whom the speaker hash puts in test
+        shutil.copy(take, data / "hey" / f"speaker7_nohash_{n}{take.suffix}")
+    assert main(["train", "--data", str(data), "--words", "yes,hey", "--out", str(run)]) == 2
+    assert (
+        f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation or test "
+        "(0 and 4): they are all one speaker's (speaker7), and the speaker hash puts a speaker's clips in "
+        "one split. Record more speakers; or, to train on one voice, name its files without _nohash_"
+    ) in capsys.readouterr().err
+    shutil.rmtree(data / "hey")
     for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
         clip.write_text("not audio")
     assert main(["train", "--data", str(data), "--words", "yes,up", "--out", str(run)]) == 2
