@@ -429,15 +429,20 @@ def scan(
     found = set(keys)
     for name, listed in ((SPLIT_LISTS["validation"], validation), (SPLIT_LISTS["testing"], testing)):
         _warn_unmatched(root, name, listed, found)
+    _warn_left_out(f"files in the word folders of {root}", others)
+    return clips
+
+
+def _warn_left_out(where: str, others: list[Path]) -> None:
+    """Warn of files found among the recordings but not read: a format kws does not read, such
+    as .m4a, would otherwise leave its recordings out unseen."""
     if others:
         kinds = Counter(path.suffix.lower() or path.name for path in others)
         tqdm.write(
-            f"warning: left out, not being audio kws reads: files in the word folders of {root} "
-            f"({tally(kinds)}; the first: "
+            f"warning: left out, not being audio kws reads: {where} ({tally(kinds)}; the first: "
             f"{others[0]}); recordings among them: {audio.CONVERT}",
             file=sys.stderr,
         )
-    return clips
 
 
 # A clip longer than this loses part of itself to the 1 s the model sees (a few ms over are
@@ -578,6 +583,11 @@ class NegativeBank:
             if not found:
                 raise DataError(f"--negatives folder {folder} holds no audio files")
             paths += found
+        # Text beside the recordings is LibriSpeech's transcripts and notes, read below.
+        _warn_left_out(
+            f"files in --negatives {', '.join(map(str, folders))}",
+            [path for path in others if path.suffix.lower() != ".txt"],
+        )
         # Speech that says a keyword would teach the model that the keyword is not one.
         said = _keywords_said(others, words)
         self.left_out = Counter(said[path.stem] for path in paths if path.stem in said)

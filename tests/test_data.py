@@ -437,6 +437,20 @@ def test_a_keywords_folder_in_other_letters_is_refused_and_a_decomposed_name_is_
     D.check_keyword_folders(decomposed)
 
 
+def test_negative_recordings_in_a_format_kws_does_not_read_are_named(negatives_dir, capsys):
+    chapter = negatives_dir / "100" / "1"
+    (chapter / "100-1.trans.txt").write_text("100-1-0000 NOT A KEYWORD\n")  # a transcript: not named
+    D.NegativeBank([str(negatives_dir)], 0.0)
+    assert "left out" not in capsys.readouterr().err
+    (chapter / "100-1-0099.m4a").write_bytes(b"")
+    (chapter / "100-1-0098.m4a").write_bytes(b"")
+    D.NegativeBank([str(negatives_dir)], 0.0)
+    assert (
+        f"warning: left out, not being audio kws reads: files in --negatives {negatives_dir} (.m4a 2; the "
+        f"first: {chapter / '100-1-0098.m4a'}); recordings among them: convert to a format kws reads ("
+    ) in capsys.readouterr().err
+
+
 def test_negative_speech_whose_transcript_says_a_keyword_is_left_out(negatives_dir, capsys):
     chapter = negatives_dir / "100" / "1"
     # the third line's recording is not there: nothing of it to leave out, nor to count
