@@ -519,11 +519,12 @@ def _random_windows(tracks: list[np.ndarray], rng: np.random.Generator, count: i
     return out
 
 
-def _load_tracks(paths, description: str) -> list[np.ndarray]:
-    tracks = []
+def _load_tracks(paths, description: str) -> dict[Path, np.ndarray]:
+    """The recordings that could be read, by path (the others are named and skipped)."""
+    tracks = {}
     for path in tqdm(paths, desc=description, unit="file", leave=False, disable=None):
         try:
-            tracks.append(_to_int16(audio.load(path)))
+            tracks[path] = _to_int16(audio.load(path))
         except audio.AudioError as error:
             tqdm.write(f"skipping {error}", file=sys.stderr)
     return tracks
@@ -535,10 +536,10 @@ class NoiseBank:
     def __init__(self, folder: Path, held_out_share: float):
         if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):  # it would look empty
             raise DataError(f"{folder}: no permission to read the folder; check its owner and mode (ls -ld)")
-        paths = audio.audio_files_under(folder) if folder.is_dir() else []
-        self.names = [p.name for p in paths]
+        tracks = _load_tracks(audio.audio_files_under(folder) if folder.is_dir() else [], "noise")
+        self.names = [p.name for p in tracks]
         self.parts: dict[str, list[np.ndarray]] = {"training": [], "held_out": []}
-        for track in _load_tracks(paths, "noise"):
+        for track in tracks.values():
             cut = int(len(track) * (1 - held_out_share))
             self.parts["training"].append(track[:cut])
             self.parts["held_out"].append(track[cut:])
@@ -608,9 +609,11 @@ class NegativeBank:
             "held_out": sorted(held_out),
         }
         self.tracks = {
-            part: _load_tracks(
-                [p for p in paths if (speaker_id(p) in held_out) == (part == "held_out")],
-                f"negatives ({part})",
+            part: list(
+                _load_tracks(
+                    [p for p in paths if (speaker_id(p) in held_out) == (part == "held_out")],
+                    f"negatives ({part})",
+                ).values()
             )
             for part in ("training", "held_out")
         }

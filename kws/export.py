@@ -452,8 +452,11 @@ def model_card(manifest: dict) -> str:
             if data.get("partial_fraction")
             else ""
         ),
+        # None: a run from before noise_files was recorded; its card keeps the line it had.
         f"- `_silence_`: {data['silence_share']:.0%} of examples, background noise from near silence "
-        "to full level",
+        "to full level"
+        if manifest["training"].get("noise_files") != []
+        else "- `_silence_`: none: no background noise was found, so the model never heard silence",
         f"- Recipe: {_epochs(manifest['training'])}, batch {train['batch_size']}, Adam, learning rates "
         f"{' -> '.join(str(r) for r in train['learning_rates'])}, seed {train['seed']}",
         "",

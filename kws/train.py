@@ -125,6 +125,7 @@ class RunConfig:
             "clips_per_split": self.data_summary.get("clips_per_split", {}),
             "negatives": self.data_summary.get("negatives", {}),
             "extra_clips": self.data_summary.get("extra_clips", {}),
+            "noise_files": self.data_summary.get("noise_files"),
             "warnings": self.data_summary.get("warnings", []),
         }
 

@@ -103,7 +103,9 @@ def test_silence_spans_near_silence_to_the_noise_files_own_level(tiny_dataset):
 
 
 def test_noise_and_negatives_hold_out_their_own_parts(tiny_dataset, negatives_dir):
+    (tiny_dataset / "_background_noise_" / "fan.wav").write_bytes(b"not audio")  # named, and skipped
     bank = D.NoiseBank(tiny_dataset / "_background_noise_", held_out_share=0.25)
+    assert bank.names == ["hum.wav", "white_noise.wav"] and len(bank.parts["training"]) == 2
     for train, held in zip(bank.parts["training"], bank.parts["held_out"], strict=True):
         assert len(held) == pytest.approx(len(train) / 3, rel=0.01)
     negatives = D.NegativeBank([str(negatives_dir)], validation_share=0.2)

@@ -601,6 +601,20 @@ def test_model_card_keeps_training_warnings_and_says_which_clips_came_from_extra
     ) in card
 
 
+def test_model_card_says_silence_was_learned_only_from_noise_that_was_read(exported):
+    _, manifest = exported
+    assert manifest["training"]["noise_files"] == ["hum.wav", "white_noise.wav"]  # the tone data's
+    silence = "- `_silence_`: 10% of examples, background noise from near silence to full level\n"
+    assert silence in export.model_card(manifest)
+    for recorded, said in (([], False), (None, True)):  # None: a manifest from before it was recorded
+        training = {**manifest["training"], "noise_files": recorded}
+        card = export.model_card({**manifest, "training": training})
+        assert (silence in card) is said
+        assert (
+            "- `_silence_`: none: no background noise was found, so the model never heard silence" in card
+        ) != said
+
+
 def test_model_card_of_a_manifest_without_model_counts_says_unknown(exported):
     _, manifest = exported
     card = export.model_card({**manifest, "sizes": {**manifest["sizes"], "parameters": None, "macs": None}})
