@@ -175,6 +175,18 @@ def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dat
     )
 
 
+def test_clips_with_no_sound_are_warned_of_and_kept(tmp_path, capsys):
+    quiet = 10 ** (-54 / 20) * np.sin(np.arange(16000) * 0.2)  # a whisper peaking at -54 dBFS: a word
+    for name, samples in (("empty", np.zeros(16000)), ("muted", quiet / 100), ("whisper", quiet)):
+        sf.write(tmp_path / f"{name}.wav", samples.astype(np.float32), 16000, subtype="PCM_16")
+    clips, kept = D.load_clips(sorted(tmp_path.iterdir()), "training clips")
+    assert kept == [0, 1, 2]
+    assert (
+        "warning: training clips with no sound in them (peaks under -60 dBFS): 2 (the first: "
+        f"{tmp_path / 'empty.wav'}); an empty take or a muted microphone teaches the model that silence"
+    ) in capsys.readouterr().err
+
+
 def test_a_take_longer_than_a_second_gives_the_second_centred_on_its_word(tmp_path):
     take = np.zeros(3 * 16000, np.float32)  # as a phone records it: silence, the word, silence
     take[24000:32000] = 0.5 * tone(400.0, seconds=0.5)
