@@ -9,9 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # soundfile's and LiteRT's wheels bundle their native libraries: nothing to apt-get.
-COPY pyproject.toml README.md /src/
+# The dependencies get a layer of their own, which only pyproject.toml invalidates: a change to
+# kws or README.md does not download and install them again.
+COPY pyproject.toml /src/
+RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY README.md LICENSE /src/
 COPY kws /src/kws/
-RUN pip install /src && rm -rf /src
+RUN pip install --no-deps /src && rm -rf /src
 
 RUN useradd --create-home --uid 10001 kws
 USER kws
