@@ -735,7 +735,12 @@ def _add_train(commands) -> None:
         "--words yes,no,up,down,left,right,stop,go --unknown-share 0.4 --epochs 100 --seed 2 --out runs/s8",
     )
     train.add_argument(
-        "--data", type=Path, help=f"Speech Commands folder (default: download it into {DEFAULT_DATA_DIR}/)"
+        "--data",
+        type=Path,
+        help="Speech Commands folder, or your own recordings laid out as it is: a folder per word "
+        "(WORD/SPEAKER_nohash_N.wav, or WORD/SPEAKER/ANY.wav), noise in _background_noise_/, and "
+        "optionally validation_list.txt naming clips as WORD/FILE (README: Train on your own words) "
+        f"(default: download Speech Commands into {DEFAULT_DATA_DIR}/)",
     )
     train.add_argument("--out", type=Path, help="run folder to create")
     train.add_argument(
