@@ -275,11 +275,12 @@ def _why_no_clips(data: SpeechData, word: str) -> str:
     placed = (
         f"every clip in {folder} is in validation or test ({splits['validation']} and {splits['testing']})"
     )
-    speakers = {clip.speaker for clip in clips}
-    if len(speakers) == 1 and None not in speakers and all(clip.hashed for clip in clips):
+    hashed = {clip.speaker for clip in clips if clip.hashed}
+    if len(hashed) == 1 and None not in hashed:
         return (
-            f"{placed}: they are all one speaker's ({next(iter(speakers))}), and the speaker hash puts "
-            "a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
+            f"{placed}: the clips no split list names are all one speaker's ({next(iter(hashed))}), and the "
+            "speaker hash puts a speaker's clips in one split. Record more speakers; or, to train on one "
+            "voice, name its "
             "files without _nohash_ and put them directly in the word's folder, so that each clip is split "
             "on its own, 10 % to validation"
         )

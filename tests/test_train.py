@@ -568,8 +568,9 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     assert main(["train", "--data", str(data), "--words", "yes,hey", "--out", str(run)]) == 2
     assert (
         f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation or test "
-        "(0 and 4): they are all one speaker's (speaker7), and the speaker hash puts a speaker's clips in "
-        "one split. Record more speakers; or, to train on one voice, name its files without _nohash_"
+        "(0 and 4): the clips no split list names are all one speaker's (speaker7), and the speaker hash "
+        "puts a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
+        "files without _nohash_"
     ) in capsys.readouterr().err
     shutil.rmtree(data / "hey")
     for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
