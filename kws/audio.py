@@ -42,6 +42,10 @@ UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header giv
 # The lowest sample rate taken: below it, a recording lacks part of the band the MFCCs cover
 # (to 4 kHz) and upsampling it to 16 kHz would only invent samples.
 MIN_SAMPLE_RATE = 8_000
+# The highest rate audio interfaces record at. A header above it is damaged or crafted, and its
+# length in seconds understates the work: resampling 2^31 Hz to 16 kHz costs ~150 times as much
+# per sample, so 112 KB of such a file took a server's worker 2.5 s.
+MAX_SAMPLE_RATE = 768_000
 # A second axis longer than this holds frames, not channels: (channels, frames), as librosa
 # gives multichannel audio, read as (frames, channels) would mix a recording into a few samples.
 MAX_CHANNELS = 64
@@ -198,7 +202,7 @@ def _check_header(file: sf.SoundFile, name: str, max_seconds: float | None) -> N
 
 
 def _check_channels_and_rate(file: sf.SoundFile, name: str) -> None:
-    """AudioError for over MAX_CHANNELS channels or a rate under MIN_SAMPLE_RATE."""
+    """AudioError for over MAX_CHANNELS channels or a rate outside MIN_SAMPLE_RATE to MAX_SAMPLE_RATE."""
     if file.channels > MAX_CHANNELS:
         raise AudioError(
             f"{name}: {file.channels} channels, over the {MAX_CHANNELS} kws mixes: mix it down first"
@@ -207,6 +211,11 @@ def _check_channels_and_rate(file: sf.SoundFile, name: str) -> None:
         raise AudioError(
             f"{name}: recorded at {file.samplerate} Hz, under the {MIN_SAMPLE_RATE} Hz the model needs: "
             "record it again at 16 kHz"
+        )
+    if file.samplerate > MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: its header says {file.samplerate:,} Hz, over the {MAX_SAMPLE_RATE:,} Hz of any "
+            "recorder: the header is damaged; convert the file again, e.g. ffmpeg -i IN -ar 16000 OUT.wav"
         )
 
 

@@ -81,6 +81,14 @@ def test_unusable_files_raise_audio_error_naming_the_file(tmp_path):
         audio.load(low)
     with pytest.raises(audio.AudioError, match="recorded at 4000 Hz"):  # what kws listen --file plays
         next(audio.NativeAudio(low).blocks(512))
+    sf.write(tmp_path / "top.wav", sine(500, 768_000, seconds=0.01), 768_000)  # the highest rate sold
+    assert len(audio.load(tmp_path / "top.wav")) == 160
+    high = tmp_path / "high.wav"
+    sf.write(high, sine(500, 768_000, seconds=0.01), 768_001)
+    with pytest.raises(audio.AudioError, match="high.wav: its header says 768,001 Hz, over the 768,000 Hz"):
+        audio.load(high)
+    with pytest.raises(audio.AudioError, match="768,001 Hz"):
+        audio.NativeAudio(high)
     memo = tmp_path / "memo.m4a"  # a phone's voice memo: AAC in an MP4 container
     memo.write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
     with pytest.raises(audio.AudioError) as refused:
