@@ -962,7 +962,7 @@ def _add_detect(commands) -> None:
         "detect",
         help="find keywords in audio files",
         description="Run the streaming Detector over audio files (WAV, FLAC, OGG, MP3, AIFF, AU, W64, RF64, "
-        "CAF; any sample rate from 8 kHz, any length), or every audio file in folders, and print each "
+        "CAF; any sample rate from 8 to 768 kHz, any length), or every audio file in folders, and print each "
         "detection with its time.",
         epilog="examples: kws detect recording.wav --json;  kws detect recordings/",
     )
