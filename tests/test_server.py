@@ -509,9 +509,10 @@ def test_stream_refuses_a_parameter_it_does_not_read(client, query):
     )
 
 
-def test_stream_refuses_text_other_than_end(client):
+@pytest.mark.parametrize("text", ['{"event": "pause"}', "[" * 200_000])  # nested too deep to parse
+def test_stream_refuses_text_other_than_end(client, text):
     with client.websocket_connect("/stream") as ws:
-        ws.send_text('{"event": "pause"}')
+        ws.send_text(text)
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_text()
     assert closed.value.code == 1003
