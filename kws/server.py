@@ -4,8 +4,9 @@ Endpoints (OpenAPI docs at ``/docs``):
 
 - ``POST /detect``: one recording, as the raw request body (``audio/wav``, ``audio/flac``,
   ``audio/ogg``, ``application/octet-stream``) or as the file field of a multipart form;
-  the formats of ``audio.FORMATS``, any sample rate from 8 to 768 kHz, mono or multichannel. Answers the JSON of
-  ``kws detect --json``; its ``file`` is the multipart file name, else ``"upload"``.
+  the formats of ``audio.FORMATS``, any sample rate from 8 to 768 kHz, mono or multichannel.
+  Answers the JSON of ``kws detect --json``; its ``file`` is the multipart file name, else
+  ``"upload"``.
   Query: ``threshold`` in (0, 1] replaces every keyword's threshold (``stop=0.99,go=0.95``
   those keywords' own), ``top_k`` >= 1 limits the class scores of 1 s clips.
 - ``WS /stream``: live audio in, detection events out, one Detector per connection.
@@ -129,6 +130,11 @@ MIN_STREAM_SPEED = 0.5
 # A stream behind real time goes before live ones by this much at most: a client that sent
 # slowly for an hour would otherwise take every turn until it caught up.
 CATCH_UP_S = 2.0
+# Each message counts as at least this much audio in the streams' order, as a message costs the
+# server ~0.1 ms whatever it holds: clients sending one sample a message (62 µs of audio) looked
+# 2 s behind real time for as long as they sent, went before every live stream, and made those
+# 1.6 s late. A browser's smallest block (128 samples at 48 kHz) holds 2.7 ms.
+MIN_MESSAGE_S = 0.002
 # A minute of audio costs a worker 0.07 s of CPU at 16 kHz, 0.55 s as 192 kHz stereo FLAC;
 # longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -504,7 +510,7 @@ class StreamClock:
         client counts (not the server's own, scoring other streams), and each STREAM_WINDOW_S of
         it is judged alone: audio a client lost once (an overflow, a slow sound card) is not
         held against it for ever."""
-        self.due = max(self.due, now - CATCH_UP_S) + seconds
+        self.due = max(self.due, now - CATCH_UP_S) + max(seconds, MIN_MESSAGE_S)
         waiting, audio = self._window[0] + waited, self._window[1] + seconds
         self._window = (waiting, audio)
         if waiting < STREAM_WINDOW_S:

@@ -44,6 +44,7 @@ from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import (
     CATCH_UP_S,
     DETECT_PARAMETERS,
+    MIN_MESSAGE_S,
     STREAM_WINDOW_S,
     WS_MAX_BYTES,
     AnswerAtShutdown,
@@ -1609,6 +1610,10 @@ def test_a_stream_clock_closes_a_stream_sent_too_slowly_judging_each_window_on_i
     for i in range(3600):
         slow.heard(0.5, now=float(i), waited=1.0)
     assert slow.due == pytest.approx(3599 - CATCH_UP_S + 0.5)
+    flood = StreamClock()  # a sample a message, as fast as it goes: not behind real time, so not first
+    for _ in range(2000):
+        flood.heard(1 / 16000, now=100.0, waited=0.0)
+    assert flood.due == pytest.approx(100.0 - CATCH_UP_S + 2000 * MIN_MESSAGE_S) and flood.due > 100.0
 
 
 def test_stream_turns_go_to_the_stream_due_first_and_pass_on_when_cancelled():
