@@ -84,7 +84,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -363,6 +363,22 @@ class ApiKeyGuard:
         detail = "missing or wrong API key: send it as X-API-Key or Authorization: Bearer"
         response = JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+class ForeignPages:
+    """ASGI middleware: HTTP requests from web pages of origins not allowed get 403 (streams
+    check their origin themselves, to close with 1008)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            refusal = _origin_refusal(headers.get("origin"), self.allowed, headers.get("host"))
+            if refusal:
+                return await JSONResponse({"detail": refusal}, 403)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class RedactApiKey(logging.Filter):
@@ -723,6 +739,7 @@ DETECT_ERRORS = {
     for status, description in {
         400: "empty body, or a multipart form without a file",
         401: "KWS_API_KEY is set and the request lacks it",
+        403: "sent by a web page of an origin not allowed (kws serve --cors-origin)",
         408: f"no part of the body arrived for {IDLE_SECONDS:g} s",
         413: "body over the byte limit or audio over the duration limit",
         415: "not audio that can be used; the detail gives the decoder's reason",
@@ -869,14 +886,16 @@ class _Refused(Exception):
         self.code, self.reason, self.kind = code, reason, kind
 
 
-def _origin_refusal(websocket: WebSocket) -> str | None:
-    """Why a web page may not open this stream, else None. Browsers send a page's origin and let
-    any page open a WebSocket to any address: without this check, any site a user visits could
-    take the server's stream places. Clients other than browsers send no origin. A page of the
-    server's own host is not let in either: this server gives no page that streams, and a host
-    name can be rebound to it (DNS rebinding)."""
-    origin, allowed = websocket.headers.get("origin"), websocket.app.state.settings.cors_origins
+def _origin_refusal(origin: str | None, allowed: tuple[str, ...], own_host: str | None = None) -> str | None:
+    """Why a web page of ``origin`` may not call this server, else None. Browsers send a page's
+    origin, and let any page open a WebSocket to any address or POST a body to it: without this
+    check, any site a user visits could take the server's stream places or queue work for its
+    workers. Clients other than browsers send no origin. Pages of ``own_host`` are let in (the
+    docs at /docs post from there); streams give none, as this server serves no page that
+    streams and a host name can be rebound to it (DNS rebinding)."""
     if origin is None or origin in allowed or "*" in allowed:
+        return None
+    if own_host is not None and origin.partition("://")[2] == own_host:
         return None
     # Short: a close reason holds 123 bytes. A local file's page or a sandboxed one sends "null".
     fix = "serve the page over http" if origin == "null" else f"kws serve --cors-origin {origin}"
@@ -886,7 +905,7 @@ def _origin_refusal(websocket: WebSocket) -> str | None:
 def _new_session(websocket: WebSocket) -> StreamSession:
     """The stream its query asks for; _Refused if it cannot be served."""
     state, query = websocket.app.state, websocket.query_params
-    refusal = _origin_refusal(websocket)
+    refusal = _origin_refusal(websocket.headers.get("origin"), state.settings.cors_origins)
     if refusal:
         raise _Refused(1008, refusal, "origin")
     unknown = _unknown_parameter(query, STREAM_PARAMETERS)
@@ -969,6 +988,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid_query)
     app.add_middleware(AnswerAtShutdown)
+    app.add_middleware(ForeignPages, allowed=settings.cors_origins)
     if settings.api_key:
         app.add_middleware(ApiKeyGuard, key=settings.api_key, metrics=app.state.metrics)
         _with_api_key_in_schema(app)

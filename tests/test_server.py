@@ -862,8 +862,18 @@ def test_pages_of_allowed_origins_may_call_the_api_and_open_streams(export):
         assert closed.value.code == 1000  # "*": any page
 
 
-def test_without_allowed_origins_other_sites_pages_cannot_open_streams(client):
-    assert "access-control-allow-origin" not in client.get("/model", headers={"Origin": PAGE}).headers
+def test_without_allowed_origins_other_sites_pages_cannot_call_the_api_or_open_streams(client, clip):
+    # A page may post a "simple" request to any address without asking first: the answer is 403.
+    body = encode(clip)
+    posted = client.post("/detect", content=body, headers={"Origin": PAGE, "Content-Type": "text/plain"})
+    assert (posted.status_code, posted.json()) == (
+        403,
+        {"detail": f"origin {PAGE} not allowed: kws serve --cors-origin {PAGE}"},
+    )
+    assert client.get("/model", headers={"Origin": PAGE}).status_code == 403
+    for origin in ("http://testserver", "https://testserver", None):  # the docs' page, or no browser
+        answer = client.post("/detect", content=body, headers={"Origin": origin} if origin else {})
+        assert [event["label"] for event in answer.json()["detections"]] == ["up"]
     with (
         client.websocket_connect("/stream", headers={"Origin": "null"}) as ws,
         pytest.raises(WebSocketDisconnect) as closed,
