@@ -533,7 +533,7 @@ def test_the_openapi_schema_declares_every_error_body_and_the_api_key(client, ex
     errors = {
         status: answer for status, answer in responses.items() if status.startswith("4") or status == "503"
     }
-    assert sorted(errors) == ["400", "401", "408", "413", "415", "422", "503"]
+    assert sorted(errors) == ["400", "401", "403", "408", "413", "415", "422", "503"]
     for answer in errors.values():
         assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
     assert (
