@@ -284,6 +284,9 @@ class Model:
         features.check_compatible(manifest["frontend"], self.source)
         # Kept so that other processes can run exactly this model, whatever happens to its file later.
         self.content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
+        # What answers name the model by: every retrained or recalibrated copy keeps its name and
+        # kws version, and calibration writes its thresholds into the .tflite too.
+        self.sha256 = hashlib.sha256(self.content).hexdigest()
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
         self._interpreter_lock = threading.Lock()
         try:

@@ -193,9 +193,13 @@ class Detection(BaseModel):
     end: float
 
 
+MODEL_SHA256 = Field(description="SHA-256 of the .tflite: tells copies apart that share a name and version")
+
+
 class ModelName(BaseModel):
     name: str | None
     version: str | None = Field(description="the kws version that exported the model")
+    sha256: str = MODEL_SHA256
 
 
 class Report(BaseModel):
@@ -224,6 +228,7 @@ class Problem(BaseModel):
 class ModelInfo(BaseModel):
     name: str | None
     version: str | None
+    sha256: str = MODEL_SHA256
     labels: list[str]
     frontend: dict[str, Any]
     detection: dict[str, Any] = Field(description="how scores become events, thresholds per keyword")
@@ -707,10 +712,12 @@ def _threshold(text: str | None, manifest: dict) -> float | dict[str, float] | N
     return chosen
 
 
-def _model_info(manifest: dict) -> dict:
+def _model_info(model: Model) -> dict:
+    manifest = model.manifest
     return {
         "name": manifest.get("name"),
         "version": manifest.get("kws_version"),
+        "sha256": model.sha256,
         "labels": manifest["labels"],
         "frontend": manifest["frontend"],
         "detection": detection_config(manifest).to_dict(),
@@ -826,7 +833,7 @@ async def ready(request: Request) -> dict:
 
 @routes.get("/model", response_model=ModelInfo, summary="the model's labels, frontend, thresholds, sizes")
 async def model_info(request: Request) -> dict:
-    return _model_info(_model_of(request).manifest)
+    return _model_info(_model_of(request))
 
 
 @routes.get("/metrics", summary="Prometheus metrics", response_class=Response)

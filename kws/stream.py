@@ -414,6 +414,7 @@ def recording_report(
         "model": {
             "name": detector.model.manifest.get("name"),
             "version": detector.model.manifest.get("kws_version"),
+            "sha256": detector.model.sha256,
         },
     }
     if damage:

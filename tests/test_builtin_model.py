@@ -1,6 +1,7 @@
 """The model shipped inside the package: complete, self-describing, used when no --model is given,
 and as good on the real validation clips as its manifest says."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def test_kws_detect_uses_the_built_in_model_without_model_flag(tmp_path, capsys,
     assert main(["detect", str(silence), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["name"] == manifest["name"]
+    built_in = (BUILT_IN_MODEL / manifest["files"]["int8"]).read_bytes()
+    assert report["model"]["sha256"] == hashlib.sha256(built_in).hexdigest()
     assert report["duration"] == pytest.approx(3.0) and report["detections"] == []
 
 

@@ -7,6 +7,7 @@ import ast
 import asyncio
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -351,6 +352,9 @@ def test_ready_is_503_until_the_model_is_loaded(export):
 def test_model_describes_labels_thresholds_and_sizes(client, model):
     info = client.get("/model").json()
     assert info["labels"] == model.labels
+    assert info["sha256"] == hashlib.sha256(model.content).hexdigest() == model.sha256
+    reported = client.post("/detect", content=encode(np.zeros(16000, np.float32))).json()["model"]
+    assert reported == {"name": info["name"], "version": info["version"], "sha256": info["sha256"]}
     assert info["detection"] == detection_config(model.manifest).to_dict()
     assert info["sizes"] == model.manifest["sizes"] and info["accuracy"] == model.manifest["accuracy"]
     assert info["frontend"]["num_mfcc"] == 10
