@@ -617,7 +617,7 @@ def _is_number(text: str) -> bool:
 
 def _is_end(text: str) -> bool:
     # Only a short text can be the end: "[" * 200000 had json.loads raise RecursionError, and the
-    # connection end without its 1003.
+    # connection ended without its 1003.
     if len(text) > 100:
         return False
     try:

@@ -272,17 +272,14 @@ def _why_no_clips(data: SpeechData, word: str) -> str:
         return f"none of the {unread} training clips in {folder} could be read (each is named above)"
     clips = [clip for clip in data.clips if clip.word == word]
     splits = Counter(clip.split for clip in clips)
-    placed = (
-        f"every clip in {folder} is in validation or test ({splits['validation']} and {splits['testing']})"
-    )
+    placed = f"every clip in {folder} is in validation ({splits['validation']}) or test ({splits['testing']})"
     hashed = {clip.speaker for clip in clips if clip.hashed}
     if len(hashed) == 1 and None not in hashed:
         return (
             f"{placed}: the clips no split list names are all one speaker's ({next(iter(hashed))}), and the "
             "speaker hash puts a speaker's clips in one split. Record more speakers; or, to train on one "
-            "voice, name its "
-            "files without _nohash_ and put them directly in the word's folder, so that each clip is split "
-            "on its own, 10 % to validation"
+            "voice, name its files without _nohash_ and put them directly in the word's folder, so that "
+            f"each clip is split on its own, {data.config.validation_percent:g} % to validation"
         )
     return (
         f"{placed}, by the split lists or by the speaker hash, which puts each speaker's clips (named "

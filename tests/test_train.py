@@ -567,8 +567,8 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
         shutil.copy(take, data / "hey" / f"speaker7_nohash_{n}{take.suffix}")
     assert main(["train", "--data", str(data), "--words", "yes,hey", "--out", str(run)]) == 2
     assert (
-        f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation or test "
-        "(0 and 4): the clips no split list names are all one speaker's (speaker7), and the speaker hash "
+        f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation (0) or test "
+        "(4): the clips no split list names are all one speaker's (speaker7), and the speaker hash "
         "puts a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
         "files without _nohash_"
     ) in capsys.readouterr().err
