@@ -316,6 +316,13 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             "typical keyword: the model will seldom hear them and may never spot them; add clips of "
             "them, or leave them out of --words",
         )
+    few = few_clips({word: heard[word] for word in data.config.words if word not in scarce})
+    if few:
+        warn(
+            f"few training clips of {clip_counts(few)}: a model learns a word from hundreds of clips in "
+            f"many voices (Speech Commands has about 1,000 of each), and from under {FEW_CLIPS} it may never "
+            "spot it; record more, or add synthetic ones (kws synth, then --extra)",
+        )
     if not data.split_audio("validation").keyword.any():
         raise DataError(
             f"no validation clips of any keyword in {data.root}: name some in its validation_list.txt "

@@ -206,12 +206,17 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     config.data.validation_percent = 0
     train(config, tmp_path / "run")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
-    assert len(warnings) == 4
-    assert warnings[3].startswith("warning: 1 epoch of ") and "train with --epochs " in warnings[3]
+    assert len(warnings) == 5
+    assert warnings[4].startswith("warning: 1 epoch of ") and "train with --epochs " in warnings[4]
+    # Under 20 training clips of each keyword, as in all these tests: too few, whatever the others have.
+    assert warnings[0].startswith(
+        "warning: few training clips of 'yes' (8), 'no' (9), 'up' (7), 'down' (11): a model learns a word "
+        "from hundreds of clips in many voices (Speech Commands has about 1,000 of each), and from under 20"
+    )
     # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
-    assert warnings[0].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
-    assert "no validation clips of 'down'" in warnings[1] and "no background noise" in warnings[2]
-    assert "is not that folder" not in warnings[2]
+    assert warnings[1].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
+    assert "no validation clips of 'down'" in warnings[2] and "no background noise" in warnings[3]
+    assert "is not that folder" not in warnings[3]
     (tiny_dataset / "_background_noise_").mkdir()  # there, but empty: no other folder to blame
     _, found = _checked_validation(SpeechData(config.data), config.train)
     capsys.readouterr()
