@@ -225,11 +225,19 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
 
 def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: set[str]) -> None:
     """Say how many lines of a split list name no clip: their clips would go to a split by hash."""
-    missing = [line for key, line in listed.items() if key not in found]
+    missing = {key: line for key, line in listed.items() if key not in found}
     if missing:
+        shown = ", ".join(list(missing.values())[:3]) + (", ..." if len(missing) > 3 else "")
+        # A list written by hand often differs from the folders in letter case alone.
+        folded = {key.casefold(): key for key in found}
+        cased = next(
+            ((line, folded[key.casefold()]) for key, line in missing.items() if key.casefold() in folded),
+            None,
+        )
         tqdm.write(
             f"warning: lines of {root / name} that name no clip there: {len(missing)} of {len(listed)} "
-            f"(the first: {missing[0]}); a line is WORD/FILE, the path below {root}",
+            f"({shown}); a line is WORD/FILE, the path below {root}"
+            + (f", and letter case counts: {cased[0]} is {cased[1]} there" if cased else ""),
             file=sys.stderr,
         )
 

@@ -165,7 +165,15 @@ def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dat
     sf.write(tiny_dataset / "yes" / "30yesab_nohash_0.wav", tone(400.0, seconds=3.0), 16000)
     clips = D.scan(tiny_dataset)
     err = capsys.readouterr().err
-    assert "name no clip there: 2 of" in err and "(the first: yes/not_here.wav)" in err
+    assert "name no clip there: 2 of" in err and "(yes/not_here.wav, music/x.wav); a line is" in err
+    assert "letter case" not in err
+    (tiny_dataset / "validation_list.txt").write_text(f"{listed[0].upper()}\n")
+    D.scan(tiny_dataset)
+    assert (
+        f"({listed[0].upper()}); a line is WORD/FILE, the path below {tiny_dataset}, and letter case counts: "
+        f"{listed[0].upper()} is {listed[0].removesuffix('.wav')} there"
+    ) in capsys.readouterr().err
+    (tiny_dataset / "validation_list.txt").write_text("\n".join(listed))
     validation = {f"{clip.word}/{clip.path.name}" for clip in clips if clip.split == "validation"}
     assert listed[0] in validation and set(listed) <= validation  # "./" before a line is the same path
     D.load_clips([clip.path for clip in clips if clip.word == "yes"], "training clips")
