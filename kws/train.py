@@ -307,6 +307,15 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
         reasons = "; ".join(_why_no_clips(data, word) for word in unheard)
         raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
     training = data.split_audio("training")
+    unread = {
+        split: sum(clip.split == split for clip in data.clips) - len(data.split_audio(split).words)
+        for split in ("training", "validation")
+    }
+    if any(unread.values()):
+        warn(
+            f"clips left out as unreadable (each is named above): {unread['training']} of the training "
+            f"clips, {unread['validation']} of the validation clips",
+        )
     heard = Counter(training.words)
     typical = float(np.median([heard[word] for word in data.config.words]))
     scarce = {word: heard[word] for word in data.config.words if heard[word] < SCARCE_SHARE * typical}

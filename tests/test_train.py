@@ -241,6 +241,19 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     )
 
 
+def test_clips_that_cannot_be_read_are_counted_in_the_runs_warnings(tiny_dataset, capsys):
+    from kws.data import SpeechData, scan
+    from kws.train import _checked_validation
+
+    config = run_config(tiny_dataset, epochs=1)
+    training = [clip.path for clip in scan(tiny_dataset) if clip.split == "training" and clip.word == "yes"]
+    training[0].write_bytes(b"not audio")
+    _, warnings = _checked_validation(SpeechData(config.data), config.train)
+    unread = "clips left out as unreadable (each is named above): 1 of the training clips, 0 of the"
+    assert f"{unread} validation clips" in warnings
+    assert f"skipping {training[0]}" in capsys.readouterr().err
+
+
 def test_training_warns_of_too_few_steps_to_learn():
     from kws.train import _few_steps
 
