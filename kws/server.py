@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import heapq
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -66,7 +67,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import anyio
 import numpy as np
@@ -133,8 +134,8 @@ CATCH_UP_S = 2.0
 # Each message counts as at least this much audio in the streams' order, as a message costs the
 # server ~0.1 ms whatever it holds: clients sending one sample a message (62 µs of audio) looked
 # 2 s behind real time for as long as they sent, went before every live stream, and made those
-# 1.6 s late. A browser's smallest block (128 samples at 48 kHz) holds 2.7 ms.
-MIN_MESSAGE_S = 0.002
+# 1.6 s late. A browser's smallest block is 128 samples, 0.67 ms at the highest ?rate=.
+MIN_MESSAGE_S = 128 / STREAM_RATES[1]
 # A minute of audio costs a worker 0.07 s of CPU at 16 kHz, 0.55 s as 192 kHz stereo FLAC;
 # longer recordings are for `kws detect`.
 DEFAULT_MAX_BYTES = 10_000_000
@@ -193,13 +194,13 @@ class Detection(BaseModel):
     end: float
 
 
-MODEL_SHA256 = Field(description="SHA-256 of the .tflite: tells copies apart that share a name and version")
+SHA256_DESCRIPTION = "SHA-256 of the .tflite: tells copies apart that share a name and version"
 
 
 class ModelName(BaseModel):
     name: str | None
     version: str | None = Field(description="the kws version that exported the model")
-    sha256: str = MODEL_SHA256
+    sha256: str = Field(description=SHA256_DESCRIPTION)
 
 
 class Report(BaseModel):
@@ -228,7 +229,7 @@ class Problem(BaseModel):
 class ModelInfo(BaseModel):
     name: str | None
     version: str | None
-    sha256: str = MODEL_SHA256
+    sha256: str = Field(description=SHA256_DESCRIPTION)
     labels: list[str]
     frontend: dict[str, Any]
     detection: dict[str, Any] = Field(description="how scores become events, thresholds per keyword")
@@ -380,10 +381,27 @@ class ForeignPages:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = Headers(scope=scope)
-            refusal = _origin_refusal(headers.get("origin"), self.allowed, headers.get("host"))
+            refusal = _origin_refusal(
+                headers.get("origin"), self.allowed, _own_origin(scope, headers.get("host"))
+            )
             if refusal:
                 return await JSONResponse({"detail": refusal}, 403)(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def _own_origin(scope, host: str | None) -> str | None:
+    """The origin of the pages this server serves itself (its /docs), where no other site can pose
+    as it: at an IP address or localhost. Any site can rebind a host name of its own to the
+    server (DNS rebinding), and its pages would then pass for the server's."""
+    name = urlsplit(f"//{host}").hostname if host else None
+    if name is None:
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        if name != "localhost":
+            return None
+    return f"{scope['scheme']}://{host}"
 
 
 class RedactApiKey(logging.Filter):
@@ -615,10 +633,13 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()  # str.isdigit alone takes "²", which int() refuses
 
 
+END_MESSAGE_MAX_CHARS = 100  # '{"event": "end"}' with room for any spacing
+
+
 def _is_end(text: str) -> bool:
     # Only a short text can be the end: "[" * 200000 had json.loads raise RecursionError, and the
     # connection ended without its 1003.
-    if len(text) > 100:
+    if len(text) > END_MESSAGE_MAX_CHARS:
         return False
     try:
         return json.loads(text) == {"event": "end"}
@@ -893,16 +914,14 @@ class _Refused(Exception):
         self.code, self.reason, self.kind = code, reason, kind
 
 
-def _origin_refusal(origin: str | None, allowed: tuple[str, ...], own_host: str | None = None) -> str | None:
+def _origin_refusal(origin: str | None, allowed: tuple[str, ...], own: str | None = None) -> str | None:
     """Why a web page of ``origin`` may not call this server, else None. Browsers send a page's
     origin, and let any page open a WebSocket to any address or POST a body to it: without this
     check, any site a user visits could take the server's stream places or queue work for its
-    workers. Clients other than browsers send no origin. Pages of ``own_host`` are let in (the
-    docs at /docs post from there); streams give none, as this server serves no page that
-    streams and a host name can be rebound to it (DNS rebinding)."""
-    if origin is None or origin in allowed or "*" in allowed:
-        return None
-    if own_host is not None and origin.partition("://")[2] == own_host:
+    workers. Clients other than browsers send no origin. Pages of the server's ``own`` origin
+    are let in (its /docs post from there); streams give none, as this server serves no page
+    that streams."""
+    if origin is None or origin in allowed or "*" in allowed or origin == own:
         return None
     # Short: a close reason holds 123 bytes. A local file's page or a sandboxed one sends "null".
     fix = "serve the page over http" if origin == "null" else f"kws serve --cors-origin {origin}"
