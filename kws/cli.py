@@ -244,24 +244,30 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
 
 
 def _warn_if_split_again(training: dict, data) -> None:
-    """Warn when ``data`` holds as many clips of each keyword as the model trained with, but more
-    of them in validation (a validation_list.txt added or edited): clips it trained on are then
-    among those scored, and its figures read high. (Fewer would be a part of its held-out clips;
-    a model trained with --extra clips, which eval leaves out, is never warned of.)"""
+    """Warn when ``data`` holds as many clips of each keyword as the model trained with, but fewer
+    of them in training (split lists added or edited, or speakers split otherwise by another
+    kws): clips it trained on are then held out, among those scored, and its figures read high.
+    (A model trained with --extra clips, which eval leaves out, is never warned of.)"""
+    from kws.data import SPLITS
+
     recorded = training.get("clips_per_split", {})
-    if not {"training", "validation"} <= set(recorded):
+    if not set(SPLITS) <= set(recorded):
         return
     now = Counter((clip.split, clip.word) for clip in data.clips)
-    then = {w: (recorded["training"].get(w, 0), recorded["validation"].get(w, 0)) for w in data.config.words}
-    same_clips = all(now["training", w] + now["validation", w] == sum(then[w]) for w in then)
-    grown = {w: now["validation", w] - then[w][1] for w in then if now["validation", w] > then[w][1]}
-    if same_clips and grown:
-        more = ", ".join(f"{word} +{count}" for word, count in grown.items())
+    words = data.config.words
+    same_clips = all(
+        sum(now[split, w] for split in SPLITS) == sum(recorded[split].get(w, 0) for split in SPLITS)
+        for w in words
+    )
+    moved = {w: recorded["training"].get(w, 0) - now["training", w] for w in words}
+    moved = {word: count for word, count in moved.items() if count > 0}
+    if same_clips and moved:
+        fewer = ", ".join(f"{word} -{count}" for word, count in moved.items())
         print(
             f"warning: {data.root} holds as many clips of each keyword as the model trained with, but "
-            f"more of them in validation than when it trained ({more}): clips it trained on are among "
-            "those scored, so its figures read high; give the data the validation_list.txt it trained "
-            "with",
+            f"fewer of them in training than when it trained ({fewer}): "
+            "clips it trained on are held out now, among those scored, so its figures read high; give "
+            "the data the split lists it trained with",
             file=sys.stderr,
         )
 

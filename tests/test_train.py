@@ -91,10 +91,14 @@ def test_eval_warns_when_the_data_splits_the_models_training_clips_otherwise(
     (data / "validation_list.txt").write_text("\n".join(listed + moved))
     assert main(["eval", "--model", str(run), "--data", str(data)]) == 0
     assert capsys.readouterr().err.startswith(
-        f"warning: {data} holds as many clips of each keyword as the model trained with, but more of "
-        "them in validation than when it trained (yes +2): clips it trained on are among those scored, so "
-        "its figures read high"
+        f"warning: {data} holds as many clips of each keyword as the model trained with, but fewer of "
+        "them in training than when it trained (yes -2): clips it trained on are held out now, among those "
+        "scored, so its figures read high"
     )
+    (data / "validation_list.txt").write_text("\n".join(listed))
+    (data / "testing_list.txt").write_text((data / "testing_list.txt").read_text() + "\n".join(moved))
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0  # the test split, by default
+    assert "(yes -2): clips it trained on are held out now" in capsys.readouterr().err
 
 
 def test_eval_threshold_is_refused_without_stream(tone_run, tone_dataset, capsys):
