@@ -137,23 +137,25 @@ def labels_for(words) -> list[str]:
     return [SILENCE, UNKNOWN, *words]
 
 
-def speaker_id(path: Path) -> str:
-    """Speaker of a clip: Speech Commands' part before ``_nohash_``, LibriSpeech's first field,
-    else the file itself."""
-    name = path.name
-    if "_nohash_" in name:
-        return re.sub(r"_nohash_.*$", "", name)
+def _named_speaker(path: Path) -> str | None:
+    """The speaker a file's name gives: Speech Commands' part before ``_nohash_``, LibriSpeech's
+    first field; else None."""
+    if "_nohash_" in path.name:
+        return re.sub(r"_nohash_.*$", "", path.name)
     librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
-    return librispeech.group(1) if librispeech else path.stem
+    return librispeech.group(1) if librispeech else None
+
+
+def speaker_id(path: Path) -> str:
+    """Speaker of a recording: the one its name gives, else the file itself."""
+    return _named_speaker(path) or path.stem
 
 
 def clip_speaker(relative: Path) -> str | None:
-    """Speaker of a clip at ``relative`` below its word's folder: the part of its name before
-    ``_nohash_``, else the subfolder it sits in (``alice/take1.wav``: a folder per speaker, whose
-    files need not say it), else None: the file names no speaker."""
-    if "_nohash_" in relative.name:
-        return speaker_id(relative)
-    return relative.parts[0] if len(relative.parts) > 1 else None
+    """Speaker of a clip at ``relative`` below its word's folder: the one its name gives, else the
+    subfolder it sits in (``alice/take1.wav``: a folder per speaker, whose files need not say
+    it), else None: the clip is split as a speaker of its own."""
+    return _named_speaker(relative) or (relative.parts[0] if len(relative.parts) > 1 else None)
 
 
 def speaker_hash(speaker: str) -> str:
@@ -223,13 +225,14 @@ def _read_list(root: Path, name: str) -> dict[str, str]:
     return keys
 
 
-def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: set[str]) -> None:
-    """Say how many lines of a split list name no clip: their clips would go to a split by hash."""
+def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: dict[str, str]) -> None:
+    """Say how many lines of a split list name no clip (``found``: clip key -> its path below
+    ``root``): their clips would go to a split by hash."""
     missing = {key: line for key, line in listed.items() if key not in found}
     if missing:
         shown = ", ".join(list(missing.values())[:3]) + (", ..." if len(missing) > 3 else "")
         # A list written by hand often differs from the folders in letter case alone.
-        folded = {key.casefold(): key for key in found}
+        folded = {key.casefold(): path for key, path in found.items()}
         cased = next(
             ((line, folded[key.casefold()]) for key, line in missing.items() if key.casefold() in folded),
             None,
@@ -409,7 +412,7 @@ def scan(
     package = is_test_package(root)
     validation = _read_list(root, SPLIT_LISTS["validation"])
     testing = _read_list(root, SPLIT_LISTS["testing"])
-    clips, others, keys = [], [], []
+    clips, others, found = [], [], {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         word = folder_word(folder)
         if word.startswith("_") and word not in (SILENCE, UNKNOWN):
@@ -417,7 +420,7 @@ def scan(
         for path in audio.audio_files_under(folder, others):  # subfolders too
             relative = path.relative_to(folder)
             key = _clip_key(word, relative.as_posix())
-            keys.append(key)
+            found[key] = f"{folder.name}/{relative.as_posix()}"
             speaker = clip_speaker(relative)
             hashed = False
             if split:
@@ -429,12 +432,11 @@ def scan(
             elif key in testing:
                 clip_split = "testing"
             else:
-                split_by = speaker if speaker is not None else speaker_id(path)
+                split_by = speaker if speaker is not None else path.stem
                 clip_split, hashed = which_set(split_by, validation_percent, testing_percent), True
             clips.append(Clip(path, word, clip_split, hashed, speaker))
     if not clips:
         raise _no_clips(root)
-    found = set(keys)
     for name, listed in ((SPLIT_LISTS["validation"], validation), (SPLIT_LISTS["testing"], testing)):
         _warn_unmatched(root, name, listed, found)
     _warn_left_out(f"files in the word folders of {root}", others)
@@ -448,7 +450,7 @@ def _warn_left_out(where: str, others: list[Path]) -> None:
         kinds = Counter(path.suffix.lower() or path.name for path in others)
         tqdm.write(
             f"warning: left out, not being audio kws reads: {where} ({tally(kinds)}; the first: "
-            f"{others[0]}); recordings among them: {audio.CONVERT}",
+            f"{min(others)}); recordings among them: {audio.CONVERT}",
             file=sys.stderr,
         )
 
@@ -470,8 +472,8 @@ def around_the_sound(samples: np.ndarray) -> np.ndarray:
     return samples[start : start + CLIP_SAMPLES]
 
 
-# A clip whose peak stays under this holds no word anyone could hear: 10 of Speech Commands'
-# training clips peak at 5 to 32 in 32768. Kept, it teaches the model that silence is its word.
+# A clip whose peak stays under this holds no word anyone could hear: 10 of Speech Commands' clips
+# in the shared subset peak at 5 to 32 in 32768. Kept, it labels silence as a word.
 SILENT_PEAK = 10 ** (-60 / 20)
 
 
@@ -490,7 +492,8 @@ def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
         if len(samples) > LONG_CLIP_SAMPLES:
             long.append((path, len(samples) / SAMPLE_RATE))
             samples = around_the_sound(samples)
-        if not np.abs(samples).max(initial=0.0) >= SILENT_PEAK:
+        # The test package's _silence_ clips are meant to hold none.
+        if path.parent.name != SILENCE and not np.abs(samples).max(initial=0.0) >= SILENT_PEAK:
             silent.append(path)
         rows.append(_to_int16(audio.fix_length(samples)))
         kept.append(index)
@@ -505,8 +508,8 @@ def load_clips(paths, description: str) -> tuple[np.ndarray, list[int]]:
     if silent:
         tqdm.write(
             f"warning: {description} with no sound in them (peaks under -60 dBFS): {len(silent)} (the "
-            f"first: {silent[0]}); an empty take or a muted microphone teaches the model that silence is "
-            "the word: listen to them, and delete the empty ones",
+            f"first: {silent[0]}); an empty take or a muted microphone labels silence as a word: listen "
+            "to them, and delete the empty ones from data of your own",
             file=sys.stderr,
         )
     if not rows:

@@ -313,8 +313,8 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
     }
     if any(unread.values()):
         warn(
-            f"clips left out as unreadable (each is named above): {unread['training']} of the training "
-            f"clips, {unread['validation']} of the validation clips",
+            f"clips left out as unreadable: {unread['training']} of the training clips, "
+            f"{unread['validation']} of the validation clips",
         )
     heard = Counter(training.words)
     typical = float(np.median([heard[word] for word in data.config.words]))
@@ -372,7 +372,8 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             + (f"that {SPLIT_LISTS['validation']} does not name " if listed else "")
             + "is split as a speaker of its own: one person's takes land in training and in "
             "validation, and validation accuracy reads higher than new voices will find; name the "
-            "files by speaker",
+            "files by speaker, or put each speaker's in a folder of its own (a model of one voice "
+            "can only be validated on that voice: then this is as meant)",
         )
     for split, split_list in SPLIT_LISTS.items():
         straddling = speakers_on_both_sides(own, split)
@@ -419,13 +420,15 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
     return data.evaluation_set("validation"), warnings
 
 
-def _clips_per_split(counts: dict) -> str:
+def _clips_per_split(data: SpeechData) -> str:
     """One line of each word's clips in training, validation and test, as the lists and the
-    speaker hash placed them: a split that took more than meant shows before the minutes of work."""
-    names = {label: label for label in counts["training"] if label not in (SILENCE, UNKNOWN)}
-    names[UNKNOWN] = "other words"
+    speaker hash placed them: a split that took more than meant shows before the checks and
+    the minutes of work."""
+    words = data.config.words
+    counts = Counter((clip.split, clip.word if clip.word in words else UNKNOWN) for clip in data.clips)
+    names = {**{word: word for word in words}, UNKNOWN: "other words"}
     placed = ", ".join(
-        f"{name} " + "/".join(str(counts[split][label]) for split in SPLITS) for label, name in names.items()
+        f"{name} " + "/".join(str(counts[split, word]) for split in SPLITS) for word, name in names.items()
     )
     return f"clips in training/validation/test: {placed}"
 
@@ -468,10 +471,10 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # Teachers and data load before the run folder exists: refusing either leaves no folder behind.
     teachers = _load_teachers(config)
     data = SpeechData(config.data)
+    tqdm.write(_clips_per_split(data), file=sys.stderr)
     validation, warnings = _checked_validation(data, config.train)
     val_features = features.mfcc(validation.audio)
     config.data_summary = {**data.summary(), "warnings": warnings}
-    tqdm.write(_clips_per_split(config.data_summary["clips_per_split"]), file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 

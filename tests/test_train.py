@@ -253,8 +253,8 @@ def test_clips_that_cannot_be_read_are_counted_in_the_runs_warnings(tiny_dataset
     training = [clip.path for clip in scan(tiny_dataset) if clip.split == "training" and clip.word == "yes"]
     training[0].write_bytes(b"not audio")
     _, warnings = _checked_validation(SpeechData(config.data), config.train)
-    unread = "clips left out as unreadable (each is named above): 1 of the training clips, 0 of the"
-    assert f"{unread} validation clips" in warnings
+    unread = "clips left out as unreadable: 1 of the training clips, 0 of the validation clips"
+    assert unread in warnings
     assert f"skipping {training[0]}" in capsys.readouterr().err
 
 
@@ -588,12 +588,15 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
     for n in range(4):  # one speaker, whom the speaker hash puts in test
         shutil.copy(take, data / "hey" / f"speaker7_nohash_{n}{take.suffix}")
     assert main(["train", "--data", str(data), "--words", "yes,hey", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    counts = next(line for line in err.splitlines() if line.startswith("clips in training/validation/test"))
+    assert ", hey 0/0/4, other words " in counts and err.index(counts) < err.index("error:")  # before it
     assert (
         f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation (0) or test "
         "(4): the clips no split list names are all one speaker's (speaker7), and the speaker hash "
         "puts a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
         "files without _nohash_"
-    ) in capsys.readouterr().err
+    ) in err
     shutil.rmtree(data / "hey")
     for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
         clip.write_text("not audio")
