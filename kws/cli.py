@@ -239,35 +239,37 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
                 "the folders it trained with, or speakers it never heard",
                 file=sys.stderr,
             )
-    _warn_if_split_again(training, data)
     return data
 
 
-def _warn_if_split_again(training: dict, data) -> None:
-    """Warn when ``data`` holds as many clips of each keyword as the model trained with, but fewer
-    of them in training (split lists added or edited, or speakers split otherwise by another
-    kws): clips it trained on are then held out, among those scored, and its figures read high.
-    (A model trained with --extra clips, which eval leaves out, is never warned of.)"""
+def _warn_if_split_again(training: dict, data, scored: str) -> None:
+    """Warn when ``data`` holds at least the clips of each keyword the model trained with, but fewer
+    of them in training and more in the ``scored`` split (split lists added or edited, or
+    speakers split otherwise by another kws): clips it trained on are then scored, and its
+    figures read high. Counts cannot see clips that swapped places or new clips in training that
+    make up for those moved out. (A model trained with --extra clips, which eval leaves out, is
+    never warned of.)"""
     from kws.data import SPLITS
 
     recorded = training.get("clips_per_split", {})
     if not set(SPLITS) <= set(recorded):
         return
     now = Counter((clip.split, clip.word) for clip in data.clips)
-    words = data.config.words
-    same_clips = all(
-        sum(now[split, w] for split in SPLITS) == sum(recorded[split].get(w, 0) for split in SPLITS)
-        for w in words
-    )
-    moved = {w: recorded["training"].get(w, 0) - now["training", w] for w in words}
+    # The record counts the clips training could read; the folders may hold unreadable ones too.
+    moved = {
+        word: recorded["training"].get(word, 0) - now["training", word]
+        for word in data.config.words
+        if sum(now[split, word] for split in SPLITS) >= sum(recorded[split].get(word, 0) for split in SPLITS)
+        and now[scored, word] > recorded[scored].get(word, 0)
+    }
     moved = {word: count for word, count in moved.items() if count > 0}
-    if same_clips and moved:
+    if moved:
         fewer = ", ".join(f"{word} -{count}" for word, count in moved.items())
         print(
-            f"warning: {data.root} holds as many clips of each keyword as the model trained with, but "
-            f"fewer of them in training than when it trained ({fewer}): "
-            "clips it trained on are held out now, among those scored, so its figures read high; give "
-            "the data the split lists it trained with",
+            f"warning: {data.root} holds the clips of each keyword the model trained with, but fewer "
+            f"of them in training than when it trained ({fewer}) and more in {scored}: clips it "
+            "trained on are scored, so its figures read high; give the data the split lists it "
+            "trained with",
             file=sys.stderr,
         )
 
@@ -298,6 +300,7 @@ def cmd_eval(args) -> int:
         _check_plot(args.plot)
     classifier, training = _load_classifier(args.model)
     data = _evaluation_data(training, args.data, args.negatives)
+    _warn_if_split_again(training, data, split)
     examples = data.evaluation_set(split)
     if not len(examples.labels):
         raise UserError(
@@ -361,7 +364,9 @@ def _eval_stream(args) -> int:
     if args.plot:
         _check_plot(args.plot)
     model = Model.load(args.model, named="--model")
-    data = _evaluation_data(_training(model.manifest, model.source), args.data, args.negatives)
+    training = _training(model.manifest, model.source)
+    data = _evaluation_data(training, args.data, args.negatives)
+    _warn_if_split_again(training, data, "validation")  # the stream's keywords
     _, measured = stream_test(model, data, _detection_config(model, args.threshold), det=bool(args.plot))
     result = {
         "model": _model_name(args.model),
@@ -411,7 +416,9 @@ def cmd_calibrate(args) -> int:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
-    data = _evaluation_data(_training(manifest, str(model)), args.data, args.negatives or None)
+    training = _training(manifest, str(model))
+    data = _evaluation_data(training, args.data, args.negatives or None)
+    _warn_if_split_again(training, data, "validation")  # the stream's keywords
     updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
     if updated["detection"]["thresholds"] == config.thresholds:  # else it would look as if nothing ran

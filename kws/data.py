@@ -137,25 +137,23 @@ def labels_for(words) -> list[str]:
     return [SILENCE, UNKNOWN, *words]
 
 
-def _named_speaker(path: Path) -> str | None:
-    """The speaker a file's name gives: Speech Commands' part before ``_nohash_``, LibriSpeech's
-    first field; else None."""
-    if "_nohash_" in path.name:
-        return re.sub(r"_nohash_.*$", "", path.name)
-    librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
-    return librispeech.group(1) if librispeech else None
+def _nohash_speaker(path: Path) -> str | None:
+    """The speaker a Speech Commands file name gives, before ``_nohash_``; else None."""
+    return re.sub(r"_nohash_.*$", "", path.name) if "_nohash_" in path.name else None
 
 
 def speaker_id(path: Path) -> str:
-    """Speaker of a recording: the one its name gives, else the file itself."""
-    return _named_speaker(path) or path.stem
+    """Speaker of a recording: Speech Commands' name, LibriSpeech's first field, else the file."""
+    librispeech = re.match(r"^(\d+)-\d+-\d+$", path.stem)
+    return _nohash_speaker(path) or (librispeech.group(1) if librispeech else path.stem)
 
 
 def clip_speaker(relative: Path) -> str | None:
     """Speaker of a clip at ``relative`` below its word's folder: the one its name gives, else the
     subfolder it sits in (``alice/take1.wav``: a folder per speaker, whose files need not say
-    it), else None: the clip is split as a speaker of its own."""
-    return _named_speaker(relative) or (relative.parts[0] if len(relative.parts) > 1 else None)
+    it), else None: the clip is split as a speaker of its own (a take named 2024-05-01.wav too,
+    which LibriSpeech's rule would file under "2024")."""
+    return _nohash_speaker(relative) or (relative.parts[0] if len(relative.parts) > 1 else None)
 
 
 def speaker_hash(speaker: str) -> str:
@@ -165,6 +163,8 @@ def speaker_hash(speaker: str) -> str:
 
 def which_set(speaker: str, validation_percent: float, testing_percent: float) -> str:
     """The dataset's split rule (``input_data.which_set``): SHA-1 of the speaker id."""
+    if not isinstance(speaker, str):  # a path would hash whole, to a split of its own
+        raise TypeError(f"which_set takes a speaker id, got {speaker!r}: pass speaker_id(path)")
     digest = speaker_hash(speaker)
     percent = (int(digest, 16) % (_MAX_FILES_PER_CLASS + 1)) * (100.0 / _MAX_FILES_PER_CLASS)
     if percent < validation_percent:
@@ -472,8 +472,8 @@ def around_the_sound(samples: np.ndarray) -> np.ndarray:
     return samples[start : start + CLIP_SAMPLES]
 
 
-# A clip whose peak stays under this holds no word anyone could hear: 10 of Speech Commands' clips
-# in the shared subset peak at 5 to 32 in 32768. Kept, it labels silence as a word.
+# A clip whose peak stays under this (33 in 32768) holds no word anyone could hear: 10 keyword
+# clips of the shared Speech Commands subset peak at 5 to 17. Kept, it labels silence as a word.
 SILENT_PEAK = 10 ** (-60 / 20)
 
 

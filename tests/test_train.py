@@ -89,16 +89,21 @@ def test_eval_warns_when_the_data_splits_the_models_training_clips_otherwise(
     trained = [f"yes/{c.path.name}" for c in scan(tone_dataset) if c.word == "yes" and c.split == "training"]
     moved = trained[:2]  # two clips it trained on, now listed
     (data / "validation_list.txt").write_text("\n".join(listed + moved))
-    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0
-    assert capsys.readouterr().err.startswith(
-        f"warning: {data} holds as many clips of each keyword as the model trained with, but fewer of "
-        "them in training than when it trained (yes -2): clips it trained on are held out now, among those "
-        "scored, so its figures read high"
+    warning = (
+        f"warning: {data} holds the clips of each keyword the model trained with, but fewer of them in "
+        "training than when it trained (yes -2) and more in validation: clips it trained on are scored, "
+        "so its figures read high"
     )
+    assert main(["eval", "--model", str(run), "--data", str(data), "--split", "validation"]) == 0
+    assert capsys.readouterr().err.startswith(warning)
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0  # test: none of them scored
+    assert "warning" not in capsys.readouterr().err
+    # In test, which eval scores by default; and beside a clip training could not read.
     (data / "validation_list.txt").write_text("\n".join(listed))
     (data / "testing_list.txt").write_text((data / "testing_list.txt").read_text() + "\n".join(moved))
-    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0  # the test split, by default
-    assert "(yes -2): clips it trained on are held out now" in capsys.readouterr().err
+    (data / "yes" / "broken.wav").write_bytes(b"not audio")  # hashed into training: one fewer counted out
+    assert main(["eval", "--model", str(run), "--data", str(data)]) == 0
+    assert "than when it trained (yes -1) and more in testing: clips it trained on" in capsys.readouterr().err
 
 
 def test_eval_threshold_is_refused_without_stream(tone_run, tone_dataset, capsys):
