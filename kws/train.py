@@ -260,30 +260,42 @@ def _checkpoint_state(state_file: Path) -> dict | None:
     return None
 
 
-def _why_no_clips(data: SpeechData, word: str) -> str:
-    """Why a keyword whose folder exists (check_keyword_folders) has no training clip."""
+def _why_no_clips(data: SpeechData, word: str) -> tuple[str, bool]:
+    """Why a keyword whose folder exists (check_keyword_folders) has no training clip, and
+    whether the split put its clips elsewhere (rather than there being none to read)."""
     folders = [folder for folder in word_folders(data.config, word) if folder.is_dir()]
     if not any(audio.audio_files_under(folder) for folder in folders):
         where = " and ".join(map(str, folders))
-        return f"{where} hold{'s' * (len(folders) == 1)} no audio files kws reads ({audio.AUDIO_SUFFIX_TEXT})"
+        return (
+            f"{where} hold{'s' * (len(folders) == 1)} no audio files kws reads ({audio.AUDIO_SUFFIX_TEXT})",
+            False,
+        )
     folder = folders[0]
     unread = sum(clip.word == word and clip.split == "training" for clip in data.clips)
     if unread:
-        return f"none of the {unread} training clips in {folder} could be read (each is named above)"
+        return f"none of the {unread} training clips in {folder} could be read (each is named above)", False
     clips = [clip for clip in data.clips if clip.word == word]
     splits = Counter(clip.split for clip in clips)
     placed = f"every clip in {folder} is in validation ({splits['validation']}) or test ({splits['testing']})"
-    hashed = {clip.speaker for clip in clips if clip.hashed}
-    if len(hashed) == 1 and None not in hashed:
-        return (
-            f"{placed}: the clips no split list names are all one speaker's ({next(iter(hashed))}), and the "
-            "speaker hash puts a speaker's clips in one split. Record more speakers; or, to train on one "
-            "voice, name its files without _nohash_ and put them directly in the word's folder, so that "
-            f"each clip is split on its own, {data.config.validation_percent:g} % to validation"
-        )
+    speaker = _one_speaker(clip for clip in clips if clip.hashed)
+    if speaker:
+        return f"{placed}: the clips no split list names are all one speaker's ({speaker})", True
+    return f"{placed}, by the split lists or by the speaker hash", True
+
+
+def _one_speaker(clips) -> str | None:
+    """The speaker of ``clips`` if they are all one named speaker's, else None."""
+    speakers = {clip.speaker for clip in clips}
+    return next(iter(speakers)) if len(speakers) == 1 and None not in speakers else None
+
+
+def _one_voice(data: SpeechData) -> str:
+    """What to do when the speaker hash puts all of one speaker's clips in one split."""
     return (
-        f"{placed}, by the split lists or by the speaker hash, which puts each speaker's clips (named "
-        "before _nohash_, or by their subfolder) in one split: record more speakers"
+        "the speaker hash puts each speaker's clips (named before _nohash_, else by their subfolder) "
+        "in one split: record more speakers; or, to train on one voice, name its files without "
+        "_nohash_ and put them directly in the words' folders, so that each clip is split on its own, "
+        f"{data.config.validation_percent:g} % to validation"
     )
 
 
@@ -304,8 +316,10 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
         )
     unheard = data.words_without_clips("training")
     if unheard:
-        reasons = "; ".join(_why_no_clips(data, word) for word in unheard)
-        raise DataError(f"no training clips of {', '.join(map(repr, unheard))} in {data.root}: {reasons}")
+        reasons, split_away = zip(*(_why_no_clips(data, word) for word in unheard), strict=True)
+        advice = f". As {_one_voice(data)}" if any(split_away) else ""  # once, for every word it fits
+        words = ", ".join(map(repr, unheard))
+        raise DataError(f"no training clips of {words} in {data.root}: {'; '.join(reasons)}{advice}")
     training = data.split_audio("training")
     unread = {
         split: sum(clip.split == split for clip in data.clips) - len(data.split_audio(split).words)
@@ -329,15 +343,21 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
     if few:
         warn(
             f"few training clips of {clip_counts(few)}: a model learns a word from hundreds of clips in "
-            f"many voices (Speech Commands has about 1,000 of each), and from under {FEW_CLIPS} it may never "
+            f"many voices (Speech Commands has thousands of each), and from under {FEW_CLIPS} it may never "
             "spot it; record more, or add synthetic ones (kws synth, then --extra)",
         )
+    own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
+    spoken = [clip for clip in own if clip.word in data.config.words]
     if not data.split_audio("validation").keyword.any():
+        speakers = sorted({clip.speaker for clip in spoken if clip.hashed and clip.speaker is not None})
+        found = (
+            f" (it found {len(speakers)}: {', '.join(speakers)})"
+            if 0 < len(speakers) <= 3 and all(clip.speaker is not None for clip in spoken if clip.hashed)
+            else ""
+        )
         raise DataError(
             f"no validation clips of any keyword in {data.root}: name some in its validation_list.txt "
-            "(lines WORD/FILE), "
-            f"or give it more speakers (each speaker's clips go to validation with "
-            f"{data.config.validation_percent:g} % chance)"
+            f"(lines WORD/PATH below it), or give it more speakers, as {_one_voice(data)}{found}"
         )
     validated = Counter(data.split_audio("validation").words)
     thin = few_clips({word: validated[word] for word in data.config.words})
@@ -358,7 +378,6 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             )
             + "; name some clips of each in validation_list.txt",
         )
-    own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
     # Clips the hash put in validation with no speaker in their name: each is a speaker of its own.
     unnamed = sorted({c.word for c in own if c.hashed and c.split == "validation" and c.speaker is None})
     if unnamed:
@@ -375,16 +394,22 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
             "files by speaker, or put each speaker's in a folder of its own (a model of one voice "
             "can only be validated on that voice: then this is as meant)",
         )
+    voice = _one_speaker(spoken)
+    if voice:  # the one voice there is trains and validates: nothing to list otherwise
+        warn(
+            f"every keyword clip of {data.root} is one speaker's ({voice}): validation hears the voice "
+            "the model trained on, so its accuracy reads higher than other voices will find",
+        )
     for split, split_list in SPLIT_LISTS.items():
-        straddling = speakers_on_both_sides(own, split)
+        straddling = {} if voice else speakers_on_both_sides(own, split)
         if straddling:
             speaker, (heard, trained) = next(iter(straddling.items()))
             warn(
                 f"{len(straddling)} speaker{'s' * (len(straddling) > 1)} of {data.root} "
                 f"{'have' if len(straddling) > 1 else 'has'} clips in {split} and in training (as "
-                f"{speaker}: {heard.path.parent.name}/{heard.path.name} in {split}, "
-                f"{trained.path.parent.name}/{trained.path.name} in training), as {split_list} names only "
-                "some of their clips: the model hears their voices in training, so "
+                f"{speaker}: {heard.path.relative_to(data.root).as_posix()} in {split}, "
+                f"{trained.path.relative_to(data.root).as_posix()} in training), as {split_list} names "
+                "only some of their clips: the model hears their voices in training, so "
                 f"{split.removesuffix('ing')} accuracy reads a little high; list all of a speaker's clips "
                 "or none",
             )
@@ -430,7 +455,7 @@ def _clips_per_split(data: SpeechData) -> str:
     placed = ", ".join(
         f"{name} " + "/".join(str(counts[split, word]) for split in SPLITS) for word, name in names.items()
     )
-    return f"clips in training/validation/test: {placed}"
+    return f"clips found in training/validation/test: {placed}"
 
 
 def _few_steps(train: TrainConfig, examples: int) -> str | None:

@@ -220,7 +220,7 @@ def test_training_warns_of_a_keyword_it_cannot_test_and_of_missing_noise(tiny_da
     # Under 20 training clips of each keyword, as in all these tests: too few, whatever the others have.
     assert warnings[0].startswith(
         "warning: few training clips of 'yes' (8), 'no' (9), 'up' (7), 'down' (11): a model learns a word "
-        "from hundreds of clips in many voices (Speech Commands has about 1,000 of each), and from under 20"
+        "from hundreds of clips in many voices (Speech Commands has thousands of each), and from under 20"
     )
     # Two validation clips each, as everywhere in these tests: the best epoch rests on a few.
     assert warnings[1].startswith("warning: few validation clips of 'yes' (2), 'no' (2), 'up' (2): one clip")
@@ -261,6 +261,33 @@ def test_clips_that_cannot_be_read_are_counted_in_the_runs_warnings(tiny_dataset
     unread = "clips left out as unreadable: 1 of the training clips, 0 of the validation clips"
     assert unread in warnings
     assert f"skipping {training[0]}" in capsys.readouterr().err
+
+
+def test_one_voice_is_told_how_to_validate_and_then_warned_of_once(tmp_path):
+    from kws.data import DataError, SpeechData
+    from kws.train import _checked_validation
+
+    data = make_dataset(tmp_path / "data", speakers_per_word=3, words=("yes", "no"))
+    for word in ("yes", "no"):  # only alice's takes, in her folder: the hash puts her in training
+        for path in (data / word).iterdir():
+            path.unlink()
+        (data / word / "alice").mkdir()
+        for take in range(6):
+            sf.write(data / word / "alice" / f"take{take}.wav", tone(WORD_TONES[word], seed=take), 16000)
+    (data / "testing_list.txt").write_text("")
+    (data / "validation_list.txt").write_text("")
+    config = run_config(data, epochs=1)
+    config.data.words = ["yes", "no"]
+    with pytest.raises(
+        DataError, match=r"record more speakers; or, to train on one voice, .* \(it found 1: alice\)$"
+    ):
+        _checked_validation(SpeechData(config.data), config.train)
+    (data / "validation_list.txt").write_text("yes/alice/take0.wav\nno/alice/take0.wav\n")
+    _, warnings = _checked_validation(SpeechData(config.data), config.train)
+    assert f"every keyword clip of {data} is one speaker's (alice): validation hears the voice" in " ".join(
+        warnings
+    )
+    assert not any("clips in validation and in training" in warning for warning in warnings)
 
 
 def test_training_warns_of_too_few_steps_to_learn():
@@ -419,7 +446,7 @@ def test_resume_through_the_cli_and_refusing_to_overwrite(tone_dataset, tmp_path
     ) in printed.out
     clips = json.loads((run / "config.json").read_text())["data_summary"]["clips_per_split"]
     placed = {word: "/".join(str(clips[split][word]) for split in SPLITS) for word in (WORDS[0], "_unknown_")}
-    assert f"clips in training/validation/test: {WORDS[0]} {placed[WORDS[0]]}, " in printed.err
+    assert f"clips found in training/validation/test: {WORDS[0]} {placed[WORDS[0]]}, " in printed.err
     assert f", other words {placed['_unknown_']}\n" in printed.err and placed["_unknown_"] != "0/0/0"
     assert main([*base, "--epochs", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -594,14 +621,23 @@ def test_a_misspelled_keyword_or_a_bad_seed_is_refused_before_the_run_folder(ton
         shutil.copy(take, data / "hey" / f"speaker7_nohash_{n}{take.suffix}")
     assert main(["train", "--data", str(data), "--words", "yes,hey", "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    counts = next(line for line in err.splitlines() if line.startswith("clips in training/validation/test"))
+    counts = next(
+        line for line in err.splitlines() if line.startswith("clips found in training/validation/test")
+    )
     assert ", hey 0/0/4, other words " in counts and err.index(counts) < err.index("error:")  # before it
     assert (
         f"no training clips of 'hey' in {data}: every clip in {data / 'hey'} is in validation (0) or test "
-        "(4): the clips no split list names are all one speaker's (speaker7), and the speaker hash "
-        "puts a speaker's clips in one split. Record more speakers; or, to train on one voice, name its "
-        "files without _nohash_"
+        "(4): the clips no split list names are all one speaker's (speaker7). As the speaker hash puts "
+        "each speaker's clips (named before _nohash_, else by their subfolder) in one split: record more "
+        "speakers; or, to train on one voice, name its files without _nohash_"
     ) in err
+    (data / "ho").mkdir()  # a second such word: the advice comes once
+    for n in range(4):
+        shutil.copy(take, data / "ho" / f"speaker7_nohash_{n}{take.suffix}")
+    assert main(["train", "--data", str(data), "--words", "yes,hey,ho", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no training clips of 'hey', 'ho' in " in err and err.count("record more speakers") == 1
+    shutil.rmtree(data / "ho")
     shutil.rmtree(data / "hey")
     for clip in (data / "up").iterdir():  # every clip of "up" broken: 0 examples to learn it from
         clip.write_text("not audio")
