@@ -1045,7 +1045,8 @@ def _add_serve(commands) -> None:
         metavar="ORIGIN",
         help="a web page's origin (http://homeassistant.local:8123) allowed to call the API from a "
         "browser and open streams; repeatable, or comma-separated, * for any (default: $KWS_CORS_ORIGINS, "
-        "else none: pages of other origins can neither read answers nor open streams)",
+        "else none: pages of other origins get 403 and cannot open streams; the server's own /docs "
+        "may call the API where it is reached at an IP address or localhost, else allow its origin too)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -605,9 +605,16 @@ class NegativeBank:
         paths, others = [], []
         for folder in folders:
             folder = Path(folder)
+            unread = len(others)
             found = audio.audio_files_under(folder, others)
             if not found:
-                raise DataError(f"--negatives folder {folder} holds no audio files")
+                kinds = tally(
+                    Counter(path.suffix.lower() for path in others[unread:] if path.suffix.lower() != ".txt")
+                )
+                raise DataError(
+                    f"--negatives folder {folder} holds no audio files kws reads"
+                    + (f" ({kinds}: {audio.CONVERT})" if kinds else "")
+                )
             paths += found
         # Text beside the recordings is LibriSpeech's transcripts and notes, read below.
         _warn_left_out(

@@ -286,7 +286,7 @@ class Model:
         self.content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
         # What answers name the model by: every retrained or recalibrated copy keeps its name and
         # kws version, and calibration writes its thresholds into the .tflite too.
-        self.sha256 = hashlib.sha256(self.content).hexdigest()
+        self.sha256 = model_digest(self.content)
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
         self._interpreter_lock = threading.Lock()
         try:

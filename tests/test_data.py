@@ -474,6 +474,13 @@ def test_negative_recordings_in_a_format_kws_does_not_read_are_named(negatives_d
         f"warning: left out, not being audio kws reads: files in --negatives {negatives_dir} (.m4a 2; the "
         f"first: {chapter / '100-1-0098.m4a'}); recordings among them: convert to a format kws reads ("
     ) in capsys.readouterr().err
+    only = chapter.parent / "m4a"  # a folder of them alone: refused, saying what it holds
+    only.mkdir()
+    (chapter / "100-1-0099.m4a").rename(only / "a.m4a")
+    with pytest.raises(
+        D.DataError, match=r"^--negatives folder .*/m4a holds no audio files kws reads \(\.m4a 1: conv"
+    ):
+        D.NegativeBank([str(only)], 0.0)
 
 
 def test_negative_speech_whose_transcript_says_a_keyword_is_left_out(negatives_dir, capsys):

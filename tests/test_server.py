@@ -45,7 +45,6 @@ from kws.runtime import BUILT_IN_MODEL, Model
 from kws.server import (
     CATCH_UP_S,
     DETECT_PARAMETERS,
-    MIN_MESSAGE_S,
     STREAM_WINDOW_S,
     WS_MAX_BYTES,
     AnswerAtShutdown,
@@ -1504,6 +1503,9 @@ def test_dockerfile_install_works_without_tensorflow(tmp_path):
                     destination.mkdir(parents=True, exist_ok=True)
                     shutil.copy(REPO / source, destination)
         elif instruction == "RUN" and not arguments.startswith("useradd"):
+            # Only the image's own install steps run here, never an apt-get on this machine.
+            programs = {step.split()[0] for step in arguments.split("&&")}
+            assert programs <= {"python", "pip", "rm"}, f"teach this test to replay RUN {arguments}"
             command = re.sub(r"(?<![\w.])/(src|tmp)\b", lambda found: str(root / found[1]), arguments)
             subprocess.run(["sh", "-c", command], env=env, check=True, timeout=1200)  # as docker runs RUN
         elif instruction == "USER":
@@ -1639,7 +1641,13 @@ def test_a_stream_clock_closes_a_stream_sent_too_slowly_judging_each_window_on_i
     flood = StreamClock()
     for _ in range(6000):
         flood.heard(1 / 16000, now=100.0, waited=0.0)
-    assert flood.due == pytest.approx(100.0 - CATCH_UP_S + 6000 * MIN_MESSAGE_S) and flood.due > 100.0
+    assert flood.due > 100.0
+    # A browser's 128-sample blocks at 192 kHz, sent as recorded for a minute: never ahead of real time.
+    block = 128 / 192_000
+    browser = StreamClock()
+    for i in range(round(60 / block)):
+        browser.heard(block, now=i * block, waited=block)
+    assert browser.due <= 60.0
 
 
 def test_stream_turns_go_to_the_stream_due_first_and_pass_on_when_cancelled():
