@@ -231,18 +231,27 @@ def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: dict[s
     missing = {key: line for key, line in listed.items() if key not in found}
     if missing:
         shown = ", ".join(list(missing.values())[:3]) + (", ..." if len(missing) > 3 else "")
-        # A list written by hand often differs from the folders in letter case alone.
-        folded = {key.casefold(): path for key, path in found.items()}
-        cased = next(
-            ((line, folded[key.casefold()]) for key, line in missing.items() if key.casefold() in folded),
-            None,
-        )
         tqdm.write(
             f"warning: lines of {root / name} that name no clip there: {len(missing)} of {len(listed)} "
-            f"({shown}); a line is WORD/FILE, the path below {root}"
-            + (f", and letter case counts: {cased[0]} is {cased[1]} there" if cased else ""),
+            f"({shown}); a line is WORD/PATH, the clip's path below {root}{_likely_meant(missing, found)}",
             file=sys.stderr,
         )
+
+
+def _likely_meant(missing: dict[str, str], found: dict[str, str]) -> str:
+    """A hint for the first line that names a clip but for its letter case, or for the speaker's
+    folder it leaves out (yes/take1.wav for yes/alice/take1.wav): lists written by hand do."""
+    folded = {key.casefold(): path for key, path in found.items()}
+    by_name: dict[tuple[str, str], list[str]] = {}
+    for key, path in found.items():
+        by_name.setdefault((key.split("/")[0], key.rsplit("/", 1)[-1]), []).append(path)
+    for key, line in missing.items():
+        if key.casefold() in folded:
+            return f", and letter case counts: {line} is {folded[key.casefold()]} there"
+        named = by_name.get((key.split("/")[0], key.rsplit("/", 1)[-1]), [])
+        if len(named) == 1:
+            return f", so {line} is likely {named[0]}"
+    return ""
 
 
 def is_test_package(root: Path) -> bool:

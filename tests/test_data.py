@@ -170,8 +170,8 @@ def test_list_lines_naming_no_clip_and_clips_over_a_second_are_reported(tiny_dat
     (tiny_dataset / "validation_list.txt").write_text(f"{listed[0].upper()}\n")
     D.scan(tiny_dataset)
     assert (
-        f"({listed[0].upper()}); a line is WORD/FILE, the path below {tiny_dataset}, and letter case counts: "
-        f"{listed[0].upper()} is {listed[0]} there"
+        f"({listed[0].upper()}); a line is WORD/PATH, the clip's path below {tiny_dataset}, and letter case "
+        f"counts: {listed[0].upper()} is {listed[0]} there"
     ) in capsys.readouterr().err
     (tiny_dataset / "validation_list.txt").write_text("\n".join(listed))
     validation = {f"{clip.word}/{clip.path.name}" for clip in clips if clip.split == "validation"}
@@ -512,6 +512,11 @@ def test_clips_in_subfolders_are_read_and_named_by_their_path_in_the_lists(tmp_p
     assert split["yes/bob/take1.wav"] == D.which_set("bob", 10, 10) != "validation"  # not alice's
     assert split["yes/bob/take0.wav"] == split["yes/bob/take2.wav"] == "validation"  # written other ways
     assert "that name no clip there: 1 of " in capsys.readouterr().err  # "yes/": warned, not a crash
+    sf.write(data / "yes" / "alice" / "solo.wav", tone(400.0), 16000)
+    (data / "validation_list.txt").write_text("yes/take1.wav\nyes/solo.wav\n")  # her folder left out
+    D.scan(data)
+    err = capsys.readouterr().err
+    assert err.endswith(", so yes/solo.wav is likely yes/alice/solo.wav\n")  # take1: alice's or bob's?
 
 
 def test_a_folder_per_speaker_names_the_speaker_of_files_that_do_not(tmp_path):
