@@ -458,6 +458,17 @@ def _clips_per_split(data: SpeechData) -> str:
     return f"clips found in training/validation/test: {placed}"
 
 
+def _moved_clips(before: dict, now: dict) -> str:
+    """The labels whose clips per split differ between two records ("yes 28/5/7 -> 26/7/7"), or ""."""
+
+    def placed(counts: dict, label: str) -> str:
+        return "/".join(str(counts.get(split, {}).get(label, 0)) for split in SPLITS)
+
+    labels = dict.fromkeys([*before.get("training", {}), *now.get("training", {})])
+    changed = [label for label in labels if placed(before, label) != placed(now, label)]
+    return ", ".join(f"{label} {placed(before, label)} -> {placed(now, label)}" for label in changed)
+
+
 def _few_steps(train: TrainConfig, examples: int) -> str | None:
     """A warning if the run takes fewer than FEW_STEPS optimizer steps: an epoch is one pass over
     the examples, and a few clips make an epoch of a batch or two."""
@@ -499,7 +510,16 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     tqdm.write(_clips_per_split(data), file=sys.stderr)
     validation, warnings = _checked_validation(data, config.train)
     val_features = features.mfcc(validation.audio)
+    before = config.data_summary.get("clips_per_split")
     config.data_summary = {**data.summary(), "warnings": warnings}
+    moved = _moved_clips(before, config.data_summary["clips_per_split"]) if checkpoint and before else ""
+    if moved:  # edited split lists, added clips, or a kws that splits speakers otherwise
+        tqdm.write(
+            f"warning: the data splits otherwise than when {run_dir} started (training/validation/test: "
+            f"{moved}): the model goes on with other clips, and validation may hold clips it trained "
+            "on; give the data the split lists it started with, or train a new run",
+            file=sys.stderr,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 

@@ -418,6 +418,29 @@ def test_resume_continues_after_the_last_complete_checkpoint(tone_dataset, tmp_p
     assert resumed["best_epoch"] == best["epoch"]
 
 
+def test_resuming_on_data_split_otherwise_is_warned_of(tone_dataset, tmp_path, capsys):
+    from kws.data import scan
+
+    data = tmp_path / "data"
+    shutil.copytree(tone_dataset, data)
+    run = tmp_path / "run"
+    train(run_config(data, epochs=1), run)
+    capsys.readouterr()
+    config = RunConfig.load(run)
+    config.train.epochs = 2
+    trained = next(c for c in scan(data) if c.word == "yes" and c.split == "training")
+    with open(data / "validation_list.txt", "a") as lines:
+        lines.write(f"\nyes/{trained.path.name}\n")
+    before = config.data_summary["clips_per_split"]
+    placed = "/".join(str(before[split]["yes"]) for split in ("training", "validation", "testing"))
+    train(config, run, resume=True)
+    t, v, s = (int(n) for n in placed.split("/"))
+    assert (
+        f"warning: the data splits otherwise than when {run} started (training/validation/test: "
+        f"yes {placed} -> {t - 1}/{v + 1}/{s}): the model goes on with other clips"
+    ) in capsys.readouterr().err
+
+
 def test_a_resumed_run_trains_as_the_uninterrupted_one(tone_dataset, tmp_path):
     whole = train(run_config(tone_dataset, epochs=3), tmp_path / "whole")
     # The same run killed after its second epoch: its third checkpoint never got written.
