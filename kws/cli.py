@@ -214,10 +214,11 @@ def _training(manifest: dict, source: str) -> dict:
     return training
 
 
-def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path] | None):
+def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path] | None, scored: str):
     """The SpeechData a model was trained with (its manifest's or run's ``training`` record),
-    from ``data_dir`` and ``negatives`` unless they are None. Its ``--extra`` folders are left
-    out: their clips only ever train, and they need not exist where the model is evaluated."""
+    from ``data_dir`` and ``negatives`` unless they are None, to score its ``scored`` split. Its
+    ``--extra`` folders are left out: their clips only ever train, and they need not exist where
+    the model is evaluated."""
     from kws.data import DataConfig, SpeechData
 
     overrides = {"extra": []}
@@ -239,6 +240,7 @@ def _evaluation_data(training: dict, data_dir: Path | None, negatives: list[Path
                 "the folders it trained with, or speakers it never heard",
                 file=sys.stderr,
             )
+    _warn_if_split_again(training, data, scored)
     return data
 
 
@@ -299,8 +301,7 @@ def cmd_eval(args) -> int:
     if args.plot:
         _check_plot(args.plot)
     classifier, training = _load_classifier(args.model)
-    data = _evaluation_data(training, args.data, args.negatives)
-    _warn_if_split_again(training, data, split)
+    data = _evaluation_data(training, args.data, args.negatives, split)
     examples = data.evaluation_set(split)
     if not len(examples.labels):
         raise UserError(
@@ -364,9 +365,8 @@ def _eval_stream(args) -> int:
     if args.plot:
         _check_plot(args.plot)
     model = Model.load(args.model, named="--model")
-    training = _training(model.manifest, model.source)
-    data = _evaluation_data(training, args.data, args.negatives)
-    _warn_if_split_again(training, data, "validation")  # the stream's keywords
+    # The stream's keywords are validation clips.
+    data = _evaluation_data(_training(model.manifest, model.source), args.data, args.negatives, "validation")
     _, measured = stream_test(model, data, _detection_config(model, args.threshold), det=bool(args.plot))
     result = {
         "model": _model_name(args.model),
@@ -416,9 +416,8 @@ def cmd_calibrate(args) -> int:
         config = replace(config, hop_frames=round(args.hop_ms / HOP_MS))
     if args.average_ms is not None:
         config = replace(config, average_ms=args.average_ms)
-    training = _training(manifest, str(model))
-    data = _evaluation_data(training, args.data, args.negatives or None)
-    _warn_if_split_again(training, data, "validation")  # the stream's keywords
+    # Calibration's stream holds validation clips.
+    data = _evaluation_data(_training(manifest, str(model)), args.data, args.negatives or None, "validation")
     updated = recalibrate(model, data, config, args.target_fa)  # resolved: its warnings came once
     print(format_stream_report(updated["streaming"]))
     if updated["detection"]["thresholds"] == config.thresholds:  # else it would look as if nothing ran

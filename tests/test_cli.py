@@ -461,7 +461,7 @@ def test_eval_warns_when_negatives_hold_out_a_speaker_the_model_trained_on(
     others = NegativeBank([str(negatives_dir)], 1.0).speakers["held_out"]
     for trained, warned in ((sorted(set(others) - set(held_out)), False), (held_out, True)):
         training = {"data": data, "negatives": {"training": {"speakers": trained}}}
-        _evaluation_data(training, None, [negatives_dir])
+        _evaluation_data(training, None, [negatives_dir], "validation")
         err = capsys.readouterr().err
         assert (
             f"warning: speakers {', '.join(held_out)} of --negatives are held out here but the model trained"
