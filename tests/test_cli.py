@@ -321,7 +321,9 @@ def test_eval_on_a_folder_without_split_lists_says_how_many_clips_the_hash_left_
 def test_calibrate_without_matplotlib_fails_before_scoring(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     scored = []
-    monkeypatch.setattr("kws.stream_eval.stream_test", lambda *args, **kwargs: scored.append(args))
+    # The name calibration calls; patching kws.stream_eval's would bind into kws.export for good,
+    # were this test the first to import it.
+    monkeypatch.setattr("kws.export.stream_test", lambda *args, **kwargs: scored.append(args))
     copy = shutil.copytree(BUILT_IN_MODEL, tmp_path / "export")
     assert main(["calibrate", str(copy)]) == 2
     need = "calibrate (it redraws the export's DET curve) needs matplotlib, not installed here"
