@@ -284,7 +284,7 @@ class Model:
         features.check_compatible(manifest["frontend"], self.source)
         # Kept so that other processes can run exactly this model, whatever happens to its file later.
         self.content = tflite if isinstance(tflite, bytes) else Path(tflite).read_bytes()
-        # What answers name the model by: every retrained or recalibrated copy keeps its name and
+        # Tells copies apart in answers: every retrained or recalibrated copy keeps its name and
         # kws version, and calibration writes its thresholds into the .tflite too.
         self.sha256 = model_digest(self.content)
         resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
@@ -331,6 +331,15 @@ class Model:
         kws export wrote beside it; None, the built-in model. ``named``: how messages call it."""
         tflite, manifest = resolve(path, named)
         return cls(tflite, manifest, reference_kernels)
+
+    @property
+    def identity(self) -> dict:
+        """What answers name the model by: its name, the kws version that exported it, its SHA-256."""
+        return {
+            "name": self.manifest.get("name"),
+            "version": self.manifest.get("kws_version"),
+            "sha256": self.sha256,
+        }
 
     @property
     def quantized(self) -> bool:

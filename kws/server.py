@@ -736,9 +736,7 @@ def _threshold(text: str | None, manifest: dict) -> float | dict[str, float] | N
 def _model_info(model: Model) -> dict:
     manifest = model.manifest
     return {
-        "name": manifest.get("name"),
-        "version": manifest.get("kws_version"),
-        "sha256": model.sha256,
+        **model.identity,
         "labels": manifest["labels"],
         "frontend": manifest["frontend"],
         "detection": detection_config(manifest).to_dict(),

@@ -411,11 +411,7 @@ def recording_report(
         "file": name,
         "duration": round(seconds, 3),
         "detections": [event.to_dict() for event in events],
-        "model": {
-            "name": detector.model.manifest.get("name"),
-            "version": detector.model.manifest.get("kws_version"),
-            "sha256": detector.model.sha256,
-        },
+        "model": detector.model.identity,
     }
     if damage:
         report["damaged"] = str(damage[0])
