@@ -241,14 +241,18 @@ def _warn_unmatched(root: Path, name: str, listed: dict[str, str], found: dict[s
 def _likely_meant(missing: dict[str, str], found: dict[str, str]) -> str:
     """A hint for the first line that names a clip but for its letter case, or for the speaker's
     folder it leaves out (yes/take1.wav for yes/alice/take1.wav): lists written by hand do."""
+
+    def word_and_name(key: str) -> tuple[str, str]:
+        return key.split("/")[0], key.rsplit("/", 1)[-1]
+
     folded = {key.casefold(): path for key, path in found.items()}
     by_name: dict[tuple[str, str], list[str]] = {}
     for key, path in found.items():
-        by_name.setdefault((key.split("/")[0], key.rsplit("/", 1)[-1]), []).append(path)
+        by_name.setdefault(word_and_name(key), []).append(path)
     for key, line in missing.items():
         if key.casefold() in folded:
             return f", and letter case counts: {line} is {folded[key.casefold()]} there"
-        named = by_name.get((key.split("/")[0], key.rsplit("/", 1)[-1]), [])
+        named = by_name.get(word_and_name(key), [])
         if len(named) == 1:
             return f", so {line} is likely {named[0]}"
     return ""
@@ -456,12 +460,21 @@ def _warn_left_out(where: str, others: list[Path]) -> None:
     """Warn of files found among the recordings but not read: a format kws does not read, such
     as .m4a, would otherwise leave its recordings out unseen."""
     if others:
-        kinds = Counter(path.suffix.lower() or path.name for path in others)
         tqdm.write(
-            f"warning: left out, not being audio kws reads: {where} ({tally(kinds)}; the first: "
+            f"warning: left out, not being audio kws reads: {where} ({_kinds(others)}; the first: "
             f"{min(others)}); recordings among them: {audio.CONVERT}",
             file=sys.stderr,
         )
+
+
+def _kinds(paths: list[Path]) -> str:
+    """Files by suffix, as ".m4a 3, .txt 1"."""
+    return tally(Counter(path.suffix.lower() or path.name for path in paths))
+
+
+def _not_transcripts(others: list[Path]) -> list[Path]:
+    """The files beside --negatives recordings but LibriSpeech's transcripts and notes (.txt)."""
+    return [path for path in others if path.suffix.lower() != ".txt"]
 
 
 # A clip longer than this loses part of itself to the 1 s the model sees (a few ms over are
@@ -617,19 +630,13 @@ class NegativeBank:
             unread = len(others)
             found = audio.audio_files_under(folder, others)
             if not found:
-                kinds = tally(
-                    Counter(path.suffix.lower() for path in others[unread:] if path.suffix.lower() != ".txt")
-                )
+                foreign = _not_transcripts(others[unread:])
                 raise DataError(
                     f"--negatives folder {folder} holds no audio files kws reads"
-                    + (f" ({kinds}: {audio.CONVERT})" if kinds else "")
+                    + (f" ({_kinds(foreign)}: {audio.CONVERT})" if foreign else "")
                 )
             paths += found
-        # Text beside the recordings is LibriSpeech's transcripts and notes, read below.
-        _warn_left_out(
-            f"files in --negatives {', '.join(map(str, folders))}",
-            [path for path in others if path.suffix.lower() != ".txt"],
-        )
+        _warn_left_out(f"files in --negatives {', '.join(map(str, folders))}", _not_transcripts(others))
         # Speech that says a keyword would teach the model that the keyword is not one.
         said = _keywords_said(others, words)
         self.left_out = Counter(said[path.stem] for path in paths if path.stem in said)
