@@ -349,10 +349,10 @@ def _checked_validation(data: SpeechData, train: TrainConfig):
     own = [clip for clip in data.clips if clip.path.is_relative_to(data.root)]  # not --extra's
     spoken = [clip for clip in own if clip.word in data.config.words]
     if not data.split_audio("validation").keyword.any():
-        speakers = sorted({clip.speaker for clip in spoken if clip.hashed and clip.speaker is not None})
+        hashed = {clip.speaker for clip in spoken if clip.hashed}
         found = (
-            f" (it found {len(speakers)}: {', '.join(speakers)})"
-            if 0 < len(speakers) <= 3 and all(clip.speaker is not None for clip in spoken if clip.hashed)
+            f" (it found {len(hashed)}: {', '.join(sorted(hashed))})"
+            if None not in hashed and 0 < len(hashed) <= 3
             else ""
         )
         raise DataError(
@@ -450,23 +450,24 @@ def _clips_per_split(data: SpeechData) -> str:
     speaker hash placed them: a split that took more than meant shows before the checks and
     the minutes of work."""
     words = data.config.words
-    counts = Counter((clip.split, clip.word if clip.word in words else UNKNOWN) for clip in data.clips)
+    counts = {split: Counter() for split in SPLITS}
+    for clip in data.clips:
+        counts[clip.split][clip.word if clip.word in words else UNKNOWN] += 1
     names = {**{word: word for word in words}, UNKNOWN: "other words"}
-    placed = ", ".join(
-        f"{name} " + "/".join(str(counts[split, word]) for split in SPLITS) for word, name in names.items()
-    )
+    placed = ", ".join(f"{name} {_placed(counts, word)}" for word, name in names.items())
     return f"clips found in training/validation/test: {placed}"
 
 
 def _moved_clips(before: dict, now: dict) -> str:
     """The labels whose clips per split differ between two records ("yes 28/5/7 -> 26/7/7"), or ""."""
-
-    def placed(counts: dict, label: str) -> str:
-        return "/".join(str(counts.get(split, {}).get(label, 0)) for split in SPLITS)
-
     labels = dict.fromkeys([*before.get("training", {}), *now.get("training", {})])
-    changed = [label for label in labels if placed(before, label) != placed(now, label)]
-    return ", ".join(f"{label} {placed(before, label)} -> {placed(now, label)}" for label in changed)
+    changed = [label for label in labels if _placed(before, label) != _placed(now, label)]
+    return ", ".join(f"{label} {_placed(before, label)} -> {_placed(now, label)}" for label in changed)
+
+
+def _placed(counts: dict, label: str) -> str:
+    """A label's clips in training, validation and test, from split -> label -> count: "28/5/7"."""
+    return "/".join(str(counts.get(split, {}).get(label, 0)) for split in SPLITS)
 
 
 def _few_steps(train: TrainConfig, examples: int) -> str | None:
